@@ -1,0 +1,98 @@
+//! Reading certificate chains and private keys from PEM files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::PkiError;
+
+/// Reads every certificate in a PEM file; at least one must be there.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let pem = std::fs::read(path).map_err(|e| PkiError::io(path, e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::BadPem {
+            path: path.to_owned(),
+            what: format!("not a PEM certificate file: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(PkiError::BadPem {
+            path: path.to_owned(),
+            what: "holds no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a private key, refusing a file that group or others can access.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    let meta = std::fs::metadata(path).map_err(|e| PkiError::io(path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let pem = std::fs::read(path).map_err(|e| PkiError::io(path, e))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| PkiError::BadPem {
+        path: path.to_owned(),
+        what: format!("holds no usable private key: {e}"),
+    })
+}
+
+/// Writes `contents` to `path`, with mode 0600 for secrets; refuses to replace a file unless
+/// `force`.
+pub(crate) fn write_file(
+    path: &Path,
+    contents: &str,
+    secret: bool,
+    force: bool,
+) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !force && path.exists() {
+        return Err(PkiError::Exists {
+            path: path.to_owned(),
+        });
+    }
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| PkiError::io(path, e))?;
+    // `mode` applies only at creation; tighten an existing file too.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| file.write_all(contents.as_bytes()))
+        .map_err(|e| PkiError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_readable_key_is_refused_and_missing_file_says_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("amb-pki-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k.key");
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        write_file(&key, &pair.serialize_pem(), true, true).unwrap();
+        assert!(load_key(&key).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = load_key(&key).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        let err = load_certs(&dir.join("absent.pem")).unwrap_err().to_string();
+        assert!(err.contains("amb certs init"), "{err}");
+        assert!(matches!(
+            write_file(&key, "x", true, false),
+            Err(PkiError::Exists { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,157 @@
+//! What a server answers a stream open with, and the codes that reset a stream later.
+//!
+//! The same meanings travel as an HTTP status over HTTP/2 and as one status byte over QUIC.
+
+use std::fmt;
+
+/// Why a server refused to open a stream. Each maps to one HTTP status and one QUIC status byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The stream-open request was malformed (bad header, bad route name, not a CONNECT).
+    BadRequest,
+    /// The peer is authenticated but not authorized for this route.
+    Forbidden,
+    /// The server has no route of that name.
+    UnknownRoute,
+    /// The upstream refused or reset the connection, or could not be resolved.
+    UpstreamRefused,
+    /// The upstream did not accept the connection in time.
+    UpstreamTimeout,
+    /// The server is at a connection or stream limit, or shutting down.
+    Unavailable,
+}
+
+impl Refusal {
+    /// Every refusal, for exhaustive tests and tables.
+    pub const ALL: [Refusal; 6] = [
+        Refusal::BadRequest,
+        Refusal::Forbidden,
+        Refusal::UnknownRoute,
+        Refusal::UpstreamRefused,
+        Refusal::UpstreamTimeout,
+        Refusal::Unavailable,
+    ];
+
+    /// The HTTP status carried in the HTTP/2 CONNECT response.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Refusal::BadRequest => 400,
+            Refusal::Forbidden => 403,
+            Refusal::UnknownRoute => 404,
+            Refusal::UpstreamRefused => 502,
+            Refusal::Unavailable => 503,
+            Refusal::UpstreamTimeout => 504,
+        }
+    }
+
+    /// The refusal an HTTP status stands for; `None` for 2xx. Unknown codes map by class.
+    pub fn from_http_status(status: u16) -> Option<Refusal> {
+        Some(match status {
+            200..=299 => return None,
+            403 | 401 => Refusal::Forbidden,
+            404 => Refusal::UnknownRoute,
+            502 => Refusal::UpstreamRefused,
+            504 => Refusal::UpstreamTimeout,
+            503 | 429 => Refusal::Unavailable,
+            500..=599 => Refusal::UpstreamRefused,
+            _ => Refusal::BadRequest,
+        })
+    }
+
+    /// The status byte a QUIC server writes instead of [`STATUS_OPEN`].
+    pub fn status_byte(self) -> u8 {
+        match self {
+            Refusal::BadRequest => 1,
+            Refusal::Forbidden => 2,
+            Refusal::UnknownRoute => 3,
+            Refusal::UpstreamRefused => 4,
+            Refusal::UpstreamTimeout => 5,
+            Refusal::Unavailable => 6,
+        }
+    }
+
+    /// Decodes a QUIC status byte: `Ok(())` for [`STATUS_OPEN`], `Err(refusal)` otherwise.
+    /// Unknown bytes read as [`Refusal::BadRequest`], so a newer server never looks like success.
+    pub fn from_status_byte(byte: u8) -> Result<(), Refusal> {
+        match byte {
+            STATUS_OPEN => Ok(()),
+            2 => Err(Refusal::Forbidden),
+            3 => Err(Refusal::UnknownRoute),
+            4 => Err(Refusal::UpstreamRefused),
+            5 => Err(Refusal::UpstreamTimeout),
+            6 => Err(Refusal::Unavailable),
+            _ => Err(Refusal::BadRequest),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::BadRequest => "malformed stream open",
+            Refusal::Forbidden => "peer not authorized for this route",
+            Refusal::UnknownRoute => "unknown route",
+            Refusal::UpstreamRefused => "upstream refused the connection",
+            Refusal::UpstreamTimeout => "upstream connect timed out",
+            Refusal::Unavailable => "server at capacity or shutting down",
+        })
+    }
+}
+
+/// The QUIC status byte for "stream open, upstream bytes follow".
+pub const STATUS_OPEN: u8 = 0;
+
+/// Why a live stream was reset. The numbers are HTTP/2 error codes, and QUIC uses the same
+/// numbers as application error codes, so a log line reads the same for both transports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ResetCode(pub u32);
+
+impl ResetCode {
+    /// The local app or upstream aborted its connection (TCP RST or read error).
+    pub const CANCEL: ResetCode = ResetCode(0x8);
+    /// The TCP connection on the far side failed.
+    pub const CONNECT_ERROR: ResetCode = ResetCode(0xa);
+    /// The stream was refused before any work (limits, shutdown).
+    pub const REFUSED: ResetCode = ResetCode(0x7);
+    /// A protocol violation by the peer.
+    pub const PROTOCOL: ResetCode = ResetCode(0x1);
+}
+
+impl fmt::Display for ResetCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match *self {
+            ResetCode::CANCEL => "cancel",
+            ResetCode::CONNECT_ERROR => "connect error",
+            ResetCode::REFUSED => "refused",
+            ResetCode::PROTOCOL => "protocol error",
+            _ => "code",
+        };
+        write!(f, "{name} (0x{:x})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_round_trips() {
+        for r in Refusal::ALL {
+            assert_eq!(Refusal::from_http_status(r.http_status()), Some(r));
+        }
+        assert_eq!(Refusal::from_http_status(200), None);
+        assert_eq!(Refusal::from_http_status(418), Some(Refusal::BadRequest));
+    }
+
+    #[test]
+    fn status_byte_round_trips_and_unknown_is_never_open() {
+        for r in Refusal::ALL {
+            assert_ne!(r.status_byte(), STATUS_OPEN);
+            assert_eq!(Refusal::from_status_byte(r.status_byte()), Err(r));
+        }
+        assert_eq!(Refusal::from_status_byte(STATUS_OPEN), Ok(()));
+        for b in 7..=255u8 {
+            assert_eq!(Refusal::from_status_byte(b), Err(Refusal::BadRequest));
+        }
+    }
+}
