@@ -1,1 +1,62 @@
-//! placeholder
+//! The amb engine: client listeners and tunnel supervision, the server's route decisions and
+//! upstream dials, the relay between sockets and tunnel streams, and graceful shutdown.
+//!
+//! The transports are reached only through the traits of [`amb_proto::stream`], so every piece
+//! here serves QUIC and TLS alike.
+
+mod client;
+mod listen;
+pub mod relay;
+mod server;
+mod upstream;
+
+pub use client::{Client, ClientSettings, ClientTransport};
+pub use listen::{ListenSpec, ListenSpecError};
+pub use server::{Server, ServerSettings, ServerTransports};
+pub use upstream::{Upstream, UpstreamParseError};
+
+use std::net::SocketAddr;
+
+/// Errors that stop a client or server from starting. Messages name the file or address.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr} ({proto}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// `tcp` or `udp`.
+        proto: &'static str,
+        /// The OS error (address in use, permission denied...).
+        source: std::io::Error,
+    },
+    /// Certificates or keys are unusable.
+    #[error(transparent)]
+    Pki(#[from] amb_pki::PkiError),
+    /// QUIC set-up failed.
+    #[error(transparent)]
+    Quic(#[from] amb_quic::QuicError),
+    /// TLS set-up failed.
+    #[error(transparent)]
+    Tls(#[from] amb_tls::TlsError),
+    /// The settings contradict each other.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Binds a TCP listener with the options a tunnel endpoint wants.
+fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, EngineError> {
+    let err = |source| EngineError::Bind {
+        addr,
+        proto: "tcp",
+        source,
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}

@@ -239,3 +239,18 @@ mod tests {
         assert_eq!(PeerIdentity::default().to_string(), "<no SAN>");
     }
 }
+
+/// A verified peer: its identity and where it connects from, for decisions and log lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The identity read from its certificate.
+    pub identity: PeerIdentity,
+    /// Its address as seen by this side.
+    pub addr: std::net::SocketAddr,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.identity, self.addr)
+    }
+}

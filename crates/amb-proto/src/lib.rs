@@ -6,17 +6,19 @@
 
 pub mod header;
 pub mod identity;
+pub mod limits;
 pub mod route;
 pub mod routes;
 pub mod status;
 pub mod stream;
 
 pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
-pub use identity::{AllowList, PeerIdentity, San, SanParseError};
+pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError};
+pub use limits::Limits;
 pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
-pub use stream::{StreamError, StreamRecv, StreamSend};
+pub use stream::{Dialer, IncomingStream, StreamError, StreamRecv, StreamSend, Tunnel};
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.
 pub const ALPN_QUIC: &[u8] = b"amb/1";

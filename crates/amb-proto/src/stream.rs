@@ -1,9 +1,12 @@
 //! The contract every transport stream fulfils, so the relay is written once for both.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::identity::Peer;
+use crate::route::RouteName;
 use crate::status::{Refusal, ResetCode};
 
 /// Why a tunnel stream stopped other than by a clean end of stream.
@@ -42,4 +45,46 @@ pub trait StreamRecv: Send + 'static {
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, StreamError>> + Send;
     /// Tells the peer to stop sending: nothing more will be read.
     fn stop(&mut self, code: ResetCode);
+}
+
+/// A stream a server accepted from a verified peer, waiting for the engine's decision.
+pub trait IncomingStream: Send + 'static {
+    /// Sending half once accepted.
+    type Send: StreamSend;
+    /// Receiving half once accepted.
+    type Recv: StreamRecv;
+    /// The route the peer asked for.
+    fn route(&self) -> &RouteName;
+    /// Who opened the stream.
+    fn peer(&self) -> &Arc<Peer>;
+    /// Answers "open": the relay may start.
+    fn accept(self) -> impl Future<Output = Result<(Self::Send, Self::Recv), StreamError>> + Send;
+    /// Answers with a refusal; the client resets its app socket.
+    fn refuse(self, why: Refusal) -> impl Future<Output = ()> + Send;
+}
+
+/// One warm tunnel connection, as the client sees it.
+pub trait Tunnel: Send + Sync + 'static {
+    /// Sending half of an opened stream.
+    type Send: StreamSend;
+    /// Receiving half of an opened stream; its first `recv` yields the server's answer.
+    type Recv: StreamRecv;
+    /// Opens a stream to `route`. Returns at once, without waiting for the server's answer, so
+    /// the app's first bytes travel with the open.
+    fn open(
+        &self,
+        route: &RouteName,
+    ) -> impl Future<Output = Result<(Self::Send, Self::Recv), StreamError>> + Send;
+    /// Resolves when the connection is gone, with the reason.
+    fn closed(&self) -> impl Future<Output = String> + Send;
+}
+
+/// Makes tunnel connections to one server.
+pub trait Dialer: Send + Sync + 'static {
+    /// The connection type.
+    type Tunnel: Tunnel;
+    /// The error a failed dial reports; its message names the peer.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Dials, handshakes and verifies the server.
+    fn dial(&self) -> impl Future<Output = Result<Self::Tunnel, Self::Error>> + Send;
 }

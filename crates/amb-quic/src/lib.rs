@@ -1,1 +1,91 @@
-//! placeholder
+//! amb over QUIC (quinn): one bidirectional stream per app connection.
+//!
+//! A stream starts with the [`amb_proto::header`] stream-open header; the server answers with
+//! one status byte before any upstream bytes; later failures are QUIC stream resets carrying
+//! an [`amb_proto::ResetCode`].
+
+mod client;
+mod server;
+mod stream;
+
+pub use client::{QuicDialer, QuicTunnel};
+pub use server::{serve, QuicIncoming, QuicServer};
+pub use stream::{QuicRecv, QuicSend};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use amb_proto::Limits;
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+/// Errors setting up or dialing a QUIC tunnel. Messages name the address or peer.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// The UDP socket could not be set up.
+    #[error("QUIC socket on {addr}: {source}")]
+    Socket {
+        /// The local address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration does not suit QUIC.
+    #[error("QUIC TLS configuration: {0}")]
+    Tls(String),
+    /// The peer's name did not resolve.
+    #[error("resolving {peer}: {why}")]
+    Resolve {
+        /// The peer as given.
+        peer: String,
+        /// Why.
+        why: String,
+    },
+    /// The connection could not be started.
+    #[error("QUIC connect to {peer}: {source}")]
+    Connect {
+        /// The peer.
+        peer: String,
+        /// What quinn said.
+        source: quinn::ConnectError,
+    },
+    /// The handshake failed: certificate rejected, ALPN mismatch, peer unreachable.
+    #[error("QUIC handshake with {peer}: {source}")]
+    Handshake {
+        /// The peer.
+        peer: String,
+        /// What quinn said.
+        source: quinn::ConnectionError,
+    },
+    /// The handshake did not finish in time.
+    #[error("QUIC handshake with {peer} timed out")]
+    Timeout {
+        /// The peer.
+        peer: String,
+    },
+}
+
+/// Transport parameters for one side: stream cap, idle timeout, keep-alives, flow-control
+/// windows sized for a fast link.
+fn transport_config(limits: &Limits, accept_streams: bool) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    let streams = if accept_streams {
+        limits.max_streams_per_connection
+    } else {
+        0
+    };
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok())
+        .keep_alive_interval(Some(limits.keep_alive_interval()))
+        .stream_receive_window(VarInt::from_u32(4 << 20))
+        .receive_window(VarInt::from_u32(32 << 20))
+        .send_window(32 << 20);
+    Arc::new(t)
+}
+
+/// Enlarges a UDP socket's kernel buffers (best effort: the kernel caps them).
+fn tune_udp(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(8 << 20);
+    let _ = sock.set_send_buffer_size(8 << 20);
+}

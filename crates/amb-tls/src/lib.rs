@@ -1,1 +1,82 @@
-//! placeholder
+//! amb over TLS 1.3: app connections multiplexed as HTTP/2 CONNECT streams over mTLS
+//! connections (the HBONE idea). The route name is the CONNECT `:authority`; the server's
+//! answer is an HTTP status; later failures are `RST_STREAM` with an [`amb_proto::ResetCode`].
+
+mod client;
+mod server;
+mod stream;
+
+pub use client::{TlsDialer, TlsTunnel};
+pub use server::{serve, TlsIncoming, TlsServer};
+pub use stream::{H2Recv, H2Send};
+
+use std::net::SocketAddr;
+
+/// HTTP/2 stream window: bandwidth-delay product of a fast link.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 connection window.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame we accept.
+const MAX_FRAME: u32 = 1 << 20;
+/// Bytes h2 may queue per stream before `send` waits.
+const SEND_BUFFER: usize = 1 << 20;
+
+/// Errors setting up or dialing a TLS tunnel. Messages name the address or peer.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The peer's name did not resolve.
+    #[error("resolving {peer}: {why}")]
+    Resolve {
+        /// The peer as given.
+        peer: String,
+        /// Why.
+        why: String,
+    },
+    /// The TCP connection failed.
+    #[error("TCP connect to {peer} ({addr}): {source}")]
+    Connect {
+        /// The peer as given.
+        peer: String,
+        /// The address tried.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed: certificate rejected, ALPN or version mismatch.
+    #[error("TLS handshake with {peer}: {source}")]
+    Handshake {
+        /// The peer.
+        peer: String,
+        /// What rustls said.
+        source: std::io::Error,
+    },
+    /// The HTTP/2 preface exchange failed.
+    #[error("HTTP/2 handshake with {peer}: {source}")]
+    H2 {
+        /// The peer.
+        peer: String,
+        /// What h2 said.
+        source: h2::Error,
+    },
+    /// A step did not finish in time.
+    #[error("{what} with {peer} timed out")]
+    Timeout {
+        /// The peer.
+        peer: String,
+        /// Which step.
+        what: &'static str,
+    },
+    /// The server name is not a valid DNS name or IP address.
+    #[error("{0:?} is not a valid server name")]
+    ServerName(String),
+}
+
+/// TCP_NODELAY and keep-alive on a tunnel socket.
+fn tune_tcp(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(15))
+        .with_interval(std::time::Duration::from_secs(5));
+    let _ = sock.set_tcp_keepalive(&keepalive);
+}

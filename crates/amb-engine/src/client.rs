@@ -1,0 +1,305 @@
+//! The client ambassador: local listeners, a supervised pool of warm tunnel connections, and a
+//! stream per app connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amb_pki::TlsFiles;
+use amb_proto::{Dialer, Limits, RouteName, Tunnel, ALPN_H2, ALPN_QUIC};
+use amb_quic::QuicDialer;
+use amb_tls::TlsDialer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::listen::ListenSpec;
+use crate::relay::{relay, reset_tcp};
+use crate::{bind_tcp, EngineError};
+
+/// The tunnel transport a client uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientTransport {
+    /// QUIC over UDP.
+    Quic,
+    /// HTTP/2 over TLS 1.3 over TCP.
+    Tls,
+}
+
+/// Everything the client needs.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// The server, `host:port`.
+    pub peer: String,
+    /// The name the server's certificate must be valid for.
+    pub server_name: String,
+    /// Which transport to use.
+    pub transport: ClientTransport,
+    /// Certificate, key and server CA.
+    pub tls: TlsFiles,
+    /// Local listeners.
+    pub listens: Vec<ListenSpec>,
+    /// Per-connection bounds.
+    pub limits: Limits,
+    /// Tunnel connections kept warm.
+    pub connections: usize,
+    /// How long an app connection waits for a tunnel before it is reset.
+    pub tunnel_wait: Duration,
+    /// How long live streams may run on after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+enum AnyDialer {
+    Quic(QuicDialer),
+    Tls(TlsDialer),
+}
+
+/// A bound client, ready to run.
+pub struct Client {
+    listeners: Vec<(TcpListener, RouteName)>,
+    dialer: AnyDialer,
+    settings: ClientSettings,
+}
+
+impl Client {
+    /// Loads certificates, then binds the listeners. Must be called within a Tokio runtime.
+    pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
+        if settings.listens.is_empty() {
+            return Err(EngineError::Config(
+                "no --listen given: nothing to carry".into(),
+            ));
+        }
+        let limits = settings.limits;
+        let dialer = match settings.transport {
+            ClientTransport::Quic => {
+                let tls = amb_pki::client_config(&settings.tls, ALPN_QUIC)?;
+                AnyDialer::Quic(QuicDialer::new(
+                    tls,
+                    settings.peer.clone(),
+                    settings.server_name.clone(),
+                    limits,
+                )?)
+            }
+            ClientTransport::Tls => {
+                let tls = amb_pki::client_config(&settings.tls, ALPN_H2)?;
+                AnyDialer::Tls(TlsDialer::new(
+                    tls,
+                    settings.peer.clone(),
+                    &settings.server_name,
+                    limits,
+                )?)
+            }
+        };
+        let listeners = settings
+            .listens
+            .iter()
+            .map(|spec| Ok((bind_tcp(spec.addr)?, spec.route.clone())))
+            .collect::<Result<_, EngineError>>()?;
+        Ok(Client {
+            listeners,
+            dialer,
+            settings,
+        })
+    }
+
+    /// The bound listener addresses, in `--listen` order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets live connections finish
+    /// for up to the drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        match self.dialer {
+            AnyDialer::Quic(d) => run(d, self.listeners, self.settings, shutdown, "quic").await,
+            AnyDialer::Tls(d) => run(d, self.listeners, self.settings, shutdown, "tls").await,
+        }
+    }
+}
+
+/// The live tunnel connections, each tagged with its pool slot.
+type Live<T> = watch::Sender<Vec<(usize, Arc<T>)>>;
+
+struct Pool<T> {
+    live: Live<T>,
+    next: AtomicUsize,
+}
+
+impl<T: Tunnel> Pool<T> {
+    /// A live tunnel, round robin; waits up to `wait` for one to come up.
+    async fn get(&self, wait: Duration) -> Option<Arc<T>> {
+        let mut rx = self.live.subscribe();
+        let live = tokio::time::timeout(wait, rx.wait_for(|v| !v.is_empty()))
+            .await
+            .ok()?
+            .ok()?;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
+        Some(live[i].1.clone())
+    }
+}
+
+/// Keeps one pool slot connected: dial, serve until lost, back off, dial again.
+async fn supervise<D: Dialer>(
+    slot: usize,
+    dialer: Arc<D>,
+    pool: Arc<Pool<D::Tunnel>>,
+    mut stop: watch::Receiver<bool>,
+    peer: String,
+    transport: &'static str,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(2);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let dialed = tokio::select! {
+            d = dialer.dial() => d,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match dialed {
+            Ok(tunnel) => {
+                backoff = FIRST_BACKOFF;
+                let tunnel = Arc::new(tunnel);
+                info!(%peer, transport, slot, "tunnel connection up");
+                pool.live.send_modify(|v| v.push((slot, tunnel.clone())));
+                let reason = tokio::select! {
+                    r = tunnel.closed() => r,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                pool.live.send_modify(|v| v.retain(|(s, _)| *s != slot));
+                warn!(%peer, transport, slot, "tunnel connection lost: {reason}; reconnecting");
+            }
+            Err(e) => {
+                warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn run<D: Dialer>(
+    dialer: D,
+    listeners: Vec<(TcpListener, RouteName)>,
+    settings: ClientSettings,
+    shutdown: impl Future<Output = ()>,
+    transport: &'static str,
+) {
+    let (stop_tx, stop) = watch::channel(false);
+    let dialer = Arc::new(dialer);
+    let pool = Arc::new(Pool {
+        live: watch::Sender::new(Vec::new()),
+        next: AtomicUsize::new(0),
+    });
+    let live = TaskTracker::new();
+    let peer = settings.peer.clone();
+    let supervisors = TaskTracker::new();
+    for slot in 0..settings.connections.max(1) {
+        supervisors.spawn(supervise(
+            slot,
+            dialer.clone(),
+            pool.clone(),
+            stop.clone(),
+            peer.clone(),
+            transport,
+        ));
+    }
+    for (listener, route) in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            info!(listen = %addr, %route, %peer, transport, "amb client listening");
+        }
+    }
+    let accept_all = listeners.into_iter().map(|(listener, route)| {
+        let (pool, live, mut stop, peer) = (pool.clone(), live.clone(), stop.clone(), peer.clone());
+        let wait = settings.tunnel_wait;
+        async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                match accepted {
+                    Ok((tcp, app)) => {
+                        let (pool, route, peer) = (pool.clone(), route.clone(), peer.clone());
+                        live.spawn(carry(tcp, app, route, pool, wait, peer));
+                    }
+                    Err(e) => {
+                        warn!(listen = ?listener.local_addr().ok(), "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    });
+    let accept_all = futures_join_all(accept_all);
+    tokio::select! {
+        _ = accept_all => {}
+        _ = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    live.close();
+    info!(live_connections = live.len(), drain = ?settings.drain_timeout, "shutting down: no new connections");
+    if tokio::time::timeout(settings.drain_timeout, live.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            live_connections = live.len(),
+            "drain timeout reached; closing live connections"
+        );
+    }
+    supervisors.close();
+    info!("amb client stopped");
+}
+
+/// Carries one app connection: take a warm tunnel, open a stream, relay.
+async fn carry<T: Tunnel>(
+    tcp: TcpStream,
+    app: SocketAddr,
+    route: RouteName,
+    pool: Arc<Pool<T>>,
+    wait: Duration,
+    peer: String,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Some(tunnel) = pool.get(wait).await else {
+        warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
+        return reset_tcp(tcp);
+    };
+    let (send, recv) = match tunnel.open(&route).await {
+        Ok(halves) => halves,
+        Err(e) => {
+            warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
+            return reset_tcp(tcp);
+        }
+    };
+    match relay(tcp, send, recv).await {
+        Ok(stats) => {
+            debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done")
+        }
+        Err(e) => warn!(%app, %route, %peer, "connection reset: {e}"),
+    }
+}
+
+/// Runs futures concurrently until all end (a tiny `join_all`, to avoid a dependency).
+async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Item = F>) {
+    let set: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut set = set;
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}

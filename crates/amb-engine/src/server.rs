@@ -1,0 +1,222 @@
+//! The server ambassador: accept tunnel streams, decide, dial the upstream, relay.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amb_pki::TlsFiles;
+use amb_proto::{IncomingStream, Limits, Refusal, RouteTable, ALPN_H2, ALPN_QUIC};
+use amb_quic::QuicServer;
+use amb_tls::TlsServer;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::relay::relay;
+use crate::upstream::Upstream;
+use crate::{bind_tcp, EngineError};
+
+/// Which transports the server listens with; `Both` shares one port number over TCP and UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerTransports {
+    /// UDP only.
+    Quic,
+    /// TCP only.
+    Tls,
+    /// TCP and UDP on the same port.
+    Both,
+}
+
+/// Everything the server needs.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Where to listen (TCP and/or UDP).
+    pub listen: SocketAddr,
+    /// Transports to serve.
+    pub transports: ServerTransports,
+    /// Certificate, key and client CA.
+    pub tls: TlsFiles,
+    /// Routes and the allow-list.
+    pub routes: RouteTable<Upstream>,
+    /// Per-connection bounds.
+    pub limits: Limits,
+    /// How long an upstream dial may take.
+    pub connect_timeout: Duration,
+    /// How long live streams may run on after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+struct Context {
+    routes: RouteTable<Upstream>,
+    connect_timeout: Duration,
+    stopping: watch::Receiver<bool>,
+    live: TaskTracker,
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    ctx: Arc<Context>,
+    stop: watch::Sender<bool>,
+    quic: Option<QuicServer>,
+    tls: Option<TlsServer>,
+    local_addr: SocketAddr,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Loads certificates, then binds. Must be called within a Tokio runtime.
+    pub fn bind(settings: ServerSettings) -> Result<Self, EngineError> {
+        let limits = settings.limits;
+        let want_tls = settings.transports != ServerTransports::Quic;
+        let want_quic = settings.transports != ServerTransports::Tls;
+        // Certificates first: a missing file is the likelier mistake and the clearer message.
+        let tls_config = want_tls
+            .then(|| amb_pki::server_config(&settings.tls, ALPN_H2))
+            .transpose()?;
+        let quic_config = want_quic
+            .then(|| amb_pki::server_config(&settings.tls, ALPN_QUIC))
+            .transpose()?;
+
+        let mut local_addr = settings.listen;
+        let tls = match tls_config {
+            Some(config) => {
+                let listener = bind_tcp(settings.listen)?;
+                local_addr = listener.local_addr().map_err(|source| EngineError::Bind {
+                    addr: settings.listen,
+                    proto: "tcp",
+                    source,
+                })?;
+                Some(TlsServer::new(listener, config, limits))
+            }
+            None => None,
+        };
+        let quic = match quic_config {
+            Some(config) => {
+                // With both transports, UDP takes the port TCP got (which matters for port 0).
+                let udp =
+                    std::net::UdpSocket::bind(local_addr).map_err(|source| EngineError::Bind {
+                        addr: local_addr,
+                        proto: "udp",
+                        source,
+                    })?;
+                local_addr = udp.local_addr().map_err(|source| EngineError::Bind {
+                    addr: local_addr,
+                    proto: "udp",
+                    source,
+                })?;
+                Some(QuicServer::new(udp, config, limits)?)
+            }
+            None => None,
+        };
+        let (stop, stopping) = watch::channel(false);
+        let ctx = Arc::new(Context {
+            routes: settings.routes,
+            connect_timeout: settings.connect_timeout,
+            stopping,
+            live: TaskTracker::new(),
+        });
+        Ok(Server {
+            ctx,
+            stop,
+            quic,
+            tls,
+            local_addr,
+            drain_timeout: settings.drain_timeout,
+        })
+    }
+
+    /// The bound address (TCP and UDP share it).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets live streams finish for up to
+    /// the drain timeout, and closes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        for (route, upstream) in self.ctx.routes.iter() {
+            info!(%route, %upstream, "route");
+        }
+        info!(
+            addr = %self.local_addr,
+            quic = self.quic.is_some(),
+            tls = self.tls.is_some(),
+            "amb server listening"
+        );
+        let quic = async {
+            if let Some(server) = &self.quic {
+                let ctx = self.ctx.clone();
+                amb_quic::serve(server, self.ctx.stopping.clone(), move |s| {
+                    handle(ctx.clone(), s)
+                })
+                .await;
+            }
+        };
+        let tls = async {
+            if let Some(server) = &self.tls {
+                let ctx = self.ctx.clone();
+                amb_tls::serve(server, self.ctx.stopping.clone(), move |s| {
+                    handle(ctx.clone(), s)
+                })
+                .await;
+            }
+        };
+        let stop = async {
+            shutdown.await;
+            let _ = self.stop.send(true);
+        };
+        tokio::join!(quic, tls, stop);
+
+        self.ctx.live.close();
+        let live = self.ctx.live.len();
+        info!(live_streams = live, drain = ?self.drain_timeout, "shutting down: no new connections");
+        if tokio::time::timeout(self.drain_timeout, self.ctx.live.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                live_streams = self.ctx.live.len(),
+                "drain timeout reached; closing live streams"
+            );
+        }
+        if let Some(quic) = &self.quic {
+            quic.close();
+        }
+        info!("amb server stopped");
+    }
+}
+
+/// One stream: decide, dial, answer, relay. Every refusal is one log line with the reason.
+async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
+    let _live = ctx.live.token();
+    let peer = incoming.peer().clone();
+    let route = incoming.route().clone();
+    if *ctx.stopping.borrow() {
+        warn!(%peer, %route, "stream refused: {}", Refusal::Unavailable);
+        return incoming.refuse(Refusal::Unavailable).await;
+    }
+    let upstream = match ctx.routes.decide(&peer.identity, &route) {
+        Ok(upstream) => upstream.clone(),
+        Err(refusal) => {
+            warn!(%peer, %route, "stream refused: {refusal}");
+            return incoming.refuse(refusal).await;
+        }
+    };
+    let tcp = match upstream.dial(ctx.connect_timeout).await {
+        Ok(tcp) => tcp,
+        Err(failure) => {
+            warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
+            return incoming.refuse(failure.refusal).await;
+        }
+    };
+    let (send, recv) = match incoming.accept().await {
+        Ok(halves) => halves,
+        Err(e) => return warn!(%peer, %route, %upstream, "stream lost before it opened: {e}"),
+    };
+    match relay(tcp, send, recv).await {
+        Ok(stats) => {
+            debug!(%peer, %route, %upstream, up = stats.to_tunnel, down = stats.from_tunnel, "stream done")
+        }
+        Err(e) => warn!(%peer, %route, %upstream, "stream reset: {e}"),
+    }
+}

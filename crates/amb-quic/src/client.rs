@@ -1,0 +1,143 @@
+//! The client side: dial the server, keep the connection, open one stream per app connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use amb_proto::{encode_open_header, Dialer, Limits, RouteName, StreamError, Tunnel};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{ClientConfig, Endpoint};
+
+use crate::stream::{write_error, QuicRecv, QuicSend};
+use crate::{transport_config, tune_udp, QuicError};
+
+/// Dials QUIC tunnel connections to one server.
+pub struct QuicDialer {
+    config: ClientConfig,
+    peer: String,
+    server_name: String,
+    limits: Limits,
+}
+
+impl QuicDialer {
+    /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
+    /// `tls` must offer the [`amb_proto::ALPN_QUIC`] ALPN.
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        peer: String,
+        server_name: String,
+        limits: Limits,
+    ) -> Result<Self, QuicError> {
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+        let mut config = ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport_config(&limits, false));
+        Ok(QuicDialer {
+            config,
+            peer,
+            server_name,
+            limits,
+        })
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, QuicError> {
+        let resolve = |why: String| QuicError::Resolve {
+            peer: self.peer.clone(),
+            why,
+        };
+        tokio::net::lookup_host(&self.peer)
+            .await
+            .map_err(|e| resolve(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve("no address".into()))
+    }
+}
+
+impl Dialer for QuicDialer {
+    type Tunnel = QuicTunnel;
+    type Error = QuicError;
+
+    async fn dial(&self) -> Result<QuicTunnel, QuicError> {
+        let addr = self.resolve().await?;
+        let local: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .unwrap_or_else(|_| unreachable!("literal socket address"));
+        let socket = std::net::UdpSocket::bind(local).map_err(|source| QuicError::Socket {
+            addr: local,
+            source,
+        })?;
+        tune_udp(&socket);
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| QuicError::Socket {
+            addr: local,
+            source,
+        })?;
+        let peer = self.peer.clone();
+        let connecting = endpoint
+            .connect_with(self.config.clone(), addr, &self.server_name)
+            .map_err(|source| QuicError::Connect {
+                peer: peer.clone(),
+                source,
+            })?;
+        let conn = tokio::time::timeout(self.limits.handshake_timeout, connecting)
+            .await
+            .map_err(|_| QuicError::Timeout { peer: peer.clone() })?
+            .map_err(|source| QuicError::Handshake { peer, source })?;
+        Ok(QuicTunnel {
+            conn,
+            _endpoint: endpoint,
+        })
+    }
+}
+
+/// One QUIC connection to the server.
+pub struct QuicTunnel {
+    conn: quinn::Connection,
+    _endpoint: Endpoint,
+}
+
+impl QuicTunnel {
+    /// The server's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// Rebinds the local UDP socket, as a roaming client would (connection migration).
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self._endpoint.rebind(socket)
+    }
+}
+
+impl Tunnel for QuicTunnel {
+    type Send = QuicSend;
+    type Recv = QuicRecv;
+
+    async fn open(&self, route: &RouteName) -> Result<(QuicSend, QuicRecv), StreamError> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
+        send.write_chunk(encode_open_header(route))
+            .await
+            .map_err(write_error)?;
+        Ok((
+            QuicSend(send),
+            QuicRecv {
+                stream: recv,
+                awaiting_status: true,
+            },
+        ))
+    }
+
+    async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
+    }
+}

@@ -1,0 +1,206 @@
+//! The server side: accept connections without blocking on handshakes, read each stream's
+//! open header within a bound, and hand it to the engine.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use amb_proto::header::MAX_HEADER_LEN;
+use amb_proto::status::STATUS_OPEN;
+use amb_proto::{
+    decode_open_header, IncomingStream, Limits, Peer, Refusal, RouteName, StreamError,
+};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Endpoint, VarInt};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::stream::{write_error, QuicRecv, QuicSend};
+use crate::{transport_config, tune_udp, QuicError};
+
+/// A QUIC listener for tunnel connections.
+pub struct QuicServer {
+    endpoint: Endpoint,
+    limits: Limits,
+}
+
+impl QuicServer {
+    /// Serves on an already bound UDP socket; `tls` must offer [`amb_proto::ALPN_QUIC`] and
+    /// require client certificates.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        tls: Arc<rustls::ServerConfig>,
+        limits: Limits,
+    ) -> Result<Self, QuicError> {
+        let addr = socket.local_addr().map_err(|source| QuicError::Socket {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport_config(&limits, true));
+        tune_udp(&socket);
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| QuicError::Socket { addr, source })?;
+        Ok(QuicServer { endpoint, limits })
+    }
+
+    /// Closes every connection at once (after the engine's drain deadline).
+    pub fn close(&self) {
+        self.endpoint
+            .close(VarInt::from_u32(0), b"server shutting down");
+    }
+}
+
+/// Accepts connections until `stop` turns true, calling `handler` for each stream in a task of
+/// its own. Handshakes run in their own tasks, so a slow one never blocks the accept loop.
+pub async fn serve<H, F>(server: &QuicServer, mut stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(QuicIncoming) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let incoming = tokio::select! {
+            incoming = server.endpoint.accept() => incoming,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let (handler, limits) = (handler.clone(), server.limits);
+        tokio::spawn(async move {
+            let addr = incoming.remote_address();
+            let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    warn!(peer = %addr, transport = "quic", "handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(peer = %addr, transport = "quic", "handshake timed out after {:?}", limits.handshake_timeout);
+                    return;
+                }
+            };
+            let identity = conn
+                .peer_identity()
+                .and_then(|id| {
+                    id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .and_then(|chain| chain.first().map(amb_pki::peer_identity))
+                .unwrap_or_default();
+            let peer = Arc::new(Peer { identity, addr });
+            debug!(%peer, transport = "quic", "tunnel connection up");
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(%peer, transport = "quic", "tunnel connection closed: {e}");
+                        return;
+                    }
+                };
+                let (handler, peer) = (handler.clone(), peer.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(
+                        limits.open_timeout,
+                        read_header(send, recv, peer.clone()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(incoming)) => handler(incoming).await,
+                        Ok(Err(e)) => warn!(%peer, transport = "quic", "bad stream open: {e}"),
+                        Err(_) => {
+                            warn!(%peer, transport = "quic", "stream open header not received within {:?}", limits.open_timeout)
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Reads the open header: at most [`MAX_HEADER_LEN`] bytes, and never past it, so app bytes stay
+/// in the stream for the relay.
+async fn read_header(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Arc<Peer>,
+) -> Result<QuicIncoming, StreamError> {
+    let mut buf = [0u8; MAX_HEADER_LEN];
+    let mut have = 0;
+    let mut want = 2;
+    loop {
+        let read = recv.read_exact(&mut buf[have..want]).await;
+        if let Err(e) = read {
+            send.reset(VarInt::from_u32(amb_proto::ResetCode::PROTOCOL.0))
+                .ok();
+            return Err(StreamError::Protocol(format!("reading stream header: {e}")));
+        }
+        have = want;
+        match decode_open_header(&buf[..have]) {
+            Ok(Some(header)) => {
+                return Ok(QuicIncoming {
+                    send,
+                    recv,
+                    route: header.route,
+                    peer,
+                });
+            }
+            Ok(None) => want = 2 + usize::from(buf[1]),
+            Err(e) => {
+                send_refusal(&mut send, &mut recv, Refusal::BadRequest).await;
+                return Err(StreamError::Protocol(e.to_string()));
+            }
+        }
+    }
+}
+
+/// A QUIC stream whose header has been read, waiting for the engine's decision.
+pub struct QuicIncoming {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    route: RouteName,
+    peer: Arc<Peer>,
+}
+
+impl IncomingStream for QuicIncoming {
+    type Send = QuicSend;
+    type Recv = QuicRecv;
+
+    fn route(&self) -> &RouteName {
+        &self.route
+    }
+
+    fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    async fn accept(mut self) -> Result<(QuicSend, QuicRecv), StreamError> {
+        self.send
+            .write_chunk(bytes::Bytes::from_static(&[STATUS_OPEN]))
+            .await
+            .map_err(write_error)?;
+        Ok((
+            QuicSend(self.send),
+            QuicRecv {
+                stream: self.recv,
+                awaiting_status: false,
+            },
+        ))
+    }
+
+    async fn refuse(mut self, why: Refusal) {
+        send_refusal(&mut self.send, &mut self.recv, why).await;
+    }
+}
+
+/// Answers a stream with a refusal status byte, ends it, and stops reading the client's bytes.
+async fn send_refusal(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, why: Refusal) {
+    let status = bytes::Bytes::copy_from_slice(&[why.status_byte()]);
+    let _ = send.write_chunk(status).await;
+    let _ = send.finish();
+    let _ = recv.stop(VarInt::from_u32(amb_proto::ResetCode::REFUSED.0));
+}

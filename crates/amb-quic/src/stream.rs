@@ -1,0 +1,74 @@
+//! quinn streams behind amb's stream traits.
+
+use amb_proto::{Refusal, ResetCode, StreamError, StreamRecv, StreamSend};
+use bytes::Bytes;
+use quinn::{ReadError, VarInt, WriteError};
+
+/// Sending half of a QUIC tunnel stream.
+pub struct QuicSend(pub(crate) quinn::SendStream);
+
+/// Receiving half of a QUIC tunnel stream. On the client it first reads the status byte.
+pub struct QuicRecv {
+    pub(crate) stream: quinn::RecvStream,
+    pub(crate) awaiting_status: bool,
+}
+
+fn code(c: VarInt) -> ResetCode {
+    ResetCode(u32::try_from(c.into_inner()).unwrap_or(u32::MAX))
+}
+
+fn read_error(e: ReadError) -> StreamError {
+    match e {
+        ReadError::Reset(c) => StreamError::Reset(code(c)),
+        ReadError::ConnectionLost(e) => StreamError::ConnectionLost(e.to_string()),
+        other => StreamError::Protocol(other.to_string()),
+    }
+}
+
+pub(crate) fn write_error(e: WriteError) -> StreamError {
+    match e {
+        WriteError::Stopped(c) => StreamError::Reset(code(c)),
+        WriteError::ConnectionLost(e) => StreamError::ConnectionLost(e.to_string()),
+        other => StreamError::Protocol(other.to_string()),
+    }
+}
+
+impl StreamSend for QuicSend {
+    async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
+        self.0.write_chunk(data).await.map_err(write_error)
+    }
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.0
+            .finish()
+            .map_err(|e| StreamError::Protocol(e.to_string()))
+    }
+    fn reset(&mut self, code: ResetCode) {
+        let _ = self.0.reset(VarInt::from_u32(code.0));
+    }
+}
+
+impl StreamRecv for QuicRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        if self.awaiting_status {
+            let mut status = [0u8; 1];
+            self.stream
+                .read_exact(&mut status)
+                .await
+                .map_err(|e| match e {
+                    quinn::ReadExactError::FinishedEarly(_) => {
+                        StreamError::Protocol("stream ended before the server's status byte".into())
+                    }
+                    quinn::ReadExactError::ReadError(e) => read_error(e),
+                })?;
+            Refusal::from_status_byte(status[0]).map_err(StreamError::Refused)?;
+            self.awaiting_status = false;
+        }
+        match self.stream.read_chunk(usize::MAX, true).await {
+            Ok(chunk) => Ok(chunk.map(|c| c.bytes)),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+    fn stop(&mut self, code: ResetCode) {
+        let _ = self.stream.stop(VarInt::from_u32(code.0));
+    }
+}

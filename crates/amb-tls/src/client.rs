@@ -1,0 +1,171 @@
+//! The client side: mTLS connections carrying HTTP/2, one CONNECT stream per app connection.
+
+use std::sync::Arc;
+
+use amb_proto::{Dialer, Limits, RouteName, StreamError, Tunnel};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::stream::{h2_error, H2Recv, H2Send};
+use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+
+/// Dials TLS tunnel connections to one server.
+pub struct TlsDialer {
+    connector: TlsConnector,
+    peer: String,
+    server_name: ServerName<'static>,
+    limits: Limits,
+}
+
+impl TlsDialer {
+    /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
+    /// `tls` must offer the [`amb_proto::ALPN_H2`] ALPN.
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        peer: String,
+        server_name: &str,
+        limits: Limits,
+    ) -> Result<Self, TlsError> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        Ok(TlsDialer {
+            connector: TlsConnector::from(tls),
+            peer,
+            server_name,
+            limits,
+        })
+    }
+
+    async fn handshake(&self) -> Result<TlsTunnel, TlsError> {
+        let peer = &self.peer;
+        let addr = tokio::net::lookup_host(peer)
+            .await
+            .map_err(|e| TlsError::Resolve {
+                peer: peer.clone(),
+                why: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| TlsError::Resolve {
+                peer: peer.clone(),
+                why: "no address".into(),
+            })?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| TlsError::Connect {
+                peer: peer.clone(),
+                addr,
+                source,
+            })?;
+        tune_tcp(&tcp);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| TlsError::Handshake {
+                peer: peer.clone(),
+                source,
+            })?;
+        let (send_request, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(SEND_BUFFER)
+            .max_concurrent_streams(0)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TlsError::H2 {
+                peer: peer.clone(),
+                source,
+            })?;
+        let (closed_tx, closed_rx) = watch::channel(None);
+        let mut ping = connection.ping_pong();
+        let limits = self.limits;
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let keepalive = async {
+                let Some(ping) = ping.as_mut() else {
+                    return std::future::pending::<String>().await;
+                };
+                loop {
+                    tokio::time::sleep(limits.keep_alive_interval()).await;
+                    match tokio::time::timeout(limits.idle_timeout, ping.ping(h2::Ping::opaque()))
+                        .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return format!("keep-alive failed: {e}"),
+                        Err(_) => {
+                            return format!("no keep-alive answer within {:?}", limits.idle_timeout)
+                        }
+                    }
+                }
+            };
+            let reason = tokio::select! {
+                r = connection => match r {
+                    Ok(()) => "closed by server".to_owned(),
+                    Err(e) => e.to_string(),
+                },
+                why = keepalive => why,
+            };
+            debug!(%peer, transport = "tls", "tunnel connection ended: {reason}");
+            let _ = closed_tx.send(Some(reason));
+        });
+        Ok(TlsTunnel {
+            send_request,
+            closed: closed_rx,
+        })
+    }
+}
+
+impl Dialer for TlsDialer {
+    type Tunnel = TlsTunnel;
+    type Error = TlsError;
+
+    async fn dial(&self) -> Result<TlsTunnel, TlsError> {
+        tokio::time::timeout(self.limits.handshake_timeout, self.handshake())
+            .await
+            .map_err(|_| TlsError::Timeout {
+                peer: self.peer.clone(),
+                what: "TLS and HTTP/2 handshake",
+            })?
+    }
+}
+
+/// One mTLS + HTTP/2 connection to the server.
+pub struct TlsTunnel {
+    send_request: SendRequest<Bytes>,
+    closed: watch::Receiver<Option<String>>,
+}
+
+impl Tunnel for TlsTunnel {
+    type Send = H2Send;
+    type Recv = H2Recv;
+
+    async fn open(&self, route: &RouteName) -> Result<(H2Send, H2Recv), StreamError> {
+        let mut sender = self.send_request.clone().ready().await.map_err(h2_error)?;
+        let uri = http::Uri::builder()
+            .authority(route.as_str())
+            .build()
+            .map_err(|e| StreamError::Protocol(format!("route {route} as authority: {e}")))?;
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(uri)
+            .body(())
+            .map_err(|e| StreamError::Protocol(e.to_string()))?;
+        let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+        Ok((H2Send(send), H2Recv::Pending(response)))
+    }
+
+    async fn closed(&self) -> String {
+        let mut closed = self.closed.clone();
+        let reason = match closed.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "connection task ended".to_owned(),
+        };
+        reason
+    }
+}

@@ -1,0 +1,178 @@
+//! The server side: accept TCP without waiting on handshakes, verify the client in TLS, and hand
+//! each CONNECT stream to the engine.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use amb_proto::{IncomingStream, Limits, Peer, Refusal, RouteName, StreamError};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::stream::{h2_error, H2Recv, H2Send};
+use crate::{tune_tcp, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+
+/// A TLS listener for tunnel connections.
+pub struct TlsServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: Limits,
+}
+
+impl TlsServer {
+    /// Serves on an already bound listener; `tls` must offer [`amb_proto::ALPN_H2`] and require
+    /// client certificates.
+    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, limits: Limits) -> Self {
+        TlsServer {
+            listener,
+            acceptor: TlsAcceptor::from(tls),
+            limits,
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true, calling `handler` for each CONNECT stream in a
+/// task of its own. Each handshake runs in its own task under the handshake timeout.
+pub async fn serve<H, F>(server: &TlsServer, mut stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = server.listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or similar: say so, and do not spin.
+                warn!(transport = "tls", "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, limits, handler) = (server.acceptor.clone(), server.limits, handler.clone());
+        tokio::spawn(async move {
+            tune_tcp(&tcp);
+            let handshake = async {
+                let tls = acceptor
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(amb_pki::peer_identity)
+                    .unwrap_or_default();
+                let conn = h2::server::Builder::new()
+                    .initial_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
+                    .max_send_buffer_size(SEND_BUFFER)
+                    .max_concurrent_streams(limits.max_streams_per_connection)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+                Ok::<_, String>((conn, identity))
+            };
+            let (mut conn, identity) = match tokio::time::timeout(
+                limits.handshake_timeout,
+                handshake,
+            )
+            .await
+            {
+                Ok(Ok(done)) => done,
+                Ok(Err(why)) => return warn!(peer = %addr, transport = "tls", "{why}"),
+                Err(_) => {
+                    return warn!(peer = %addr, transport = "tls", "handshake timed out after {:?}", limits.handshake_timeout)
+                }
+            };
+            let peer = Arc::new(Peer { identity, addr });
+            debug!(%peer, transport = "tls", "tunnel connection up");
+            while let Some(next) = conn.accept().await {
+                let (request, respond) = match next {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return debug!(%peer, transport = "tls", "tunnel connection ended: {e}")
+                    }
+                };
+                let (handler, peer) = (handler.clone(), peer.clone());
+                tokio::spawn(async move {
+                    let (parts, body) = request.into_parts();
+                    let route = (parts.method == Method::CONNECT)
+                        .then(|| {
+                            parts
+                                .uri
+                                .authority()
+                                .map(|a| a.as_str().parse::<RouteName>())
+                        })
+                        .flatten();
+                    let incoming = TlsIncoming {
+                        respond,
+                        body,
+                        route: RouteName::default_route(),
+                        peer,
+                    };
+                    match route {
+                        Some(Ok(route)) => handler(TlsIncoming { route, ..incoming }).await,
+                        other => {
+                            warn!(peer = %incoming.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
+                                match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
+                            incoming.refuse(Refusal::BadRequest).await;
+                        }
+                    }
+                });
+            }
+            debug!(%peer, transport = "tls", "tunnel connection closed");
+        });
+    }
+}
+
+/// An HTTP/2 CONNECT stream waiting for the engine's decision.
+pub struct TlsIncoming {
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+    route: RouteName,
+    peer: Arc<Peer>,
+}
+
+fn response(status: u16) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response
+}
+
+impl IncomingStream for TlsIncoming {
+    type Send = H2Send;
+    type Recv = H2Recv;
+
+    fn route(&self) -> &RouteName {
+        &self.route
+    }
+
+    fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
+        let send = self
+            .respond
+            .send_response(response(200), false)
+            .map_err(h2_error)?;
+        Ok((H2Send(send), H2Recv::Body(self.body)))
+    }
+
+    async fn refuse(mut self, why: Refusal) {
+        let _ = self
+            .respond
+            .send_response(response(why.http_status()), true);
+    }
+}

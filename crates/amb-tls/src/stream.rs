@@ -1,0 +1,92 @@
+//! h2 streams behind amb's stream traits, with flow control giving backpressure.
+
+use std::future::poll_fn;
+
+use amb_proto::{Refusal, ResetCode, StreamError, StreamRecv, StreamSend};
+use bytes::Bytes;
+use h2::client::ResponseFuture;
+use h2::{Reason, RecvStream, SendStream};
+
+pub(crate) fn h2_error(e: h2::Error) -> StreamError {
+    match e.reason() {
+        Some(reason) if e.is_reset() || e.is_remote() => {
+            StreamError::Reset(ResetCode(reason.into()))
+        }
+        _ if e.is_io() || e.is_go_away() => StreamError::ConnectionLost(e.to_string()),
+        Some(reason) => StreamError::Reset(ResetCode(reason.into())),
+        None => StreamError::ConnectionLost(e.to_string()),
+    }
+}
+
+/// Sending half of an HTTP/2 CONNECT stream.
+pub struct H2Send(pub(crate) SendStream<Bytes>);
+
+impl StreamSend for H2Send {
+    async fn send(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+        while !data.is_empty() {
+            self.0.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| self.0.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(h2_error(e)),
+                None => {
+                    // The stream closed under us: report why.
+                    return Err(match poll_fn(|cx| self.0.poll_reset(cx)).await {
+                        Ok(reason) => StreamError::Reset(ResetCode(reason.into())),
+                        Err(e) => h2_error(e),
+                    });
+                }
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            self.0.send_data(chunk, false).map_err(h2_error)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.0.send_data(Bytes::new(), true).map_err(h2_error)
+    }
+
+    fn reset(&mut self, code: ResetCode) {
+        self.0.send_reset(Reason::from(code.0));
+    }
+}
+
+/// Receiving half of an HTTP/2 CONNECT stream; on the client it first awaits the response.
+pub enum H2Recv {
+    /// Client side, before the server answered.
+    Pending(ResponseFuture),
+    /// Body bytes flow.
+    Body(RecvStream),
+    /// Stopped locally.
+    Stopped,
+}
+
+impl StreamRecv for H2Recv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        if let H2Recv::Pending(response) = self {
+            let response = response.await.map_err(h2_error)?;
+            if let Some(refusal) = Refusal::from_http_status(response.status().as_u16()) {
+                *self = H2Recv::Stopped;
+                return Err(StreamError::Refused(refusal));
+            }
+            *self = H2Recv::Body(response.into_body());
+        }
+        let H2Recv::Body(body) = self else {
+            return Ok(None);
+        };
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                // Hand the window back at once: the copy into the socket is the backpressure.
+                let _ = body.flow_control().release_capacity(chunk.len());
+                Ok(Some(chunk))
+            }
+            Some(Err(e)) => Err(h2_error(e)),
+            None => Ok(None),
+        }
+    }
+
+    fn stop(&mut self, _code: ResetCode) {
+        // HTTP/2 has no STOP_SENDING; the sending half's RST_STREAM ends both directions.
+        *self = H2Recv::Stopped;
+    }
+}

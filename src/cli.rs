@@ -1,0 +1,411 @@
+//! Command-line parsing and wiring: each subcommand turns flags into engine settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use amb_engine::{
+    Client, ClientSettings, ClientTransport, ListenSpec, Server, ServerSettings, ServerTransports,
+    Upstream,
+};
+use amb_pki::{InitOptions, LeafRole, TlsFiles};
+use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// mTLS ambassador tunnel pair: apps talk plaintext to localhost, amb carries each connection
+/// over one warm QUIC or TLS 1.3 tunnel to the server, which forwards it to the real service.
+#[derive(Parser, Debug)]
+#[command(name = "amb", version)]
+pub struct Args {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How log lines are written (level filter: `RUST_LOG`, default `info`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make or extend a development PKI.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the server ambassador: accept tunnels and forward streams to upstreams.
+    Server(ServerArgs),
+    /// Run the client ambassador: listen locally and carry connections through the tunnel.
+    Client(ClientArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Write a private CA and server and client certificates (ECDSA P-256) into DIR.
+    Init {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Extra DNS name or IP the server certificate is valid for (besides localhost, 127.0.0.1).
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Client identity name (DNS SAN NAME and URI SAN spiffe://amb/NAME); default `client`.
+        #[arg(long = "client-name", value_name = "NAME")]
+        client_names: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue another leaf from the CA in DIR, written as DIR/NAME.pem and DIR/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Issue a server certificate valid for NAME.
+        #[arg(
+            long,
+            value_name = "NAME",
+            conflicts_with = "client",
+            required_unless_present = "client"
+        )]
+        server: Option<String>,
+        /// Issue a client certificate for identity NAME.
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+        /// Additional SAN: dns:X, uri:Y or ip:Z.
+        #[arg(long = "san", value_name = "SAN")]
+        sans: Vec<San>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Certificate flags shared by client and server.
+#[derive(clap::Args, Debug)]
+struct CertArgs {
+    /// Directory with ca.pem and <role>.pem/.key (role: server or client).
+    #[arg(long, default_value = "certs")]
+    certs_dir: PathBuf,
+    /// Certificate chain (PEM); overrides the certs directory.
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600).
+    #[arg(long, requires_all = ["cert", "ca"])]
+    key: Option<PathBuf>,
+    /// CA certificate(s) the peer must chain to (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+}
+
+impl CertArgs {
+    fn files(&self, role: &str) -> TlsFiles {
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(cert), Some(key), Some(ca)) => TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            _ => TlsFiles::in_dir(&self.certs_dir, role),
+        }
+    }
+}
+
+/// Bounds shared by client and server.
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// A tunnel connection silent this long (keep-alives included) is dropped, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    idle_timeout: Duration,
+    /// Handshake deadline for tunnel connections.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    handshake_timeout: Duration,
+    /// Concurrent streams per tunnel connection.
+    #[arg(long, default_value_t = 4096)]
+    max_streams: u32,
+    /// After SIGINT/SIGTERM, how long live connections may finish.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    drain_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_streams_per_connection: self.max_streams,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ServerArgs {
+    /// Address to listen on (TCP for TLS, UDP for QUIC).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
+    /// Upstream of the route named `default`.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Option<Upstream>,
+    /// A named route: NAME=HOST:PORT (repeatable).
+    #[arg(long = "route", value_name = "NAME=HOST:PORT", value_parser = parse_route)]
+    routes: Vec<(RouteName, Upstream)>,
+    /// Transports to serve.
+    #[arg(long, value_enum, default_value = "both")]
+    transport: ServerTransportArg,
+    /// Only peers with one of these SANs may open streams: dns:X, uri:Y or ip:Z (exact match).
+    #[arg(long = "allow", value_name = "SAN")]
+    allow: Vec<San>,
+    /// Upstream connect timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    connect_timeout: Duration,
+    #[command(flatten)]
+    certs: CertArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ServerTransportArg {
+    Quic,
+    Tls,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ClientTransportArg {
+    Quic,
+    Tls,
+}
+
+#[derive(clap::Args, Debug)]
+struct ClientArgs {
+    /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: String,
+    /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
+    #[arg(long = "listen", value_name = "[ADDR:]PORT[=ROUTE]", required = true)]
+    listens: Vec<ListenSpec>,
+    /// Tunnel transport.
+    #[arg(long, value_enum, default_value = "quic")]
+    transport: ClientTransportArg,
+    /// Name the server certificate must be valid for (default: HOST of --peer).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Tunnel connections kept warm (default: 1 for QUIC, 2 for TLS).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// How long an app connection waits for a tunnel before it is reset.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    tunnel_wait: Duration,
+    #[command(flatten)]
+    certs: CertArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration; write e.g. 500ms, 10s, 2m");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(bad()),
+    })
+}
+
+fn parse_route(s: &str) -> Result<(RouteName, Upstream), String> {
+    let (name, upstream) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write NAME=HOST:PORT, e.g. pg=db.internal:5432"))?;
+    Ok((
+        name.parse().map_err(|e| format!("{e}"))?,
+        upstream.parse().map_err(|e| format!("{e}"))?,
+    ))
+}
+
+/// Host part of `host:port` (without IPv6 brackets).
+fn peer_host(peer: &str) -> anyhow::Result<String> {
+    let (host, port) = peer
+        .rsplit_once(':')
+        .with_context(|| format!("--peer {peer:?} is not HOST:PORT"))?;
+    port.parse::<u16>()
+        .with_context(|| format!("--peer {peer:?}: {port:?} is not a port"))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned())
+}
+
+/// Sets up `tracing`: `RUST_LOG` filters (default `info`), stderr output.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the chosen subcommand.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Certs(certs) => run_certs(certs),
+        Command::Server(server) => runtime()?.block_on(run_server(server)),
+        Command::Client(client) => runtime()?.block_on(run_client(client)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    let written = match cmd {
+        CertsCommand::Init {
+            dir,
+            server_names,
+            client_names,
+            force,
+        } => amb_pki::init_dev_pki(&InitOptions {
+            dir,
+            server_names,
+            client_names,
+            force,
+        })?,
+        CertsCommand::Issue {
+            dir,
+            server,
+            client,
+            sans,
+            days,
+            force,
+        } => {
+            let (role, name) = match (server, client) {
+                (Some(name), None) => (LeafRole::Server, name),
+                (None, Some(name)) => (LeafRole::Client, name),
+                _ => bail!("give exactly one of --server NAME or --client NAME"),
+            };
+            amb_pki::issue_leaf_in_dir(&dir, role, &name, &sans, days, force)?
+        }
+    };
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let mut routes = std::collections::BTreeMap::new();
+    if let Some(upstream) = args.upstream {
+        routes.insert(RouteName::default_route(), upstream);
+    }
+    for (name, upstream) in args.routes {
+        if routes.insert(name.clone(), upstream).is_some() {
+            bail!("route {name} is given twice (note: --upstream is the route named `default`)");
+        }
+    }
+    if routes.is_empty() {
+        bail!("no upstream: give --upstream HOST:PORT or --route NAME=HOST:PORT");
+    }
+    let allow = if args.allow.is_empty() {
+        None
+    } else {
+        Some(AllowList::new(args.allow)?)
+    };
+    let settings = ServerSettings {
+        listen: args.listen,
+        transports: match args.transport {
+            ServerTransportArg::Quic => ServerTransports::Quic,
+            ServerTransportArg::Tls => ServerTransports::Tls,
+            ServerTransportArg::Both => ServerTransports::Both,
+        },
+        tls: args.certs.files("server"),
+        routes: RouteTable::new(routes, allow),
+        limits: args.limits.limits(),
+        connect_timeout: args.connect_timeout,
+        drain_timeout: args.limits.drain_timeout,
+    };
+    let server = Server::bind(settings)?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
+    let server_name = match args.server_name {
+        Some(name) => name,
+        None => peer_host(&args.peer)?,
+    };
+    let transport = match args.transport {
+        ClientTransportArg::Quic => ClientTransport::Quic,
+        ClientTransportArg::Tls => ClientTransport::Tls,
+    };
+    let settings = ClientSettings {
+        peer: args.peer,
+        server_name,
+        transport,
+        tls: args.certs.files("client"),
+        listens: args.listens,
+        limits: args.limits.limits(),
+        connections: args.connections.unwrap_or(match transport {
+            ClientTransport::Quic => 1,
+            ClientTransport::Tls => 2,
+        }),
+        tunnel_wait: args.tunnel_wait,
+        drain_timeout: args.limits.drain_timeout,
+    };
+    let client = Client::bind(settings)?;
+    client.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_routes_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10").is_err() && parse_duration("s").is_err());
+        let (name, up) = parse_route("pg=db:5432").unwrap();
+        assert_eq!((name.as_str(), up.to_string().as_str()), ("pg", "db:5432"));
+        assert!(parse_route("pg").is_err() && parse_route("PG=db:1").is_err());
+        assert_eq!(peer_host("[::1]:7443").unwrap(), "::1");
+        assert_eq!(peer_host("big-server:7443").unwrap(), "big-server");
+    }
+}
