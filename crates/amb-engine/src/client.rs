@@ -257,6 +257,10 @@ async fn run<D: Dialer>(
         );
     }
     supervisors.close();
+    let tunnels = pool.live.send_replace(Vec::new());
+    for (_, tunnel) in &tunnels {
+        tunnel.close().await;
+    }
     info!("amb client stopped");
 }
 

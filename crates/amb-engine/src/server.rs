@@ -180,7 +180,7 @@ impl Server {
             );
         }
         if let Some(quic) = &self.quic {
-            quic.close();
+            quic.close().await;
         }
         info!("amb server stopped");
     }

@@ -77,6 +77,8 @@ pub trait Tunnel: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(Self::Send, Self::Recv), StreamError>> + Send;
     /// Resolves when the connection is gone, with the reason.
     fn closed(&self) -> impl Future<Output = String> + Send;
+    /// Closes the connection now, telling the server, so it need not wait for an idle timeout.
+    fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// Makes tunnel connections to one server.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use amb_proto::{encode_open_header, Dialer, Limits, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{ClientConfig, Endpoint};
+use quinn::{ClientConfig, Endpoint, VarInt};
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
 use crate::{transport_config, tune_udp, QuicError};
@@ -139,5 +139,11 @@ impl Tunnel for QuicTunnel {
 
     async fn closed(&self) -> String {
         self.conn.closed().await.to_string()
+    }
+
+    async fn close(&self) {
+        self.conn
+            .close(VarInt::from_u32(0), b"client shutting down");
+        crate::flush_close(&self._endpoint).await;
     }
 }

@@ -89,3 +89,8 @@ fn tune_udp(socket: &std::net::UdpSocket) {
     let _ = sock.set_recv_buffer_size(8 << 20);
     let _ = sock.set_send_buffer_size(8 << 20);
 }
+
+/// Lets the endpoint send its CONNECTION_CLOSE frames before the process exits.
+async fn flush_close(endpoint: &quinn::Endpoint) {
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), endpoint.wait_idle()).await;
+}

@@ -50,10 +50,11 @@ impl QuicServer {
         Ok(QuicServer { endpoint, limits })
     }
 
-    /// Closes every connection at once (after the engine's drain deadline).
-    pub fn close(&self) {
+    /// Closes every connection at once (after the engine's drain deadline), telling each client.
+    pub async fn close(&self) {
         self.endpoint
             .close(VarInt::from_u32(0), b"server shutting down");
+        crate::flush_close(&self.endpoint).await;
     }
 }
 

@@ -168,4 +168,8 @@ impl Tunnel for TlsTunnel {
         };
         reason
     }
+
+    async fn close(&self) {
+        // Dropping the last handle ends the connection task, which closes the socket.
+    }
 }

@@ -1,0 +1,510 @@
+//! Fixtures for end-to-end tests: a per-test PKI made with rcgen, a real `redis-server` on a
+//! free port, in-process TCP upstreams, and the real `amb` binary with log-based readiness.
+#![allow(dead_code, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use amb_pki::{CertAuthority, IssuedLeaf, LeafSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const AMB: &str = env!("CARGO_BIN_EXE_amb");
+
+/// How long any readiness wait may take before the test fails.
+pub const READY: Duration = Duration::from_secs(20);
+
+/// The two tunnel transports; scenario tests run once for each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    Tls,
+}
+
+impl Transport {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// Writes one scenario test per transport: `scenario!(name)` calls `name(Transport)`.
+#[macro_export]
+macro_rules! per_transport {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Transport::Quic).await
+                }
+            )*
+        }
+        mod tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Transport::Tls).await
+                }
+            )*
+        }
+    };
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "amb-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test PKI in a temporary directory: `ca.pem`, `server.*`, `client.*`, and helpers to write
+/// more leaves (from this CA or another).
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: CertAuthority,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = TempDir::new("pki");
+        let ca = CertAuthority::generate("amb test CA").unwrap();
+        let pki = Pki { dir, ca };
+        write(&pki.path("ca.pem"), &pki.ca.cert_pem, false);
+        pki.write_leaf("server", &pki.ca.issue(&LeafSpec::server(&[], 30)).unwrap());
+        pki.write_leaf(
+            "client",
+            &pki.ca.issue(&LeafSpec::client("client", 30)).unwrap(),
+        );
+        pki
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` (0600).
+    pub fn write_leaf(&self, name: &str, leaf: &IssuedLeaf) {
+        write(&self.path(&format!("{name}.pem")), &leaf.cert_pem, false);
+        write(&self.path(&format!("{name}.key")), &leaf.key_pem, true);
+    }
+
+    /// Flags naming an explicit cert/key and this PKI's CA.
+    pub fn cert_flags(&self, name: &str) -> Vec<String> {
+        vec![
+            "--cert".into(),
+            self.path(&format!("{name}.pem")).display().to_string(),
+            "--key".into(),
+            self.path(&format!("{name}.key")).display().to_string(),
+            "--ca".into(),
+            self.path("ca.pem").display().to_string(),
+        ]
+    }
+}
+
+fn write(path: &Path, text: &str, secret: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    let mode = if secret { 0o600 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Log lines of a child process, shared with the reader thread.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        let (lines, cv) = &*self.0;
+        lines.lock().unwrap().push(line);
+        cv.notify_all();
+    }
+
+    /// Waits until a line contains every one of `needles`; returns it.
+    pub fn wait_for(&self, needles: &[&str]) -> String {
+        self.wait_for_nth(needles, 1)
+    }
+
+    /// Waits until `n` lines contain every one of `needles`; returns the n-th.
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize) -> String {
+        // Blocking here must not starve the in-process upstreams on the test's runtime.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| self.wait_blocking(needles, n))
+        } else {
+            self.wait_blocking(needles, n)
+        }
+    }
+
+    fn wait_blocking(&self, needles: &[&str], n: usize) -> String {
+        let (lines, cv) = &*self.0;
+        let deadline = Instant::now() + READY;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            let found: Vec<&String> = guard
+                .iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needles:?} within {READY:?}; log:\n{}",
+                guard.join("\n")
+            );
+            guard = cv.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    /// Number of lines containing every needle so far.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        let lines = self.0 .0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap().join("\n")
+    }
+}
+
+/// A running `amb` process, killed on drop.
+pub struct Amb {
+    pub child: Child,
+    pub log: Log,
+}
+
+impl Amb {
+    /// Starts `amb` with `args`; stderr is captured into [`Log`].
+    pub fn spawn(args: &[String]) -> Self {
+        let mut child = Command::new(AMB)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "info,amb_engine=debug,amb_quic=debug,amb_tls=debug",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn amb");
+        let log = Log::default();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.push(line);
+            }
+        });
+        Amb { child, log }
+    }
+
+    /// `amb server` on 127.0.0.1:`port` (0 for any) with the given extra flags.
+    pub fn server(pki: &Pki, port: u16, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(pki.cert_flags("server"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Amb::spawn(&args)
+    }
+
+    /// The address `amb server` reported listening on.
+    pub fn server_addr(&self) -> SocketAddr {
+        let line = self.log.wait_for(&["amb server listening"]);
+        field(&line, "addr").parse().unwrap()
+    }
+
+    /// `amb client` listening on a free loopback port, for `peer` over `transport`.
+    pub fn client(
+        pki: &Pki,
+        cert: &str,
+        peer: SocketAddr,
+        transport: Transport,
+        extra: &[&str],
+    ) -> Self {
+        let mut args: Vec<String> = vec![
+            "client".into(),
+            "--listen".into(),
+            "0".into(),
+            "--peer".into(),
+            format!("localhost:{}", peer.port()),
+            "--transport".into(),
+            transport.flag().into(),
+        ];
+        args.extend(pki.cert_flags(cert));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Amb::spawn(&args)
+    }
+
+    /// The first address `amb client` reported listening on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let line = self.log.wait_for(&["amb client listening"]);
+        field(&line, "listen").parse().unwrap()
+    }
+
+    /// Waits until the client has a tunnel connection up.
+    pub fn wait_tunnel_up(&self) {
+        self.log.wait_for(&["tunnel connection up"]);
+    }
+
+    /// Sends a signal by name (e.g. `TERM`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "amb did not exit within {limit:?}; log:\n{}",
+                self.log.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Amb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=value` in a log line.
+pub fn field(line: &str, key: &str) -> String {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 1;
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// A real `redis-server` on a free port, shut down on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let dir = TempDir::new("redis");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let redis = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + READY;
+        while redis_cli(port, &["ping"]).as_deref() != Some("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} not ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `redis-cli -p PORT args...`; its trimmed output, or None if it failed.
+pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.starts_with("Could not connect") && !text.is_empty())
+        .then_some(text)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An in-process TCP upstream that counts the connections it accepted.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Serves each connection with `serve`.
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), serve)
+    }
+
+    pub fn start_on<F, Fut>(listener: TcpListener, serve: F) -> Self
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(tcp));
+            }
+        });
+        Upstream {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// An echo server.
+    pub async fn echo() -> Self {
+        Self::start(echo).await
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Echoes until EOF, then closes its write side.
+pub async fn echo(mut tcp: TcpStream) {
+    let (mut r, mut w) = tcp.split();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Reads to EOF.
+pub async fn read_all(tcp: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Connects through the client and checks an echo round trip; returns whether it worked.
+pub async fn echo_works(addr: SocketAddr) -> bool {
+    let Ok(mut tcp) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    if tcp.write_all(b"ping").await.is_err() || tcp.shutdown().await.is_err() {
+        return false;
+    }
+    matches!(tokio::time::timeout(READY, read_all(&mut tcp)).await, Ok(Ok(v)) if v == b"ping")
+}
+
+/// Asserts that the connection ends with a reset (not a clean FIN), within `READY`.
+pub async fn assert_reset(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + READY;
+    loop {
+        let read = tokio::time::timeout(READY, tcp.read(&mut buf))
+            .await
+            .expect("no reset in time");
+        match read {
+            Ok(0) => panic!("connection ended with a clean FIN, expected a reset"),
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "data kept coming, expected a reset"
+            ),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Runs blocking work (child processes, waits) off the async worker threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}

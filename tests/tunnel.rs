@@ -1,0 +1,320 @@
+//! End-to-end scenarios through the real `amb` binary, each run over QUIC and over TLS.
+
+mod support;
+
+use std::time::Duration;
+
+use rand::{Rng, RngCore};
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+per_transport!(
+    redis_ping_set_get_and_10mb_value,
+    two_hundred_concurrent_echo_connections,
+    half_close_client_first,
+    half_close_upstream_speaks_first,
+    upstream_down_resets_then_recovers,
+    server_restart_client_reconnects,
+    server_crash_client_reconnects_after_idle_timeout,
+    unknown_route_is_refused_without_dial,
+    identity_not_allowed_is_refused_without_dial,
+    sigterm_drains_live_connections,
+);
+
+/// A server for `upstream` (route `default`) and a client for it, both ready.
+fn pair(pki: &Pki, upstream: &str, transport: Transport, server_extra: &[&str]) -> (Amb, Amb) {
+    let mut extra = vec!["--upstream", upstream];
+    extra.extend_from_slice(server_extra);
+    let server = Amb::server(pki, 0, &extra);
+    let client = Amb::client(pki, "client", server.server_addr(), transport, &[]);
+    client.wait_tunnel_up();
+    (server, client)
+}
+
+/// Writes a RESP command.
+fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+async fn redis_ping_set_get_and_10mb_value(t: Transport) {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let (_server, client) = pair(&pki, &format!("127.0.0.1:{}", redis.port), t, &[]);
+    let port = client.listen_addr().port();
+
+    let cli = move |args: &'static [&'static str]| blocking(move || redis_cli(port, args));
+    assert_eq!(cli(&["ping"]).await.as_deref(), Some("PONG"));
+    assert_eq!(
+        cli(&["set", "greeting", "hello"]).await.as_deref(),
+        Some("OK")
+    );
+    assert_eq!(cli(&["get", "greeting"]).await.as_deref(), Some("hello"));
+
+    let mut value = vec![0u8; 10 << 20];
+    rand::rng().fill_bytes(&mut value);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    let (mut r, mut w) = tcp.split();
+    let writer = async {
+        w.write_all(&resp(&[b"SET", b"big", &value])).await.unwrap();
+        w.write_all(&resp(&[b"GET", b"big"])).await.unwrap();
+    };
+    let want_len = 5 + format!("${}\r\n", value.len()).len() + value.len() + 2;
+    let reader = async {
+        let mut got = vec![0u8; want_len];
+        r.read_exact(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(writer, reader);
+    assert_eq!(&got[..5], b"+OK\r\n");
+    let header = format!("${}\r\n", value.len());
+    assert_eq!(&got[5..5 + header.len()], header.as_bytes());
+    let body = &got[5 + header.len()..got.len() - 2];
+    assert!(body == &value[..], "10 MB value came back altered");
+}
+
+async fn two_hundred_concurrent_echo_connections(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let addr = client.listen_addr();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(async move {
+                let len = rand::rng().random_range(1..256 << 10);
+                let mut payload = vec![0u8; len];
+                rand::rng().fill_bytes(&mut payload);
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                let (mut r, mut w) = tcp.split();
+                let send = async {
+                    w.write_all(&payload).await.unwrap();
+                    w.shutdown().await.unwrap();
+                };
+                let recv = async {
+                    let mut got = Vec::new();
+                    r.read_to_end(&mut got).await.unwrap();
+                    got
+                };
+                let ((), got) = tokio::join!(send, recv);
+                assert_eq!(
+                    Sha256::digest(&got),
+                    Sha256::digest(&payload),
+                    "payload of {len} bytes altered"
+                );
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(READY * 3, task)
+            .await
+            .expect("echo timed out")
+            .unwrap();
+    }
+    assert_eq!(upstream.accepted(), 200);
+}
+
+async fn half_close_client_first(t: Transport) {
+    // The upstream reads until the client's FIN, then answers with what it counted.
+    let upstream = Upstream::start(|mut tcp: TcpStream| async move {
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap();
+        tcp.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+    })
+    .await;
+    let pki = Pki::new();
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(&[7u8; 100_000]).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let answer = tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, b"got 100000 bytes");
+}
+
+async fn half_close_upstream_speaks_first(t: Transport) {
+    // The upstream greets, closes its write side, and still reads what the client sends.
+    let upstream = Upstream::start(|mut tcp: TcpStream| async move {
+        tcp.write_all(b"hello from upstream").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tcp.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+    })
+    .await;
+    let pki = Pki::new();
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    let greeting = tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, b"hello from upstream");
+    // Our side is still open for writing after the upstream's FIN.
+    tcp.write_all(b"bye").await.unwrap();
+    tcp.shutdown().await.unwrap();
+}
+
+async fn upstream_down_resets_then_recovers(t: Transport) {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    drop(listener);
+    let (server, client) = pair(&pki, &upstream_addr.to_string(), t, &[]);
+
+    let started = std::time::Instant::now();
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(b"anyone there?").await.unwrap();
+    assert_reset(&mut tcp).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "reset took {:?}",
+        started.elapsed()
+    );
+    server.log.wait_for(&[
+        "stream refused",
+        "upstream refused",
+        &upstream_addr.to_string(),
+    ]);
+    client
+        .log
+        .wait_for(&["refused by server", "upstream refused"]);
+
+    // The upstream comes back on the same address: new connections work.
+    let listener = tokio::net::TcpListener::bind(upstream_addr).await.unwrap();
+    let _upstream = Upstream::start_on(listener, echo);
+    assert!(echo_works(client.listen_addr()).await);
+}
+
+async fn server_restart_client_reconnects(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let (mut server, client) = pair(&pki, &up, t, &[]);
+    let addr = server.server_addr();
+    assert!(echo_works(client.listen_addr()).await);
+    // A restart as systemd does it: SIGTERM, exit, start again on the same port.
+    server.signal("TERM");
+    let status = blocking(move || server.wait_exit(READY)).await;
+    assert!(status.success());
+    client.log.wait_for(&["tunnel connection lost"]);
+    let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
+    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    assert!(echo_works(client.listen_addr()).await);
+}
+
+async fn server_crash_client_reconnects_after_idle_timeout(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let server = Amb::server(&pki, 0, &["--upstream", &up]);
+    let addr = server.server_addr();
+    // QUIC learns of a vanished peer only by silence, so the client sets a short idle timeout.
+    let client = Amb::client(&pki, "client", addr, t, &["--idle-timeout", "2s"]);
+    client.wait_tunnel_up();
+    assert!(echo_works(client.listen_addr()).await);
+    drop(server); // SIGKILL: no goodbye to the client.
+    client.log.wait_for(&["tunnel connection lost"]);
+    let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
+    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    assert!(echo_works(client.listen_addr()).await);
+}
+
+async fn unknown_route_is_refused_without_dial(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--route", &format!("known={}", upstream.addr)]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--listen", "0=unknown"],
+    );
+    client.wait_tunnel_up();
+    // The second --listen (route `unknown`) is the one logged second.
+    let line = client
+        .log
+        .wait_for(&["amb client listening", "route=unknown"]);
+    let addr: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"hi").await.unwrap();
+    assert_reset(&mut tcp).await;
+    server.log.wait_for(&[
+        "stream refused: unknown route",
+        "route=unknown",
+        "spiffe://amb/client",
+    ]);
+    client
+        .log
+        .wait_for(&["refused by server: unknown route", "route=unknown"]);
+    assert_eq!(
+        upstream.accepted(),
+        0,
+        "no upstream dial for an unknown route"
+    );
+}
+
+async fn identity_not_allowed_is_refused_without_dial(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let (server, client) = pair(
+        &pki,
+        &upstream.addr.to_string(),
+        t,
+        &["--allow", "uri:spiffe://amb/someone-else"],
+    );
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(b"hi").await.unwrap();
+    assert_reset(&mut tcp).await;
+    server.log.wait_for(&[
+        "stream refused: peer not authorized",
+        "uri:spiffe://amb/client",
+    ]);
+    client
+        .log
+        .wait_for(&["refused by server: peer not authorized"]);
+    assert_eq!(
+        upstream.accepted(),
+        0,
+        "no upstream dial for an unauthorized peer"
+    );
+}
+
+async fn sigterm_drains_live_connections(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let (mut server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    tcp.read_exact(&mut buf).await.unwrap();
+
+    server.signal("TERM");
+    server.log.wait_for(&["shutting down"]);
+    // The live stream still carries data both ways, then ends cleanly.
+    tcp.write_all(b"after").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let rest = tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest, b"after");
+    let status = blocking(move || {
+        let status = server.wait_exit(READY);
+        (status, server)
+    })
+    .await
+    .0;
+    assert!(status.success(), "server exit status {status:?}");
+}
