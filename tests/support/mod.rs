@@ -163,10 +163,7 @@ impl Log {
         let deadline = Instant::now() + READY;
         let mut guard = lines.lock().unwrap();
         loop {
-            let found: Vec<&String> = guard
-                .iter()
-                .filter(|l| needles.iter().all(|n| l.contains(n)))
-                .collect();
+            let found: Vec<&String> = guard.iter().filter(|l| matches(l, needles)).collect();
             if found.len() >= n {
                 return found[n - 1].clone();
             }
@@ -183,15 +180,20 @@ impl Log {
     /// Number of lines containing every needle so far.
     pub fn count(&self, needles: &[&str]) -> usize {
         let lines = self.0 .0.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .count()
+        lines.iter().filter(|l| matches(l, needles)).count()
     }
 
     pub fn text(&self) -> String {
         self.0 .0.lock().unwrap().join("\n")
     }
+}
+
+/// Whether `line` holds every needle, ignoring ASCII case.
+fn matches(line: &str, needles: &[&str]) -> bool {
+    let line = line.to_ascii_lowercase();
+    needles
+        .iter()
+        .all(|n| line.contains(&n.to_ascii_lowercase()))
 }
 
 /// A running `amb` process, killed on drop.

@@ -89,7 +89,24 @@ impl Dialer for QuicDialer {
         let conn = tokio::time::timeout(self.limits.handshake_timeout, connecting)
             .await
             .map_err(|_| QuicError::Timeout { peer: peer.clone() })?
-            .map_err(|source| QuicError::Handshake { peer, source })?;
+            .map_err(|source| QuicError::Handshake {
+                peer: peer.clone(),
+                source,
+            })?;
+        let rejected = |why: String| QuicError::Rejected {
+            peer: peer.clone(),
+            why,
+        };
+        let welcome = async {
+            let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            uni.read_to_end(16).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.limits.handshake_timeout, welcome).await {
+            Ok(Ok(bytes)) if bytes == crate::WELCOME => {}
+            Ok(Ok(other)) => return Err(rejected(format!("unexpected welcome {other:?}"))),
+            Ok(Err(why)) => return Err(rejected(why)),
+            Err(_) => return Err(rejected("no welcome from the server in time".into())),
+        }
         Ok(QuicTunnel {
             conn,
             _endpoint: endpoint,

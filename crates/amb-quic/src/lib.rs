@@ -56,6 +56,15 @@ pub enum QuicError {
         /// What quinn said.
         source: quinn::ConnectionError,
     },
+    /// The server closed the connection right after the handshake (certificate rejected) or
+    /// spoke another protocol.
+    #[error("server {peer} rejected the connection: {why}")]
+    Rejected {
+        /// The peer.
+        peer: String,
+        /// What the server said.
+        why: String,
+    },
     /// The handshake did not finish in time.
     #[error("QUIC handshake with {peer} timed out")]
     Timeout {
@@ -64,17 +73,23 @@ pub enum QuicError {
     },
 }
 
+/// What the server writes on its one unidirectional stream once it has verified the client:
+/// the wire version. In TLS 1.3 the client finishes first, so only this proves acceptance.
+const WELCOME: [u8; 1] = [amb_proto::WIRE_VERSION];
+
 /// Transport parameters for one side: stream cap, idle timeout, keep-alives, flow-control
 /// windows sized for a fast link.
-fn transport_config(limits: &Limits, accept_streams: bool) -> Arc<TransportConfig> {
+/// The server accepts bidirectional streams (one per app connection); the client accepts the
+/// single unidirectional welcome stream.
+fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    let streams = if accept_streams {
-        limits.max_streams_per_connection
+    let (bidi, uni) = if is_server {
+        (limits.max_streams_per_connection, 0)
     } else {
-        0
+        (0, 1)
     };
-    t.max_concurrent_bidi_streams(VarInt::from_u32(streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
+        .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok())
         .keep_alive_interval(Some(limits.keep_alive_interval()))
         .stream_receive_window(VarInt::from_u32(4 << 20))

@@ -94,6 +94,9 @@ where
                 .and_then(|chain| chain.first().map(amb_pki::peer_identity))
                 .unwrap_or_default();
             let peer = Arc::new(Peer { identity, addr });
+            if let Err(e) = welcome(&conn).await {
+                return warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
+            }
             debug!(%peer, transport = "quic", "tunnel connection up");
             loop {
                 let (send, recv) = match conn.accept_bi().await {
@@ -121,6 +124,15 @@ where
             }
         });
     }
+}
+
+/// Tells the client it was accepted: one unidirectional stream carrying [`crate::WELCOME`].
+async fn welcome(conn: &quinn::Connection) -> Result<(), String> {
+    let mut uni = conn.open_uni().await.map_err(|e| e.to_string())?;
+    uni.write_all(&crate::WELCOME)
+        .await
+        .map_err(|e| e.to_string())?;
+    uni.finish().map_err(|e| e.to_string())
 }
 
 /// Reads the open header: at most [`MAX_HEADER_LEN`] bytes, and never past it, so app bytes stay

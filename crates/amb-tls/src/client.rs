@@ -82,15 +82,24 @@ impl TlsDialer {
                 peer: peer.clone(),
                 source,
             })?;
+        // In TLS 1.3 the client finishes its handshake before the server has checked the client
+        // certificate. A PING answered proves the server accepted us; a rejection arrives as a
+        // TLS alert instead, and is reported as this dial's failure.
+        let mut ping = connection.ping_pong().ok_or_else(|| TlsError::Rejected {
+            peer: peer.clone(),
+            why: "HTTP/2 ping unavailable".into(),
+        })?;
+        tokio::select! {
+            pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
+            closed = &mut connection => closed.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
+        }
+        .map_err(|e| TlsError::Rejected { peer: peer.clone(), why: e.to_string() })?;
+
         let (closed_tx, closed_rx) = watch::channel(None);
-        let mut ping = connection.ping_pong();
         let limits = self.limits;
         let peer = peer.clone();
         tokio::spawn(async move {
             let keepalive = async {
-                let Some(ping) = ping.as_mut() else {
-                    return std::future::pending::<String>().await;
-                };
                 loop {
                     tokio::time::sleep(limits.keep_alive_interval()).await;
                     match tokio::time::timeout(limits.idle_timeout, ping.ping(h2::Ping::opaque()))

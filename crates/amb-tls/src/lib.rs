@@ -58,6 +58,14 @@ pub enum TlsError {
         /// What h2 said.
         source: h2::Error,
     },
+    /// The server refused this client after the handshake (certificate rejected) or went away.
+    #[error("server {peer} rejected the connection: {why}")]
+    Rejected {
+        /// The peer.
+        peer: String,
+        /// What the server or h2 said.
+        why: String,
+    },
     /// A step did not finish in time.
     #[error("{what} with {peer} timed out")]
     Timeout {
