@@ -308,7 +308,13 @@ async fn sigterm_drains_live_connections(t: Transport) {
     let rest = tokio::time::timeout(READY, read_all(&mut tcp))
         .await
         .unwrap()
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nserver:\n{}\nclient:\n{}",
+                server.log.text(),
+                client.log.text()
+            )
+        });
     assert_eq!(rest, b"after");
     let status = blocking(move || {
         let status = server.wait_exit(READY);

@@ -51,10 +51,13 @@ pub async fn relay<S: StreamSend, R: StreamRecv>(
         tunnel_to_tcp(&tcp, &mut recv)
     );
     match outcome {
-        Ok((to_tunnel, from_tunnel)) => Ok(RelayStats {
-            to_tunnel,
-            from_tunnel,
-        }),
+        Ok((to_tunnel, from_tunnel)) => {
+            send.delivered().await;
+            Ok(RelayStats {
+                to_tunnel,
+                from_tunnel,
+            })
+        }
         Err(e) => {
             let code = match &e {
                 RelayError::Tcp(_) => ResetCode::CANCEL,

@@ -170,7 +170,13 @@ impl Server {
         self.ctx.live.close();
         let live = self.ctx.live.len();
         info!(live_streams = live, drain = ?self.drain_timeout, "shutting down: no new connections");
-        if tokio::time::timeout(self.drain_timeout, self.ctx.live.wait())
+        let drained = async {
+            self.ctx.live.wait().await;
+            if let Some(tls) = &self.tls {
+                tls.drained().await;
+            }
+        };
+        if tokio::time::timeout(self.drain_timeout, drained)
             .await
             .is_err()
         {

@@ -34,6 +34,9 @@ pub trait StreamSend: Send + 'static {
     fn finish(&mut self) -> Result<(), StreamError>;
     /// Aborts: the peer sees a reset carrying `code`; unsent bytes are dropped.
     fn reset(&mut self, code: ResetCode);
+    /// After [`finish`](Self::finish): resolves once the peer has acknowledged everything sent
+    /// (or the stream or connection is gone), so a shutdown never cuts off delivered data.
+    fn delivered(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// The receiving half of a tunnel stream.

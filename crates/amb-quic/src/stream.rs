@@ -45,6 +45,10 @@ impl StreamSend for QuicSend {
     fn reset(&mut self, code: ResetCode) {
         let _ = self.0.reset(VarInt::from_u32(code.0));
     }
+    async fn delivered(&mut self) {
+        // Resolves when the peer acknowledged all data after our FIN, or stopped the stream.
+        let _ = self.0.stopped().await;
+    }
 }
 
 impl StreamRecv for QuicRecv {

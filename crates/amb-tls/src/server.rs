@@ -12,6 +12,7 @@ use http::{Method, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::stream::{h2_error, H2Recv, H2Send};
@@ -22,6 +23,7 @@ pub struct TlsServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     limits: Limits,
+    connections: TaskTracker,
 }
 
 impl TlsServer {
@@ -32,7 +34,15 @@ impl TlsServer {
             listener,
             acceptor: TlsAcceptor::from(tls),
             limits,
+            connections: TaskTracker::new(),
         }
+    }
+
+    /// After `serve` returned: resolves once every connection has finished its streams, sent
+    /// GOAWAY and flushed, so no answer in flight is cut off.
+    pub async fn drained(&self) {
+        self.connections.close();
+        self.connections.wait().await;
     }
 }
 
@@ -58,7 +68,8 @@ where
             }
         };
         let (acceptor, limits, handler) = (server.acceptor.clone(), server.limits, handler.clone());
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        server.connections.spawn(async move {
             tune_tcp(&tcp);
             let handshake = async {
                 let tls = acceptor
@@ -97,7 +108,18 @@ where
             };
             let peer = Arc::new(Peer { identity, addr });
             debug!(%peer, transport = "tls", "tunnel connection up");
-            while let Some(next) = conn.accept().await {
+            let mut draining = false;
+            loop {
+                let next = tokio::select! {
+                    next = conn.accept() => next,
+                    _ = stop.wait_for(|s| *s), if !draining => {
+                        // No new streams; live ones finish, then the connection closes.
+                        draining = true;
+                        conn.graceful_shutdown();
+                        continue;
+                    }
+                };
+                let Some(next) = next else { break };
                 let (request, respond) = match next {
                     Ok(r) => r,
                     Err(e) => {

@@ -49,6 +49,11 @@ impl StreamSend for H2Send {
     fn reset(&mut self, code: ResetCode) {
         self.0.send_reset(Reason::from(code.0));
     }
+
+    async fn delivered(&mut self) {
+        // HTTP/2 has no per-stream acknowledgement: the connection flushes queued frames before
+        // it closes, and the server's graceful shutdown waits for that.
+    }
 }
 
 /// Receiving half of an HTTP/2 CONNECT stream; on the client it first awaits the response.
