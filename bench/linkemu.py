@@ -199,6 +199,12 @@ async def main():
     args = ap.parse_args()
     link = Link(args.delay_ms / 1000.0, args.loss)
     loop = asyncio.get_running_loop()
+
+    def quiet(loop, ctx):  # cancelled relays at shutdown and peer resets are expected
+        if isinstance(ctx.get("exception"), (asyncio.CancelledError, ConnectionError)):
+            return
+        loop.default_exception_handler(ctx)
+    loop.set_exception_handler(quiet)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -134,6 +134,10 @@ struct LimitArgs {
     /// After SIGINT/SIGTERM, how long live connections may finish.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     drain_timeout: Duration,
+    /// Connections carried at once (client: app connections; server: streams); more are
+    /// refused at once.
+    #[arg(long, default_value_t = 50_000)]
+    max_connections: usize,
 }
 
 impl LimitArgs {
@@ -274,6 +278,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Every carried connection costs descriptors on both sides: use all the system allows.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("could not raise the open-file limit: {e}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -345,6 +353,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         limits: args.limits.limits(),
         connect_timeout: args.connect_timeout,
         drain_timeout: args.limits.drain_timeout,
+        max_connections: args.limits.max_connections,
     };
     let server = Server::bind(settings)?;
     server.run(shutdown_signal()).await;
@@ -373,6 +382,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         }),
         tunnel_wait: args.tunnel_wait,
         drain_timeout: args.limits.drain_timeout,
+        max_connections: args.limits.max_connections,
     };
     let client = Client::bind(settings)?;
     client.run(shutdown_signal()).await;

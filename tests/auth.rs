@@ -33,9 +33,7 @@ async fn expect_rejected(t: Transport, pki: &Pki, name: &str, reason: &str) {
         .log
         .wait_for(&["handshake failed", reason, "127.0.0.1"]);
     client.log.wait_for(&["tunnel connect failed"]);
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    let _ = tcp.write_all(b"let me in").await;
-    assert_reset(&mut tcp).await;
+    assert_reset_after_write(client.listen_addr(), b"let me in").await;
     client.log.wait_for(&[
         "no tunnel connection within",
         "resetting the app connection",
@@ -183,9 +181,7 @@ async fn client_refuses_server_with_wrong_name(t: Transport) {
         "not valid for name",
         "not-the-server.example",
     ]);
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    let _ = tcp.write_all(b"hello?").await;
-    assert_reset(&mut tcp).await;
+    assert_reset_after_write(client.listen_addr(), b"hello?").await;
     assert_eq!(upstream.accepted(), 0);
 }
 

@@ -173,9 +173,7 @@ async fn upstream_down_resets_then_recovers(t: Transport) {
     let (server, client) = pair(&pki, &upstream_addr.to_string(), t, &[]);
 
     let started = std::time::Instant::now();
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    tcp.write_all(b"anyone there?").await.unwrap();
-    assert_reset(&mut tcp).await;
+    assert_reset_after_write(client.listen_addr(), b"anyone there?").await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "reset took {:?}",
@@ -247,9 +245,7 @@ async fn unknown_route_is_refused_without_dial(t: Transport) {
         .log
         .wait_for(&["amb client listening", "route=unknown"]);
     let addr: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"hi").await.unwrap();
-    assert_reset(&mut tcp).await;
+    assert_reset_after_write(addr, b"hi").await;
     server.log.wait_for(&[
         "stream refused: unknown route",
         "route=unknown",
@@ -274,9 +270,7 @@ async fn identity_not_allowed_is_refused_without_dial(t: Transport) {
         t,
         &["--allow", "uri:spiffe://amb/someone-else"],
     );
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    tcp.write_all(b"hi").await.unwrap();
-    assert_reset(&mut tcp).await;
+    assert_reset_after_write(client.listen_addr(), b"hi").await;
     server.log.wait_for(&[
         "stream refused: peer not authorized",
         "uri:spiffe://amb/client",

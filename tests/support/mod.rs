@@ -506,6 +506,25 @@ pub async fn assert_reset(tcp: &mut TcpStream) {
     }
 }
 
+/// Connects to `addr`, sends `bytes`, and asserts the connection is reset: during the connect,
+/// the write, or the read after it (a fast refusal may arrive before `connect` returns).
+pub async fn assert_reset_after_write(addr: SocketAddr, bytes: &[u8]) {
+    let is_reset = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    let mut tcp = match TcpStream::connect(addr).await {
+        Ok(tcp) => tcp,
+        Err(e) => return assert!(is_reset(&e), "connect to {addr}: {e}"),
+    };
+    if let Err(e) = tcp.write_all(bytes).await {
+        return assert!(is_reset(&e), "write to {addr}: {e}");
+    }
+    assert_reset(&mut tcp).await;
+}
+
 /// Runs blocking work (child processes, waits) off the async worker threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()

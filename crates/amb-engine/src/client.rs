@@ -12,12 +12,13 @@ use amb_proto::{Dialer, Limits, RouteName, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::listen::ListenSpec;
 use crate::relay::{relay, reset_tcp};
+use crate::throttle::LogThrottle;
 use crate::{bind_tcp, EngineError};
 
 /// The tunnel transport a client uses.
@@ -48,6 +49,8 @@ pub struct ClientSettings {
     pub connections: usize,
     /// How long an app connection waits for a tunnel before it is reset.
     pub tunnel_wait: Duration,
+    /// App connections carried at once; more are reset at once.
+    pub max_connections: usize,
     /// How long live streams may run on after a shutdown signal.
     pub drain_timeout: Duration,
 }
@@ -217,9 +220,12 @@ async fn run<D: Dialer>(
             info!(listen = %addr, %route, %peer, transport, "amb client listening");
         }
     }
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let throttle = Arc::new(LogThrottle::default());
     let accept_all = listeners.into_iter().map(|(listener, route)| {
         let (pool, live, mut stop, peer) = (pool.clone(), live.clone(), stop.clone(), peer.clone());
-        let wait = settings.tunnel_wait;
+        let (slots, throttle) = (slots.clone(), throttle.clone());
+        let (wait, max) = (settings.tunnel_wait, settings.max_connections);
         async move {
             loop {
                 let accepted = tokio::select! {
@@ -228,12 +234,26 @@ async fn run<D: Dialer>(
                 };
                 match accepted {
                     Ok((tcp, app)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            if let Some(suppressed) = throttle.allow() {
+                                warn!(%app, %route, suppressed, "at --max-connections {max}: resetting the new app connection");
+                            }
+                            reset_tcp(tcp);
+                            continue;
+                        };
                         let (pool, route, peer) = (pool.clone(), route.clone(), peer.clone());
-                        live.spawn(carry(tcp, app, route, pool, wait, peer));
+                        live.spawn(async move {
+                            carry(tcp, app, route, pool, wait, peer).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
-                        warn!(listen = ?listener.local_addr().ok(), "accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Typically out of descriptors: log at a limited rate and back off
+                        // instead of spinning on an accept that keeps failing.
+                        if let Some(suppressed) = throttle.allow() {
+                            warn!(listen = ?listener.local_addr().ok(), suppressed, "accept failed: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }

@@ -8,6 +8,7 @@ mod client;
 mod listen;
 pub mod relay;
 mod server;
+mod throttle;
 mod upstream;
 
 pub use client::{Client, ClientSettings, ClientTransport};

@@ -9,11 +9,12 @@ use amb_pki::TlsFiles;
 use amb_proto::{IncomingStream, Limits, Refusal, RouteTable, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicServer;
 use amb_tls::TlsServer;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::relay::relay;
+use crate::throttle::LogThrottle;
 use crate::upstream::Upstream;
 use crate::{bind_tcp, EngineError};
 
@@ -45,9 +46,13 @@ pub struct ServerSettings {
     pub connect_timeout: Duration,
     /// How long live streams may run on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Streams relayed at once across all tunnel connections; more are refused as unavailable.
+    pub max_connections: usize,
 }
 
 struct Context {
+    slots: Arc<Semaphore>,
+    throttle: LogThrottle,
     routes: RouteTable<Upstream>,
     connect_timeout: Duration,
     stopping: watch::Receiver<bool>,
@@ -111,6 +116,8 @@ impl Server {
         };
         let (stop, stopping) = watch::channel(false);
         let ctx = Arc::new(Context {
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            throttle: LogThrottle::default(),
             routes: settings.routes,
             connect_timeout: settings.connect_timeout,
             stopping,
@@ -201,6 +208,12 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
         warn!(%peer, %route, "stream refused: {}", Refusal::Unavailable);
         return incoming.refuse(Refusal::Unavailable).await;
     }
+    let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
+        if let Some(suppressed) = ctx.throttle.allow() {
+            warn!(%peer, %route, suppressed, "stream refused: at --max-connections");
+        }
+        return incoming.refuse(Refusal::Unavailable).await;
+    };
     let upstream = match ctx.routes.decide(&peer.identity, &route) {
         Ok(upstream) => upstream.clone(),
         Err(refusal) => {

@@ -14,7 +14,7 @@ pub mod stream;
 
 pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
 pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError};
-pub use limits::Limits;
+pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};

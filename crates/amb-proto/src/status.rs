@@ -22,6 +22,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Whether the client caused this refusal (and so spends its [`crate::RefusalBudget`]).
+    pub fn is_client_fault(self) -> bool {
+        matches!(
+            self,
+            Refusal::BadRequest | Refusal::Forbidden | Refusal::UnknownRoute
+        )
+    }
+
     /// Every refusal, for exhaustive tests and tables.
     pub const ALL: [Refusal; 6] = [
         Refusal::BadRequest,

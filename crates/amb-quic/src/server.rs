@@ -8,7 +8,8 @@ use std::sync::Arc;
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, IncomingStream, Limits, Peer, Refusal, RouteName, StreamError,
+    decode_open_header, IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName,
+    StreamError,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
@@ -94,6 +95,11 @@ where
                 .and_then(|chain| chain.first().map(amb_pki::peer_identity))
                 .unwrap_or_default();
             let peer = Arc::new(Peer { identity, addr });
+            let ctx = Arc::new(ConnCtx {
+                peer: peer.clone(),
+                conn: conn.clone(),
+                budget: RefusalBudget::new(),
+            });
             if let Err(e) = welcome(&conn).await {
                 return warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
             }
@@ -106,13 +112,10 @@ where
                         return;
                     }
                 };
-                let (handler, peer) = (handler.clone(), peer.clone());
+                let (handler, ctx, peer) = (handler.clone(), ctx.clone(), peer.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(
-                        limits.open_timeout,
-                        read_header(send, recv, peer.clone()),
-                    )
-                    .await
+                    match tokio::time::timeout(limits.open_timeout, read_header(send, recv, ctx))
+                        .await
                     {
                         Ok(Ok(incoming)) => handler(incoming).await,
                         Ok(Err(e)) => warn!(%peer, transport = "quic", "bad stream open: {e}"),
@@ -140,7 +143,7 @@ async fn welcome(conn: &quinn::Connection) -> Result<(), String> {
 async fn read_header(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    peer: Arc<Peer>,
+    ctx: Arc<ConnCtx>,
 ) -> Result<QuicIncoming, StreamError> {
     let mut buf = [0u8; MAX_HEADER_LEN];
     let mut have = 0;
@@ -159,16 +162,23 @@ async fn read_header(
                     send,
                     recv,
                     route: header.route,
-                    peer,
+                    ctx,
                 });
             }
             Ok(None) => want = 2 + usize::from(buf[1]),
             Err(e) => {
-                send_refusal(&mut send, &mut recv, Refusal::BadRequest).await;
+                send_refusal(&mut send, &mut recv, &ctx, Refusal::BadRequest).await;
                 return Err(StreamError::Protocol(e.to_string()));
             }
         }
     }
+}
+
+/// What the streams of one tunnel connection share.
+struct ConnCtx {
+    peer: Arc<Peer>,
+    conn: quinn::Connection,
+    budget: RefusalBudget,
 }
 
 /// A QUIC stream whose header has been read, waiting for the engine's decision.
@@ -176,7 +186,7 @@ pub struct QuicIncoming {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     route: RouteName,
-    peer: Arc<Peer>,
+    ctx: Arc<ConnCtx>,
 }
 
 impl IncomingStream for QuicIncoming {
@@ -188,7 +198,7 @@ impl IncomingStream for QuicIncoming {
     }
 
     fn peer(&self) -> &Arc<Peer> {
-        &self.peer
+        &self.ctx.peer
     }
 
     async fn accept(mut self) -> Result<(QuicSend, QuicRecv), StreamError> {
@@ -206,12 +216,26 @@ impl IncomingStream for QuicIncoming {
     }
 
     async fn refuse(mut self, why: Refusal) {
-        send_refusal(&mut self.send, &mut self.recv, why).await;
+        send_refusal(&mut self.send, &mut self.recv, &self.ctx, why).await;
     }
 }
 
 /// Answers a stream with a refusal status byte, ends it, and stops reading the client's bytes.
-async fn send_refusal(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, why: Refusal) {
+/// A client that keeps causing refusals past its [`RefusalBudget`] loses the connection.
+async fn send_refusal(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    ctx: &ConnCtx,
+    why: Refusal,
+) {
+    if why.is_client_fault() && !ctx.budget.spend() {
+        warn!(peer = %ctx.peer, transport = "quic", "closing tunnel connection: too many refused streams (last: {why})");
+        ctx.conn.close(
+            VarInt::from_u32(ResetCode::REFUSED.0),
+            b"too many refused streams",
+        );
+        return;
+    }
     let status = bytes::Bytes::copy_from_slice(&[why.status_byte()]);
     let _ = send.write_chunk(status).await;
     let _ = send.finish();

@@ -4,13 +4,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use amb_proto::{IncomingStream, Limits, Peer, Refusal, RouteName, StreamError};
+use amb_proto::{IncomingStream, Limits, Peer, Refusal, RefusalBudget, RouteName, StreamError};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -107,11 +107,18 @@ where
                 }
             };
             let peer = Arc::new(Peer { identity, addr });
+            let ctx = Arc::new(ConnCtx { peer: peer.clone(), budget: RefusalBudget::new(), kill: Notify::new() });
             debug!(%peer, transport = "tls", "tunnel connection up");
             let mut draining = false;
+            let mut killed = false;
             loop {
                 let next = tokio::select! {
                     next = conn.accept() => next,
+                    _ = ctx.kill.notified(), if !killed => {
+                        killed = true;
+                        conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                        continue;
+                    }
                     _ = stop.wait_for(|s| *s), if !draining => {
                         // No new streams; live ones finish, then the connection closes.
                         draining = true;
@@ -126,7 +133,7 @@ where
                         return debug!(%peer, transport = "tls", "tunnel connection ended: {e}")
                     }
                 };
-                let (handler, peer) = (handler.clone(), peer.clone());
+                let (handler, ctx) = (handler.clone(), ctx.clone());
                 tokio::spawn(async move {
                     let (parts, body) = request.into_parts();
                     let route = (parts.method == Method::CONNECT)
@@ -141,12 +148,12 @@ where
                         respond,
                         body,
                         route: RouteName::default_route(),
-                        peer,
+                        ctx,
                     };
                     match route {
                         Some(Ok(route)) => handler(TlsIncoming { route, ..incoming }).await,
                         other => {
-                            warn!(peer = %incoming.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
+                            warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
                                 match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
                             incoming.refuse(Refusal::BadRequest).await;
                         }
@@ -158,12 +165,20 @@ where
     }
 }
 
+/// What the streams of one tunnel connection share.
+struct ConnCtx {
+    peer: Arc<Peer>,
+    budget: RefusalBudget,
+    /// Wakes the connection task to close the connection.
+    kill: Notify,
+}
+
 /// An HTTP/2 CONNECT stream waiting for the engine's decision.
 pub struct TlsIncoming {
     respond: SendResponse<Bytes>,
     body: RecvStream,
     route: RouteName,
-    peer: Arc<Peer>,
+    ctx: Arc<ConnCtx>,
 }
 
 fn response(status: u16) -> Response<()> {
@@ -181,7 +196,7 @@ impl IncomingStream for TlsIncoming {
     }
 
     fn peer(&self) -> &Arc<Peer> {
-        &self.peer
+        &self.ctx.peer
     }
 
     async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
@@ -196,5 +211,10 @@ impl IncomingStream for TlsIncoming {
         let _ = self
             .respond
             .send_response(response(why.http_status()), true);
+        // A client that keeps causing refusals past its budget loses the connection.
+        if why.is_client_fault() && !self.ctx.budget.spend() {
+            warn!(peer = %self.ctx.peer, transport = "tls", "closing tunnel connection: too many refused streams (last: {why})");
+            self.ctx.kill.notify_one();
+        }
     }
 }
