@@ -2,6 +2,8 @@
 //! free port, in-process TCP upstreams, and the real `amb` binary with log-based readiness.
 #![allow(dead_code, missing_docs)]
 
+pub mod impair;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,146 @@
+//! Broken networks between the ambassadors, emulated by a user-space relay (no netem here):
+//! loss, delay, jitter and reordering, rate limits, a blackhole, and a QUIC path change. Data
+//! stays byte-exact; the tunnel recovers, or the app gets a reset after a clear idle timeout.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use support::impair::Relay;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+per_transport!(
+    lossy_jittery_link_keeps_data_exact,
+    blackhole_resets_after_idle_timeout_then_recovers,
+);
+
+/// A server for an echo upstream, a relay in front of it, and a client dialing the relay.
+async fn impaired_pair(t: Transport, client_extra: &[&str]) -> (Pki, Upstream, Amb, Relay, Amb) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--upstream", &upstream.addr.to_string()]);
+    let relay = Relay::start(server.server_addr()).await;
+    let client = Amb::client(&pki, "client", relay.addr, t, client_extra);
+    client.wait_tunnel_up();
+    (pki, upstream, server, relay, client)
+}
+
+/// Sends `len` random bytes through the echo and checks they come back exactly; `midway` runs
+/// once a third has come back.
+async fn echo_exact(
+    addr: std::net::SocketAddr,
+    len: usize,
+    midway: impl std::future::Future<Output = ()>,
+) {
+    let mut payload = vec![0u8; len];
+    rand::rng().fill_bytes(&mut payload);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = tcp.split();
+    let send = async {
+        for chunk in payload.chunks(64 << 10) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::with_capacity(len);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut midway = Some(midway);
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() >= len / 3 {
+                if let Some(f) = midway.take() {
+                    f.await;
+                }
+            }
+        }
+    };
+    let ((), got) = tokio::time::timeout(READY * 6, async { tokio::join!(send, recv) })
+        .await
+        .expect("transfer stalled");
+    assert_eq!(got.len(), len);
+    assert!(
+        Sha256::digest(&got) == Sha256::digest(&payload),
+        "bytes altered on the impaired link"
+    );
+}
+
+async fn lossy_jittery_link_keeps_data_exact(t: Transport) {
+    let (_pki, _upstream, _server, relay, client) = impaired_pair(t, &[]).await;
+    relay.link.delay_ms.store(5, Ordering::SeqCst);
+    relay.link.jitter_ms.store(5, Ordering::SeqCst); // reorders UDP datagrams
+    relay.link.loss_ppm.store(
+        if t == Transport::Quic { 50_000 } else { 0 },
+        Ordering::SeqCst,
+    ); // 5%
+    for _ in 0..3 {
+        echo_exact(client.listen_addr(), 2 << 20, async {}).await;
+    }
+    if t == Transport::Quic {
+        relay.link.loss_ppm.store(10_000, Ordering::SeqCst); // 1%
+        echo_exact(client.listen_addr(), 4 << 20, async {}).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_tcp_link_keeps_data_exact() {
+    let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Tls, &[]).await;
+    relay.link.rate_bps.store(2 << 20, Ordering::SeqCst);
+    relay.link.delay_ms.store(10, Ordering::SeqCst);
+    echo_exact(client.listen_addr(), 3 << 20, async {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_transfer_survives_a_client_address_change() {
+    let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Quic, &[]).await;
+    relay.link.delay_ms.store(2, Ordering::SeqCst);
+    let rebind = async {
+        let new = relay.rebind_udp().await;
+        assert_ne!(new.port(), 0);
+    };
+    echo_exact(client.listen_addr(), 16 << 20, rebind).await;
+    assert_eq!(
+        client.log.count(&["tunnel connection lost"]),
+        0,
+        "the path change must not drop the tunnel"
+    );
+    assert!(echo_works(client.listen_addr()).await);
+}
+
+async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
+    let (_pki, _upstream, _server, relay, client) =
+        impaired_pair(t, &["--idle-timeout", "5s"]).await;
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    tcp.read_exact(&mut buf).await.unwrap();
+
+    relay.link.set_blackhole(true);
+    let started = Instant::now();
+    let _ = tcp.write_all(b"into the void").await;
+    assert_reset(&mut tcp).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "reset after {took:?}"
+    );
+    client.log.wait_for(&["tunnel connection lost"]);
+    client
+        .log
+        .wait_for(&["connection reset", "tunnel connection lost"]);
+
+    // The blackhole lasts 30 s in all; then the tunnel comes back by itself.
+    tokio::time::sleep_until((started + Duration::from_secs(30)).into()).await;
+    relay.link.set_blackhole(false);
+    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    assert!(echo_works(client.listen_addr()).await);
+}
