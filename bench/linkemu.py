@@ -17,7 +17,7 @@ UDP: one upstream socket per client address (a tiny NAT); each datagram is delay
 dropped with probability `loss` in each direction.
 
 Control on stdin, one command per line: `loss P` sets the UDP drop probability (answers
-`ok loss P`). The relay exits when stdin closes or on SIGTERM/SIGINT.
+`ok loss P udp_dropped N udp_passed M`, counts since start). The relay exits when stdin closes or on SIGTERM/SIGINT.
 """
 
 import argparse
@@ -36,6 +36,15 @@ class Link:
     def __init__(self, delay: float, loss: float):
         self.delay = delay
         self.loss = loss
+        self.dropped = 0
+        self.passed = 0
+
+    def drop(self) -> bool:
+        if self.loss and random.random() < self.loss:
+            self.dropped += 1
+            return True
+        self.passed += 1
+        return False
 
 
 async def _pump(reader, queue, loop, deliver_at):
@@ -147,7 +156,7 @@ async def udp_relay(link: Link, listen: int, target: int):
     front_proto = _UdpSide(None)
 
     def from_client(data, addr):
-        if link.loss and random.random() < link.loss:
+        if link.drop():
             return
         up = flows.get(addr)
         if up is None:
@@ -159,7 +168,7 @@ async def udp_relay(link: Link, listen: int, target: int):
 
     async def open_flow(addr):
         def from_target(data, _):
-            if link.loss and random.random() < link.loss:
+            if link.drop():
                 return
             send_later(front_proto.transport, data, addr)
 
@@ -232,7 +241,7 @@ async def main():
             parts = line.decode().split()
             if len(parts) == 2 and parts[0] == "loss":
                 link.loss = float(parts[1])
-                print(f"ok loss {link.loss}", flush=True)
+                print(f"ok loss {link.loss} udp_dropped {link.dropped} udp_passed {link.passed}", flush=True)
             else:
                 print(f"error unknown command {line.decode().strip()!r}", flush=True)
 

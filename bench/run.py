@@ -622,7 +622,7 @@ async def _open_ping(port: int, timeout: float):
 
 
 async def _open_many(port: int, count: int, conns: list, errors: dict, deadline: float, parallel=64,
-                     give_up_after=400):
+                     give_up_after=128):
     """Opens count connections (PING/PONG each), parallel at a time; stops trying after
     give_up_after failures or at the deadline, so a pair that stalls cannot stall the run."""
     sem = asyncio.Semaphore(parallel)
@@ -757,6 +757,8 @@ class TcpLoss:
             for direction in ("--dport", "--sport")
         ]
         self.added: list[list[str]] = []
+        self.port_text = f"pt:{port} "
+        self.count: int | None = None
 
     def __enter__(self):
         for spec in self.specs:
@@ -766,7 +768,22 @@ class TcpLoss:
             self.added.append(spec)
         return self
 
+    def dropped(self) -> int | None:
+        """Packets the rules dropped so far (evidence the loss really applied)."""
+        try:
+            r = subprocess.run(["iptables", "-w", "5", "-L", "OUTPUT", "-n", "-v", "-x"], capture_output=True,
+                               text=True, timeout=15)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        total = 0
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if "amb-bench" in line and parts and parts[0].isdigit() and self.port_text in line:
+                total += int(parts[0])
+        return total
+
     def __exit__(self, *exc):
+        self.count = self.dropped()
         for spec in self.added:
             subprocess.run(["iptables", "-w", "5", "-D", *spec], capture_output=True, timeout=15)
 
@@ -778,13 +795,14 @@ class LinkLoss:
         self.inst = inst
         self.tcp = TcpLoss(inst.relay_tcp_port, LINK_LOSS) if tcp_ok else None
 
-    def _udp(self, p: float):
+    def _udp(self, p: float) -> dict:
         self.inst.relay.stdin.write(f"loss {p}\n".encode())
         self.inst.relay.stdin.flush()
-        _readline(self.inst.relay, 5)
+        words = _readline(self.inst.relay, 5).split()
+        return {k: int(v) for k, v in zip(words[3::2], words[4::2])}
 
     def __enter__(self):
-        self._udp(LINK_LOSS)
+        self.udp_before = self._udp(LINK_LOSS)
         if self.tcp:
             self.tcp.__enter__()
         return self
@@ -794,7 +812,8 @@ class LinkLoss:
             if self.tcp:
                 self.tcp.__exit__(*exc)
         finally:
-            self._udp(0.0)
+            after = self._udp(0.0)
+            self.udp = {k: after[k] - self.udp_before.get(k, 0) for k in after}
 
 
 def iptables_usable() -> str | None:
@@ -905,6 +924,8 @@ def run_pair(b: Bench, pair: str, res: dict, loss_reason: str | None):
                     out["loss"] = asyncio.run(loss_streams(inst.local_port, cfg["loss_streams"], cfg["loss_secs"], lossy))
                     out["loss"]["tcp_loss"] = ("iptables 1% each way" if loss_reason is None
                                                else f"not emulated ({loss_reason})")
+                    out["loss"]["tcp_segments_dropped"] = lossy.tcp.count if lossy.tcp else None
+                    out["loss"]["udp_datagrams"] = getattr(lossy, "udp", None)
                 except Exception as e:  # noqa: BLE001
                     out["loss"] = {"error": f"{type(e).__name__}: {e}"[:300]}
                     log(f"  loss: ERROR {out['loss']['error']}")
@@ -1096,10 +1117,25 @@ def machine_info(b: Bench) -> dict:
         "spiped": ver([t["spiped"], "-v"]) if "spiped" in t else None,
         "python": platform.python_version(),
     }
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(), "versions": versions}
+    try:
+        import hashlib
+        st = b.amb.stat()
+        amb_bin = {"path": str(b.amb), "sha256": hashlib.sha256(b.amb.read_bytes()).hexdigest()[:16],
+                   "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime))}
+    except OSError as e:
+        amb_bin = {"path": str(b.amb), "error": str(e)}
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(), "versions": versions,
+            "amb_binary": amb_bin, "loadavg_end": _loadavg()}
 
 
 # ---------------------------------------------------------------- main
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
+
 
 def find_tools(install: bool) -> tuple[dict, list[str]]:
     def look():
@@ -1167,6 +1203,13 @@ def main() -> int:
     if loss_reason:
         log(f"TCP loss will not be emulated: {loss_reason}")
 
+    notes = []
+    if nofile[0] < 2 * cfg["concurrent_conns"] + 100:
+        notes.append(f"RLIMIT_NOFILE is {nofile[0]} and cannot be raised here: a single-process relay holding two "
+                     f"sockets per connection (stunnel, haproxy, spiped) tops out near {nofile[0] // 2} connections "
+                     "in the concurrency check")
+    if loss_reason:
+        notes.append(f"TCP loss not emulated: {loss_reason}")
     b = Bench(args, cfg)
     b.tools = tools
     results: dict = {}
@@ -1183,7 +1226,9 @@ def main() -> int:
                 res["smoke"] = f"error: not installed: {', '.join(lacking)}"
                 continue
             t0 = time.monotonic()
+            res["loadavg_before"] = _loadavg()
             run_pair(b, pair, res, loss_reason)
+            res["loadavg_after"] = _loadavg()
             res["secs"] = round(time.monotonic() - t0, 1)
             log(f"{pair}: done in {res['secs']}s")
     except KeyboardInterrupt:
@@ -1205,6 +1250,8 @@ def main() -> int:
         "link": {"delay_ms_each_way": LINK_DELAY_MS, "loss": LINK_LOSS,
                  "tcp_loss": "iptables statistic DROP on the relay port" if not loss_reason else f"not emulated: {loss_reason}"},
         "amb_extra_args": {"server": args.amb_server_arg, "client": args.amb_client_arg},
+        "rlimit_nofile": list(nofile),
+        "notes": notes,
         "table": rows, "targets": ts, "errors": errs, "results": results,
     }
     print()
@@ -1215,8 +1262,8 @@ def main() -> int:
         print("\nerrors:")
         for e in errs:
             print(f"  - {e}")
-    if loss_reason and not args.quick:
-        print(f"\nnote: TCP loss was not emulated ({loss_reason}); only UDP datagrams were dropped.")
+    for n in notes:
+        print(f"\nnote: {n}")
     print(f"\n{mach['nproc']} cpu, {mach['cpu_model']}, kernel {mach['kernel']}; {doc['elapsed_s']}s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

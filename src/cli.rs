@@ -129,7 +129,7 @@ struct LimitArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     handshake_timeout: Duration,
     /// Concurrent streams per tunnel connection.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 32_768)]
     max_streams: u32,
     /// After SIGINT/SIGTERM, how long live connections may finish.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]

@@ -207,8 +207,20 @@ pub struct Amb {
 impl Amb {
     /// Starts `amb` with `args`; stderr is captured into [`Log`].
     pub fn spawn(args: &[String]) -> Self {
-        let mut child = Command::new(AMB)
-            .args(args)
+        let mut cmd = Command::new(AMB);
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Runs `script` with `sh -c` (e.g. to set a `ulimit` first); it must `exec` amb.
+    pub fn spawn_shell(script: &str) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        Self::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .env(
                 "RUST_LOG",
                 "info,amb_engine=debug,amb_quic=debug,amb_tls=debug",
@@ -342,6 +354,15 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::start_with_on(port, &[])
+    }
+
+    /// With extra `redis-server` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_with_on(free_port(), extra)
+    }
+
+    fn start_with_on(port: u16, extra: &[&str]) -> Self {
         let dir = TempDir::new("redis");
         let child = Command::new("redis-server")
             .args([
@@ -354,6 +375,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .arg("--dir")
             .arg(&dir.0)
             .stdout(Stdio::null())

@@ -298,7 +298,13 @@ async fn carry<T: Tunnel>(
         warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
         return reset_tcp(tcp);
     };
-    let (send, recv) = match tunnel.open(&route).await {
+    let opened = tokio::time::timeout(wait, tunnel.open(&route)).await;
+    let opened = opened.unwrap_or_else(|_| {
+        Err(amb_proto::StreamError::Protocol(format!(
+            "no stream credit within {wait:?} (server at its --max-streams)"
+        )))
+    });
+    let (send, recv) = match opened {
         Ok(halves) => halves,
         Err(e) => {
             warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");

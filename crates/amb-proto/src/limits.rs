@@ -18,7 +18,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_streams_per_connection: 4096,
+            max_streams_per_connection: 32_768,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             open_timeout: Duration::from_secs(10),

@@ -14,7 +14,9 @@ pub(crate) fn h2_error(e: h2::Error) -> StreamError {
         }
         _ if e.is_io() || e.is_go_away() => StreamError::ConnectionLost(e.to_string()),
         Some(reason) => StreamError::Reset(ResetCode(reason.into())),
-        None => StreamError::ConnectionLost(e.to_string()),
+        // A local misuse h2 refused, in practice sending on a stream the server already ended
+        // (e.g. right after it refused the open): the stream is over, not the connection.
+        None => StreamError::Protocol(format!("stream already closed by the server ({e})")),
     }
 }
 
