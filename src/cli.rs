@@ -20,6 +20,10 @@ pub struct Args {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Worker threads for client and server (default: one per CPU; 1 runs everything on one
+    /// thread, which suits a sidecar sharing small machines).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -272,17 +276,27 @@ pub fn init_tracing(format: LogFormat) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Certs(certs) => run_certs(certs),
-        Command::Server(server) => runtime()?.block_on(run_server(server)),
-        Command::Client(client) => runtime()?.block_on(run_client(client)),
+        Command::Server(server) => runtime(args.threads)?.block_on(run_server(server)),
+        Command::Client(client) => runtime(args.threads)?.block_on(run_client(client)),
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     // Every carried connection costs descriptors on both sides: use all the system allows.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!("could not raise the open-file limit: {e}");
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let mut builder = match threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

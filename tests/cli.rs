@@ -85,8 +85,11 @@ fn certs_init_then_pair_carries_redis_end_to_end() {
         certs.into(),
     ]);
     let peer = format!("localhost:{}", server.server_addr().port());
-    for transport in ["quic", "tls"] {
+    // One client per transport; each also runs on a different runtime flavour.
+    for (transport, threads) in [("quic", "1"), ("tls", "2")] {
         let client = Amb::spawn(&[
+            "--threads".into(),
+            threads.into(),
             "client".into(),
             "--listen".into(),
             "0".into(),
