@@ -20,7 +20,96 @@ per_transport!(
     client_without_certificate_is_rejected,
     client_refuses_server_with_wrong_name,
     listen_port_binds_loopback_only,
+    ca_certificate_presented_as_leaf_is_rejected,
+    self_signed_client_cert_is_rejected,
+    not_yet_valid_client_cert_is_rejected,
+    san_type_confusion_is_not_authorized,
+    san_wildcard_case_and_trailing_dot_tricks_are_not_authorized,
 );
+
+async fn ca_certificate_presented_as_leaf_is_rejected(t: Transport) {
+    let pki = Pki::new();
+    // The CA's own certificate and key, presented as a client identity.
+    std::fs::copy(pki.path("ca.pem"), pki.path("ca-as-leaf.pem")).unwrap();
+    let key = pki.ca.key_pem();
+    pki.write_leaf(
+        "ca-as-leaf",
+        &amb_pki::IssuedLeaf {
+            cert_pem: pki.ca.cert_pem.clone(),
+            key_pem: key,
+        },
+    );
+    expect_rejected(t, &pki, "ca-as-leaf", "CaUsedAsEndEntity").await;
+}
+
+async fn self_signed_client_cert_is_rejected(t: Transport) {
+    let pki = Pki::new();
+    // A certificate that signs itself: its own little CA issuing nothing but itself.
+    let lone = CertAuthority::generate("client").unwrap();
+    pki.write_leaf(
+        "self-signed",
+        &amb_pki::IssuedLeaf {
+            cert_pem: lone.cert_pem.clone(),
+            key_pem: lone.key_pem(),
+        },
+    );
+    expect_rejected(t, &pki, "self-signed", "UnknownIssuer").await;
+}
+
+async fn not_yet_valid_client_cert_is_rejected(t: Transport) {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::client("client", 30);
+    spec.not_before = OffsetDateTime::now_utc() + time::Duration::days(1);
+    pki.write_leaf("future", &pki.ca.issue(&spec).unwrap());
+    expect_rejected(t, &pki, "future", "not valid yet").await;
+}
+
+/// A client whose certificate carries exactly `sans` is refused by a server that allows only
+/// `allow`: the handshake succeeds (the CA signed it), the stream is refused with 403.
+async fn expect_forbidden(t: Transport, sans: Vec<amb_proto::San>, allow: &str) {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::client("client", 30);
+    spec.sans = sans;
+    pki.write_leaf("tricky", &pki.ca.issue(&spec).unwrap());
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(
+        &pki,
+        0,
+        &["--upstream", &upstream.addr.to_string(), "--allow", allow],
+    );
+    let client = Amb::client(&pki, "tricky", server.server_addr(), t, &[]);
+    client.wait_tunnel_up();
+    assert_reset_after_write(client.listen_addr(), b"hi").await;
+    server
+        .log
+        .wait_for(&["stream refused: peer not authorized"]);
+    assert_eq!(upstream.accepted(), 0);
+}
+
+async fn san_type_confusion_is_not_authorized(t: Transport) {
+    // The allowed URI, carried as a DNS SAN.
+    let sans = vec![amb_proto::San::Dns("spiffe://amb/client".into())];
+    expect_forbidden(t, sans, "uri:spiffe://amb/client").await;
+}
+
+async fn san_wildcard_case_and_trailing_dot_tricks_are_not_authorized(t: Transport) {
+    use amb_proto::San;
+    // A wildcard SAN does not stand for the allowed name; nor does a trailing dot; nor does a
+    // URI differing only in case.
+    expect_forbidden(t, vec![San::Dns("*.example".into())], "dns:client.example").await;
+    expect_forbidden(
+        t,
+        vec![San::Dns("client.example.".into())],
+        "dns:client.example",
+    )
+    .await;
+    expect_forbidden(
+        t,
+        vec![San::Uri("spiffe://amb/Client".into())],
+        "uri:spiffe://amb/client",
+    )
+    .await;
+}
 
 /// Runs `amb client` with the leaf `name` against a server for an echo upstream, expects the
 /// server to log a handshake failure containing `reason`, the app connection to be reset, and
