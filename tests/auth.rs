@@ -44,13 +44,17 @@ async fn ca_certificate_presented_as_leaf_is_rejected(t: Transport) {
 
 async fn self_signed_client_cert_is_rejected(t: Transport) {
     let pki = Pki::new();
-    // A certificate that signs itself: its own little CA issuing nothing but itself.
-    let lone = CertAuthority::generate("client").unwrap();
+    // A leaf (not a CA) that signs itself, with the right SANs and EKU.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["client".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let cert = params.self_signed(&key).unwrap();
     pki.write_leaf(
         "self-signed",
         &amb_pki::IssuedLeaf {
-            cert_pem: lone.cert_pem.clone(),
-            key_pem: lone.key_pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
         },
     );
     expect_rejected(t, &pki, "self-signed", "UnknownIssuer").await;
