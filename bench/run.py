@@ -8,6 +8,10 @@ haproxy (mTLS, TLS 1.3 both ends), spiped, amb-tls, amb-quic. All TLS pairs use 
 ECDSA P-256 certificates from `amb certs init` and verify the peer. Every pair carries the same
 upstreams (one redis-server, one iperf3 server) and is driven by the same load generators.
 
+Metrics 1-4 and 6 run with every pair up at once, in interleaved rounds (pair order rotated
+each round; medians kept), so a noisy neighbour drifting over time hits all pairs alike.
+Metrics 5, 7 and 8 run pair by pair on fresh instances.
+
 Metrics (per pair):
   1. redis-benchmark -t get -c 50, and with -P 32: requests/s
   2. redis-benchmark -t ping -c 1: p50/p99 latency (PING_MBULK row), p50 added over direct
@@ -57,12 +61,12 @@ LINK_DELAY_MS = 10.0  # each way; the emulated round trip is 20 ms
 LINK_LOSS = 0.01
 
 FULL = dict(
-    get_n=100_000, p32_n=1_000_000, ping_n=10_000, newconn_n=5_000, iperf_secs=5,
+    rounds=3, get_n=50_000, p32_n=500_000, ping_n=5_000, newconn_n=2_000, iperf_rounds=3, iperf_secs=3,
     idle_conns=5_000, concurrent_conns=10_000, first_reply_n=20, loss_secs=10, loss_streams=8,
     rb_timeout=150,
 )
 QUICK = dict(
-    get_n=5_000, p32_n=50_000, ping_n=2_000, newconn_n=500, iperf_secs=1,
+    rounds=1, get_n=5_000, p32_n=50_000, ping_n=2_000, newconn_n=500, iperf_rounds=1, iperf_secs=1,
     idle_conns=500, concurrent_conns=1_000, first_reply_n=5, loss_secs=0, loss_streams=8,
     rb_timeout=40,
 )
@@ -358,6 +362,16 @@ class Bench:
         self.iperf_port = 0
         self.tools: dict[str, str] = {}
         self.n = 0
+        try:  # measure a private copy, so a rebuild during the run cannot mix two binaries
+            import hashlib
+            st = self.amb.stat()
+            self.amb_binary = {"path": str(self.amb), "sha256": hashlib.sha256(self.amb.read_bytes()).hexdigest()[:16],
+                               "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime))}
+            copy = self.work / "amb"
+            shutil.copy2(self.amb, copy)
+            self.amb = copy
+        except OSError as e:
+            self.amb_binary = {"path": str(self.amb), "error": str(e)}
 
     def path(self, name: str) -> Path:
         return self.work / name
@@ -389,10 +403,12 @@ class Bench:
         wait_ping(self.redis_port, [self.redis])
         self.start_iperf()
 
-    def start_iperf(self):
+    def start_iperf(self, same_port: bool = False):
+        """(Re)starts the iperf3 server; same_port keeps running pairs pointed at it."""
         if getattr(self, "iperf", None) is not None:
             stop(self.iperf)
-        self.iperf_port = free_port()
+        if not (same_port and self.iperf_port):
+            self.iperf_port = free_port()
         self.iperf = spawn([self.tools["iperf3"], "-s", "-B", HOST, "-p", self.iperf_port],
                            self.path(self.uniq("iperf3-server") + ".log"))
         wait_listen(self.iperf_port, self.iperf)
@@ -593,7 +609,7 @@ def iperf(b: Bench, port: int, reverse: bool) -> dict:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
     except subprocess.TimeoutExpired:
-        b.start_iperf()  # a stuck test leaves the server busy
+        b.start_iperf(same_port=True)  # a stuck test leaves the server busy
         raise BenchError(f"iperf3 timed out after {secs + 30}s")
     try:
         j = json.loads(r.stdout)
@@ -692,10 +708,13 @@ async def hold_connections(b: Bench, inst: Instance) -> dict:
 
 # ---------------------------------------------------------------- link metrics (7, 8)
 
-def warm_rtt(port: int, n: int = 20) -> float:
+def first_and_warm(port: int, n: int) -> tuple[list[float], list[float]]:
+    """n fresh-connection first replies, each paired with one request on a warm connection
+    right before it, so both see the same link conditions (the relay is a user-space process
+    and a busy machine slows it)."""
+    firsts, warms = [], []
     with socket.create_connection((HOST, port), timeout=5) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ts = []
         for _ in range(n):
             t0 = time.perf_counter()
             s.sendall(b"PING\r\n")
@@ -703,10 +722,11 @@ def warm_rtt(port: int, n: int = 20) -> float:
             while b"\r\n" not in buf:
                 chunk = s.recv(64)
                 if not chunk:
-                    raise BenchError("closed")
+                    raise BenchError("warm connection closed")
                 buf += chunk
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+            warms.append(time.perf_counter() - t0)
+            firsts.append(ping_once(port, timeout=5))
+    return firsts, warms
 
 
 async def loss_streams(port: int, streams: int, secs: float, lossy) -> dict:
@@ -849,75 +869,154 @@ def measure(fn, store: dict, key: str):
         log(f"  {key}: ERROR {store[key]['error']}")
 
 
-def run_pair(b: Bench, pair: str, res: dict, loss_reason: str | None):
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def _median_rows(runs: list[dict]) -> dict:
+    """test -> field -> median over rounds (redis-benchmark rows)."""
+    out: dict = {}
+    for test in runs[0]:
+        rows = [r[test] for r in runs if test in r]
+        out[test] = {f: round(statistics.median(row[f] for row in rows), 3) for f in rows[0]}
+    return out
+
+
+def _rotated(items: list, r: int) -> list:
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def phase_redis(b: Bench, pairs: list[str], results: dict):
+    """Metrics 1-3 with every pair up at once, in interleaved rounds (pair order rotated each
+    round), so background load drifting over time hits all pairs alike; medians are kept."""
     cfg = b.cfg
-    # A: redis throughput, latency, connection rate
+    insts: dict[str, Instance] = {}
     try:
-        with b.start(pair, b.redis_port) as inst:
-            res["smoke"] = "ok"
-            p = inst.local_port
-            log(f"{pair}: redis-benchmark")
-            measure(lambda: redis_benchmark(b, p, ["-t", "get", "-c", "50", "-n", str(cfg["get_n"])])["GET"],
-                    res, "get_c50")
-            measure(lambda: redis_benchmark(b, p, ["-t", "get", "-c", "50", "-P", "32", "-n", str(cfg["p32_n"])])["GET"],
-                    res, "get_p32")
-            measure(lambda: redis_benchmark(b, p, ["-t", "ping", "-c", "1", "-n", str(cfg["ping_n"])]),
-                    res, "ping_c1")
-            measure(lambda: redis_benchmark(b, p, ["-k", "0", "-t", "ping", "-c", "50", "-n", str(cfg["newconn_n"])]),
-                    res, "newconn")
-    except Exception as e:  # noqa: BLE001
-        res["smoke"] = f"error: {e}"[:300]
-        log(f"{pair}: failed to start or answer: {e}")
-        return
-
-    # B: bulk throughput and CPU per GB
-    def bulk():
-        b.start_iperf()  # a fresh iperf3 server: a failed test elsewhere cannot leave it busy
-        with b.start(pair, b.iperf_port, smoke=False) as inst:
-            roots = [p.pid for p in inst.sides]
-            out = {}
-            cpu_total, bytes_total = 0.0, 0
-            for name, rev in (("fwd", False), ("rev", True)):
-                c0 = cpu_seconds(roots) if roots else 0.0
-                try:
-                    r = iperf(b, inst.local_port, rev)
-                except Exception as e:  # noqa: BLE001
-                    out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                    log(f"  iperf3 {name}: ERROR {out[name]['error']}")
-                    continue
-                if roots:  # let forked per-connection children exit and be reaped
+        for pair in pairs:
+            try:
+                insts[pair] = b.start(pair, b.redis_port)
+                results[pair]["smoke"] = "ok"
+            except Exception as e:  # noqa: BLE001
+                results[pair]["smoke"] = f"error: {_error(e)}"
+                log(f"{pair}: failed to start or answer: {e}")
+        live = [p for p in pairs if p in insts]
+        metrics = [
+            ("get_c50", ["-t", "get", "-c", "50", "-n", str(cfg["get_n"])]),
+            ("get_p32", ["-t", "get", "-c", "50", "-P", "32", "-n", str(cfg["p32_n"])]),
+            ("ping_c1", ["-t", "ping", "-c", "1", "-n", str(cfg["ping_n"])]),
+            ("newconn", ["-k", "0", "-t", "ping", "-c", "50", "-n", str(cfg["newconn_n"])]),
+        ]
+        for key, rb_args in metrics:
+            runs: dict[str, list] = {p: [] for p in live}
+            errs: dict[str, list] = {p: [] for p in live}
+            for r in range(cfg["rounds"]):
+                log(f"redis-benchmark {' '.join(rb_args)}: round {r + 1}/{cfg['rounds']}")
+                for pair in _rotated(live, r):
                     try:
-                        wait_until(lambda: len(tree_pids(roots)) <= len(roots), "children reaped", 5)
-                    except BenchError:
-                        pass
-                    c1 = cpu_seconds(roots)
-                    r["cpu_s"] = round(c1 - c0, 3)
-                    cpu_total += c1 - c0
-                bytes_total += r["bytes"]
-                out[name] = r
-            if roots and bytes_total:
-                out["cpu_s_per_gb"] = round(cpu_total / (bytes_total / 1e9), 3)
-            return out
-    log(f"{pair}: iperf3")
-    measure(bulk, res, "iperf")
+                        runs[pair].append(redis_benchmark(b, insts[pair].local_port, rb_args))
+                    except Exception as e:  # noqa: BLE001
+                        errs[pair].append(_error(e))
+                        log(f"  {pair} {key}: ERROR {errs[pair][-1]}")
+            for pair in live:
+                if runs[pair]:
+                    res = _median_rows(runs[pair])
+                    res["rounds"] = runs[pair]
+                    if errs[pair]:
+                        res["round_errors"] = errs[pair]
+                else:
+                    res = {"error": errs[pair][0] if errs[pair] else "not run"}
+                results[pair][key] = res
+        for pair in live:  # did every ambassador survive the load?
+            dead = [f"{p.args[0]} rc={p.returncode}" for p in insts[pair].procs if p.poll() is not None]
+            if dead:
+                results[pair]["redis_phase_exited"] = dead
+    finally:
+        for inst in insts.values():
+            inst.close()
 
-    # C: memory per idle connection and concurrent connections, on a fresh instance
+
+def phase_iperf(b: Bench, pairs: list[str], results: dict):
+    """Metrics 4 and 6: iperf3 both directions through every pair, interleaved rounds; CPU of
+    both ambassador sides (process trees) around each transfer."""
+    cfg = b.cfg
+    b.start_iperf()
+    insts: dict[str, Instance] = {}
+    acc: dict[str, dict] = {}
+    try:
+        for pair in pairs:
+            if results[pair].get("smoke") != "ok":
+                continue
+            try:
+                insts[pair] = b.start(pair, b.iperf_port, smoke=False)
+                acc[pair] = {"fwd": [], "rev": [], "errors": [], "cpu": 0.0, "bytes": 0}
+            except Exception as e:  # noqa: BLE001
+                results[pair]["iperf"] = {"error": _error(e)}
+        live = list(insts)
+        for r in range(cfg["iperf_rounds"]):
+            log(f"iperf3 -t {cfg['iperf_secs']}, both directions: round {r + 1}/{cfg['iperf_rounds']}")
+            for pair in _rotated(live, r):
+                roots = [p.pid for p in insts[pair].sides]
+                for name, rev in (("fwd", False), ("rev", True)):
+                    c0 = cpu_seconds(roots) if roots else 0.0
+                    try:
+                        res = iperf(b, insts[pair].local_port, rev)
+                    except Exception as e:  # noqa: BLE001
+                        acc[pair]["errors"].append(f"{name}: {_error(e)}")
+                        log(f"  {pair} iperf3 {name}: ERROR {acc[pair]['errors'][-1]}")
+                        continue
+                    if roots:  # let forked per-connection children exit and be reaped
+                        try:
+                            wait_until(lambda: len(tree_pids(roots)) <= len(roots), "children reaped", 5)
+                        except BenchError:
+                            pass
+                        res["cpu_s"] = round(cpu_seconds(roots) - c0, 3)
+                        acc[pair]["cpu"] += res["cpu_s"]
+                    acc[pair]["bytes"] += res["bytes"]
+                    acc[pair][name].append(res)
+        for pair in live:
+            a = acc[pair]
+            out: dict = {}
+            for name in ("fwd", "rev"):
+                if a[name]:
+                    out[name] = {"gbit_s": round(statistics.median(x["gbit_s"] for x in a[name]), 3), "rounds": a[name]}
+                else:
+                    out[name] = {"error": next((e for e in a["errors"] if e.startswith(name)), "not run")}
+            if insts[pair].sides and a["bytes"]:
+                out["cpu_s_per_gb"] = round(a["cpu"] / (a["bytes"] / 1e9), 3)
+            if a["errors"]:
+                out["round_errors"] = a["errors"]
+            results[pair]["iperf"] = out
+    finally:
+        for inst in insts.values():
+            inst.close()
+
+
+def phase_conns(b: Bench, pair: str, res: dict):
+    """Metric 5 on a fresh instance: memory per idle connection, then N concurrent answering."""
     def conns():
         with b.start(pair, b.redis_port) as inst:
-            return asyncio.run(hold_connections(b, inst))
-    log(f"{pair}: {cfg['idle_conns']} idle / {cfg['concurrent_conns']} concurrent connections")
+            out = asyncio.run(hold_connections(b, inst))
+            out["exited"] = [f"{p.args[0]} rc={p.returncode}: {log_tail(p, 2)}" for p in inst.procs
+                             if p.poll() is not None]
+            return out
+    log(f"{pair}: {b.cfg['idle_conns']} idle / {b.cfg['concurrent_conns']} concurrent connections")
     measure(conns, res, "conns")
 
-    # D: emulated 20 ms link: first reply; then 1% loss
+
+def phase_link(b: Bench, pair: str, res: dict, loss_reason: str | None):
+    """Metrics 7 and 8: the emulated 20 ms link between the two sides; first reply, then 1% loss."""
+    cfg = b.cfg
+
     def link():
         with b.start(pair, b.redis_port, link=True) as inst:
             out = {}
-            warm = warm_rtt(inst.local_port)
-            firsts = [ping_once(inst.local_port, timeout=5) for _ in range(cfg["first_reply_n"])]
-            med = statistics.median(firsts)
+            firsts, warms = first_and_warm(inst.local_port, cfg["first_reply_n"])
+            med, warm = statistics.median(firsts), statistics.median(warms)
             out.update(first_reply_ms=round(med * 1e3, 2), first_reply_rtts=round(med * 1e3 / (2 * LINK_DELAY_MS), 2),
+                       first_reply_vs_warm=round(med / warm, 2), warm_rtt_ms=round(warm * 1e3, 2),
                        first_reply_all_ms=[round(x * 1e3, 2) for x in firsts],
-                       warm_rtt_ms=round(warm * 1e3, 2))
+                       warm_all_ms=[round(x * 1e3, 2) for x in warms])
             if cfg["loss_secs"] > 0:
                 try:
                     lossy = LinkLoss(inst, tcp_ok=loss_reason is None)
@@ -927,7 +1026,7 @@ def run_pair(b: Bench, pair: str, res: dict, loss_reason: str | None):
                     out["loss"]["tcp_segments_dropped"] = lossy.tcp.count if lossy.tcp else None
                     out["loss"]["udp_datagrams"] = getattr(lossy, "udp", None)
                 except Exception as e:  # noqa: BLE001
-                    out["loss"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    out["loss"] = {"error": _error(e)}
                     log(f"  loss: ERROR {out['loss']['error']}")
             return out
     log(f"{pair}: emulated link")
@@ -957,7 +1056,6 @@ def _err(d, *path):
 def derive(results: dict):
     """Per-pair numbers for the table (None = not measured, 'ERR' = failed)."""
     direct_p50 = _v(results, "direct", "ping_c1", "PING_MBULK", "p50_ms")
-    direct_link = _v(results, "direct", "link", "warm_rtt_ms")
     rows = {}
     for pair, r in results.items():
         row = {}
@@ -970,8 +1068,8 @@ def derive(results: dict):
                 row[name] = "ERR"
             else:
                 row[name] = None
-        put("get_c50_rps", ["get_c50", "rps"])
-        put("get_p32_rps", ["get_p32", "rps"])
+        put("get_c50_rps", ["get_c50", "GET", "rps"])
+        put("get_p32_rps", ["get_p32", "GET", "rps"])
         put("ping_p50_us", ["ping_c1", "PING_MBULK", "p50_ms"], 1000)
         put("ping_p99_us", ["ping_c1", "PING_MBULK", "p99_ms"], 1000)
         p50 = _v(r, "ping_c1", "PING_MBULK", "p50_ms")
@@ -988,8 +1086,7 @@ def derive(results: dict):
         row["concurrent_answered"] = (f"{ans}/{tgt}" if ans is not None else ("ERR" if _err(r, "conns") or r.get("smoke") != "ok" else None))
         put("first_reply_ms", ["link", "first_reply_ms"], 1, 1)
         put("first_reply_rtts", ["link", "first_reply_rtts"], 1, 2)
-        fr = _v(r, "link", "first_reply_ms")
-        row["first_reply_vs_link"] = round(fr / direct_link, 2) if fr and direct_link else None
+        put("first_reply_vs_warm", ["link", "first_reply_vs_warm"], 1, 2)
         put("loss_p99_ms", ["link", "loss", "p99_ms"], 1, 1)
         rows[pair] = row
     return rows
@@ -1000,7 +1097,8 @@ COLUMNS = [
     ("ping p99 µs", "ping_p99_us"), ("+p50 µs", "added_p50_us"), ("new conn/s", "new_conns_s"),
     ("iperf Gb/s", "iperf_fwd_gbit"), ("iperf -R Gb/s", "iperf_rev_gbit"), ("CPU s/GB", "cpu_s_per_gb"),
     ("KiB/conn", "kib_per_conn"), ("concurrent", "concurrent_answered"),
-    ("1st reply ms", "first_reply_ms"), ("1st reply RTT", "first_reply_rtts"), ("1% loss p99 ms", "loss_p99_ms"),
+    ("1st reply ms", "first_reply_ms"), ("1st reply RTT", "first_reply_rtts"), ("1st/warm", "first_reply_vs_warm"),
+    ("1% loss p99 ms", "loss_p99_ms"),
 ]
 
 
@@ -1117,13 +1215,7 @@ def machine_info(b: Bench) -> dict:
         "spiped": ver([t["spiped"], "-v"]) if "spiped" in t else None,
         "python": platform.python_version(),
     }
-    try:
-        import hashlib
-        st = b.amb.stat()
-        amb_bin = {"path": str(b.amb), "sha256": hashlib.sha256(b.amb.read_bytes()).hexdigest()[:16],
-                   "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime))}
-    except OSError as e:
-        amb_bin = {"path": str(b.amb), "error": str(e)}
+    amb_bin = b.amb_binary
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(), "versions": versions,
             "amb_binary": amb_bin, "loadavg_end": _loadavg()}
 
@@ -1213,24 +1305,37 @@ def main() -> int:
     b = Bench(args, cfg)
     b.tools = tools
     results: dict = {}
+    phases: dict = {}
     started = time.monotonic()
     failed = False
     try:
         b.setup()
         log(f"work dir {b.work}; redis :{b.redis_port}, iperf3 :{b.iperf_port}; RLIMIT_NOFILE {nofile}")
+        runnable = []
         for pair in pairs:
-            res: dict = {}
-            results[pair] = res
+            results[pair] = {}
             lacking = [t for t in NEEDS[pair] if t not in tools]
             if lacking:
-                res["smoke"] = f"error: not installed: {', '.join(lacking)}"
+                results[pair]["smoke"] = f"error: not installed: {', '.join(lacking)}"
+            else:
+                runnable.append(pair)
+        phases["loadavg_start"] = _loadavg()
+        t0 = time.monotonic()
+        phase_redis(b, runnable, results)
+        phases["redis_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        phase_iperf(b, runnable, results)
+        phases["iperf_s"] = round(time.monotonic() - t0, 1)
+        phases["loadavg_after_interleaved"] = _loadavg()
+        for pair in runnable:
+            if results[pair].get("smoke") != "ok":
                 continue
             t0 = time.monotonic()
-            res["loadavg_before"] = _loadavg()
-            run_pair(b, pair, res, loss_reason)
-            res["loadavg_after"] = _loadavg()
-            res["secs"] = round(time.monotonic() - t0, 1)
-            log(f"{pair}: done in {res['secs']}s")
+            results[pair]["loadavg_before_conns"] = _loadavg()
+            phase_conns(b, pair, results[pair])
+            phase_link(b, pair, results[pair], loss_reason)
+            results[pair]["conns_link_s"] = round(time.monotonic() - t0, 1)
+            log(f"{pair}: done in {results[pair]['conns_link_s']}s")
     except KeyboardInterrupt:
         log("interrupted")
         failed = True
@@ -1251,6 +1356,7 @@ def main() -> int:
                  "tcp_loss": "iptables statistic DROP on the relay port" if not loss_reason else f"not emulated: {loss_reason}"},
         "amb_extra_args": {"server": args.amb_server_arg, "client": args.amb_client_arg},
         "rlimit_nofile": list(nofile),
+        "phases": phases,
         "notes": notes,
         "table": rows, "targets": ts, "errors": errs, "results": results,
     }

@@ -95,16 +95,8 @@ fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(4 << 20))
         .receive_window(VarInt::from_u32(32 << 20))
         .send_window(32 << 20);
-    // Probe for paths larger than Ethernet's (loopback, jumbo-frame LANs): fewer packets means
-    // less crypto and fewer syscalls per byte. Failed probes cost nothing but the probe.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
-
-/// Largest UDP payload MTU discovery may probe for (a 9000-byte jumbo frame less headers).
-const MAX_UDP_PAYLOAD: u16 = 8952;
 
 /// Enlarges a UDP socket's kernel buffers (best effort: the kernel caps them).
 fn tune_udp(socket: &std::net::UdpSocket) {
