@@ -192,10 +192,7 @@ async fn refused_stream_flood_closes_the_connection(t: Transport) {
         &["--listen", "0=unknown"],
     );
     client.wait_tunnel_up();
-    let line = client
-        .log
-        .wait_for(&["amb client listening", "route=unknown"]);
-    let flood: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
+    let flood = client.listen_addr_for("unknown");
     for _ in 0..300 {
         if let Ok(mut tcp) = TcpStream::connect(flood).await {
             let _ = tcp.write_all(b"x").await;

@@ -280,8 +280,7 @@ async fn slow_consumer_stays_bounded_and_does_not_slow_a_neighbour(t: Transport)
         &["--listen", "0=fire"],
     );
     client.wait_tunnel_up();
-    let line = client.log.wait_for(&["amb client listening", "route=fire"]);
-    let fire_addr: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
+    let fire_addr = client.listen_addr_for("fire");
     let pids = [server.child.id(), client.child.id()];
     let base: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
 
@@ -410,10 +409,7 @@ async fn upstream_flapping_fails_only_its_own_connections(t: Transport) {
         &["--listen", "0=flappy"],
     );
     client.wait_tunnel_up();
-    let line = client
-        .log
-        .wait_for(&["amb client listening", "route=flappy"]);
-    let flappy: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
+    let flappy = client.listen_addr_for("flappy");
     let steady_addr = client.listen_addr();
 
     // The flappy upstream goes up and down every 200 ms while both routes carry load.

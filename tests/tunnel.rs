@@ -241,10 +241,7 @@ async fn unknown_route_is_refused_without_dial(t: Transport) {
     );
     client.wait_tunnel_up();
     // The second --listen (route `unknown`) is the one logged second.
-    let line = client
-        .log
-        .wait_for(&["amb client listening", "route=unknown"]);
-    let addr: std::net::SocketAddr = field(&line, "listen").parse().unwrap();
+    let addr = client.listen_addr_for("unknown");
     assert_reset_after_write(addr, b"hi").await;
     server.log.wait_for(&[
         "stream refused: unknown route",

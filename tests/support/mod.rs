@@ -287,6 +287,14 @@ impl Amb {
         field(&line, "listen").parse().unwrap()
     }
 
+    /// The address of the listener for `route` (from a `--listen ...=ROUTE`).
+    pub fn listen_addr_for(&self, route: &str) -> SocketAddr {
+        let line = self
+            .log
+            .wait_for(&["amb client listening", &format!("route={route}")]);
+        field(&line, "listen").parse().unwrap()
+    }
+
     /// Waits until the client has a tunnel connection up.
     pub fn wait_tunnel_up(&self) {
         self.log.wait_for(&["tunnel connection up"]);
