@@ -107,29 +107,16 @@ impl Dialer for QuicDialer {
             Ok(Err(why)) => return Err(rejected(why)),
             Err(_) => return Err(rejected("no welcome from the server in time".into())),
         }
-        Ok(QuicTunnel {
-            conn,
-            _endpoint: endpoint,
-        })
+        Ok(QuicTunnel { conn, endpoint })
     }
 }
 
 /// One QUIC connection to the server.
+///
+/// It owns its endpoint: a fresh UDP socket per connection, so a redial also rebinds.
 pub struct QuicTunnel {
     conn: quinn::Connection,
-    _endpoint: Endpoint,
-}
-
-impl QuicTunnel {
-    /// The server's address.
-    pub fn remote_address(&self) -> SocketAddr {
-        self.conn.remote_address()
-    }
-
-    /// Rebinds the local UDP socket, as a roaming client would (connection migration).
-    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        self._endpoint.rebind(socket)
-    }
+    endpoint: Endpoint,
 }
 
 impl Tunnel for QuicTunnel {
@@ -161,6 +148,6 @@ impl Tunnel for QuicTunnel {
     async fn close(&self) {
         self.conn
             .close(VarInt::from_u32(0), b"client shutting down");
-        crate::flush_close(&self._endpoint).await;
+        crate::flush_close(&self.endpoint).await;
     }
 }
