@@ -17,10 +17,6 @@ per_transport!(
     max_connections_cap_refuses_quickly,
 );
 
-fn raise_nofile() {
-    let _ = rlimit::increase_nofile_limit(65_536);
-}
-
 /// A connection that the server must drop: it reads to EOF or an error within `READY`.
 async fn assert_dropped(tcp: &mut TcpStream) {
     let mut buf = [0u8; 4096];
@@ -116,7 +112,7 @@ async fn tls12_only_client_is_refused_at_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_time_out_while_real_clients_connect() {
-    raise_nofile();
+    raise_nofile(65_536);
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let server = Amb::server(
@@ -215,7 +211,7 @@ async fn refused_stream_flood_closes_the_connection(t: Transport) {
 }
 
 async fn kill_9_of_the_server_resets_every_live_app_socket(t: Transport) {
-    raise_nofile();
+    raise_nofile(65_536);
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();

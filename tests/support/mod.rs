@@ -557,6 +557,16 @@ pub async fn assert_reset_after_write(addr: SocketAddr, bytes: &[u8]) {
     assert_reset(&mut tcp).await;
 }
 
+/// Raises this process's descriptor limits (root may raise the hard limit); children inherit.
+pub fn raise_nofile(want: u64) {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get().unwrap();
+    if hard < want && Resource::NOFILE.set(want, want).is_ok() {
+        return;
+    }
+    let _ = Resource::NOFILE.set(soft.max(hard.min(want)), hard);
+}
+
 /// Runs blocking work (child processes, waits) off the async worker threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
