@@ -33,10 +33,11 @@ impl Limits {
     }
 }
 
-/// How many client-caused refusals (bad request, forbidden, unknown route) one tunnel
-/// connection may cause: a burst, then a steady rate. Past it the connection is closed, so a
-/// peer cannot spin the server on refused streams. Upstream failures do not count: they are not
-/// the client's fault.
+/// How many client-caused refusals (bad request, forbidden, unknown route) and streams cancelled
+/// by the client before they opened one tunnel connection may cause: a burst, then a steady
+/// rate. Past it the connection is closed, so a peer cannot spin the server on refused streams
+/// or drive a storm of upstream dials by opening and cancelling streams (rapid reset). Upstream
+/// failures do not count: they are not the client's fault.
 #[derive(Debug)]
 pub struct RefusalBudget {
     state: std::sync::Mutex<(f64, std::time::Instant)>,

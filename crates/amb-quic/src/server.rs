@@ -153,6 +153,7 @@ async fn read_header(
         if let Err(e) = read {
             send.reset(VarInt::from_u32(amb_proto::ResetCode::PROTOCOL.0))
                 .ok();
+            ctx.charge("stream cancelled before its header");
             return Err(StreamError::Protocol(format!("reading stream header: {e}")));
         }
         have = want;
@@ -181,6 +182,22 @@ struct ConnCtx {
     budget: RefusalBudget,
 }
 
+impl ConnCtx {
+    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection.
+    /// Returns whether the connection stays.
+    fn charge(&self, why: impl std::fmt::Display) -> bool {
+        if self.budget.spend() {
+            return true;
+        }
+        warn!(peer = %self.peer, transport = "quic", "closing tunnel connection: too many refused streams (last: {why})");
+        self.conn.close(
+            VarInt::from_u32(ResetCode::REFUSED.0),
+            b"too many refused streams",
+        );
+        false
+    }
+}
+
 /// A QUIC stream whose header has been read, waiting for the engine's decision.
 pub struct QuicIncoming {
     send: quinn::SendStream,
@@ -202,10 +219,15 @@ impl IncomingStream for QuicIncoming {
     }
 
     async fn accept(mut self) -> Result<(QuicSend, QuicRecv), StreamError> {
-        self.send
+        if let Err(e) = self
+            .send
             .write_chunk(bytes::Bytes::from_static(&[STATUS_OPEN]))
             .await
-            .map_err(write_error)?;
+        {
+            // Cancelled while the server dialed: rapid reset costs the client its budget.
+            self.ctx.charge("stream cancelled before it opened");
+            return Err(write_error(e));
+        }
         Ok((
             QuicSend(self.send),
             QuicRecv {
@@ -228,12 +250,7 @@ async fn send_refusal(
     ctx: &ConnCtx,
     why: Refusal,
 ) {
-    if why.is_client_fault() && !ctx.budget.spend() {
-        warn!(peer = %ctx.peer, transport = "quic", "closing tunnel connection: too many refused streams (last: {why})");
-        ctx.conn.close(
-            VarInt::from_u32(ResetCode::REFUSED.0),
-            b"too many refused streams",
-        );
+    if why.is_client_fault() && !ctx.charge(why) {
         return;
     }
     let status = bytes::Bytes::copy_from_slice(&[why.status_byte()]);

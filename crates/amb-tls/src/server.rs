@@ -129,6 +129,11 @@ where
                 let Some(next) = next else { break };
                 let (request, respond) = match next {
                     Ok(r) => r,
+                    // This side's HTTP/2 layer ended it: the peer broke the protocol or its
+                    // limits (e.g. rapid reset: streams cancelled before they are accepted).
+                    Err(e) if !e.is_remote() && !e.is_io() => {
+                        return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
+                    }
                     Err(e) => {
                         return debug!(%peer, transport = "tls", "tunnel connection ended: {e}")
                     }
@@ -173,6 +178,16 @@ struct ConnCtx {
     kill: Notify,
 }
 
+impl ConnCtx {
+    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection.
+    fn charge(&self, why: impl std::fmt::Display) {
+        if !self.budget.spend() {
+            warn!(peer = %self.peer, transport = "tls", "closing tunnel connection: too many refused streams (last: {why})");
+            self.kill.notify_one();
+        }
+    }
+}
+
 /// An HTTP/2 CONNECT stream waiting for the engine's decision.
 pub struct TlsIncoming {
     respond: SendResponse<Bytes>,
@@ -200,21 +215,22 @@ impl IncomingStream for TlsIncoming {
     }
 
     async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
-        let send = self
-            .respond
-            .send_response(response(200), false)
-            .map_err(h2_error)?;
-        Ok((H2Send(send), H2Recv::Body(self.body)))
+        match self.respond.send_response(response(200), false) {
+            Ok(send) => Ok((H2Send(send), H2Recv::Body(self.body))),
+            Err(e) => {
+                // Cancelled while the server dialed: rapid reset costs the client its budget.
+                self.ctx.charge("stream cancelled before it opened");
+                Err(h2_error(e))
+            }
+        }
     }
 
     async fn refuse(mut self, why: Refusal) {
         let _ = self
             .respond
             .send_response(response(why.http_status()), true);
-        // A client that keeps causing refusals past its budget loses the connection.
-        if why.is_client_fault() && !self.ctx.budget.spend() {
-            warn!(peer = %self.ctx.peer, transport = "tls", "closing tunnel connection: too many refused streams (last: {why})");
-            self.ctx.kill.notify_one();
+        if why.is_client_fault() {
+            self.ctx.charge(why);
         }
     }
 }

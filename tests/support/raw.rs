@@ -1,0 +1,177 @@
+//! Raw tunnel peers for multiplexer abuse: an authenticated client that writes HTTP/2 frames by
+//! hand (so it can break the rules a well-behaved h2 library enforces), and a bare quinn
+//! connection that opens streams as the test dictates.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use amb_pki::TlsFiles;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::Pki;
+
+/// The client identity's files in `pki`, as `amb client` would load them.
+fn files(pki: &Pki, cert: &str) -> TlsFiles {
+    TlsFiles {
+        cert: pki.path(&format!("{cert}.pem")),
+        key: pki.path(&format!("{cert}.key")),
+        ca: pki.path("ca.pem"),
+    }
+}
+
+/// A TLS connection to the server's TCP port with `cert`'s identity (its PEM may hold a chain).
+pub async fn tls_connect(
+    pki: &Pki,
+    cert: &str,
+    addr: SocketAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let config = amb_pki::client_config(&files(pki, cert), amb_proto::ALPN_H2).unwrap();
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
+/// Whether the server turns `cert` away. In TLS 1.3 the client finishes its handshake before the
+/// server has checked its certificate, so the verdict is what the first read returns: the
+/// server's HTTP/2 SETTINGS for an accepted client, an alert or EOF for a rejected one.
+pub async fn tls_rejected(pki: &Pki, cert: &str, addr: SocketAddr) -> bool {
+    let Ok(mut tls) = tls_connect(pki, cert, addr).await else {
+        return true;
+    };
+    if tls
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return true;
+    }
+    let mut buf = [0u8; 9];
+    !matches!(tls.read(&mut buf).await, Ok(n) if n > 0)
+}
+
+/// HTTP/2 frame types and flags used here (RFC 9113 §6).
+pub mod frame {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+    pub const CANCEL: u32 = 0x8;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
+/// An mTLS connection speaking HTTP/2 one frame at a time.
+pub struct RawH2 {
+    write: WriteHalf<TlsStream<TcpStream>>,
+    pending: Vec<u8>,
+    /// Frames the server sent, as they arrive.
+    pub frames: tokio::sync::mpsc::UnboundedReceiver<(u8, u8, u32, Vec<u8>)>,
+}
+
+impl RawH2 {
+    /// Handshakes TLS with `cert`'s identity and sends the connection preface and SETTINGS.
+    pub async fn connect(pki: &Pki, cert: &str, addr: SocketAddr) -> Self {
+        let tls = tls_connect(pki, cert, addr).await.unwrap();
+        let (read, write) = tokio::io::split(tls);
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(read_frames(read, tx));
+        let mut h2 = RawH2 {
+            write,
+            pending: Vec::new(),
+            frames,
+        };
+        h2.pending
+            .extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        h2.frame(frame::SETTINGS, 0, 0, &[]);
+        h2.flush().await.unwrap();
+        h2
+    }
+
+    /// Queues one frame.
+    pub fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        self.pending.extend_from_slice(&len.to_be_bytes()[1..]);
+        self.pending.push(kind);
+        self.pending.push(flags);
+        self.pending.extend_from_slice(&stream.to_be_bytes());
+        self.pending.extend_from_slice(payload);
+    }
+
+    /// Queues a CONNECT request for `route` on `stream` (HPACK literals, no Huffman, no table).
+    pub fn connect_request(&mut self, stream: u32, route: &str) {
+        let mut block = Vec::new();
+        // Literal header field without indexing, name from the static table (RFC 7541 §6.2.2):
+        // index 2 is `:method`, index 1 is `:authority`.
+        for (index, value) in [(2u8, "CONNECT"), (1, route)] {
+            block.push(index);
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        self.frame(frame::HEADERS, frame::END_HEADERS, stream, &block);
+    }
+
+    /// Queues RST_STREAM with `code`.
+    pub fn reset(&mut self, stream: u32, code: u32) {
+        self.frame(frame::RST_STREAM, 0, stream, &code.to_be_bytes());
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        let bytes = std::mem::take(&mut self.pending);
+        self.write.write_all(&bytes).await?;
+        self.write.flush().await
+    }
+
+    /// Waits for the server's GOAWAY and returns its error code, or `None` if the connection
+    /// ended without one.
+    pub async fn goaway(&mut self) -> Option<u32> {
+        while let Some((kind, _, _, payload)) = self.frames.recv().await {
+            if kind == frame::GOAWAY {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+        }
+        None
+    }
+}
+
+async fn read_frames(
+    mut read: ReadHalf<TlsStream<TcpStream>>,
+    tx: tokio::sync::mpsc::UnboundedSender<(u8, u8, u32, Vec<u8>)>,
+) {
+    let mut head = [0u8; 9];
+    while read.read_exact(&mut head).await.is_ok() {
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        if read.read_exact(&mut payload).await.is_err()
+            || tx.send((head[3], head[4], stream, payload)).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A quinn connection with `cert`'s identity, speaking amb's QUIC ALPN.
+pub async fn quic_connect(pki: &Pki, cert: &str, addr: SocketAddr) -> quinn::Connection {
+    let config = amb_pki::client_config(&files(pki, cert), amb_proto::ALPN_QUIC).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+        .connect(addr, "localhost")
+        .unwrap()
+        .await
+        .expect("QUIC handshake")
+}
+
+/// The stream-open header amb writes first on every QUIC stream.
+pub fn open_header(route: &str) -> Vec<u8> {
+    amb_proto::encode_open_header(&route.parse().unwrap()).to_vec()
+}
