@@ -7,7 +7,8 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
 /// Reads the typed SANs of `cert`. Only DNS, URI and IP SANs count; a certificate without them
-/// has an empty identity, which no allow-list matches (there is no CN fallback).
+/// has an empty identity, which no allow-list matches (there is no CN fallback). DNS and URI
+/// SANs that break the `--allow` syntax are ignored.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> PeerIdentity {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
         return PeerIdentity::default();
@@ -20,8 +21,10 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> PeerIdentity {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::DNSName(n) => Some(San::Dns((*n).to_owned())),
-            GeneralName::URI(u) => Some(San::Uri((*u).to_owned())),
+            // The same syntax rules as `--allow` entries: a name with spaces, control bytes or
+            // other junk is dropped, so it can neither match nor reach a log line.
+            GeneralName::DNSName(n) => format!("dns:{n}").parse().ok(),
+            GeneralName::URI(u) => format!("uri:{u}").parse().ok(),
             GeneralName::IPAddress(raw) => ip_from_bytes(raw).map(San::Ip),
             _ => None,
         })

@@ -16,6 +16,7 @@ pub use identity::peer_identity;
 pub use issue::{
     init_dev_pki, issue_leaf_in_dir, CertAuthority, InitOptions, IssuedLeaf, LeafRole, LeafSpec,
 };
+pub use verify::{TooManyIntermediates, MAX_INTERMEDIATES};
 
 /// Re-exported so callers name rustls types without a direct dependency.
 pub use rustls;

@@ -1,13 +1,45 @@
 //! Verifiers that add one rule to webpki's: the end-entity certificate must *carry* the
 //! extended key usage for its role. webpki accepts a leaf with no EKU extension at all; amb does
-//! not, so a certificate minted for something else cannot stand in for a client or server.
+//! not, so a certificate minted for something else cannot stand in for a client or server. And
+//! a peer may present at most [`MAX_INTERMEDIATES`] intermediates: path building over a pile of
+//! cross-signed ones costs seconds of CPU per handshake, before the peer is authenticated.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// Most intermediate certificates a peer may present. webpki accepts no path with more than six,
+/// so more can only be padding, and bounding them bounds the paths a chain search may try.
+pub const MAX_INTERMEDIATES: usize = 6;
+
+/// A peer presented more intermediates than any acceptable path could use.
+#[derive(thiserror::Error)]
+#[error(
+    "the peer presented {0} intermediate certificates; at most {MAX_INTERMEDIATES} are accepted"
+)]
+pub struct TooManyIntermediates(pub usize);
+
+impl std::fmt::Debug for TooManyIntermediates {
+    // rustls prints a certificate error's cause with Debug: make that the message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+fn bound_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
+    if intermediates.len() > MAX_INTERMEDIATES {
+        let cause = TooManyIntermediates(intermediates.len());
+        return Err(Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(cause)),
+        )));
+    }
+    Ok(())
+}
 
 /// Which extended key usage a leaf must list.
 #[derive(Clone, Copy, Debug)]
@@ -80,6 +112,7 @@ impl ClientCertVerifier for StrictClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        bound_intermediates(intermediates)?;
         let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
         require_eku(end_entity, Eku::ClientAuth)?;
         Ok(verified)
@@ -101,6 +134,7 @@ impl ServerCertVerifier for StrictServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        bound_intermediates(intermediates)?;
         let verified = self.0.verify_server_cert(
             end_entity,
             intermediates,
