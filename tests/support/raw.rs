@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amb_pki::TlsFiles;
+use rustls::client::{
+    Tls12ClientSessionValue as Tls12Session, Tls13ClientSessionValue as Tls13Session,
+};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -29,7 +33,7 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let config = amb_pki::client_config(&files(pki, cert), amb_proto::ALPN_H2).unwrap();
     let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
@@ -174,4 +178,157 @@ pub async fn quic_connect(pki: &Pki, cert: &str, addr: SocketAddr) -> quinn::Con
 /// The stream-open header amb writes first on every QUIC stream.
 pub fn open_header(route: &str) -> Vec<u8> {
     amb_proto::encode_open_header(&route.parse().unwrap()).to_vec()
+}
+
+/// A client that would resume sessions and send 0-RTT data if the server let it: the amb client
+/// configuration with resumption and early data switched back on, its session cache shared by
+/// every connection made through it.
+pub struct Resumer {
+    tls: Arc<rustls::ClientConfig>,
+    quic: quinn::Endpoint,
+    sessions: Arc<CountingSessions>,
+}
+
+/// rustls' in-memory session cache, counting the TLS 1.3 tickets servers hand out.
+#[derive(Debug)]
+struct CountingSessions {
+    cache: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingSessions {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.cache.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache.kx_hint(name)
+    }
+    fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12Session) {
+        self.cache.set_tls12_session(name, value)
+    }
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12Session> {
+        self.cache.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.cache.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13Session) {
+        self.tickets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cache.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13Session> {
+        self.cache.take_tls13_ticket(name)
+    }
+}
+
+/// What one stream open got: how the handshake went and the server's answer.
+#[derive(Debug)]
+pub struct Opened {
+    /// `Full` or `Resumed` (TLS); for QUIC, `Resumed` only if 0-RTT was possible.
+    pub handshake: rustls::HandshakeKind,
+    /// The HTTP status of the CONNECT (200 opened), or for QUIC the status byte mapped the same
+    /// way (`Refusal::http_status`).
+    pub status: u16,
+}
+
+impl Resumer {
+    pub fn new(pki: &Pki, cert: &str) -> Self {
+        let sessions = Arc::new(CountingSessions {
+            cache: rustls::client::ClientSessionMemoryCache::new(64),
+            tickets: Default::default(),
+        });
+        let enable = |alpn: &[u8]| {
+            let mut config = (*amb_pki::client_config(&files(pki, cert), alpn).unwrap()).clone();
+            config.resumption = rustls::client::Resumption::store(sessions.clone());
+            config.enable_early_data = true;
+            Arc::new(config)
+        };
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(enable(amb_proto::ALPN_QUIC))
+                .unwrap();
+        let mut quic = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        quic.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        Resumer {
+            tls: enable(amb_proto::ALPN_H2),
+            quic,
+            sessions,
+        }
+    }
+
+    /// Session tickets received so far, over both transports.
+    pub fn tickets(&self) -> usize {
+        self.sessions
+            .tickets
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connects afresh over `transport` and opens one stream to `route`; `Err` when the
+    /// connection is turned away.
+    pub async fn open(
+        &self,
+        transport: super::Transport,
+        addr: SocketAddr,
+        route: &str,
+    ) -> Result<Opened, String> {
+        let attempt = async {
+            match transport {
+                super::Transport::Tls => self.open_tls(addr, route).await,
+                super::Transport::Quic => self.open_quic(addr, route).await,
+            }
+        };
+        tokio::time::timeout(super::READY, attempt)
+            .await
+            .map_err(|_| "no answer in time".to_string())?
+    }
+
+    async fn open_tls(&self, addr: SocketAddr, route: &str) -> Result<Opened, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let handshake = tls.get_ref().1.handshake_kind().unwrap();
+        let (mut h2, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = http::Request::connect(route).body(()).unwrap();
+        let (response, _send) = h2.send_request(request, false).map_err(|e| e.to_string())?;
+        let response = response.await.map_err(|e| e.to_string())?;
+        Ok(Opened {
+            handshake,
+            status: response.status().as_u16(),
+        })
+    }
+
+    async fn open_quic(&self, addr: SocketAddr, route: &str) -> Result<Opened, String> {
+        let connecting = self
+            .quic
+            .connect(addr, "localhost")
+            .map_err(|e| e.to_string())?;
+        let (conn, handshake) = match connecting.into_0rtt() {
+            Ok((conn, _accepted)) => (conn, rustls::HandshakeKind::Resumed),
+            Err(connecting) => (
+                connecting.await.map_err(|e| e.to_string())?,
+                rustls::HandshakeKind::Full,
+            ),
+        };
+        let open = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&open_header(route)).await?;
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status[0])
+        };
+        let status = open.await.map_err(|e| e.to_string())?;
+        Ok(Opened {
+            handshake,
+            status: match amb_proto::Refusal::from_status_byte(status) {
+                Ok(()) => 200,
+                Err(refusal) => refusal.http_status(),
+            },
+        })
+    }
 }
