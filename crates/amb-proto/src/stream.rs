@@ -46,6 +46,25 @@ pub trait StreamRecv: Send + 'static {
     /// On a client stream the first call also surfaces the server's answer to the open:
     /// [`StreamError::Refused`] if it refused.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, StreamError>> + Send;
+    /// Waits for at least one chunk, then appends to `batch` every chunk already received, up
+    /// to `max` in all, so the caller can hand them to one vectored write. `Ok(false)` at the
+    /// peer's clean end of stream, with nothing appended.
+    fn recv_batch(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+        max: usize,
+    ) -> impl Future<Output = Result<bool, StreamError>> + Send {
+        let _ = max;
+        async move {
+            match self.recv().await? {
+                Some(chunk) => {
+                    batch.push(chunk);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+    }
     /// Tells the peer to stop sending: nothing more will be read.
     fn stop(&mut self, code: ResetCode);
 }

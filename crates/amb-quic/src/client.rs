@@ -137,6 +137,7 @@ impl Tunnel for QuicTunnel {
             QuicRecv {
                 stream: recv,
                 awaiting_status: true,
+                ended: false,
             },
         ))
     }

@@ -233,6 +233,7 @@ impl IncomingStream for QuicIncoming {
             QuicRecv {
                 stream: self.recv,
                 awaiting_status: false,
+                ended: false,
             },
         ))
     }

@@ -1,6 +1,9 @@
 //! quinn streams behind amb's stream traits.
 
 use amb_proto::{Refusal, ResetCode, StreamError, StreamRecv, StreamSend};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
+
 use bytes::Bytes;
 use quinn::{ReadError, VarInt, WriteError};
 
@@ -11,6 +14,9 @@ pub struct QuicSend(pub(crate) quinn::SendStream);
 pub struct QuicRecv {
     pub(crate) stream: quinn::RecvStream,
     pub(crate) awaiting_status: bool,
+    /// The peer's end of stream was already read (by a batch read that still had data to
+    /// return); quinn must not be read again.
+    pub(crate) ended: bool,
 }
 
 fn code(c: VarInt) -> ResetCode {
@@ -51,8 +57,27 @@ impl StreamSend for QuicSend {
     }
 }
 
-impl StreamRecv for QuicRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+impl QuicRecv {
+    /// Appends up to `want` chunks that already arrived, without waiting. Synchronous, so its
+    /// scratch array never becomes part of a stream's future.
+    fn take_ready(&mut self, batch: &mut Vec<Bytes>, want: usize) -> Result<(), StreamError> {
+        if want == 0 || self.ended {
+            return Ok(());
+        }
+        let mut more: [Bytes; MAX_BATCH] = Default::default();
+        let polled = std::pin::pin!(self.stream.read_chunks(&mut more[..want]))
+            .poll(&mut Context::from_waker(Waker::noop()));
+        match polled {
+            Poll::Ready(Ok(Some(n))) => batch.extend(more.into_iter().take(n)),
+            Poll::Ready(Ok(None)) => self.ended = true,
+            Poll::Ready(Err(e)) => return Err(read_error(e)),
+            Poll::Pending => {}
+        }
+        Ok(())
+    }
+
+    /// Reads the server's status byte the first time a client stream is read.
+    async fn await_status(&mut self) -> Result<(), StreamError> {
         if self.awaiting_status {
             let mut status = [0u8; 1];
             self.stream
@@ -67,10 +92,36 @@ impl StreamRecv for QuicRecv {
             Refusal::from_status_byte(status[0]).map_err(StreamError::Refused)?;
             self.awaiting_status = false;
         }
+        Ok(())
+    }
+}
+
+/// Most chunks one [`StreamRecv::recv_batch`] takes from quinn: a QUIC chunk is at most one
+/// packet's payload (about 1.4 KiB), so a batch is up to about 45 KiB.
+const MAX_BATCH: usize = 32;
+
+impl StreamRecv for QuicRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        self.await_status().await?;
+        if self.ended {
+            return Ok(None);
+        }
         match self.stream.read_chunk(usize::MAX, true).await {
             Ok(chunk) => Ok(chunk.map(|c| c.bytes)),
             Err(e) => Err(read_error(e)),
         }
+    }
+    async fn recv_batch(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<bool, StreamError> {
+        let Some(first) = self.recv().await? else {
+            return Ok(false);
+        };
+        batch.push(first);
+        self.take_ready(batch, max.saturating_sub(1).min(MAX_BATCH))?;
+        Ok(true)
     }
     fn stop(&mut self, code: ResetCode) {
         let _ = self.stream.stop(VarInt::from_u32(code.0));
