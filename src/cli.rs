@@ -20,8 +20,10 @@ pub struct Args {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Worker threads for client and server (default: one per CPU; 1 runs everything on one
-    /// thread, which suits a sidecar sharing small machines).
+    /// Worker threads for client and server. 1 runs everything on one thread. Default: 1 on
+    /// machines with at most two CPUs, where the ambassador shares them with the app and the
+    /// upstream and a second worker costs more in cross-thread wake-ups than it adds (see
+    /// BENCHMARKS.md); else one per CPU.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     #[command(subcommand)]
@@ -294,12 +296,18 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
             b.worker_threads(n);
             b
         }
+        None if small_machine() => tokio::runtime::Builder::new_current_thread(),
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// Whether this machine has at most two CPUs for us.
+fn small_machine() -> bool {
+    std::thread::available_parallelism().map_or(true, |n| n.get() <= 2)
 }
 
 fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
