@@ -7,6 +7,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// With `--features mimalloc`: freed pages stay with the process for reuse, where glibc returns
+/// large relay buffers to the kernel and pays page faults to get them back.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_tracing(args.log_format);
