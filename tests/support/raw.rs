@@ -59,13 +59,11 @@ pub async fn tls_rejected(pki: &Pki, cert: &str, addr: SocketAddr) -> bool {
 
 /// HTTP/2 frame types and flags used here (RFC 9113 §6).
 pub mod frame {
-    pub const DATA: u8 = 0x0;
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
     pub const GOAWAY: u8 = 0x7;
     pub const END_HEADERS: u8 = 0x4;
-    pub const ACK: u8 = 0x1;
     pub const CANCEL: u32 = 0x8;
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;

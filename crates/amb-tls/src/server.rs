@@ -131,7 +131,8 @@ where
                     Ok(r) => r,
                     // This side's HTTP/2 layer ended it: the peer broke the protocol or its
                     // limits (e.g. rapid reset: streams cancelled before they are accepted).
-                    Err(e) if !e.is_remote() && !e.is_io() => {
+                    // A kill for the refusal budget was logged when it was decided.
+                    Err(e) if !killed && !e.is_remote() && !e.is_io() => {
                         return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
                     }
                     Err(e) => {
