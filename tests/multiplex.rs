@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::raw::{frame, open_header, quic_connect, RawH2};
@@ -19,41 +20,63 @@ const MAX_DIALS: usize = 300;
 /// Growth of the server's resident memory the abuse may cause.
 const MAX_GROWTH_KIB: u64 = 32 * 1024;
 
-fn start(pki: &Pki, upstream: &Upstream, extra: &[&str]) -> (Amb, std::net::SocketAddr) {
-    let upstream = upstream.addr.to_string();
-    let mut args = vec!["--upstream", upstream.as_str()];
-    args.extend_from_slice(extra);
-    let server = Amb::server(pki, 0, &args);
-    let addr = server.server_addr();
-    (server, addr)
+/// An `amb server` with an echo upstream (which holds each connection until its stream ends,
+/// so streams stay live), and its memory before the abuse.
+struct Target {
+    pki: Pki,
+    upstream: Upstream,
+    server: Amb,
+    addr: SocketAddr,
+    rss_before: u64,
 }
 
-/// A well-behaved client still gets through, and the server grew by less than the bound.
-async fn server_still_serves(
-    pki: &Pki,
-    server: &Amb,
-    addr: std::net::SocketAddr,
-    t: Transport,
-    rss_before: u64,
-) {
-    let client = Amb::client(pki, "client", addr, t, &[]);
-    client.wait_tunnel_up();
-    assert!(
-        echo_works(client.listen_addr()).await,
-        "a real client after the abuse"
-    );
-    let growth = rss_kib(server.child.id()).saturating_sub(rss_before);
-    assert!(growth < MAX_GROWTH_KIB, "server grew by {growth} KiB");
+impl Target {
+    async fn start(extra: &[&str]) -> Self {
+        let pki = Pki::new();
+        let upstream = Upstream::echo().await;
+        let up = upstream.addr.to_string();
+        let mut args = vec!["--upstream", up.as_str()];
+        args.extend_from_slice(extra);
+        let server = Amb::server(&pki, 0, &args);
+        let addr = server.server_addr();
+        let rss_before = rss_kib(server.child.id());
+        Target {
+            pki,
+            upstream,
+            server,
+            addr,
+            rss_before,
+        }
+    }
+
+    /// The server logged closing the abusive connection, naming the peer.
+    fn assert_closed_logged(&self, t: Transport) {
+        self.server
+            .log
+            .wait_for(&["closing tunnel connection", "spiffe://amb/client", t.flag()]);
+    }
+
+    /// The verdict after the abuse: the server dialed the upstream at most `max_dials` times, a
+    /// well-behaved client still gets through, and the server grew by less than the bound.
+    async fn assert_contained(&self, t: Transport, max_dials: usize, what: &str) {
+        let dials = self.upstream.accepted();
+        eprintln!("{dials} upstream dials for {what}");
+        assert!(dials <= max_dials, "{dials} upstream dials for {what}");
+        let client = Amb::client(&self.pki, "client", self.addr, t, &[]);
+        client.wait_tunnel_up();
+        assert!(
+            echo_works(client.listen_addr()).await,
+            "a real client after the abuse"
+        );
+        let growth = rss_kib(self.server.child.id()).saturating_sub(self.rss_before);
+        assert!(growth < MAX_GROWTH_KIB, "server grew by {growth} KiB");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_closes_the_connection_without_a_dial_storm() {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let (server, addr) = start(&pki, &upstream, &["--transport", "tls"]);
-    let rss_before = rss_kib(server.child.id());
-
-    let mut raw = RawH2::connect(&pki, "client", addr).await;
+    let target = Target::start(&["--transport", "tls"]).await;
+    let mut raw = RawH2::connect(&target.pki, "client", target.addr).await;
     let mut sent = 0;
     while sent < ATTEMPTS {
         for _ in 0..100 {
@@ -70,31 +93,17 @@ async fn h2_rapid_reset_closes_the_connection_without_a_dial_storm() {
         .await
         .expect("the server kept the abusive connection open");
     assert_eq!(code, Some(frame::ENHANCE_YOUR_CALM), "GOAWAY code");
-    server
-        .log
-        .wait_for(&["closing tunnel connection", "spiffe://amb/client", "tls"]);
-    let dials = upstream.accepted();
-    eprintln!("{dials} upstream dials for {sent} cancelled streams");
-    assert!(
-        dials <= MAX_DIALS,
-        "{dials} upstream dials for {sent} cancelled streams"
-    );
-    server_still_serves(&pki, &server, addr, Transport::Tls, rss_before).await;
+    target.assert_closed_logged(Transport::Tls);
+    let what = format!("{sent} cancelled streams");
+    target
+        .assert_contained(Transport::Tls, MAX_DIALS, &what)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_streams_past_the_advertised_limit_are_refused() {
-    let pki = Pki::new();
-    // Echo holds each connection until the stream ends, so streams stay live.
-    let upstream = Upstream::echo().await;
-    let (server, addr) = start(
-        &pki,
-        &upstream,
-        &["--transport", "tls", "--max-streams", "16"],
-    );
-    let rss_before = rss_kib(server.child.id());
-
-    let mut raw = RawH2::connect(&pki, "client", addr).await;
+    let target = Target::start(&["--transport", "tls", "--max-streams", "16"]).await;
+    let mut raw = RawH2::connect(&target.pki, "client", target.addr).await;
     // The server advertises at most 16 concurrent streams; open far more without waiting.
     for i in 0..ATTEMPTS {
         raw.connect_request(2 * i + 1, "default");
@@ -127,22 +136,16 @@ async fn h2_streams_past_the_advertised_limit_are_refused() {
         Some(frame::ENHANCE_YOUR_CALM),
         "GOAWAY after {refused} refused streams"
     );
-    server
-        .log
-        .wait_for(&["closing tunnel connection", "spiffe://amb/client", "tls"]);
-    let dials = upstream.accepted();
-    assert!(dials <= 16, "{dials} upstream dials with --max-streams 16");
-    server_still_serves(&pki, &server, addr, Transport::Tls, rss_before).await;
+    target.assert_closed_logged(Transport::Tls);
+    target
+        .assert_contained(Transport::Tls, 16, "--max-streams 16")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_rapid_reset_closes_the_connection_without_a_dial_storm() {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let (server, addr) = start(&pki, &upstream, &["--transport", "quic"]);
-    let rss_before = rss_kib(server.child.id());
-
-    let conn = quic_connect(&pki, "client", addr).await;
+    let target = Target::start(&["--transport", "quic"]).await;
+    let conn = quic_connect(&target.pki, "client", target.addr).await;
     let header = open_header("default");
     let mut sent = 0;
     while sent < ATTEMPTS {
@@ -163,30 +166,17 @@ async fn quic_rapid_reset_closes_the_connection_without_a_dial_storm() {
         closed.to_string().contains("too many refused streams"),
         "closed with: {closed}"
     );
-    server
-        .log
-        .wait_for(&["closing tunnel connection", "spiffe://amb/client", "quic"]);
-    let dials = upstream.accepted();
-    eprintln!("{dials} upstream dials for {sent} cancelled streams");
-    assert!(
-        dials <= MAX_DIALS,
-        "{dials} upstream dials for {sent} cancelled streams"
-    );
-    server_still_serves(&pki, &server, addr, Transport::Quic, rss_before).await;
+    target.assert_closed_logged(Transport::Quic);
+    let what = format!("{sent} cancelled streams");
+    target
+        .assert_contained(Transport::Quic, MAX_DIALS, &what)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_streams_are_capped_at_the_advertised_limit() {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let (server, addr) = start(
-        &pki,
-        &upstream,
-        &["--transport", "quic", "--max-streams", "16"],
-    );
-    let rss_before = rss_kib(server.child.id());
-
-    let conn = quic_connect(&pki, "client", addr).await;
+    let target = Target::start(&["--transport", "quic", "--max-streams", "16"]).await;
+    let conn = quic_connect(&target.pki, "client", target.addr).await;
     let header = open_header("default");
     let mut held = Vec::new();
     // Open streams as fast as the transport lets us; the 17th must wait for credit.
@@ -212,7 +202,9 @@ async fn quic_streams_are_capped_at_the_advertised_limit() {
         recv.read_exact(&mut status).await.unwrap();
         assert_eq!(status[0], amb_proto::status::STATUS_OPEN);
     }
-    assert_eq!(upstream.accepted(), 16);
+    assert_eq!(target.upstream.accepted(), 16);
     drop(held);
-    server_still_serves(&pki, &server, addr, Transport::Quic, rss_before).await;
+    target
+        .assert_contained(Transport::Quic, 16, "--max-streams 16")
+        .await;
 }

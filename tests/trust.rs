@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::net::SocketAddr;
+
 use rustls::HandshakeKind;
 use support::raw::Resumer;
 use support::*;
@@ -43,17 +45,24 @@ async fn every_connection_is_a_full_handshake(t: Transport) {
     assert_eq!(client.tickets(), 0, "the server issued session tickets");
 }
 
-async fn removed_identity_is_refused_despite_earlier_sessions(t: Transport) {
+/// Before the change: the client is let in once (keeping whatever session state the server
+/// gives it), then the server stops. Returns the PKI, the upstream, the address to restart on,
+/// and the client.
+async fn served_once_then_stopped(t: Transport) -> (Pki, Upstream, SocketAddr, Resumer) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let mut server = server_allowing(&pki, 0, &upstream, "uri:spiffe://amb/client");
     let addr = server.server_addr();
     let client = Resumer::new(&pki, "client");
     assert_eq!(client.open(t, addr, "default").await.unwrap().status, 200);
-
-    // The operator takes the client off the allow-list; same certificates, same port.
     server.signal("TERM");
     server.wait_exit(READY);
+    (pki, upstream, addr, client)
+}
+
+async fn removed_identity_is_refused_despite_earlier_sessions(t: Transport) {
+    let (pki, upstream, addr, client) = served_once_then_stopped(t).await;
+    // The operator takes the client off the allow-list; same certificates, same port.
     let server = server_allowing(&pki, addr.port(), &upstream, "uri:spiffe://amb/other");
     server.server_addr();
     let opened = client.open(t, addr, "default").await.unwrap();
@@ -66,17 +75,9 @@ async fn removed_identity_is_refused_despite_earlier_sessions(t: Transport) {
 }
 
 async fn changed_ca_rejects_the_old_client_despite_earlier_sessions(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let mut server = server_allowing(&pki, 0, &upstream, "uri:spiffe://amb/client");
-    let addr = server.server_addr();
-    let client = Resumer::new(&pki, "client");
-    assert_eq!(client.open(t, addr, "default").await.unwrap().status, 200);
-
+    let (pki, upstream, addr, client) = served_once_then_stopped(t).await;
     // The operator moves clients to a new CA: the server keeps its certificate (so the old
     // client still trusts it and only the server can turn it away) but trusts only the new CA.
-    server.signal("TERM");
-    server.wait_exit(READY);
     let new = Pki::new();
     let up = upstream.addr.to_string();
     let (cert, key, ca) = (
