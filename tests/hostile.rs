@@ -187,7 +187,7 @@ async fn refused_stream_flood_closes_the_connection(t: Transport) {
         t,
         &["--listen", "0=unknown"],
     );
-    client.wait_tunnel_up();
+    let ups = client.wait_pool_up(t);
     let flood = client.listen_addr_for("unknown");
     for _ in 0..300 {
         if let Ok(mut tcp) = TcpStream::connect(flood).await {
@@ -205,8 +205,8 @@ async fn refused_stream_flood_closes_the_connection(t: Transport) {
     ]);
     client.log.wait_for(&["tunnel connection lost"]);
     assert_eq!(upstream.accepted(), 0, "refused streams never dial");
-    // The client reconnects, and well-behaved streams work.
-    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    // The client reconnects (the one connection that was closed), and well-behaved streams work.
+    client.wait_reconnected(ups, 1);
     assert!(echo_works(client.listen_addr()).await);
 }
 
@@ -218,7 +218,7 @@ async fn kill_9_of_the_server_resets_every_live_app_socket(t: Transport) {
     let server = Amb::server(&pki, 0, &["--upstream", &up]);
     let addr = server.server_addr();
     let client = Amb::client(&pki, "client", addr, t, &["--idle-timeout", "2s"]);
-    client.wait_tunnel_up();
+    let ups = client.wait_pool_up(t);
     let mut live = Vec::new();
     for i in 0..100u32 {
         let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
@@ -234,7 +234,7 @@ async fn kill_9_of_the_server_resets_every_live_app_socket(t: Transport) {
     }
     client.log.wait_for(&["tunnel connection lost"]);
     let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
-    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
 }
 

@@ -119,6 +119,7 @@ async fn quic_transfer_survives_a_client_address_change() {
 async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     let (_pki, _upstream, _server, relay, client) =
         impaired_pair(t, &["--idle-timeout", "5s"]).await;
+    let ups = client.wait_pool_up(t);
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     tcp.write_all(b"before").await.unwrap();
     let mut buf = [0u8; 6];
@@ -141,6 +142,6 @@ async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     // The blackhole lasts 30 s in all; then the tunnel comes back by itself.
     tokio::time::sleep_until((started + Duration::from_secs(30)).into()).await;
     relay.link.set_blackhole(false);
-    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
 }

@@ -201,13 +201,14 @@ async fn server_restart_client_reconnects(t: Transport) {
     let (mut server, client) = pair(&pki, &up, t, &[]);
     let addr = server.server_addr();
     assert!(echo_works(client.listen_addr()).await);
+    let ups = client.wait_pool_up(t);
     // A restart as systemd does it: SIGTERM, exit, start again on the same port.
     server.signal("TERM");
     let status = blocking(move || server.wait_exit(READY)).await;
     assert!(status.success());
     client.log.wait_for(&["tunnel connection lost"]);
     let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
-    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
 }
 
@@ -219,12 +220,12 @@ async fn server_crash_client_reconnects_after_idle_timeout(t: Transport) {
     let addr = server.server_addr();
     // QUIC learns of a vanished peer only by silence, so the client sets a short idle timeout.
     let client = Amb::client(&pki, "client", addr, t, &["--idle-timeout", "2s"]);
-    client.wait_tunnel_up();
+    let ups = client.wait_pool_up(t);
     assert!(echo_works(client.listen_addr()).await);
     drop(server); // SIGKILL: no goodbye to the client.
     client.log.wait_for(&["tunnel connection lost"]);
     let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
-    client.log.wait_for_nth(&["tunnel connection up"], 2);
+    client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
 }
 

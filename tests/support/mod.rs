@@ -36,6 +36,14 @@ impl Transport {
             Transport::Tls => "tls",
         }
     }
+
+    /// Tunnel connections `amb client` keeps warm by default (`--connections`).
+    pub fn pool_size(self) -> usize {
+        match self {
+            Transport::Quic => 1,
+            Transport::Tls => 2,
+        }
+    }
 }
 
 /// Writes one scenario test per transport: `scenario!(name)` calls `name(Transport)`.
@@ -294,6 +302,19 @@ impl Amb {
             .log
             .wait_for(&["amb client listening", &format!("route={route}")]);
         field(&line, "listen").parse().unwrap()
+    }
+
+    /// Waits until every tunnel connection of the client's pool is up; returns how many times a
+    /// tunnel came up so far, for [`Amb::wait_reconnected`].
+    pub fn wait_pool_up(&self, t: Transport) -> usize {
+        self.log
+            .wait_for_nth(&["tunnel connection up"], t.pool_size());
+        self.log.count(&["tunnel connection up"])
+    }
+
+    /// Waits until `lost` tunnel connections came back up after the `ups` counted before.
+    pub fn wait_reconnected(&self, ups: usize, lost: usize) {
+        self.log.wait_for_nth(&["tunnel connection up"], ups + lost);
     }
 
     /// Waits until the client has a tunnel connection up.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{Dialer, Limits, RouteName, Tunnel, ALPN_H2, ALPN_QUIC};
+use amb_proto::{Dialer, Limits, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
 use tokio::net::{TcpListener, TcpStream};
@@ -135,15 +135,18 @@ struct Pool<T> {
 }
 
 impl<T: Tunnel> Pool<T> {
-    /// A live tunnel, round robin; waits up to `wait` for one to come up.
-    async fn get(&self, wait: Duration) -> Option<Arc<T>> {
+    /// A live tunnel other than those in `failed` (streams just failed to open on them), round
+    /// robin; waits up to `wait` for one to come up.
+    async fn get(&self, wait: Duration, failed: &[Arc<T>]) -> Option<Arc<T>> {
+        let usable = |(_, t): &(usize, Arc<T>)| !failed.iter().any(|f| Arc::ptr_eq(f, t));
         let mut rx = self.live.subscribe();
-        let live = tokio::time::timeout(wait, rx.wait_for(|v| !v.is_empty()))
+        let live = tokio::time::timeout(wait, rx.wait_for(|v| v.iter().any(usable)))
             .await
             .ok()?
             .ok()?;
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
-        Some(live[i].1.clone())
+        let usable: Vec<_> = live.iter().filter(|e| usable(e)).collect();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % usable.len();
+        Some(usable[i].1.clone())
     }
 }
 
@@ -294,21 +297,30 @@ async fn carry<T: Tunnel>(
     peer: String,
 ) {
     let _ = tcp.set_nodelay(true);
-    let Some(tunnel) = pool.get(wait).await else {
-        warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
-        return reset_tcp(tcp);
-    };
-    let opened = tokio::time::timeout(wait, tunnel.open(&route)).await;
-    let opened = opened.unwrap_or_else(|_| {
-        Err(amb_proto::StreamError::Protocol(format!(
-            "no stream credit within {wait:?} (server at its --max-streams)"
-        )))
-    });
-    let (send, recv) = match opened {
-        Ok(halves) => halves,
-        Err(e) => {
-            warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut failed = Vec::new();
+    let (send, recv) = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(tunnel) = pool.get(left, &failed).await else {
+            warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
             return reset_tcp(tcp);
+        };
+        match tokio::time::timeout(left, tunnel.open(&route)).await {
+            Ok(Ok(halves)) => break halves,
+            // The tunnel died under us and no app byte was read yet: take another, or the one
+            // the supervisor dials next, within the same wait.
+            Ok(Err(StreamError::ConnectionLost(e))) => {
+                debug!(%app, %route, %peer, "stream open failed: tunnel connection lost: {e}; trying another");
+                failed.push(tunnel);
+            }
+            Ok(Err(e)) => {
+                warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
+                return reset_tcp(tcp);
+            }
+            Err(_) => {
+                warn!(%app, %route, %peer, "stream open failed: no stream credit within {wait:?} (server at its --max-streams); resetting the app connection");
+                return reset_tcp(tcp);
+            }
         }
     };
     match relay(tcp, send, recv).await {

@@ -30,6 +30,9 @@ async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<
     while first < batch.len() {
         tcp.writable().await?;
         let mut written = match write_vectored_now(tcp, &batch[first..]) {
+            Ok(0) if batch[first..].iter().any(|c| !c.is_empty()) => {
+                return Err(io::ErrorKind::WriteZero.into())
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),

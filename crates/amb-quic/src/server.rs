@@ -153,7 +153,15 @@ async fn read_header(
         if let Err(e) = read {
             send.reset(VarInt::from_u32(amb_proto::ResetCode::PROTOCOL.0))
                 .ok();
-            ctx.charge("stream cancelled before its header");
+            // The client ended or reset the stream before its header (a lost connection is not
+            // the client's doing).
+            if matches!(
+                e,
+                quinn::ReadExactError::FinishedEarly(_)
+                    | quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))
+            ) {
+                ctx.charge("stream cancelled before its header");
+            }
             return Err(StreamError::Protocol(format!("reading stream header: {e}")));
         }
         have = want;
@@ -186,6 +194,10 @@ impl ConnCtx {
     /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection.
     /// Returns whether the connection stays.
     fn charge(&self, why: impl std::fmt::Display) -> bool {
+        if self.conn.close_reason().is_some() {
+            // Already closing: streams failing because of it are not the client's doing.
+            return false;
+        }
         if self.budget.spend() {
             return true;
         }
@@ -225,7 +237,9 @@ impl IncomingStream for QuicIncoming {
             .await
         {
             // Cancelled while the server dialed: rapid reset costs the client its budget.
-            self.ctx.charge("stream cancelled before it opened");
+            if matches!(e, quinn::WriteError::Stopped(_)) {
+                self.ctx.charge("stream cancelled before it opened");
+            }
             return Err(write_error(e));
         }
         Ok((

@@ -2,6 +2,7 @@
 //! each CONNECT stream to the engine.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use amb_proto::{IncomingStream, Limits, Peer, Refusal, RefusalBudget, RouteName, StreamError};
@@ -107,7 +108,14 @@ where
                 }
             };
             let peer = Arc::new(Peer { identity, addr });
-            let ctx = Arc::new(ConnCtx { peer: peer.clone(), budget: RefusalBudget::new(), kill: Notify::new() });
+            let ctx = Arc::new(ConnCtx {
+                peer: peer.clone(),
+                budget: RefusalBudget::new(),
+                kill: Notify::new(),
+                closing: AtomicBool::new(false),
+            });
+            // However the loop below ends, streams still pending must not charge the budget.
+            let _closing = CloseOnDrop(ctx.clone());
             debug!(%peer, transport = "tls", "tunnel connection up");
             let mut draining = false;
             let mut killed = false;
@@ -171,18 +179,33 @@ where
     }
 }
 
+/// Marks a connection as closing when its task ends.
+struct CloseOnDrop(Arc<ConnCtx>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closing.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What the streams of one tunnel connection share.
 struct ConnCtx {
     peer: Arc<Peer>,
     budget: RefusalBudget,
     /// Wakes the connection task to close the connection.
     kill: Notify,
+    /// The connection is closing or closed: its streams' failures are no longer the client's.
+    closing: AtomicBool,
 }
 
 impl ConnCtx {
-    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection.
+    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection (logged
+    /// once, however many streams fail afterwards).
     fn charge(&self, why: impl std::fmt::Display) {
-        if !self.budget.spend() {
+        if self.closing.load(Ordering::Relaxed) || self.budget.spend() {
+            return;
+        }
+        if !self.closing.swap(true, Ordering::Relaxed) {
             warn!(peer = %self.peer, transport = "tls", "closing tunnel connection: too many refused streams (last: {why})");
             self.kill.notify_one();
         }
