@@ -208,3 +208,39 @@ async fn quic_streams_are_capped_at_the_advertised_limit() {
         .assert_contained(Transport::Quic, 16, "--max-streams 16")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_not_blamed_on_the_client() {
+    // Streams that fail because their connection went away are not cancels by the client: a
+    // client that disconnects with many streams pending must not be logged as an abuser.
+    let target = Target::start(&["--transport", "quic"]).await;
+    let conn = quic_connect(&target.pki, "client", target.addr).await;
+    let mut pending = Vec::new();
+    for _ in 0..100 {
+        // One byte of the header: the server waits for the rest.
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&open_header("default")[..1]).await.unwrap();
+        pending.push((send, recv));
+    }
+    // quinn hands streams to the server in order, so once a later stream is answered, all 100
+    // are waiting for their headers.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_header("default")).await.unwrap();
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], amb_proto::status::STATUS_OPEN);
+    conn.close(quinn::VarInt::from_u32(0), b"bye");
+    target
+        .server
+        .log
+        .wait_for_nth(&["stream dropped before its header: connection lost"], 100);
+    assert_eq!(
+        target.server.log.count(&["too many refused streams"]),
+        0,
+        "a lost connection was blamed on the client:\n{}",
+        target.server.log.text()
+    );
+    target
+        .assert_contained(Transport::Quic, 1, "one opened stream")
+        .await;
+}

@@ -118,6 +118,10 @@ where
                         .await
                     {
                         Ok(Ok(incoming)) => handler(incoming).await,
+                        // The connection's end is logged once, not once per pending stream.
+                        Ok(Err(StreamError::ConnectionLost(e))) => {
+                            debug!(%peer, transport = "quic", "stream dropped before its header: connection lost: {e}")
+                        }
                         Ok(Err(e)) => warn!(%peer, transport = "quic", "bad stream open: {e}"),
                         Err(_) => {
                             warn!(%peer, transport = "quic", "stream open header not received within {:?}", limits.open_timeout)
@@ -155,14 +159,15 @@ async fn read_header(
                 .ok();
             // The client ended or reset the stream before its header (a lost connection is not
             // the client's doing).
-            if matches!(
-                e,
-                quinn::ReadExactError::FinishedEarly(_)
-                    | quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))
-            ) {
-                ctx.charge("stream cancelled before its header");
-            }
-            return Err(StreamError::Protocol(format!("reading stream header: {e}")));
+            return Err(match e {
+                quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(lost)) => {
+                    StreamError::ConnectionLost(lost.to_string())
+                }
+                e => {
+                    ctx.charge("stream cancelled before its header");
+                    StreamError::Protocol(format!("reading stream header: {e}"))
+                }
+            });
         }
         have = want;
         match decode_open_header(&buf[..have]) {
