@@ -7,18 +7,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// With `--features mimalloc`: freed pages stay with the process for reuse, where glibc returns
-/// large relay buffers to the kernel and pays page faults to get them back.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Keeps glibc's malloc from handing freed relay and HTTP/2 frame buffers back to the kernel
 /// only to fault them in again: 12–15% of a TLS receiver's samples were page faults. With
 /// freed memory kept up to 8 MiB per arena and buffers below 1 MiB taken from the heap, amb-tls
 /// bulk throughput went from ~7 to ~10 Gb/s with idle memory per connection unchanged (see
 /// BENCHMARKS.md).
-#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {
     // SAFETY: mallopt only sets allocator parameters; it is called first in main, before any
@@ -29,7 +23,7 @@ fn tune_malloc() {
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
 fn main() -> ExitCode {
