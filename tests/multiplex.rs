@@ -73,6 +73,139 @@ impl Target {
     }
 }
 
+per_transport!(streams_cancelled_while_the_server_dials_spend_the_budget);
+
+/// Streams cancelled after the server accepted them, while it dials their upstream, spend the
+/// refusal budget when the dial completes: more of them than the budget's burst (64) close the
+/// connection. The upstream's connects hang until the test releases them, so every cancel
+/// lands mid-dial.
+async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport) {
+    const STREAMS: u32 = 100;
+    let mut gate = StalledUpstream::new().await;
+    let pki = Pki::new();
+    let up = gate.addr.to_string();
+    let args = [
+        "--transport",
+        t.flag(),
+        "--upstream",
+        &up,
+        "--connect-timeout",
+        "60s",
+    ];
+    let server = Amb::server(&pki, 0, &args);
+    let addr = server.server_addr();
+    let cancel = quinn::VarInt::from_u32(frame::CANCEL);
+    match t {
+        Transport::Tls => {
+            let mut raw = RawH2::connect(&pki, "client", addr).await;
+            for i in 0..STREAMS {
+                raw.connect_request(2 * i + 1, "default");
+            }
+            raw.flush().await.unwrap();
+            gate.wait_connecting(STREAMS as usize);
+            for i in 0..STREAMS {
+                raw.reset(2 * i + 1, frame::CANCEL);
+            }
+            raw.round_trip().await;
+            gate.release();
+            let code = tokio::time::timeout(READY, raw.goaway())
+                .await
+                .expect("the server kept the connection open");
+            assert_eq!(code, Some(frame::ENHANCE_YOUR_CALM), "GOAWAY code");
+        }
+        Transport::Quic => {
+            let conn = quic_connect(&pki, "client", addr).await;
+            let mut streams = Vec::new();
+            for _ in 0..STREAMS {
+                let (mut send, recv) = conn.open_bi().await.unwrap();
+                send.write_all(&open_header("default")).await.unwrap();
+                streams.push((send, recv));
+            }
+            gate.wait_connecting(STREAMS as usize);
+            for (send, recv) in &mut streams {
+                let _ = send.reset(cancel);
+                let _ = recv.stop(cancel);
+            }
+            // A stream for an unknown route, refused at once: once its answer is back, the
+            // server has read every frame sent before it.
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&open_header("unknown")).await.unwrap();
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await.unwrap();
+            assert_ne!(status[0], amb_proto::status::STATUS_OPEN);
+            gate.release();
+            let closed = tokio::time::timeout(READY, conn.closed())
+                .await
+                .expect("the server kept the connection open");
+            assert!(
+                closed.to_string().contains("too many refused streams"),
+                "closed with: {closed}"
+            );
+        }
+    }
+    server.log.wait_for(&[
+        "too many refused streams (last: stream cancelled before it opened)",
+        "spiffe://amb/client",
+        t.flag(),
+    ]);
+}
+
+/// An upstream whose connects hang until [`StalledUpstream::release`]: a listener with a
+/// backlog of 0 whose one queue slot is taken, so the kernel drops further SYNs (the client
+/// retries them after its SYN timeout, 1 s).
+struct StalledUpstream {
+    listener: Option<tokio::net::TcpListener>,
+    addr: SocketAddr,
+    _filler: tokio::net::TcpStream,
+}
+
+impl StalledUpstream {
+    async fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = tokio::net::TcpStream::connect(addr).await.unwrap();
+        StalledUpstream {
+            listener: Some(listener),
+            addr,
+            _filler: filler,
+        }
+    }
+
+    /// Waits until `n` connects toward it are in progress (`SYN_SENT` in `/proc/net/tcp`).
+    fn wait_connecting(&self, n: usize) {
+        let port = format!(":{:04X}", self.addr.port());
+        let deadline = std::time::Instant::now() + READY;
+        loop {
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            let connecting = table
+                .lines()
+                .filter_map(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    Some((*fields.get(2)?, *fields.get(3)?))
+                })
+                .filter(|(remote, state)| remote.ends_with(&port) && *state == "02")
+                .count();
+            if connecting >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{connecting} of {n} upstream connects in progress"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Accepts (and drops) every connection from now on: the hanging connects complete at
+    /// their next SYN retry.
+    fn release(&mut self) {
+        let listener = self.listener.take().unwrap();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_closes_the_connection_without_a_dial_storm() {
     let target = Target::start(&["--transport", "tls"]).await;

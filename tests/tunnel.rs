@@ -229,6 +229,60 @@ async fn server_crash_client_reconnects_after_idle_timeout(t: Transport) {
     assert!(echo_works(client.listen_addr()).await);
 }
 
+/// QUIC: app connections whose stream opens wait for credit (the server allows one stream)
+/// on a tunnel that then dies silently are carried on the tunnel dialed next, within
+/// `--tunnel-wait`, instead of being reset. (Over TLS, h2 queues such a stream with its
+/// request, so it dies with the connection; the retry there covers opens on a tunnel already
+/// known to be dead.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_open_waiting_for_credit_moves_to_the_next_tunnel() {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let server = Amb::server(&pki, 0, &["--upstream", &up, "--max-streams", "1"]);
+    let addr = server.server_addr();
+    let client = Amb::client(
+        &pki,
+        "client",
+        addr,
+        Transport::Quic,
+        &[
+            "--connections",
+            "1",
+            "--idle-timeout",
+            "2s",
+            "--tunnel-wait",
+            "30s",
+        ],
+    );
+    client.wait_tunnel_up();
+    let listen = client.listen_addr();
+    let mut holder = TcpStream::connect(listen).await.unwrap();
+    holder.write_all(b"held").await.unwrap();
+    let mut echo = [0u8; 4];
+    holder.read_exact(&mut echo).await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(listen).await.unwrap();
+        tcp.write_all(b"hi").await.unwrap();
+        waiting.push(tcp);
+    }
+    drop(server); // SIGKILL: the client learns of it from the idle timeout.
+    client.log.wait_for(&["tunnel connection lost"]);
+    let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
+    for mut tcp in waiting {
+        let mut reply = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut reply))
+            .await
+            .expect("no reply within --tunnel-wait")
+            .expect("the waiting app connection was reset instead of carried");
+        assert_eq!(&reply, b"hi");
+    }
+    client
+        .log
+        .wait_for(&["tunnel connection lost", "trying another"]);
+}
+
 async fn unknown_route_is_refused_without_dial(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;

@@ -62,8 +62,10 @@ pub mod frame {
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
     pub const GOAWAY: u8 = 0x7;
     pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
     pub const CANCEL: u32 = 0x8;
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -129,6 +131,19 @@ impl RawH2 {
         let bytes = std::mem::take(&mut self.pending);
         self.write.write_all(&bytes).await?;
         self.write.flush().await
+    }
+
+    /// Sends a PING and waits for its ACK: the server has then read every frame sent before it.
+    /// Frames that arrive meanwhile are dropped.
+    pub async fn round_trip(&mut self) {
+        self.frame(frame::PING, 0, 0, &[0; 8]);
+        self.flush().await.unwrap();
+        while let Some((kind, flags, _, _)) = self.frames.recv().await {
+            if kind == frame::PING && flags & frame::ACK != 0 {
+                return;
+            }
+        }
+        panic!("the connection ended before the PING's ACK");
     }
 
     /// Waits for the server's GOAWAY and returns its error code, or `None` if the connection

@@ -144,9 +144,12 @@ impl<T: Tunnel> Pool<T> {
             .await
             .ok()?
             .ok()?;
-        let usable: Vec<_> = live.iter().filter(|e| usable(e)).collect();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % usable.len();
-        Some(usable[i].1.clone())
+        let count = live.iter().filter(|e| usable(e)).count();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        live.iter()
+            .filter(|e| usable(e))
+            .nth(i)
+            .map(|(_, t)| t.clone())
     }
 }
 

@@ -152,10 +152,10 @@ async fn tcp_to_tunnel<S: StreamSend>(tcp: &TcpStream, send: &mut S) -> Result<u
 
 async fn tunnel_to_tcp<R: StreamRecv>(tcp: &TcpStream, recv: &mut R) -> Result<u64, RelayError> {
     let mut total = 0u64;
+    // Reused for every batch; emptied after each write so no received buffer stays pinned
+    // while the connection idles (what stays is its capacity: a few pointers).
+    let mut batch = Vec::new();
     loop {
-        // A fresh vector each time: it allocates only once bytes arrived, so an idle
-        // connection holds no batch.
-        let mut batch = Vec::new();
         if !recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await? {
             break;
         }
@@ -163,6 +163,7 @@ async fn tunnel_to_tcp<R: StreamRecv>(tcp: &TcpStream, recv: &mut R) -> Result<u
         write_all_vectored(tcp, &mut batch)
             .await
             .map_err(RelayError::Tcp)?;
+        batch.clear();
     }
     match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The socket may already be gone; its own error will surface on the other direction.

@@ -137,7 +137,6 @@ impl Tunnel for QuicTunnel {
             QuicRecv {
                 stream: recv,
                 awaiting_status: true,
-                ended: false,
             },
         ))
     }

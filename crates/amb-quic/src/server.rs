@@ -252,7 +252,6 @@ impl IncomingStream for QuicIncoming {
             QuicRecv {
                 stream: self.recv,
                 awaiting_status: false,
-                ended: false,
             },
         ))
     }

@@ -14,9 +14,6 @@ pub struct QuicSend(pub(crate) quinn::SendStream);
 pub struct QuicRecv {
     pub(crate) stream: quinn::RecvStream,
     pub(crate) awaiting_status: bool,
-    /// The peer's end of stream was already read (by a batch read that still had data to
-    /// return); quinn must not be read again.
-    pub(crate) ended: bool,
 }
 
 fn code(c: VarInt) -> ResetCode {
@@ -61,7 +58,7 @@ impl QuicRecv {
     /// Appends up to `want` chunks that already arrived, without waiting. Synchronous, so its
     /// scratch array never becomes part of a stream's future.
     fn take_ready(&mut self, batch: &mut Vec<Bytes>, want: usize) -> Result<(), StreamError> {
-        if want == 0 || self.ended {
+        if want == 0 {
             return Ok(());
         }
         let mut more: [Bytes; MAX_BATCH] = Default::default();
@@ -69,9 +66,10 @@ impl QuicRecv {
             .poll(&mut Context::from_waker(Waker::noop()));
         match polled {
             Poll::Ready(Ok(Some(n))) => batch.extend(more.into_iter().take(n)),
-            Poll::Ready(Ok(None)) => self.ended = true,
+            // The end of the stream (quinn answers `None` again on the next read) or no
+            // more data yet: the batch is complete either way.
+            Poll::Ready(Ok(None)) | Poll::Pending => {}
             Poll::Ready(Err(e)) => return Err(read_error(e)),
-            Poll::Pending => {}
         }
         Ok(())
     }
@@ -103,9 +101,6 @@ const MAX_BATCH: usize = 32;
 impl StreamRecv for QuicRecv {
     async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
         self.await_status().await?;
-        if self.ended {
-            return Ok(None);
-        }
         match self.stream.read_chunk(usize::MAX, true).await {
             Ok(chunk) => Ok(chunk.map(|c| c.bytes)),
             Err(e) => Err(read_error(e)),
