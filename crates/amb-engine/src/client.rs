@@ -299,6 +299,8 @@ async fn carry<T: Tunnel>(
     wait: Duration,
     peer: String,
 ) {
+    // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
+    #[cfg(not(target_os = "linux"))]
     let _ = tcp.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let mut failed = Vec::new();
