@@ -1119,8 +1119,45 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: dict) -> list[dict]:
+def per_round(results: dict) -> dict:
+    """The targets' figures round by round: {pair: {key: [value per round]}}. Rounds are
+    interleaved across pairs, so the i-th figures of two pairs were measured close together and
+    their ratio shows how far a target's verdict swings on this machine."""
+    def rps_rounds(r, metric, tests):
+        rounds = (r.get(metric) or {}).get("rounds") or []
+        vals = [[rd.get(t, {}).get("rps") for t in tests] for rd in rounds]
+        return [statistics.mean(v) if all(isinstance(x, (int, float)) for x in v) else None for v in vals]
+
+    def p50_rounds(r):
+        return [rd.get("PING_MBULK", {}).get("p50_ms") for rd in ((r.get("ping_c1") or {}).get("rounds") or [])]
+
+    direct_p50 = p50_rounds(results.get("direct", {}))
+    out = {}
+    for pair, r in results.items():
+        iperf = r.get("iperf") or {}
+        out[pair] = {
+            "get_c50_rps": rps_rounds(r, "get_c50", ["GET"]),
+            "get_p32_rps": rps_rounds(r, "get_p32", ["GET"]),
+            "new_conns_s": rps_rounds(r, "newconn", ["PING_INLINE", "PING_MBULK"]),
+            "iperf_fwd_gbit": [x.get("gbit_s") for x in (iperf.get("fwd") or {}).get("rounds") or []],
+            "iperf_rev_gbit": [x.get("gbit_s") for x in (iperf.get("rev") or {}).get("rounds") or []],
+            "added_p50_us": [round((a - d) * 1000) if a is not None and d is not None else None
+                             for a, d in zip(p50_rounds(r), direct_p50)],
+        }
+    return out
+
+
+def targets(rows: dict, rounds: dict | None = None) -> list[dict]:
     out = []
+    rounds = rounds or {}
+
+    def round_ratios(a_pair, b_pair, key):
+        a_r, b_r = rounds.get(a_pair, {}).get(key, []), rounds.get(b_pair, {}).get(key, [])
+        return [round(a / b, 2) if a is not None and b else None for a, b in zip(a_r, b_r)]
+
+    def with_rounds(detail, values):
+        shown = [_fmt(v) for v in values]
+        return f"{detail}; rounds {', '.join(shown)}" if len(values) > 1 else detail
 
     def num(pair, key):
         v = rows.get(pair, {}).get(key)
@@ -1133,13 +1170,17 @@ def targets(rows: dict) -> list[dict]:
                         "detail": f"{a_pair}/{b_pair} not measured"})
             return
         r = a / b_
+        by_round = round_ratios(a_pair, b_pair, key)
         out.append({"target": name, "goal": f"≥{goal}×", "value": round(r, 2), "met": r >= goal,
-                    "detail": f"{a_pair} {_fmt(a)} / {b_pair} {_fmt(b_)}"})
+                    "rounds": by_round,
+                    "detail": with_rounds(f"{a_pair} {_fmt(a)} / {b_pair} {_fmt(b_)}", by_round)})
 
     def absolute(name, pair, key, goal, unit):
         v = num(pair, key)
-        out.append({"target": name, "goal": f"≤{goal} {unit}", "value": v,
-                    "met": None if v is None else v <= goal, "detail": f"{pair} {_fmt(v)} {unit}"})
+        by_round = rounds.get(pair, {}).get(key, [])
+        out.append({"target": name, "goal": f"≤{goal} {unit}", "value": v, "rounds": by_round,
+                    "met": None if v is None else v <= goal,
+                    "detail": with_rounds(f"{pair} {_fmt(v)} {unit}", by_round)})
 
     for amb in AMB_PAIRS:
         ratio(f"{amb} GET -c 50 vs haproxy", amb, "get_c50_rps", "haproxy", 1.3)
@@ -1346,7 +1387,7 @@ def main() -> int:
         stop_all()
 
     rows = derive(results)
-    ts = targets(rows)
+    ts = targets(rows, per_round(results))
     errs = errors_list(results)
     mach = machine_info(b)
     doc = {
