@@ -80,7 +80,8 @@ per_transport!(streams_cancelled_while_the_server_dials_spend_the_budget);
 /// connection. The upstream's connects hang until the test releases them, so every cancel
 /// lands mid-dial.
 async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport) {
-    const STREAMS: u32 = 100;
+    // Well past the budget's burst (64) plus what it refills (16/s) while the dials complete.
+    const STREAMS: u32 = 200;
     let mut gate = StalledUpstream::new().await;
     let pki = Pki::new();
     let up = gate.addr.to_string();
@@ -165,7 +166,10 @@ impl StalledUpstream {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(0).unwrap();
         let addr = listener.local_addr().unwrap();
-        let filler = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let filler = tokio::time::timeout(READY, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("the filler connection to the stalled listener")
+            .unwrap();
         StalledUpstream {
             listener: Some(listener),
             addr,
@@ -198,10 +202,11 @@ impl StalledUpstream {
         }
     }
 
-    /// Accepts (and drops) every connection from now on: the hanging connects complete at
-    /// their next SYN retry.
+    /// Accepts (and drops) every connection from now on: with a backlog raised for all of
+    /// them at once, the hanging connects complete together at their next SYN retry.
     fn release(&mut self) {
         let listener = self.listener.take().unwrap();
+        socket2::SockRef::from(&listener).listen(4096).unwrap();
         tokio::spawn(async move { while listener.accept().await.is_ok() {} });
     }
 }
