@@ -116,6 +116,28 @@ async fn quic_transfer_survives_a_client_address_change() {
     assert!(echo_works(client.listen_addr()).await);
 }
 
+/// Path MTU discovery takes QUIC datagrams past 1,500 bytes where the path allows it (loopback
+/// through the relay here), in both directions, so both sides raised their discovery bound and
+/// advertise a larger `max_udp_payload_size`; and never past amb's 6,000-byte cap, which keeps
+/// quinn's ten-datagram GSO sends within one 64 KiB UDP send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_datagrams_grow_past_1500_bytes_where_the_path_allows() {
+    let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Quic, &[]).await;
+    let largest = |side: usize| relay.link.largest_datagram[side].load(Ordering::SeqCst);
+    let deadline = Instant::now() + READY;
+    while largest(0) <= 1500 || largest(1) <= 1500 {
+        assert!(
+            Instant::now() < deadline,
+            "largest datagrams: {} bytes from the client, {} from the server",
+            largest(0),
+            largest(1)
+        );
+        echo_exact(client.listen_addr(), 1 << 20, async {}).await;
+    }
+    eprintln!("largest datagrams: {} up, {} down", largest(0), largest(1));
+    assert!(largest(0) <= 6000 && largest(1) <= 6000);
+}
+
 async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     let (_pki, _upstream, _server, relay, client) =
         impaired_pair(t, &["--idle-timeout", "5s"]).await;

@@ -3,7 +3,7 @@
 //! a rate limit (TCP), a switchable blackhole, and, for UDP, a change of source address.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub struct Impairments {
     pub rate_bps: AtomicU64,
     /// Drop every UDP datagram and hold every TCP byte while set.
     pub blackhole: AtomicBool,
+    /// The largest UDP datagram seen from the client side and from the server side.
+    pub largest_datagram: [AtomicUsize; 2],
     healed: Notify,
 }
 
@@ -113,6 +115,7 @@ impl Relay {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = inb.recv_from(&mut buf).await {
                 *c.lock().unwrap() = Some(from);
+                l.largest_datagram[0].fetch_max(n, Ordering::Relaxed);
                 if l.drop_datagram() {
                     continue;
                 }
@@ -140,6 +143,7 @@ impl Relay {
                     _ = rb.notified() => continue,
                 };
                 let Ok((n, _)) = received else { return };
+                l.largest_datagram[1].fetch_max(n, Ordering::Relaxed);
                 let Some(to) = *c.lock().unwrap() else {
                     continue;
                 };

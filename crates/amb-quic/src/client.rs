@@ -70,7 +70,7 @@ impl Dialer for QuicDialer {
         })?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
+            crate::endpoint_config(),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -42,7 +42,7 @@ impl QuicServer {
         config.transport_config(transport_config(&limits, true));
         tune_udp(&socket);
         let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
+            crate::endpoint_config(),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),
