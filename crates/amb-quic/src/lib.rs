@@ -78,8 +78,8 @@ pub enum QuicError {
 const WELCOME: [u8; 1] = [amb_proto::WIRE_VERSION];
 
 /// The largest UDP payload amb sends or accepts. Path MTU discovery climbs toward it from
-/// 1,200 bytes: on a 1,500-byte Ethernet path it settles at 1,452, on loopback and jumbo-frame
-/// links it gets here, and bulk throughput on loopback doubled (3.5–4.2 → 7.1–8.2 Gb/s). It is
+/// 1,200 bytes: on a 1,500-byte Ethernet path it settles just under 1,472 (the most an IPv4
+/// datagram carries there), on loopback and jumbo-frame links it gets here, and bulk throughput on loopback doubled (3.5–4.2 → 7.1–8.2 Gb/s). It is
 /// bounded by quinn's send batches: ten datagrams go out in one GSO send, which must fit the
 /// 64 KiB of one UDP send (at 8,000 bytes every batch failed and throughput fell to 30 Mb/s).
 const MAX_DATAGRAM: u16 = 6_000;
