@@ -9,7 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::raw::{frame, open_header, quic_connect, RawH2};
+use support::raw::{expect_closed_for_abuse, frame, open_header, quic_connect, RawH2};
 use support::*;
 
 /// Streams the abuser sends in all; the server must cut it off long before.
@@ -73,16 +73,28 @@ impl Target {
     }
 }
 
-per_transport!(streams_cancelled_while_the_server_dials_spend_the_budget);
+per_transport!(
+    streams_cancelled_while_the_server_dials_spend_the_budget,
+    a_client_gone_while_the_server_dials_is_not_blamed,
+);
 
-/// Streams cancelled after the server accepted them, while it dials their upstream, spend the
-/// refusal budget when the dial completes: more of them than the budget's burst (64) close the
-/// connection. The upstream's connects hang until the test releases them, so every cancel
-/// lands mid-dial.
-async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport) {
-    // Well past the budget's burst (64) plus what it refills (16/s) while the dials complete.
-    const STREAMS: u32 = 200;
-    let mut gate = StalledUpstream::new().await;
+/// Streams the server accepted and is dialing for: well past the refusal budget's burst (64)
+/// plus what it refills (16/s) while the dials complete.
+const DIALING: u32 = 200;
+
+/// A client whose streams the server accepted, each waiting for its upstream dial.
+enum DialingClient {
+    H2(RawH2),
+    Quic(
+        quinn::Connection,
+        Vec<(quinn::SendStream, quinn::RecvStream)>,
+    ),
+}
+
+/// A server whose upstream's connects hang (until `gate` is released), and a client with
+/// [`DIALING`] streams the server accepted and is dialing for.
+async fn streams_dialing(t: Transport) -> (StalledUpstream, Pki, Amb, DialingClient) {
+    let gate = StalledUpstream::new().await;
     let pki = Pki::new();
     let up = gate.addr.to_string();
     let args = [
@@ -95,34 +107,47 @@ async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport)
     ];
     let server = Amb::server(&pki, 0, &args);
     let addr = server.server_addr();
-    let cancel = quinn::VarInt::from_u32(frame::CANCEL);
-    match t {
+    let client = match t {
         Transport::Tls => {
             let mut raw = RawH2::connect(&pki, "client", addr).await;
-            for i in 0..STREAMS {
+            for i in 0..DIALING {
                 raw.connect_request(2 * i + 1, "default");
             }
             raw.flush().await.unwrap();
-            gate.wait_connecting(STREAMS as usize);
-            for i in 0..STREAMS {
-                raw.reset(2 * i + 1, frame::CANCEL);
-            }
-            raw.round_trip().await;
-            gate.release();
-            let code = tokio::time::timeout(READY, raw.goaway())
-                .await
-                .expect("the server kept the connection open");
-            assert_eq!(code, Some(frame::ENHANCE_YOUR_CALM), "GOAWAY code");
+            DialingClient::H2(raw)
         }
         Transport::Quic => {
             let conn = quic_connect(&pki, "client", addr).await;
             let mut streams = Vec::new();
-            for _ in 0..STREAMS {
+            for _ in 0..DIALING {
                 let (mut send, recv) = conn.open_bi().await.unwrap();
                 send.write_all(&open_header("default")).await.unwrap();
                 streams.push((send, recv));
             }
-            gate.wait_connecting(STREAMS as usize);
+            DialingClient::Quic(conn, streams)
+        }
+    };
+    gate.wait_connecting(DIALING as usize);
+    (gate, pki, server, client)
+}
+
+/// Streams cancelled after the server accepted them, while it dials their upstream, spend the
+/// refusal budget when the dial completes: more of them than the budget's burst close the
+/// connection. The upstream's connects hang until the test releases them, so every cancel
+/// lands mid-dial.
+async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport) {
+    let (mut gate, _pki, server, client) = streams_dialing(t).await;
+    let cancel = quinn::VarInt::from_u32(frame::CANCEL);
+    match client {
+        DialingClient::H2(mut raw) => {
+            for i in 0..DIALING {
+                raw.reset(2 * i + 1, frame::CANCEL);
+            }
+            raw.round_trip().await;
+            gate.release();
+            raw.expect_calm_goaway().await;
+        }
+        DialingClient::Quic(conn, mut streams) => {
             for (send, recv) in &mut streams {
                 let _ = send.reset(cancel);
                 let _ = recv.stop(cancel);
@@ -135,13 +160,7 @@ async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport)
             recv.read_exact(&mut status).await.unwrap();
             assert_ne!(status[0], amb_proto::status::STATUS_OPEN);
             gate.release();
-            let closed = tokio::time::timeout(READY, conn.closed())
-                .await
-                .expect("the server kept the connection open");
-            assert!(
-                closed.to_string().contains("too many refused streams"),
-                "closed with: {closed}"
-            );
+            expect_closed_for_abuse(&conn).await;
         }
     }
     server.log.wait_for(&[
@@ -149,6 +168,38 @@ async fn streams_cancelled_while_the_server_dials_spend_the_budget(t: Transport)
         "spiffe://amb/client",
         t.flag(),
     ]);
+}
+
+/// A client that disconnects while the server dials for its streams did not cancel them: when
+/// the dials complete and the streams cannot open, nothing is charged to it and it is not logged
+/// as an abuser (over TLS this failed before the connection marked itself closing).
+async fn a_client_gone_while_the_server_dials_is_not_blamed(t: Transport) {
+    let (mut gate, _pki, server, client) = streams_dialing(t).await;
+    match client {
+        DialingClient::H2(raw) => raw.close().await,
+        DialingClient::Quic(conn, _streams) => conn.close(quinn::VarInt::from_u32(0), b"bye"),
+    }
+    let deadline = std::time::Instant::now() + READY;
+    while server.log.count(&["tunnel connection closed"])
+        + server.log.count(&["tunnel connection ended"])
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not see the client go"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    gate.release();
+    server
+        .log
+        .wait_for_nth(&["stream lost before it opened"], DIALING as usize);
+    assert_eq!(
+        server.log.count(&["too many refused streams"]),
+        0,
+        "a client that went away was blamed:\n{}",
+        server.log.text()
+    );
 }
 
 /// An upstream whose connects hang until [`StalledUpstream::release`]: a listener with a
@@ -227,10 +278,7 @@ async fn h2_rapid_reset_closes_the_connection_without_a_dial_storm() {
             break;
         }
     }
-    let code = tokio::time::timeout(READY, raw.goaway())
-        .await
-        .expect("the server kept the abusive connection open");
-    assert_eq!(code, Some(frame::ENHANCE_YOUR_CALM), "GOAWAY code");
+    raw.expect_calm_goaway().await;
     target.assert_closed_logged(Transport::Tls);
     let what = format!("{sent} cancelled streams");
     target
@@ -297,13 +345,7 @@ async fn quic_rapid_reset_closes_the_connection_without_a_dial_storm() {
         let _ = recv.stop(quinn::VarInt::from_u32(frame::CANCEL));
         sent += 1;
     }
-    let closed = tokio::time::timeout(READY, conn.closed())
-        .await
-        .expect("the server kept the abusive connection open");
-    assert!(
-        closed.to_string().contains("too many refused streams"),
-        "closed with: {closed}"
-    );
+    expect_closed_for_abuse(&conn).await;
     target.assert_closed_logged(Transport::Quic);
     let what = format!("{sent} cancelled streams");
     target

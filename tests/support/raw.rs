@@ -146,6 +146,19 @@ impl RawH2 {
         panic!("the connection ended before the PING's ACK");
     }
 
+    /// Waits for the GOAWAY with ENHANCE_YOUR_CALM that ends an abusive connection.
+    pub async fn expect_calm_goaway(&mut self) {
+        let code = tokio::time::timeout(super::READY, self.goaway())
+            .await
+            .expect("the server kept the abusive connection open");
+        assert_eq!(code, Some(frame::ENHANCE_YOUR_CALM), "GOAWAY code");
+    }
+
+    /// Ends the connection as a client that goes away: TLS close_notify, then FIN.
+    pub async fn close(mut self) {
+        let _ = self.write.shutdown().await;
+    }
+
     /// Waits for the server's GOAWAY and returns its error code, or `None` if the connection
     /// ended without one.
     pub async fn goaway(&mut self) -> Option<u32> {
@@ -186,6 +199,17 @@ pub async fn quic_connect(pki: &Pki, cert: &str, addr: SocketAddr) -> quinn::Con
         .unwrap()
         .await
         .expect("QUIC handshake")
+}
+
+/// Waits until the server closes `conn` for spending its refusal budget.
+pub async fn expect_closed_for_abuse(conn: &quinn::Connection) {
+    let closed = tokio::time::timeout(super::READY, conn.closed())
+        .await
+        .expect("the server kept the abusive connection open");
+    assert!(
+        closed.to_string().contains("too many refused streams"),
+        "closed with: {closed}"
+    );
 }
 
 /// The stream-open header amb writes first on every QUIC stream.
