@@ -138,6 +138,33 @@ async fn quic_datagrams_grow_past_1500_bytes_where_the_path_allows() {
     assert!(largest(0) <= 6000 && largest(1) <= 6000);
 }
 
+/// Over TLS, the first bytes of a new connection that were already waiting when the client
+/// took it leave in the same TLS record (and write) as the CONNECT that opens its stream, not
+/// one turn of the h2 connection task later. (The app's bytes are made to wait by stopping the
+/// client while the app connects and writes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_stream_open_carries_waiting_first_bytes_in_one_record() {
+    let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Tls, &[]).await;
+    client.wait_pool_up(Transport::Tls);
+    let records = || relay.link.tls_records_up.load(Ordering::SeqCst);
+    let before = records();
+    client.pause();
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(b"first bytes").await.unwrap();
+    client.resume();
+    let mut echoed = [0u8; 11];
+    tokio::time::timeout(READY, tcp.read_exact(&mut echoed))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(&echoed, b"first bytes");
+    assert_eq!(
+        records() - before,
+        1,
+        "TLS records the client sent to open the stream with its first bytes"
+    );
+}
+
 async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     let (_pki, _upstream, _server, relay, client) =
         impaired_pair(t, &["--idle-timeout", "5s"]).await;

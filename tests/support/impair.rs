@@ -27,6 +27,8 @@ pub struct Impairments {
     pub blackhole: AtomicBool,
     /// The largest UDP datagram seen from the client side and from the server side.
     pub largest_datagram: [AtomicUsize; 2],
+    /// TLS records the client side has sent over TCP, counted from their plaintext headers.
+    pub tls_records_up: AtomicUsize,
     healed: Notify,
 }
 
@@ -98,7 +100,7 @@ impl Relay {
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    tokio::join!(pipe(ri, wo, l.clone()), pipe(ro, wi, l));
+                    tokio::join!(pipe(ri, wo, l.clone(), true), pipe(ro, wi, l, false));
                 });
             }
         }));
@@ -185,11 +187,13 @@ impl Drop for Relay {
     }
 }
 
-/// Copies one TCP direction with delay (order kept), rate limit and blackhole.
+/// Copies one TCP direction with delay (order kept), rate limit and blackhole; `up` (client
+/// to server) also counts TLS records.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     link: Arc<Impairments>,
+    up: bool,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let l = link.clone();
@@ -209,10 +213,15 @@ async fn pipe(
     });
     let mut buf = vec![0u8; 16 << 10];
     let base = link.delay_ms.load(Ordering::Relaxed);
+    let mut records = TlsRecords::default();
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if up {
+                    let started = records.feed(&buf[..n]);
+                    link.tls_records_up.fetch_add(started, Ordering::SeqCst);
+                }
                 let due = tokio::time::Instant::now() + Duration::from_millis(base);
                 if tx.send((due, buf[..n].to_vec())).is_err() {
                     break;
@@ -222,4 +231,36 @@ async fn pipe(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Finds TLS record boundaries in a byte stream split anywhere (5-byte header: type, version,
+/// big-endian body length).
+#[derive(Default)]
+struct TlsRecords {
+    header: Vec<u8>,
+    body_left: usize,
+}
+
+impl TlsRecords {
+    /// Consumes `bytes`; returns how many records started in them.
+    fn feed(&mut self, mut bytes: &[u8]) -> usize {
+        let mut started = 0;
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let skip = self.body_left.min(bytes.len());
+                self.body_left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.header.len() == 5 {
+                started += 1;
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header.clear();
+            }
+        }
+        started
+    }
 }

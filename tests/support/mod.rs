@@ -332,6 +332,32 @@ impl Amb {
         assert!(ok.success());
     }
 
+    /// Stops the process (SIGSTOP) and waits until every thread of it is stopped.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let stopped = || {
+            std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat = std::fs::read_to_string(task.unwrap().path().join("stat"));
+                // The state follows the parenthesised command name.
+                stat.is_ok_and(|s| {
+                    s.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T'))
+                })
+            })
+        };
+        let deadline = Instant::now() + READY;
+        while !stopped() {
+            assert!(Instant::now() < deadline, "amb did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Continues a process stopped by [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
     /// Waits for exit, up to `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;

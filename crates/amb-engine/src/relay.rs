@@ -11,6 +11,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use amb_proto::{ResetCode, StreamError, StreamRecv, StreamSend};
 use bytes::{Buf, Bytes, BytesMut};
@@ -29,12 +30,17 @@ const MAX_WRITE_BATCH: usize = 32;
 /// Writes every chunk of `batch` to `tcp` with as few `writev` calls as the kernel allows.
 async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
-    while first < batch.len() {
+    loop {
+        // Empty chunks (an end-of-stream frame carries none) never cost a syscall.
+        while batch.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+        if first == batch.len() {
+            return Ok(());
+        }
         tcp.writable().await?;
         let mut written = match write_vectored_now(tcp, &batch[first..]) {
-            Ok(0) if batch[first..].iter().any(|c| !c.is_empty()) => {
-                return Err(io::ErrorKind::WriteZero.into())
-            }
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -49,12 +55,7 @@ async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<
                 written = 0;
             }
         }
-        // Empty chunks never occupy a slot twice.
-        while batch.get(first).is_some_and(Bytes::is_empty) {
-            first += 1;
-        }
     }
-    Ok(())
 }
 
 /// One non-blocking `writev` of up to [`MAX_WRITE_BATCH`] chunks. Synchronous, so the slice
@@ -133,12 +134,16 @@ pub async fn relay<S: StreamSend, R: StreamRecv>(
     mut send: S,
     mut recv: R,
 ) -> Result<RelayStats, RelayError> {
+    let socket_ended = AtomicBool::new(false);
     let outcome = tokio::try_join!(
-        tcp_to_tunnel(&tcp, &mut send),
-        tunnel_to_tcp(&tcp, &mut recv)
+        tcp_to_tunnel(&tcp, &mut send, &socket_ended),
+        tunnel_to_tcp(&tcp, &mut recv, &socket_ended)
     );
     match outcome {
         Ok((to_tunnel, from_tunnel)) => {
+            // Both directions are done: the close sends the socket's FIN (if the stream's end
+            // did not already), without waiting for the tunnel peer's acknowledgement.
+            drop(tcp);
             send.delivered().await;
             Ok(RelayStats {
                 to_tunnel,
@@ -164,7 +169,13 @@ pub fn reset_tcp(tcp: TcpStream) {
     drop(tcp);
 }
 
-async fn tcp_to_tunnel<S: StreamSend>(tcp: &TcpStream, send: &mut S) -> Result<u64, RelayError> {
+/// Copies the socket into the stream; sets `socket_ended` once the socket's FIN has finished
+/// the stream.
+async fn tcp_to_tunnel<S: StreamSend>(
+    tcp: &TcpStream,
+    send: &mut S,
+    socket_ended: &AtomicBool,
+) -> Result<u64, RelayError> {
     let mut total = 0u64;
     let mut size = MIN_BUFFER;
     let mut buf = BytesMut::new();
@@ -176,6 +187,7 @@ async fn tcp_to_tunnel<S: StreamSend>(tcp: &TcpStream, send: &mut S) -> Result<u
         match read_buf_now(tcp, &mut buf) {
             Ok(0) => {
                 send.finish()?;
+                socket_ended.store(true, Ordering::Relaxed);
                 return Ok(total);
             }
             Ok(n) => {
@@ -191,7 +203,14 @@ async fn tcp_to_tunnel<S: StreamSend>(tcp: &TcpStream, send: &mut S) -> Result<u
     }
 }
 
-async fn tunnel_to_tcp<R: StreamRecv>(tcp: &TcpStream, recv: &mut R) -> Result<u64, RelayError> {
+/// Copies the stream into the socket; at the stream's end, shuts the socket's write side unless
+/// the socket already ended its own (then the caller's close sends the FIN, one syscall
+/// instead of two: the usual order for a client that closes after its last reply).
+async fn tunnel_to_tcp<R: StreamRecv>(
+    tcp: &TcpStream,
+    recv: &mut R,
+    socket_ended: &AtomicBool,
+) -> Result<u64, RelayError> {
     let mut total = 0u64;
     // Reused for every batch; emptied after each write so no received buffer stays pinned
     // while the connection idles (what stays is its capacity: at most 32 handles, 1 KiB).
@@ -205,6 +224,9 @@ async fn tunnel_to_tcp<R: StreamRecv>(tcp: &TcpStream, recv: &mut R) -> Result<u
             .await
             .map_err(RelayError::Tcp)?;
         batch.clear();
+    }
+    if socket_ended.load(Ordering::Relaxed) {
+        return Ok(total);
     }
     match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The socket may already be gone; its own error will surface on the other direction.

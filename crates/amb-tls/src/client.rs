@@ -166,7 +166,7 @@ impl Tunnel for TlsTunnel {
             .body(())
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
         let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
-        Ok((H2Send(send), H2Recv::Pending(response)))
+        Ok((H2Send::new(send), H2Recv::Pending(response)))
     }
 
     async fn closed(&self) -> String {

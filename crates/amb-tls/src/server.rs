@@ -240,7 +240,7 @@ impl IncomingStream for TlsIncoming {
 
     async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
         match self.respond.send_response(response(200), false) {
-            Ok(send) => Ok((H2Send(send), H2Recv::Body(self.body))),
+            Ok(send) => Ok((H2Send::new(send), H2Recv::Body(self.body))),
             Err(e) => {
                 // Cancelled while the server dialed: rapid reset costs the client its budget.
                 self.ctx.charge("stream cancelled before it opened");

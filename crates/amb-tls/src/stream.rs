@@ -20,36 +20,61 @@ pub(crate) fn h2_error(e: h2::Error) -> StreamError {
     }
 }
 
+/// Largest first chunk handed to h2 before it granted flow-control credit (the relay's first
+/// read size). h2 still sends it only within the peer's windows, holding it meanwhile: one
+/// bounded chunk per stream, never more, since later sends wait for credit.
+const UNCREDITED_FIRST_CHUNK: usize = 16 << 10;
+
 /// Sending half of an HTTP/2 CONNECT stream.
-pub struct H2Send(pub(crate) SendStream<Bytes>);
+pub struct H2Send {
+    stream: SendStream<Bytes>,
+    sent_any: bool,
+}
+
+impl H2Send {
+    pub(crate) fn new(stream: SendStream<Bytes>) -> Self {
+        H2Send {
+            stream,
+            sent_any: false,
+        }
+    }
+}
 
 impl StreamSend for H2Send {
     async fn send(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+        if !self.sent_any && data.len() <= UNCREDITED_FIRST_CHUNK {
+            // A client stream gets credit only once the connection task has sent its HEADERS,
+            // so waiting for it would send the HEADERS and the first bytes in two TLS records
+            // and two writes. Queued now, both leave in one.
+            self.sent_any = true;
+            return self.stream.send_data(data, false).map_err(h2_error);
+        }
+        self.sent_any = true;
         while !data.is_empty() {
-            self.0.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| self.0.poll_capacity(cx)).await {
+            self.stream.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| self.stream.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(h2_error(e)),
                 None => {
                     // The stream closed under us: report why.
-                    return Err(match poll_fn(|cx| self.0.poll_reset(cx)).await {
+                    return Err(match poll_fn(|cx| self.stream.poll_reset(cx)).await {
                         Ok(reason) => StreamError::Reset(ResetCode(reason.into())),
                         Err(e) => h2_error(e),
                     });
                 }
             };
             let chunk = data.split_to(granted.min(data.len()));
-            self.0.send_data(chunk, false).map_err(h2_error)?;
+            self.stream.send_data(chunk, false).map_err(h2_error)?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
-        self.0.send_data(Bytes::new(), true).map_err(h2_error)
+        self.stream.send_data(Bytes::new(), true).map_err(h2_error)
     }
 
     fn reset(&mut self, code: ResetCode) {
-        self.0.send_reset(Reason::from(code.0));
+        self.stream.send_reset(Reason::from(code.0));
     }
 
     async fn delivered(&mut self) {
