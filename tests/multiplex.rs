@@ -194,6 +194,15 @@ async fn a_client_gone_while_the_server_dials_is_not_blamed(t: Transport) {
     server
         .log
         .wait_for_nth(&["stream lost before it opened"], DIALING as usize);
+    let text = server.log.text();
+    let warned = text
+        .lines()
+        .filter(|l| l.contains("stream lost before it opened") && l.contains("WARN"));
+    assert_eq!(
+        warned.count(),
+        0,
+        "the streams of a client that went away are not warnings, one per stream:\n{text}"
+    );
     assert_eq!(
         server.log.count(&["too many refused streams"]),
         0,

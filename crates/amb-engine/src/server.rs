@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{IncomingStream, Limits, Refusal, RouteTable, ALPN_H2, ALPN_QUIC};
+use amb_proto::{IncomingStream, Limits, Refusal, RouteTable, StreamError, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicServer;
 use amb_tls::TlsServer;
 use tokio::sync::{watch, Semaphore};
@@ -230,6 +230,11 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
     };
     let (send, recv) = match incoming.accept().await {
         Ok(halves) => halves,
+        // The client cancelled the stream or lost its connection while the server dialed:
+        // its own doing, and a lost connection would otherwise log once per pending stream.
+        Err(e @ (StreamError::Reset(_) | StreamError::ConnectionLost(_))) => {
+            return debug!(%peer, %route, %upstream, "stream lost before it opened: {e}")
+        }
         Err(e) => return warn!(%peer, %route, %upstream, "stream lost before it opened: {e}"),
     };
     match relay(tcp, send, recv).await {

@@ -1,11 +1,14 @@
 //! The server side: accept TCP without waiting on handshakes, verify the client in TLS, and hand
 //! each CONNECT stream to the engine.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
-use amb_proto::{IncomingStream, Limits, Peer, Refusal, RefusalBudget, RouteName, StreamError};
+use amb_proto::{
+    IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName, StreamError,
+};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -244,7 +247,14 @@ impl IncomingStream for TlsIncoming {
             Err(e) => {
                 // Cancelled while the server dialed: rapid reset costs the client its budget.
                 self.ctx.charge("stream cancelled before it opened");
-                Err(h2_error(e))
+                // h2 reports only a misuse here; the stream's state says why it is gone (reset
+                // by the client, or its connection lost).
+                let gone = poll_fn(|cx| Poll::Ready(self.respond.poll_reset(cx))).await;
+                Err(match gone {
+                    Poll::Ready(Ok(reason)) => StreamError::Reset(ResetCode(reason.into())),
+                    Poll::Ready(Err(why)) => h2_error(why),
+                    Poll::Pending => h2_error(e),
+                })
             }
         }
     }
