@@ -165,6 +165,47 @@ async fn tls_stream_open_carries_waiting_first_bytes_in_one_record() {
     );
 }
 
+/// Over TLS, chunks that many streams send at the same moment leave in a few full TLS records
+/// (one `writev` per flush of the h2 connection), not one record per chunk: h2 writes each
+/// DATA frame over 256 bytes on its own. Twenty app connections write 1 KiB each while the
+/// client is stopped; once it runs, they all go out together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_chunks_of_many_streams_share_records() {
+    const STREAMS: usize = 20;
+    let (_pki, _upstream, _server, relay, client) =
+        impaired_pair(Transport::Tls, &["--threads", "1"]).await;
+    client.wait_pool_up(Transport::Tls);
+    let mut apps = Vec::new();
+    for _ in 0..STREAMS {
+        let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+        tcp.write_all(b"open").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tcp.read_exact(&mut echoed).await.unwrap();
+        apps.push(tcp);
+    }
+    let records = || relay.link.tls_records_up.load(Ordering::SeqCst);
+    let before = records();
+    client.pause();
+    for tcp in &mut apps {
+        tcp.write_all(&[7u8; 1024]).await.unwrap();
+    }
+    client.resume();
+    for tcp in &mut apps {
+        let mut echoed = vec![0u8; 1024];
+        tokio::time::timeout(READY, tcp.read_exact(&mut echoed))
+            .await
+            .expect("no echo")
+            .unwrap();
+        assert!(echoed.iter().all(|&b| b == 7));
+    }
+    let sent = records() - before;
+    eprintln!("{STREAMS} chunks of 1 KiB in {sent} TLS records");
+    assert!(
+        sent <= STREAMS / 4,
+        "{STREAMS} chunks sent at once took {sent} TLS records"
+    );
+}
+
 async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     let (_pki, _upstream, _server, relay, client) =
         impaired_pair(t, &["--idle-timeout", "5s"]).await;

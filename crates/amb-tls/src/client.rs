@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
+use crate::coalesce::coalesce;
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
@@ -70,13 +71,14 @@ impl TlsDialer {
                 peer: peer.clone(),
                 source,
             })?;
+        let (io, flusher) = coalesce(tls);
         let (send_request, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
             .max_concurrent_streams(0)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| TlsError::H2 {
                 peer: peer.clone(),
@@ -89,6 +91,7 @@ impl TlsDialer {
             peer: peer.clone(),
             why: "HTTP/2 ping unavailable".into(),
         })?;
+        let mut connection = flusher.run(connection);
         tokio::select! {
             pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
             closed = &mut connection => closed.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),

@@ -3,6 +3,7 @@
 //! answer is an HTTP status; later failures are `RST_STREAM` with an [`amb_proto::ResetCode`].
 
 mod client;
+mod coalesce;
 mod server;
 mod stream;
 

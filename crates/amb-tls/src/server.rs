@@ -2,23 +2,27 @@
 //! each CONNECT stream to the engine.
 
 use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName, StreamError,
+    IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget, ResetCode, RouteName,
+    StreamError,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Response, StatusCode};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::coalesce::{coalesce, Coalesce, Flusher};
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
@@ -72,114 +76,132 @@ where
             }
         };
         let (acceptor, limits, handler) = (server.acceptor.clone(), server.limits, handler.clone());
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         server.connections.spawn(async move {
             tune_tcp(&tcp);
-            let handshake = async {
-                let tls = acceptor
-                    .accept(tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                let identity = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .map(amb_pki::peer_identity)
-                    .unwrap_or_default();
-                let conn = h2::server::Builder::new()
-                    .initial_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_frame_size(MAX_FRAME)
-                    .max_send_buffer_size(SEND_BUFFER)
-                    .max_concurrent_streams(limits.max_streams_per_connection)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-                Ok::<_, String>((conn, identity))
-            };
-            let (mut conn, identity) = match tokio::time::timeout(
-                limits.handshake_timeout,
-                handshake,
-            )
-            .await
-            {
+            let timeout = limits.handshake_timeout;
+            let handshake = tokio::time::timeout(timeout, handshake(acceptor, tcp, limits));
+            let (conn, flusher, identity) = match handshake.await {
                 Ok(Ok(done)) => done,
                 Ok(Err(why)) => return warn!(peer = %addr, transport = "tls", "{why}"),
                 Err(_) => {
-                    return warn!(peer = %addr, transport = "tls", "handshake timed out after {:?}", limits.handshake_timeout)
+                    return warn!(peer = %addr, transport = "tls", "handshake timed out after {timeout:?}")
                 }
             };
             let peer = Arc::new(Peer { identity, addr });
-            let ctx = Arc::new(ConnCtx {
-                peer: peer.clone(),
-                budget: RefusalBudget::new(),
-                kill: Notify::new(),
-                closing: AtomicBool::new(false),
-            });
-            // However the loop below ends, streams still pending must not charge the budget.
-            let _closing = CloseOnDrop(ctx.clone());
-            debug!(%peer, transport = "tls", "tunnel connection up");
-            let mut draining = false;
-            let mut killed = false;
-            loop {
-                let next = tokio::select! {
-                    next = conn.accept() => next,
-                    _ = ctx.kill.notified(), if !killed => {
-                        killed = true;
-                        conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                        continue;
-                    }
-                    _ = stop.wait_for(|s| *s), if !draining => {
-                        // No new streams; live ones finish, then the connection closes.
-                        draining = true;
-                        conn.graceful_shutdown();
-                        continue;
-                    }
-                };
-                let Some(next) = next else { break };
-                let (request, respond) = match next {
-                    Ok(r) => r,
-                    // This side's HTTP/2 layer ended it: the peer broke the protocol or its
-                    // limits (e.g. rapid reset: streams cancelled before they are accepted).
-                    // A kill for the refusal budget was logged when it was decided.
-                    Err(e) if !killed && !e.is_remote() && !e.is_io() => {
-                        return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
-                    }
-                    Err(e) => {
-                        return debug!(%peer, transport = "tls", "tunnel connection ended: {e}")
-                    }
-                };
-                let (handler, ctx) = (handler.clone(), ctx.clone());
-                tokio::spawn(async move {
-                    let (parts, body) = request.into_parts();
-                    let route = (parts.method == Method::CONNECT)
-                        .then(|| {
-                            parts
-                                .uri
-                                .authority()
-                                .map(|a| a.as_str().parse::<RouteName>())
-                        })
-                        .flatten();
-                    let incoming = TlsIncoming {
-                        respond,
-                        body,
-                        route: RouteName::default_route(),
-                        ctx,
-                    };
-                    match route {
-                        Some(Ok(route)) => handler(TlsIncoming { route, ..incoming }).await,
-                        other => {
-                            warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
-                                match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
-                            incoming.refuse(Refusal::BadRequest).await;
-                        }
-                    }
-                });
-            }
-            debug!(%peer, transport = "tls", "tunnel connection closed");
+            flusher.run(pin!(serve_connection(conn, peer, stop, handler))).await;
         });
     }
+}
+
+type Connection = h2::server::Connection<Coalesce<TlsStream<TcpStream>>, Bytes>;
+
+/// The TLS and HTTP/2 handshakes of one connection; the client's identity from its certificate.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    limits: Limits,
+) -> Result<(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity), String> {
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(amb_pki::peer_identity)
+        .unwrap_or_default();
+    let (io, flusher) = coalesce(tls);
+    let conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    Ok((conn, flusher, identity))
+}
+
+/// Accepts the streams of one authenticated connection until it ends, each handled in a task
+/// of its own.
+async fn serve_connection<H, F>(
+    mut conn: Connection,
+    peer: Arc<Peer>,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+) where
+    H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let ctx = Arc::new(ConnCtx {
+        peer: peer.clone(),
+        budget: RefusalBudget::new(),
+        kill: Notify::new(),
+        closing: AtomicBool::new(false),
+    });
+    // However the loop below ends, streams still pending must not charge the budget.
+    let _closing = CloseOnDrop(ctx.clone());
+    debug!(%peer, transport = "tls", "tunnel connection up");
+    let mut draining = false;
+    let mut killed = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = ctx.kill.notified(), if !killed => {
+                killed = true;
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                continue;
+            }
+            _ = stop.wait_for(|s| *s), if !draining => {
+                // No new streams; live ones finish, then the connection closes.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
+        let (request, respond) = match next {
+            Ok(r) => r,
+            // This side's HTTP/2 layer ended it: the peer broke the protocol or its
+            // limits (e.g. rapid reset: streams cancelled before they are accepted).
+            // A kill for the refusal budget was logged when it was decided.
+            Err(e) if !killed && !e.is_remote() && !e.is_io() => {
+                return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
+            }
+            Err(e) => return debug!(%peer, transport = "tls", "tunnel connection ended: {e}"),
+        };
+        let (handler, ctx) = (handler.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let (parts, body) = request.into_parts();
+            let route = (parts.method == Method::CONNECT)
+                .then(|| {
+                    parts
+                        .uri
+                        .authority()
+                        .map(|a| a.as_str().parse::<RouteName>())
+                })
+                .flatten();
+            let incoming = TlsIncoming {
+                respond,
+                body,
+                route: RouteName::default_route(),
+                ctx,
+            };
+            match route {
+                Some(Ok(route)) => handler(TlsIncoming { route, ..incoming }).await,
+                other => {
+                    warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
+                            match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
+                    incoming.refuse(Refusal::BadRequest).await;
+                }
+            }
+        });
+    }
+    debug!(%peer, transport = "tls", "tunnel connection closed");
 }
 
 /// Marks a connection as closing when its task ends.
