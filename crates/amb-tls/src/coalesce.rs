@@ -20,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Buffered bytes written at once rather than at the end of the poll; also the size from
 /// which a write bypasses the buffer.
 const FLUSH_AT: usize = 32 << 10;
-/// A buffer that grew past this is released once written, so idle connections keep little.
+/// A buffer that grew past this is released after a flush of less than a quarter of it, so a
+/// connection back to small writes (or idle but for keep-alives) keeps little.
 const KEEP: usize = 16 << 10;
 
 /// Wraps `io`: the I/O object for h2, and the handle that flushes what h2's polls buffered.
@@ -42,8 +43,8 @@ struct Buffered<T> {
     written: usize,
     /// Inside a [`Flushing`] poll: small flushes wait for its end.
     deferring: bool,
-    /// A write error met at the end of a poll, for h2 to see at its next call.
-    failed: Option<io::Error>,
+    /// A write error met at the end of a poll, for h2 to see at every later call.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 fn lock<T>(shared: &Mutex<Buffered<T>>) -> MutexGuard<'_, Buffered<T>> {
@@ -52,12 +53,18 @@ fn lock<T>(shared: &Mutex<Buffered<T>>) -> MutexGuard<'_, Buffered<T>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<T: AsyncWrite + Unpin> Buffered<T> {
-    fn take_failure(&mut self) -> io::Result<()> {
-        self.failed.take().map_or(Ok(()), Err)
+impl<T> Buffered<T> {
+    fn check_failure(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, why)) => Err(io::Error::new(*kind, why.clone())),
+            None => Ok(()),
+        }
     }
+}
 
-    /// Writes the whole buffer to the inner writer and flushes it.
+impl<T: AsyncWrite + Unpin> Buffered<T> {
+    /// Writes the whole buffer to the inner writer and flushes it, which also sends what the
+    /// inner writer holds itself (rustls takes bytes even when the socket is full).
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf[self.written..]))?;
@@ -66,18 +73,18 @@ impl<T: AsyncWrite + Unpin> Buffered<T> {
             }
             self.written += n;
         }
-        self.written = 0;
-        if self.buf.capacity() > KEEP {
+        if self.buf.capacity() > KEEP && self.buf.len() < KEEP / 4 {
             self.buf = Vec::new();
         } else {
             self.buf.clear();
         }
+        self.written = 0;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
     /// Makes room for `len` more bytes; `Ready(false)` when they should bypass the buffer.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
-        self.take_failure()?;
+        self.check_failure()?;
         if self.buf.len() + len > FLUSH_AT {
             ready!(self.poll_write_out(cx))?;
         }
@@ -124,7 +131,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut b = lock(&self.0);
-        b.take_failure()?;
+        b.check_failure()?;
         if b.deferring && b.buf.len() < FLUSH_AT {
             return Poll::Ready(Ok(()));
         }
@@ -133,7 +140,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut b = lock(&self.0);
-        b.take_failure()?;
+        b.check_failure()?;
         ready!(b.poll_write_out(cx))?;
         Pin::new(&mut b.io).poll_shutdown(cx)
     }
@@ -146,9 +153,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut b = lock(&self.0);
-        if let Some(e) = b.failed.take() {
-            return Poll::Ready(Err(e));
-        }
+        b.check_failure()?;
         Pin::new(&mut b.io).poll_read(cx, buf)
     }
 }
@@ -158,7 +163,8 @@ pub(crate) struct Flusher<T>(Arc<Mutex<Buffered<T>>>);
 
 impl<T> Flusher<T> {
     /// Polls `task` (which drives the h2 connection) with small flushes put off, and writes
-    /// what each poll buffered when it returns.
+    /// what each poll buffered when it returns. h2 ends a connection only after a shutdown,
+    /// which writes everything, or after an I/O error: the task never ends with bytes left.
     pub(crate) fn run<F: Future + Unpin>(self, task: F) -> Flushing<F, T> {
         Flushing {
             task,
@@ -181,11 +187,13 @@ impl<F: Future + Unpin, T: AsyncWrite + Unpin> Future for Flushing<F, T> {
         let out = Pin::new(&mut self.task).poll(cx);
         let mut b = lock(&self.flusher.0);
         b.deferring = false;
-        if b.failed.is_none() && !b.buf.is_empty() {
-            // Pending: the socket is full, and its write readiness polls the task again.
+        // Every poll, even with nothing buffered here: rustls may hold bytes from a write-out
+        // or a large write the socket could not take. Pending: the socket is full, and its
+        // write readiness polls the task again.
+        if b.failed.is_none() {
             if let Poll::Ready(Err(e)) = b.poll_write_out(cx) {
                 // h2 learns at its next read or write; make sure there is one.
-                b.failed = Some(e);
+                b.failed = Some((e.kind(), e.to_string()));
                 cx.waker().wake_by_ref();
             }
         }
@@ -200,11 +208,15 @@ mod tests {
     use std::pin::pin;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An inner writer that records each write it is given, and can be made to fail.
+    /// An inner writer that records each write it is given, and can be made to fail or to
+    /// hold bytes it accepted (as rustls does when the socket is full).
     #[derive(Default)]
     struct Recorder {
         writes: Vec<Vec<u8>>,
         broken: bool,
+        /// Flushes that return Pending before one completes.
+        stuck_flushes: usize,
+        flushes_done: usize,
     }
 
     impl AsyncWrite for Recorder {
@@ -219,7 +231,13 @@ mod tests {
             self.writes.push(data.to_vec());
             Poll::Ready(Ok(data.len()))
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.stuck_flushes > 0 {
+                self.stuck_flushes -= 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.flushes_done += 1;
             Poll::Ready(Ok(()))
         }
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -286,7 +304,36 @@ mod tests {
         lock(&shared.0).io.broken = true;
         one_poll(&mut io, flusher, &[b"lost"]).await;
         let mut buf = [0u8; 1];
-        let err = io.read(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        for _ in 0..2 {
+            let err = io.read(&mut buf).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        }
+        assert!(io.write_all(b"more").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn bytes_the_inner_writer_holds_are_flushed_at_the_end_of_the_next_poll() {
+        let (mut io, flusher) = coalesce(Recorder::default());
+        let shared = Flusher(flusher.0.clone());
+        lock(&shared.0).io.stuck_flushes = 1;
+        let mut polls = 0;
+        let task = poll_fn(|cx| {
+            polls += 1;
+            if polls == 1 {
+                assert!(Pin::new(&mut io).poll_write(cx, b"pong").is_ready());
+                assert!(Pin::new(&mut io).poll_flush(cx).is_ready());
+                // Stays alive for one more poll, which writes nothing.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(())
+        });
+        flusher.run(pin!(task)).await;
+        let recorder = lock(&shared.0);
+        assert_eq!(recorder.io.writes, vec![b"pong".to_vec()]);
+        assert_eq!(
+            recorder.io.flushes_done, 1,
+            "the held bytes were never flushed"
+        );
     }
 }

@@ -275,7 +275,9 @@ impl IncomingStream for TlsIncoming {
                 Err(match gone {
                     Poll::Ready(Ok(reason)) => StreamError::Reset(ResetCode(reason.into())),
                     Poll::Ready(Err(why)) => h2_error(why),
-                    Poll::Pending => h2_error(e),
+                    Poll::Pending => {
+                        StreamError::Protocol(format!("stream closed before it opened ({e})"))
+                    }
                 })
             }
         }
