@@ -20,9 +20,9 @@ pub(crate) fn h2_error(e: h2::Error) -> StreamError {
     }
 }
 
-/// Largest first chunk handed to h2 before it granted flow-control credit (the relay's first
-/// read size). h2 still sends it only within the peer's windows, holding it meanwhile: one
-/// bounded chunk per stream, never more, since later sends wait for credit.
+/// Largest first chunk handed to h2 before it granted flow-control credit (a typical first
+/// read). h2 still sends it only within the peer's windows, holding it meanwhile: one bounded
+/// chunk per stream, never more, since later sends wait for credit.
 const UNCREDITED_FIRST_CHUNK: usize = 16 << 10;
 
 /// Sending half of an HTTP/2 CONNECT stream.
@@ -42,14 +42,13 @@ impl H2Send {
 
 impl StreamSend for H2Send {
     async fn send(&mut self, mut data: Bytes) -> Result<(), StreamError> {
-        if !self.sent_any && data.len() <= UNCREDITED_FIRST_CHUNK {
+        let first = !std::mem::replace(&mut self.sent_any, true);
+        if first && data.len() <= UNCREDITED_FIRST_CHUNK {
             // A client stream gets credit only once the connection task has sent its HEADERS,
             // so waiting for it would send the HEADERS and the first bytes in two TLS records
             // and two writes. Queued now, both leave in one.
-            self.sent_any = true;
             return self.stream.send_data(data, false).map_err(h2_error);
         }
-        self.sent_any = true;
         while !data.is_empty() {
             self.stream.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| self.stream.poll_capacity(cx)).await {
