@@ -61,7 +61,7 @@ LINK_DELAY_MS = 10.0  # each way; the emulated round trip is 20 ms
 LINK_LOSS = 0.01
 
 FULL = dict(
-    rounds=3, get_n=50_000, p32_n=500_000, ping_n=5_000, newconn_n=2_000, iperf_rounds=3, iperf_secs=3,
+    rounds=5, get_n=50_000, p32_n=500_000, ping_n=5_000, newconn_n=2_000, iperf_rounds=3, iperf_secs=3,
     idle_conns=5_000, concurrent_conns=10_000, first_reply_n=20, loss_secs=10, loss_streams=8,
     rb_timeout=150,
 )
