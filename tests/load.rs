@@ -1,9 +1,11 @@
 //! Load and resource cases: 1 GiB each way at once, 10,000 concurrent connections, a minute of
-//! connection churn without leaks, a slow consumer beside a fast stream, descriptor exhaustion,
-//! and a flapping upstream. Both transports where the tunnel is involved.
+//! connection churn without leaks, a slow consumer beside a fast stream, stalled readers beside
+//! an echo, descriptor exhaustion, and a flapping upstream. Both transports where the tunnel is involved.
 
 mod support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -15,6 +17,7 @@ per_transport!(
     one_gib_each_way_at_once_is_exact,
     ten_thousand_concurrent_connections_all_answer,
     slow_consumer_stays_bounded_and_does_not_slow_a_neighbour,
+    stalled_readers_do_not_freeze_their_tunnel_connection,
     upstream_flapping_fails_only_its_own_connections,
 );
 
@@ -312,6 +315,71 @@ async fn slow_consumer_stays_bounded_and_does_not_slow_a_neighbour(t: Transport)
         );
     }
     eprintln!("{t:?}: neighbour moved 64 MiB in {took:?} beside a 1 KiB/s reader; rss {base:?} -> {peak:?} KiB");
+}
+
+async fn stalled_readers_do_not_freeze_their_tunnel_connection(t: Transport) {
+    // Route `fire` sends without end and counts what it wrote; route `default` echoes.
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
+    let fire = Upstream::start(move |mut tcp: TcpStream| {
+        let written = counter.clone();
+        async move {
+            let chunk = vec![b'x'; 64 << 10];
+            while tcp.write_all(&chunk).await.is_ok() {
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    let echo = Upstream::echo().await;
+    let pki = Pki::new();
+    let server = Amb::server(
+        &pki,
+        0,
+        &[
+            "--upstream",
+            &echo.addr.to_string(),
+            "--route",
+            &format!("fire={}", fire.addr),
+        ],
+    );
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--listen", "0=fire", "--connections", "1"],
+    );
+    client.wait_tunnel_up();
+    // Nine app connections that never read: each stream keeps a 4 MiB window of credit, more in
+    // all than the 16 MiB (TLS) or 32 MiB (QUIC) connection windows were.
+    let mut stalled = Vec::new();
+    for _ in 0..9 {
+        stalled.push(
+            TcpStream::connect(client.listen_addr_for("fire"))
+                .await
+                .unwrap(),
+        );
+    }
+    // Every buffer on the way is full once the fire hose stops making progress.
+    let mut last = 0;
+    tokio::time::timeout(READY, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = written.load(Ordering::Relaxed);
+            if now > 9 * (4 << 20) && now == last {
+                return;
+            }
+            last = now;
+        }
+    })
+    .await
+    .expect("the fire hose never filled the stalled connections' windows");
+    assert!(
+        echo_works(client.listen_addr()).await,
+        "{t:?}: a neighbour stream on the tunnel got no echo beside 9 stalled readers"
+    );
+    drop(stalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,13 @@ const WELCOME: [u8; 1] = [amb_proto::WIRE_VERSION];
 /// 64 KiB of one UDP send (at 8,000 bytes every batch failed and throughput fell to 30 Mb/s).
 const MAX_DATAGRAM: u16 = 6_000;
 
+/// Stream receive window: bandwidth-delay product of a fast link.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// Connection receive window: room for 256 stream windows, so streams whose apps stop reading
+/// (each keeps its window's worth of credit) cannot freeze the other streams of the connection,
+/// as eight of them did with a 32 MiB window. Memory stays bounded per stream and by this.
+const CONNECTION_WINDOW: u32 = 1 << 30;
+
 /// Endpoint settings for both sides: accept datagrams up to [`MAX_DATAGRAM`].
 fn endpoint_config() -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
@@ -108,8 +115,8 @@ fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok())
         .keep_alive_interval(Some(limits.keep_alive_interval()))
-        .stream_receive_window(VarInt::from_u32(4 << 20))
-        .receive_window(VarInt::from_u32(32 << 20))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(32 << 20);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_DATAGRAM);

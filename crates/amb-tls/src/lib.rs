@@ -15,8 +15,11 @@ use std::net::SocketAddr;
 
 /// HTTP/2 stream window: bandwidth-delay product of a fast link.
 const STREAM_WINDOW: u32 = 4 << 20;
-/// HTTP/2 connection window.
-const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 connection window: room for 256 stream windows. A stream whose app stops reading
+/// keeps its window's worth of credit until the app reads again, so a connection window of a
+/// few stream windows let four stalled app connections freeze every other stream of the tunnel
+/// connection. Memory stays bounded per stream by [`STREAM_WINDOW`], and per connection by this.
+const CONNECTION_WINDOW: u32 = 1 << 30;
 /// Largest HTTP/2 frame we accept.
 const MAX_FRAME: u32 = 1 << 20;
 /// Bytes h2 may queue per stream before `send` waits.
