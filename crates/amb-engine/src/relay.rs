@@ -181,9 +181,7 @@ async fn tcp_to_tunnel<S: StreamSend>(
     let mut buf = BytesMut::new();
     loop {
         tcp.readable().await.map_err(RelayError::Tcp)?;
-        if buf.capacity() < size {
-            buf.reserve(size);
-        }
+        make_room(&mut buf, size);
         match read_buf_now(tcp, &mut buf) {
             Ok(0) => {
                 send.finish()?;
@@ -195,11 +193,33 @@ async fn tcp_to_tunnel<S: StreamSend>(
                 if n >= size && size < MAX_BUFFER {
                     size *= 2;
                 }
-                send.send(buf.split().freeze()).await?;
+                send.send(take_chunk(&mut buf, size)).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(RelayError::Tcp(e)),
         }
+    }
+}
+
+/// Makes room for a read of up to `size` bytes.
+fn make_room(buf: &mut BytesMut, size: usize) {
+    if buf.capacity() < size {
+        buf.reserve(size);
+    }
+}
+
+/// Takes what the last read put in `buf` as one chunk for the tunnel. A chunk split off the
+/// buffer shares its allocation for as long as the chunk lives, and quinn keeps each chunk
+/// until the peer acknowledges it: small chunks would each pin a whole read buffer (up to
+/// [`MAX_BUFFER`]) for a round trip. So a read that filled less than a quarter of the buffer is
+/// copied out, and the buffer stays free for the next read.
+fn take_chunk(buf: &mut BytesMut, size: usize) -> Bytes {
+    if buf.len() < size / 4 {
+        let chunk = Bytes::copy_from_slice(buf);
+        buf.clear();
+        chunk
+    } else {
+        buf.split().freeze()
     }
 }
 
@@ -231,5 +251,36 @@ async fn tunnel_to_tcp<R: StreamRecv>(
     match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The socket may already be gone; its own error will surface on the other direction.
         Ok(()) | Err(_) => Ok(total),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_read_leaves_the_buffer_free_while_its_chunk_lives() {
+        let mut buf = BytesMut::new();
+        make_room(&mut buf, MAX_BUFFER);
+        let buffer = buf.as_ptr();
+        buf.extend_from_slice(b"PING\r\n");
+        // The chunk stays alive, as in quinn until the peer acknowledges it.
+        let chunk = take_chunk(&mut buf, MAX_BUFFER);
+        assert_eq!(&chunk[..], b"PING\r\n");
+        make_room(&mut buf, MAX_BUFFER);
+        assert_eq!(buf.as_ptr(), buffer, "the next read needed a new buffer");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_large_read_is_handed_over_without_a_copy() {
+        let mut buf = BytesMut::new();
+        make_room(&mut buf, MIN_BUFFER);
+        let buffer = buf.as_ptr();
+        buf.extend_from_slice(&[7u8; MIN_BUFFER / 4]);
+        let chunk = take_chunk(&mut buf, MIN_BUFFER);
+        assert_eq!(chunk.as_ptr(), buffer);
+        assert_eq!(chunk.len(), MIN_BUFFER / 4);
+        assert!(buf.is_empty());
     }
 }
