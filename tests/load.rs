@@ -233,37 +233,64 @@ async fn a_minute_of_churn_leaks_neither_memory_nor_descriptors() {
     );
 }
 
-async fn slow_consumer_stays_bounded_and_does_not_slow_a_neighbour(t: Transport) {
-    // Route `fire` sends without end; route `default` echoes.
-    let fire = Upstream::start(|mut tcp: TcpStream| async move {
-        let chunk = vec![b'x'; 64 << 10];
-        for _ in 0..(1u64 << 30) / (64 << 10) {
-            if tcp.write_all(&chunk).await.is_err() {
-                return;
+/// A pair whose route `fire` sends without end (counting what it wrote) and whose default route
+/// echoes.
+struct FireAndEcho {
+    written: Arc<AtomicU64>,
+    server: Amb,
+    client: Amb,
+    _upstreams: (Upstream, Upstream),
+    _pki: Pki,
+}
+
+impl FireAndEcho {
+    async fn start(t: Transport, client_args: &[&str]) -> Self {
+        let written = Arc::new(AtomicU64::new(0));
+        let counter = written.clone();
+        let fire = Upstream::start(move |mut tcp: TcpStream| {
+            let written = counter.clone();
+            async move {
+                let chunk = vec![b'x'; 64 << 10];
+                while tcp.write_all(&chunk).await.is_ok() {
+                    written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
             }
+        })
+        .await;
+        let echo = Upstream::echo().await;
+        let pki = Pki::new();
+        let server = Amb::server(
+            &pki,
+            0,
+            &[
+                "--upstream",
+                &echo.addr.to_string(),
+                "--route",
+                &format!("fire={}", fire.addr),
+            ],
+        );
+        let mut args = vec!["--listen", "0=fire"];
+        args.extend_from_slice(client_args);
+        let client = Amb::client(&pki, "client", server.server_addr(), t, &args);
+        client.wait_tunnel_up();
+        FireAndEcho {
+            written,
+            server,
+            client,
+            _upstreams: (fire, echo),
+            _pki: pki,
         }
-    })
-    .await;
-    let echo = Upstream::echo().await;
-    let pki = Pki::new();
-    let server = Amb::server(
-        &pki,
-        0,
-        &[
-            "--upstream",
-            &echo.addr.to_string(),
-            "--route",
-            &format!("fire={}", fire.addr),
-        ],
-    );
-    let client = Amb::client(
-        &pki,
-        "client",
-        server.server_addr(),
-        t,
-        &["--listen", "0=fire"],
-    );
-    client.wait_tunnel_up();
+    }
+}
+
+async fn slow_consumer_stays_bounded_and_does_not_slow_a_neighbour(t: Transport) {
+    let FireAndEcho {
+        server,
+        client,
+        _upstreams,
+        _pki,
+        ..
+    } = FireAndEcho::start(t, &[]).await;
     let fire_addr = client.listen_addr_for("fire");
     let pids = [server.child.id(), client.child.id()];
     let base: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect();
@@ -318,39 +345,13 @@ async fn slow_consumer_stays_bounded_and_does_not_slow_a_neighbour(t: Transport)
 }
 
 async fn stalled_readers_do_not_freeze_their_tunnel_connection(t: Transport) {
-    // Route `fire` sends without end and counts what it wrote; route `default` echoes.
-    let written = Arc::new(AtomicU64::new(0));
-    let counter = written.clone();
-    let fire = Upstream::start(move |mut tcp: TcpStream| {
-        let written = counter.clone();
-        async move {
-            let chunk = vec![b'x'; 64 << 10];
-            while tcp.write_all(&chunk).await.is_ok() {
-                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            }
-        }
-    })
-    .await;
-    let echo = Upstream::echo().await;
-    let pki = Pki::new();
-    let server = Amb::server(
-        &pki,
-        0,
-        &[
-            "--upstream",
-            &echo.addr.to_string(),
-            "--route",
-            &format!("fire={}", fire.addr),
-        ],
-    );
-    let client = Amb::client(
-        &pki,
-        "client",
-        server.server_addr(),
-        t,
-        &["--listen", "0=fire", "--connections", "1"],
-    );
-    client.wait_tunnel_up();
+    let FireAndEcho {
+        written,
+        client,
+        server: _server,
+        _upstreams,
+        _pki,
+    } = FireAndEcho::start(t, &["--connections", "1"]).await;
     // Nine app connections that never read: each stream keeps a 4 MiB window of credit, more in
     // all than the 16 MiB (TLS) or 32 MiB (QUIC) connection windows were.
     let mut stalled = Vec::new();
