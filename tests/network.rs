@@ -144,11 +144,31 @@ async fn quic_datagrams_grow_past_1500_bytes_where_the_path_allows() {
 /// client while the app connects and writes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_stream_open_carries_waiting_first_bytes_in_one_record() {
-    let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Tls, &[]).await;
+    // No keep-alive PING (every idle timeout / 3) falls inside the test.
+    let (_pki, _upstream, _server, relay, client) =
+        impaired_pair(Transport::Tls, &["--idle-timeout", "600s"]).await;
     client.wait_pool_up(Transport::Tls);
+    // One stream on each pool connection first, so each has finished its settings exchange
+    // (the client's SETTINGS ACK is a record of its own).
+    for _ in 0..Transport::Tls.pool_size() {
+        assert!(echo_works(client.listen_addr()).await);
+    }
     let records = || relay.link.tls_records_up.load(Ordering::SeqCst);
-    let before = records();
+    // The count once the relay has passed on everything the idle client wrote.
+    let settled = || async {
+        let mut last = records();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = records();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    tokio::time::timeout(READY, settled()).await.unwrap();
     client.pause();
+    let before = tokio::time::timeout(READY, settled()).await.unwrap();
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     tcp.write_all(b"first bytes").await.unwrap();
     client.resume();
