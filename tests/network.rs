@@ -154,21 +154,11 @@ async fn tls_stream_open_carries_waiting_first_bytes_in_one_record() {
         assert!(echo_works(client.listen_addr()).await);
     }
     let records = || relay.link.tls_records_up.load(Ordering::SeqCst);
-    // The count once the relay has passed on everything the idle client wrote.
-    let settled = || async {
-        let mut last = records();
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = records();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
-    };
-    tokio::time::timeout(READY, settled()).await.unwrap();
+    // Counted once the relay has passed on everything the idle client wrote.
+    let settle = Duration::from_millis(50);
+    until_still(settle, records).await;
     client.pause();
-    let before = tokio::time::timeout(READY, settled()).await.unwrap();
+    let before = until_still(settle, records).await;
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     tcp.write_all(b"first bytes").await.unwrap();
     client.resume();

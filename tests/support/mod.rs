@@ -553,6 +553,24 @@ pub async fn read_all(tcp: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Reads `count` every `every` until two readings agree (what it counts has stopped moving) and
+/// returns that reading; panics after [`READY`].
+pub async fn until_still<T: PartialEq + Copy>(every: Duration, count: impl Fn() -> T) -> T {
+    tokio::time::timeout(READY, async {
+        let mut last = count();
+        loop {
+            tokio::time::sleep(every).await;
+            let now = count();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    })
+    .await
+    .expect("the count never stopped moving")
+}
+
 /// Connects through the client and checks an echo round trip; returns whether it worked.
 pub async fn echo_works(addr: SocketAddr) -> bool {
     let Ok(mut tcp) = TcpStream::connect(addr).await else {
