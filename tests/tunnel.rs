@@ -21,6 +21,7 @@ per_transport!(
     unknown_route_is_refused_without_dial,
     identity_not_allowed_is_refused_without_dial,
     sigterm_drains_live_connections,
+    connections_made_during_a_drain_go_to_the_next_server,
 );
 
 /// A server for `upstream` (route `default`) and a client for it, both ready.
@@ -206,7 +207,9 @@ async fn server_restart_client_reconnects(t: Transport) {
     server.signal("TERM");
     let status = blocking(move || server.wait_exit(READY)).await;
     assert!(status.success());
-    client.log.wait_for(&["tunnel connection lost"]);
+    // The drain notice, or the close right behind it (no live stream to finish): either
+    // retires the tunnel connection.
+    client.log.wait_for(&["tunnel connection", "reconnecting"]);
     let _server = Amb::server(&pki, addr.port(), &["--upstream", &up]);
     client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
@@ -368,4 +371,62 @@ async fn sigterm_drains_live_connections(t: Transport) {
     .await
     .0;
     assert!(status.success(), "server exit status {status:?}");
+}
+
+/// A restart with a live connection: after SIGTERM the old server stops listening and tells the
+/// client at once (h2 GOAWAY, QUIC drain notice), finishes its live stream and exits. An app
+/// connection made meanwhile waits within `--tunnel-wait` and is carried by the server started
+/// next on the same port, instead of being opened on, and refused by, the draining one.
+async fn connections_made_during_a_drain_go_to_the_next_server(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let mut old = Amb::server(&pki, 0, &["--upstream", &up, "--drain-timeout", "60s"]);
+    let addr = old.server_addr();
+    let client = Amb::client(&pki, "client", addr, t, &["--tunnel-wait", "60s"]);
+    let ups = client.wait_pool_up(t);
+    let mut live = TcpStream::connect(client.listen_addr()).await.unwrap();
+    live.write_all(b"before").await.unwrap();
+    let mut before = [0u8; 6];
+    live.read_exact(&mut before).await.unwrap();
+
+    old.signal("TERM");
+    client
+        .log
+        .wait_for_nth(&["draining the tunnel connection"], t.pool_size());
+    let refused = TcpStream::connect(addr).await.map(drop);
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the draining server still listens"
+    );
+    let mut fresh = TcpStream::connect(client.listen_addr()).await.unwrap();
+    fresh.write_all(b"fresh").await.unwrap();
+
+    // The live stream still carries data both ways; its end lets the old server exit.
+    live.write_all(b"after").await.unwrap();
+    live.shutdown().await.unwrap();
+    let rest = tokio::time::timeout(READY, read_all(&mut live)).await;
+    assert_eq!(rest.unwrap().unwrap(), b"after");
+    let (status, old) = blocking(move || (old.wait_exit(READY), old)).await;
+    assert!(status.success(), "old server exit status {status:?}");
+    let old_log = old.log.text();
+    assert!(
+        !old_log.contains("stream refused"),
+        "the draining server was asked for a new stream:\n{old_log}"
+    );
+
+    let _new = Amb::server(&pki, addr.port(), &["--upstream", &up]);
+    client.wait_reconnected(ups, 1);
+    let mut reply = [0u8; 5];
+    tokio::time::timeout(READY, fresh.read_exact(&mut reply))
+        .await
+        .expect("no reply from the next server")
+        .unwrap_or_else(|e| {
+            panic!(
+                "the app connection made during the drain was reset ({e}):\nold server:\n{old_log}\nclient:\n{}",
+                client.log.text()
+            )
+        });
+    assert_eq!(&reply, b"fresh");
 }

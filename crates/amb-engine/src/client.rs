@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{Dialer, Limits, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
+use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
 use tokio::net::{TcpListener, TcpStream};
@@ -176,12 +176,17 @@ async fn supervise<D: Dialer>(
                 let tunnel = Arc::new(tunnel);
                 info!(%peer, transport, slot, "tunnel connection up");
                 pool.live.send_modify(|v| v.push((slot, tunnel.clone())));
-                let reason = tokio::select! {
-                    r = tunnel.closed() => r,
+                let retired = tokio::select! {
+                    r = tunnel.retired() => r,
                     _ = stop.wait_for(|s| *s) => return,
                 };
                 pool.live.send_modify(|v| v.retain(|(s, _)| *s != slot));
-                warn!(%peer, transport, slot, "tunnel connection lost: {reason}; reconnecting");
+                match retired {
+                    Retirement::Draining => {
+                        info!(%peer, transport, slot, "{retired}: its live streams finish on it; new ones wait for the next connection; reconnecting")
+                    }
+                    Retirement::Lost(_) => warn!(%peer, transport, slot, "{retired}; reconnecting"),
+                }
             }
             Err(e) => {
                 warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");

@@ -140,7 +140,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets live streams finish for up to
     /// the drain timeout, and closes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         for (route, upstream) in self.ctx.routes.iter() {
             info!(%route, %upstream, "route");
         }
@@ -160,7 +160,7 @@ impl Server {
             }
         };
         let tls = async {
-            if let Some(server) = &self.tls {
+            if let Some(server) = &mut self.tls {
                 let ctx = self.ctx.clone();
                 amb_tls::serve(server, self.ctx.stopping.clone(), move |s| {
                     handle(ctx.clone(), s)
@@ -204,10 +204,7 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
     let _live = ctx.live.token();
     let peer = incoming.peer().clone();
     let route = incoming.route().clone();
-    if *ctx.stopping.borrow() {
-        warn!(%peer, %route, "stream refused: {}", Refusal::Unavailable);
-        return incoming.refuse(Refusal::Unavailable).await;
-    }
+    // During a drain, streams the client opened before it learned of it are still served.
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
         if let Some(suppressed) = ctx.throttle.allow() {
             warn!(%peer, %route, suppressed, "stream refused: at --max-connections");

@@ -26,6 +26,17 @@ pub enum StreamError {
     Protocol(String),
 }
 
+/// Why a tunnel connection takes no new streams.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Retirement {
+    /// The connection is gone.
+    #[error("tunnel connection lost: {0}")]
+    Lost(String),
+    /// The server is shutting down: it finishes the streams it carries and takes no new ones.
+    #[error("the server is draining the tunnel connection")]
+    Draining,
+}
+
 /// The sending half of a tunnel stream.
 pub trait StreamSend: Send + 'static {
     /// Sends `data`, waiting for flow-control credit: this is where backpressure comes from.
@@ -97,8 +108,9 @@ pub trait Tunnel: Send + Sync + 'static {
         &self,
         route: &RouteName,
     ) -> impl Future<Output = Result<(Self::Send, Self::Recv), StreamError>> + Send;
-    /// Resolves when the connection is gone, with the reason.
-    fn closed(&self) -> impl Future<Output = String> + Send;
+    /// Resolves once the connection takes no new streams: it is gone, or the server is
+    /// draining it (its live streams run on to their end).
+    fn retired(&self) -> impl Future<Output = Retirement> + Send;
     /// Closes the connection now, telling the server, so it need not wait for an idle timeout.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use amb_proto::{encode_open_header, Dialer, Limits, RouteName, StreamError, Tunnel};
+use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ClientConfig, Endpoint, VarInt};
 
@@ -141,8 +141,20 @@ impl Tunnel for QuicTunnel {
         ))
     }
 
-    async fn closed(&self) -> String {
-        self.conn.closed().await.to_string()
+    async fn retired(&self) -> Retirement {
+        // After the welcome, the only message the server sends on a stream of its own.
+        let drain_notice = async {
+            while let Ok(mut uni) = self.conn.accept_uni().await {
+                if uni.read_to_end(16).await.ok().as_deref() == Some(crate::DRAIN_NOTICE) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        tokio::select! {
+            lost = self.conn.closed() => Retirement::Lost(lost.to_string()),
+            () = drain_notice => Retirement::Draining,
+        }
     }
 
     async fn close(&self) {

@@ -73,9 +73,13 @@ pub enum QuicError {
     },
 }
 
-/// What the server writes on its one unidirectional stream once it has verified the client:
+/// What the server writes on its first unidirectional stream once it has verified the client:
 /// the wire version. In TLS 1.3 the client finishes first, so only this proves acceptance.
 const WELCOME: [u8; 1] = [amb_proto::WIRE_VERSION];
+
+/// What the server writes on a later unidirectional stream when it starts to shut down: open
+/// no new streams here (QUIC has no GOAWAY of its own). Live streams run on to their end.
+const DRAIN_NOTICE: &[u8] = b"drain";
 
 /// The largest UDP payload amb sends or accepts. Path MTU discovery climbs toward it from
 /// 1,200 bytes: on a 1,500-byte Ethernet path it settles just under 1,472 (the most an IPv4
@@ -102,8 +106,8 @@ fn endpoint_config() -> quinn::EndpointConfig {
 
 /// Transport parameters for one side: stream cap, idle timeout, keep-alives, flow-control
 /// windows sized for a fast link, path MTU discovery up to [`MAX_DATAGRAM`].
-/// The server accepts bidirectional streams (one per app connection); the client accepts the
-/// single unidirectional welcome stream.
+/// The server accepts bidirectional streams (one per app connection); the client accepts one
+/// unidirectional stream at a time: the welcome, later the drain notice.
 fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let (bidi, uni) = if is_server {

@@ -69,10 +69,20 @@ where
     loop {
         let incoming = tokio::select! {
             incoming = server.endpoint.accept() => incoming,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => {
+                // Draining: the socket stays for the live connections, and new ones are turned
+                // away at once, so a client redials elsewhere (or again) without a timeout.
+                let endpoint = server.endpoint.clone();
+                tokio::spawn(async move {
+                    while let Some(incoming) = endpoint.accept().await {
+                        incoming.refuse();
+                    }
+                });
+                return;
+            }
         };
         let Some(incoming) = incoming else { return };
-        let (handler, limits) = (handler.clone(), server.limits);
+        let (handler, limits, mut stop) = (handler.clone(), server.limits, stop.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
@@ -100,12 +110,27 @@ where
                 conn: conn.clone(),
                 budget: RefusalBudget::new(),
             });
-            if let Err(e) = welcome(&conn).await {
+            if let Err(e) = notify(&conn, &crate::WELCOME).await {
                 return warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
             }
             debug!(%peer, transport = "quic", "tunnel connection up");
+            let mut draining = false;
             loop {
-                let (send, recv) = match conn.accept_bi().await {
+                let accepted = tokio::select! {
+                    accepted = conn.accept_bi() => accepted,
+                    _ = stop.wait_for(|s| *s), if !draining => {
+                        draining = true;
+                        // Streams already on their way are still served.
+                        let (conn, peer) = (conn.clone(), peer.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = notify(&conn, crate::DRAIN_NOTICE).await {
+                                debug!(%peer, transport = "quic", "drain notice not sent: {e}");
+                            }
+                        });
+                        continue;
+                    }
+                };
+                let (send, recv) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         debug!(%peer, transport = "quic", "tunnel connection closed: {e}");
@@ -133,12 +158,11 @@ where
     }
 }
 
-/// Tells the client it was accepted: one unidirectional stream carrying [`crate::WELCOME`].
-async fn welcome(conn: &quinn::Connection) -> Result<(), String> {
+/// Tells the client something on a unidirectional stream of its own: [`crate::WELCOME`] once
+/// it is accepted, [`crate::DRAIN_NOTICE`] when the server starts to shut down.
+async fn notify(conn: &quinn::Connection, message: &[u8]) -> Result<(), String> {
     let mut uni = conn.open_uni().await.map_err(|e| e.to_string())?;
-    uni.write_all(&crate::WELCOME)
-        .await
-        .map_err(|e| e.to_string())?;
+    uni.write_all(message).await.map_err(|e| e.to_string())?;
     uni.finish().map_err(|e| e.to_string())
 }
 

@@ -1,13 +1,16 @@
 //! The client side: mTLS connections carrying HTTP/2, one CONNECT stream per app connection.
 
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 
-use amb_proto::{Dialer, Limits, RouteName, StreamError, Tunnel};
+use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -98,7 +101,9 @@ impl TlsDialer {
         }
         .map_err(|e| TlsError::Rejected { peer: peer.clone(), why: e.to_string() })?;
 
-        let (closed_tx, closed_rx) = watch::channel(None);
+        let (retired_tx, retired_rx) = watch::channel(None);
+        let (tunnel_alive, tunnel_dropped) = oneshot::channel();
+        let goaway_probe = send_request.clone();
         let limits = self.limits;
         let peer = peer.clone();
         tokio::spawn(async move {
@@ -116,6 +121,8 @@ impl TlsDialer {
                     }
                 }
             };
+            let connection =
+                drive_watching_for_goaway(connection, goaway_probe, tunnel_dropped, &retired_tx);
             let reason = tokio::select! {
                 r = connection => match r {
                     Ok(()) => "closed by server".to_owned(),
@@ -124,11 +131,14 @@ impl TlsDialer {
                 why = keepalive => why,
             };
             debug!(%peer, transport = "tls", "tunnel connection ended: {reason}");
-            let _ = closed_tx.send(Some(reason));
+            retired_tx.send_modify(|retired| {
+                retired.get_or_insert(Retirement::Lost(reason));
+            });
         });
         Ok(TlsTunnel {
             send_request,
-            closed: closed_rx,
+            retired: retired_rx,
+            _alive: tunnel_alive,
         })
     }
 }
@@ -147,10 +157,44 @@ impl Dialer for TlsDialer {
     }
 }
 
+/// Drives an h2 client connection to its end, and reports [`Retirement::Draining`] the moment
+/// the server's GOAWAY arrives, so no new stream is opened on it while its live streams finish.
+///
+/// h2 tells of a GOAWAY only through a handle's readiness to open a stream, so `probe` is asked
+/// after each turn of the connection. It counts as a user of the connection, which closes once
+/// idle only when no handle is left: the probe is let go when the tunnel is dropped.
+async fn drive_watching_for_goaway(
+    connection: impl Future<Output = Result<(), h2::Error>>,
+    probe: SendRequest<Bytes>,
+    mut tunnel_dropped: oneshot::Receiver<()>,
+    retired: &watch::Sender<Option<Retirement>>,
+) -> Result<(), h2::Error> {
+    let mut connection = pin!(connection);
+    let mut probe = Some(probe);
+    poll_fn(|cx| {
+        if probe.is_some() && Pin::new(&mut tunnel_dropped).poll(cx).is_ready() {
+            probe = None;
+        }
+        let done = connection.as_mut().poll(cx);
+        if let Some(Poll::Ready(result)) = probe.as_mut().map(|p| p.poll_ready(cx)) {
+            if matches!(&result, Err(e) if e.is_go_away() && e.is_remote()) {
+                retired.send_replace(Some(Retirement::Draining));
+            }
+            if result.is_err() {
+                probe = None;
+            }
+        }
+        done
+    })
+    .await
+}
+
 /// One mTLS + HTTP/2 connection to the server.
 pub struct TlsTunnel {
     send_request: SendRequest<Bytes>,
-    closed: watch::Receiver<Option<String>>,
+    retired: watch::Receiver<Option<Retirement>>,
+    /// Dropped with the tunnel: tells the connection task to let go of its GOAWAY probe.
+    _alive: oneshot::Sender<()>,
 }
 
 impl Tunnel for TlsTunnel {
@@ -172,13 +216,13 @@ impl Tunnel for TlsTunnel {
         Ok((H2Send::new(send), H2Recv::Pending(response)))
     }
 
-    async fn closed(&self) -> String {
-        let mut closed = self.closed.clone();
-        let reason = match closed.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "connection task ended".to_owned(),
+    async fn retired(&self) -> Retirement {
+        let mut retired = self.retired.clone();
+        let why = match retired.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
         };
-        reason
+        why.unwrap_or_else(|| Retirement::Lost("connection task ended".to_owned()))
     }
 
     async fn close(&self) {

@@ -28,7 +28,9 @@ use crate::{tune_tcp, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
 /// A TLS listener for tunnel connections.
 pub struct TlsServer {
-    listener: TcpListener,
+    /// Closed when the drain starts, so clients redial elsewhere instead of waiting in its
+    /// backlog.
+    listener: Option<TcpListener>,
     acceptor: TlsAcceptor,
     limits: Limits,
     connections: TaskTracker,
@@ -39,7 +41,7 @@ impl TlsServer {
     /// client certificates.
     pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, limits: Limits) -> Self {
         TlsServer {
-            listener,
+            listener: Some(listener),
             acceptor: TlsAcceptor::from(tls),
             limits,
             connections: TaskTracker::new(),
@@ -54,16 +56,20 @@ impl TlsServer {
     }
 }
 
-/// Accepts connections until `stop` turns true, calling `handler` for each CONNECT stream in a
-/// task of its own. Each handshake runs in its own task under the handshake timeout.
-pub async fn serve<H, F>(server: &TlsServer, mut stop: watch::Receiver<bool>, handler: H)
+/// Accepts connections until `stop` turns true, then closes the listener; calls `handler` for
+/// each CONNECT stream in a task of its own. Each handshake runs in its own task under the
+/// handshake timeout.
+pub async fn serve<H, F>(server: &mut TlsServer, mut stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    let Some(listener) = server.listener.take() else {
+        return;
+    };
     loop {
         let accepted = tokio::select! {
-            a = server.listener.accept() => a,
+            a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return,
         };
         let (tcp, addr) = match accepted {

@@ -8,11 +8,21 @@ use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
 
 pub(crate) fn h2_error(e: h2::Error) -> StreamError {
+    if e.is_go_away() {
+        // Streams the server never took (above its GOAWAY's last stream), and opens after a
+        // GOAWAY: the connection is over for them, and an open may be tried on another one.
+        return StreamError::ConnectionLost(match e.reason() {
+            Some(h2::Reason::NO_ERROR) if e.is_remote() => {
+                "the server is draining the connection (GOAWAY)".to_owned()
+            }
+            _ => e.to_string(),
+        });
+    }
     match e.reason() {
         Some(reason) if e.is_reset() || e.is_remote() => {
             StreamError::Reset(ResetCode(reason.into()))
         }
-        _ if e.is_io() || e.is_go_away() => StreamError::ConnectionLost(e.to_string()),
+        _ if e.is_io() => StreamError::ConnectionLost(e.to_string()),
         Some(reason) => StreamError::Reset(ResetCode(reason.into())),
         // A local misuse h2 refused, in practice sending on a stream the server already ended
         // (e.g. right after it refused the open): the stream is over, not the connection.
