@@ -22,6 +22,7 @@ per_transport!(
     identity_not_allowed_is_refused_without_dial,
     sigterm_drains_live_connections,
     connections_made_during_a_drain_go_to_the_next_server,
+    client_sigterm_delivers_the_last_bytes,
 );
 
 /// A server for `upstream` (route `default`) and a client for it, both ready.
@@ -429,4 +430,46 @@ async fn connections_made_during_a_drain_go_to_the_next_server(t: Transport) {
             )
         });
     assert_eq!(&reply, b"fresh");
+}
+
+/// The client's own drain: after SIGTERM a live app connection, whose upstream already said
+/// goodbye, sends its last 8 MiB and closes; every byte reaches the upstream before the client
+/// exits, including what was still queued in the tunnel connection when the stream ended.
+async fn client_sigterm_delivers_the_last_bytes(t: Transport) {
+    let pki = Pki::new();
+    let (received_tx, received_rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Upstream::start(move |mut tcp: TcpStream| {
+        let received_tx = received_tx.clone();
+        async move {
+            tcp.write_all(b"bye").await.unwrap();
+            tcp.shutdown().await.unwrap();
+            let got = read_all(&mut tcp).await.unwrap_or_default();
+            let _ = received_tx.send((got.len(), Sha256::digest(&got).to_vec()));
+        }
+    })
+    .await;
+    let (server, mut client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    assert_eq!(read_all(&mut tcp).await.unwrap(), b"bye");
+
+    client.signal("TERM");
+    client.log.wait_for(&["shutting down"]);
+    let mut last = vec![0u8; 8 << 20];
+    rand::rng().fill_bytes(&mut last);
+    tcp.write_all(&last).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let (status, client) = blocking(move || (client.wait_exit(READY), client)).await;
+    assert!(status.success(), "client exit status {status:?}");
+    let mut received_rx = received_rx;
+    let (len, digest) = tokio::time::timeout(READY, received_rx.recv())
+        .await
+        .expect("the upstream never saw the end of the stream")
+        .unwrap();
+    assert!(
+        len == last.len() && digest == Sha256::digest(&last).to_vec(),
+        "the upstream received {len} bytes, not the {} the app sent before the client exited; server:\n{}\nclient:\n{}",
+        last.len(),
+        server.log.text(),
+        client.log.text()
+    );
 }

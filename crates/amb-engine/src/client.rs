@@ -289,9 +289,7 @@ async fn run<D: Dialer>(
     }
     supervisors.close();
     let tunnels = pool.live.send_replace(Vec::new());
-    for (_, tunnel) in &tunnels {
-        tunnel.close().await;
-    }
+    futures_join_all(tunnels.iter().map(|(_, tunnel)| tunnel.close())).await;
     info!("amb client stopped");
 }
 

@@ -111,7 +111,8 @@ pub trait Tunnel: Send + Sync + 'static {
     /// Resolves once the connection takes no new streams: it is gone, or the server is
     /// draining it (its live streams run on to their end).
     fn retired(&self) -> impl Future<Output = Retirement> + Send;
-    /// Closes the connection now, telling the server, so it need not wait for an idle timeout.
+    /// Closes the connection, telling the server, so it need not wait for an idle timeout;
+    /// first sends (within a bound) what finished streams left queued.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 

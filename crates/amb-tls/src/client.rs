@@ -2,8 +2,9 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
+use std::time::Duration;
 
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use bytes::Bytes;
@@ -11,12 +12,13 @@ use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::coalesce::coalesce;
 use crate::stream::{h2_error, H2Recv, H2Send};
-use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
 /// Dials TLS tunnel connections to one server.
 pub struct TlsDialer {
@@ -94,6 +96,7 @@ impl TlsDialer {
             peer: peer.clone(),
             why: "HTTP/2 ping unavailable".into(),
         })?;
+        let lingerer = flusher.lingerer();
         let mut connection = flusher.run(connection);
         tokio::select! {
             pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
@@ -102,11 +105,11 @@ impl TlsDialer {
         .map_err(|e| TlsError::Rejected { peer: peer.clone(), why: e.to_string() })?;
 
         let (retired_tx, retired_rx) = watch::channel(None);
-        let (tunnel_alive, tunnel_dropped) = oneshot::channel();
+        let (release_probe, tunnel_dropped) = oneshot::channel();
         let goaway_probe = send_request.clone();
         let limits = self.limits;
         let peer = peer.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let keepalive = async {
                 loop {
                     tokio::time::sleep(limits.keep_alive_interval()).await;
@@ -125,7 +128,10 @@ impl TlsDialer {
                 drive_watching_for_goaway(connection, goaway_probe, tunnel_dropped, &retired_tx);
             let reason = tokio::select! {
                 r = connection => match r {
-                    Ok(()) => "closed by server".to_owned(),
+                    Ok(()) => {
+                        lingerer.linger(LINGER).await;
+                        "closed".to_owned()
+                    }
                     Err(e) => e.to_string(),
                 },
                 why = keepalive => why,
@@ -136,9 +142,12 @@ impl TlsDialer {
             });
         });
         Ok(TlsTunnel {
-            send_request,
+            handles: Mutex::new(Some(Handles {
+                send_request,
+                release_probe,
+                task,
+            })),
             retired: retired_rx,
-            _alive: tunnel_alive,
         })
     }
 }
@@ -191,10 +200,18 @@ async fn drive_watching_for_goaway(
 
 /// One mTLS + HTTP/2 connection to the server.
 pub struct TlsTunnel {
-    send_request: SendRequest<Bytes>,
+    /// Taken by [`Tunnel::close`]: no new streams from then on.
+    handles: Mutex<Option<Handles>>,
     retired: watch::Receiver<Option<Retirement>>,
+}
+
+/// What keeps the connection open for new streams.
+struct Handles {
+    send_request: SendRequest<Bytes>,
     /// Dropped with the tunnel: tells the connection task to let go of its GOAWAY probe.
-    _alive: oneshot::Sender<()>,
+    release_probe: oneshot::Sender<()>,
+    /// The connection task: it ends once the socket is closed.
+    task: JoinHandle<()>,
 }
 
 impl Tunnel for TlsTunnel {
@@ -202,7 +219,13 @@ impl Tunnel for TlsTunnel {
     type Recv = H2Recv;
 
     async fn open(&self, route: &RouteName) -> Result<(H2Send, H2Recv), StreamError> {
-        let mut sender = self.send_request.clone().ready().await.map_err(h2_error)?;
+        let send_request = self.handles.lock().map_or(None, |handles| {
+            handles.as_ref().map(|h| h.send_request.clone())
+        });
+        let Some(send_request) = send_request else {
+            return Err(StreamError::ConnectionLost("closed by this client".into()));
+        };
+        let mut sender = send_request.ready().await.map_err(h2_error)?;
         let uri = http::Uri::builder()
             .authority(route.as_str())
             .build()
@@ -226,6 +249,22 @@ impl Tunnel for TlsTunnel {
     }
 
     async fn close(&self) {
-        // Dropping the last handle ends the connection task, which closes the socket.
+        let handles = self
+            .handles
+            .lock()
+            .map_or(None, |mut handles| handles.take());
+        let Some(Handles {
+            send_request,
+            release_probe,
+            task,
+        }) = handles
+        else {
+            return;
+        };
+        // With no handle left and its streams done, h2 writes out what they queued, then a
+        // GOAWAY, and closes the socket (TLS close_notify and FIN). Bounded: streams still live
+        // after the drain, or a server gone silent, would hold it open.
+        drop((send_request, release_probe));
+        let _ = tokio::time::timeout(LINGER + Duration::from_millis(500), task).await;
     }
 }

@@ -14,6 +14,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -170,6 +171,37 @@ impl<T> Flusher<T> {
             task,
             flusher: self,
         }
+    }
+}
+
+impl<T> Flusher<T> {
+    /// A handle for [`Lingerer::linger`] once the connection task is over.
+    pub(crate) fn lingerer(&self) -> Lingerer<T> {
+        Lingerer(self.0.clone())
+    }
+}
+
+/// Keeps the socket until the peer closes its side too: see [`Lingerer::linger`].
+pub(crate) struct Lingerer<T>(Arc<Mutex<Buffered<T>>>);
+
+impl<T: AsyncRead + Unpin> Lingerer<T> {
+    /// After h2 shut the connection down (everything written, our end sent), reads and
+    /// discards what the peer still sends until its end, an error, or `limit`.
+    ///
+    /// A TCP socket closed with unread bytes (a late WINDOW_UPDATE, a PING) makes the kernel
+    /// send a reset instead of a FIN and drop what it had not sent yet; the peer's h2 then fails
+    /// streams whose last bytes it had received but not yet passed on.
+    pub(crate) async fn linger(self, limit: Duration) {
+        let mut scratch = vec![0u8; 4 << 10];
+        let until_end = std::future::poll_fn(|cx| loop {
+            let mut b = lock(&self.0);
+            let mut read = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut b.io).poll_read(cx, &mut read)) {
+                Ok(()) if !read.filled().is_empty() => continue,
+                _ => return Poll::Ready(()),
+            }
+        });
+        let _ = tokio::time::timeout(limit, until_end).await;
     }
 }
 
@@ -335,5 +367,25 @@ mod tests {
             recorder.io.flushes_done, 1,
             "the held bytes were never flushed"
         );
+    }
+
+    /// Lingering reads the peer's late bytes away and ends at its end of stream, not before.
+    #[tokio::test(start_paused = true)]
+    async fn linger_reads_until_the_peer_closes_or_the_limit() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let (_io, flusher) = coalesce(ours);
+        let lingering = tokio::spawn(flusher.lingerer().linger(Duration::from_secs(2)));
+        // More than the pipe holds: it flows only while someone reads.
+        theirs.write_all(&[7u8; 1000]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!lingering.is_finished(), "stopped before the peer closed");
+        drop(theirs);
+        lingering.await.unwrap();
+
+        let (ours, _theirs_open) = tokio::io::duplex(64);
+        let (_io, flusher) = coalesce(ours);
+        let started = tokio::time::Instant::now();
+        flusher.lingerer().linger(Duration::from_secs(2)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 }

@@ -24,6 +24,9 @@ const CONNECTION_WINDOW: u32 = 1 << 30;
 const MAX_FRAME: u32 = 1 << 20;
 /// Bytes h2 may queue per stream before `send` waits.
 const SEND_BUFFER: usize = 1 << 20;
+/// How long a connection that h2 closed cleanly waits for the peer to close its side (and a
+/// client's `close` for that), so that closing never resets what is still in flight.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Errors setting up or dialing a TLS tunnel. Messages name the address or peer.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::coalesce::{coalesce, Coalesce, Flusher};
 use crate::stream::{h2_error, H2Recv, H2Send};
-use crate::{tune_tcp, CONNECTION_WINDOW, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use crate::{tune_tcp, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
 /// A TLS listener for tunnel connections.
 pub struct TlsServer {
@@ -95,7 +95,9 @@ where
                 }
             };
             let peer = Arc::new(Peer { identity, addr });
+            let lingerer = flusher.lingerer();
             flusher.run(pin!(serve_connection(conn, peer, stop, handler))).await;
+            lingerer.linger(LINGER).await;
         });
     }
 }

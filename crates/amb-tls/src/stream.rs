@@ -87,8 +87,9 @@ impl StreamSend for H2Send {
     }
 
     async fn delivered(&mut self) {
-        // HTTP/2 has no per-stream acknowledgement: the connection flushes queued frames before
-        // it closes, and the server's graceful shutdown waits for that.
+        // HTTP/2 has no per-stream acknowledgement: the connection writes out queued frames
+        // before it closes, and both sides' shutdown waits for that (the client's in
+        // `TlsTunnel::close`).
     }
 }
 
