@@ -23,6 +23,8 @@ per_transport!(
     sigterm_drains_live_connections,
     connections_made_during_a_drain_go_to_the_next_server,
     client_sigterm_delivers_the_last_bytes,
+    streams_over_the_server_limit_wait_then_reset,
+    open_waiting_for_credit_moves_to_the_next_tunnel,
 );
 
 /// A server for `upstream` (route `default`) and a client for it, both ready.
@@ -233,13 +235,10 @@ async fn server_crash_client_reconnects_after_idle_timeout(t: Transport) {
     assert!(echo_works(client.listen_addr()).await);
 }
 
-/// QUIC: app connections whose stream opens wait for credit (the server allows one stream)
-/// on a tunnel that then dies silently are carried on the tunnel dialed next, within
-/// `--tunnel-wait`, instead of being reset. (Over TLS, h2 queues such a stream with its
-/// request, so it dies with the connection; the retry there covers opens on a tunnel already
-/// known to be dead.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quic_open_waiting_for_credit_moves_to_the_next_tunnel() {
+/// App connections whose stream opens wait for credit (the server allows one stream) on a
+/// tunnel that then dies silently are carried on the tunnel dialed next, within
+/// `--tunnel-wait`, instead of being reset.
+async fn open_waiting_for_credit_moves_to_the_next_tunnel(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
@@ -249,7 +248,7 @@ async fn quic_open_waiting_for_credit_moves_to_the_next_tunnel() {
         &pki,
         "client",
         addr,
-        Transport::Quic,
+        t,
         &[
             "--connections",
             "1",
@@ -472,4 +471,48 @@ async fn client_sigterm_delivers_the_last_bytes(t: Transport) {
         server.log.text(),
         client.log.text()
     );
+}
+
+/// At the server's `--max-streams`, a new app connection waits for a stream to end, up to
+/// `--tunnel-wait`: carried if one ends in time, else reset with one log line saying why
+/// (over TLS it used to wait inside h2 with no deadline and no word).
+async fn streams_over_the_server_limit_wait_then_reset(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let server = Amb::server(&pki, 0, &["--upstream", &up, "--max-streams", "1"]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--connections", "1", "--tunnel-wait", "2s"],
+    );
+    client.wait_tunnel_up();
+    let listen = client.listen_addr();
+    let mut holder = TcpStream::connect(listen).await.unwrap();
+    holder.write_all(b"held").await.unwrap();
+    let mut echo = [0u8; 4];
+    holder.read_exact(&mut echo).await.unwrap();
+
+    let started = std::time::Instant::now();
+    assert_reset_after_write(listen, b"over").await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "reset before --tunnel-wait ran out: {:?}",
+        started.elapsed()
+    );
+    client
+        .log
+        .wait_for(&["no stream credit within 2s", "resetting"]);
+
+    let mut waiting = TcpStream::connect(listen).await.unwrap();
+    waiting.write_all(b"next").await.unwrap();
+    drop(holder);
+    let mut reply = [0u8; 4];
+    tokio::time::timeout(READY, waiting.read_exact(&mut reply))
+        .await
+        .expect("no reply once the held stream ended")
+        .expect("the waiting app connection was reset although a stream ended in time");
+    assert_eq!(&reply, b"next");
 }

@@ -236,6 +236,10 @@ impl Tunnel for TlsTunnel {
             .body(())
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
         let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+        // At the server's stream limit h2 queues the stream until one ends, with no deadline:
+        // wait for it here, where the caller bounds the wait by `--tunnel-wait`. Not at the
+        // limit, the stream is open already and this returns at once.
+        sender.ready().await.map_err(h2_error)?;
         Ok((H2Send::new(send), H2Recv::Pending(response)))
     }
 
