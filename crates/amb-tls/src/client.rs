@@ -130,7 +130,7 @@ impl TlsDialer {
                 r = connection => match r {
                     Ok(()) => {
                         lingerer.linger(LINGER).await;
-                        "closed".to_owned()
+                        "closed by server".to_owned()
                     }
                     Err(e) => e.to_string(),
                 },
@@ -186,7 +186,11 @@ async fn drive_watching_for_goaway(
         }
         let done = connection.as_mut().poll(cx);
         if let Some(Poll::Ready(result)) = probe.as_mut().map(|p| p.poll_ready(cx)) {
-            if matches!(&result, Err(e) if e.is_go_away() && e.is_remote()) {
+            // NO_ERROR is a drain; any other GOAWAY ends the connection, reported as lost.
+            let draining = |e: &h2::Error| {
+                e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+            };
+            if matches!(&result, Err(e) if draining(e)) {
                 retired.send_replace(Some(Retirement::Draining));
             }
             if result.is_err() {
