@@ -180,8 +180,10 @@ async fn a_client_gone_while_the_server_dials_is_not_blamed(t: Transport) {
         DialingClient::Quic(conn, _streams) => conn.close(quinn::VarInt::from_u32(0), b"bye"),
     }
     let deadline = std::time::Instant::now() + READY;
-    while server.log.count(&["tunnel connection closed"])
-        + server.log.count(&["tunnel connection ended"])
+    // Ended with its streams still dialing: one line counting them.
+    while server
+        .log
+        .count(&["tunnel connection lost", "streams_cut_off"])
         == 0
     {
         assert!(
@@ -190,6 +192,12 @@ async fn a_client_gone_while_the_server_dials_is_not_blamed(t: Transport) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let line = server.log.wait_for(&["tunnel connection lost"]);
+    assert_eq!(
+        field(&line, "streams_cut_off"),
+        DIALING.to_string(),
+        "{line}"
+    );
     gate.release();
     server
         .log

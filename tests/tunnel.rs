@@ -25,6 +25,8 @@ per_transport!(
     client_sigterm_delivers_the_last_bytes,
     streams_over_the_server_limit_wait_then_reset,
     open_waiting_for_credit_moves_to_the_next_tunnel,
+    a_lost_server_is_one_warning_at_the_client,
+    a_lost_client_is_one_warning_at_the_server,
 );
 
 /// A server for `upstream` (route `default`) and a client for it, both ready.
@@ -515,4 +517,89 @@ async fn streams_over_the_server_limit_wait_then_reset(t: Transport) {
         .expect("no reply once the held stream ended")
         .expect("the waiting app connection was reset although a stream ended in time");
     assert_eq!(&reply, b"next");
+}
+
+/// `n` app connections through `listen`, each answered once and left open.
+async fn live_connections(listen: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut live = Vec::new();
+    for _ in 0..n {
+        let mut tcp = TcpStream::connect(listen).await.unwrap();
+        tcp.write_all(b"hi").await.unwrap();
+        let mut echo = [0u8; 2];
+        tcp.read_exact(&mut echo).await.unwrap();
+        live.push(tcp);
+    }
+    live
+}
+
+/// A server that dies under five live app connections costs the client one warning, which
+/// counts them; each app connection is reset with a debug line only.
+async fn a_lost_server_is_one_warning_at_the_client(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--upstream", &upstream.addr.to_string()]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--connections", "1", "--idle-timeout", "2s"],
+    );
+    client.wait_tunnel_up();
+    let mut live = live_connections(client.listen_addr(), 5).await;
+    drop(server); // SIGKILL
+    let line = client.log.wait_for(&["WARN", "tunnel connection lost"]);
+    assert_eq!(field(&line, "app_connections_reset"), "5", "{line}");
+    for tcp in &mut live {
+        let _ = tokio::time::timeout(READY, read_all(tcp))
+            .await
+            .expect("an app connection outlived its tunnel connection");
+    }
+    client
+        .log
+        .wait_for_nth(&["DEBUG", "client: connection reset"], 5);
+    let warnings = (
+        client.log.count(&["WARN", "tunnel connection lost"]),
+        client.log.count(&["WARN", "client: connection reset"]),
+    );
+    assert_eq!(
+        warnings,
+        (1, 0),
+        "one warning for the lost connection, none per app connection:\n{}",
+        client.log.text()
+    );
+}
+
+/// A client that dies under five live streams costs the server one warning, which counts them;
+/// each stream is reset with a debug line only.
+async fn a_lost_client_is_one_warning_at_the_server(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let server = Amb::server(&pki, 0, &["--upstream", &up, "--idle-timeout", "2s"]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--connections", "1"],
+    );
+    client.wait_tunnel_up();
+    let _live = live_connections(client.listen_addr(), 5).await;
+    drop(client); // SIGKILL
+    let line = server.log.wait_for(&["WARN", "tunnel connection lost"]);
+    assert_eq!(field(&line, "streams_cut_off"), "5", "{line}");
+    server
+        .log
+        .wait_for_nth(&["DEBUG", "server: stream reset"], 5);
+    let warnings = (
+        server.log.count(&["WARN", "tunnel connection lost"]),
+        server.log.count(&["WARN", "server: stream reset"]),
+    );
+    assert_eq!(
+        warnings,
+        (1, 0),
+        "one warning for the lost connection, none per stream:\n{}",
+        server.log.text()
+    );
 }

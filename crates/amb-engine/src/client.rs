@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
+use amb_proto::{
+    Dialer, Limits, Retirement, RouteName, StreamEnd, StreamError, StreamTally, Tunnel, ALPN_H2,
+    ALPN_QUIC,
+};
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::listen::ListenSpec;
-use crate::relay::{relay, reset_tcp};
+use crate::relay::{relay, reset_tcp, RelayError};
 use crate::throttle::LogThrottle;
 use crate::{bind_tcp, EngineError};
 
@@ -126,8 +129,14 @@ impl Client {
     }
 }
 
+/// A tunnel connection in the pool, with the app connections it carries.
+struct Pooled<T> {
+    tunnel: T,
+    carried: StreamTally,
+}
+
 /// The live tunnel connections, each tagged with its pool slot.
-type Live<T> = watch::Sender<Vec<(usize, Arc<T>)>>;
+type Live<T> = watch::Sender<Vec<(usize, Arc<Pooled<T>>)>>;
 
 struct Pool<T> {
     live: Live<T>,
@@ -137,8 +146,8 @@ struct Pool<T> {
 impl<T: Tunnel> Pool<T> {
     /// A live tunnel other than those in `failed` (streams just failed to open on them), round
     /// robin; waits up to `wait` for one to come up.
-    async fn get(&self, wait: Duration, failed: &[Arc<T>]) -> Option<Arc<T>> {
-        let usable = |(_, t): &(usize, Arc<T>)| !failed.iter().any(|f| Arc::ptr_eq(f, t));
+    async fn get(&self, wait: Duration, failed: &[Arc<Pooled<T>>]) -> Option<Arc<Pooled<T>>> {
+        let usable = |(_, t): &(usize, Arc<Pooled<T>>)| !failed.iter().any(|f| Arc::ptr_eq(f, t));
         let mut rx = self.live.subscribe();
         let live = tokio::time::timeout(wait, rx.wait_for(|v| v.iter().any(usable)))
             .await
@@ -173,19 +182,26 @@ async fn supervise<D: Dialer>(
         match dialed {
             Ok(tunnel) => {
                 backoff = FIRST_BACKOFF;
-                let tunnel = Arc::new(tunnel);
+                let pooled = Arc::new(Pooled {
+                    tunnel,
+                    carried: StreamTally::default(),
+                });
                 info!(%peer, transport, slot, "tunnel connection up");
-                pool.live.send_modify(|v| v.push((slot, tunnel.clone())));
+                pool.live.send_modify(|v| v.push((slot, pooled.clone())));
                 let retired = tokio::select! {
-                    r = tunnel.retired() => r,
+                    r = pooled.tunnel.retired() => r,
                     _ = stop.wait_for(|s| *s) => return,
                 };
                 pool.live.send_modify(|v| v.retain(|(s, _)| *s != slot));
+                // One line for the connection, however many app connections it carried.
+                let app_connections = pooled.carried.cut_off();
                 match retired {
                     Retirement::Draining => {
-                        info!(%peer, transport, slot, "{retired}: its live streams finish on it; new ones wait for the next connection; reconnecting")
+                        info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
                     }
-                    Retirement::Lost(_) => warn!(%peer, transport, slot, "{retired}; reconnecting"),
+                    Retirement::Lost(_) => {
+                        warn!(%peer, transport, slot, app_connections_reset = app_connections, "{retired}; reconnecting")
+                    }
                 }
             }
             Err(e) => {
@@ -289,7 +305,7 @@ async fn run<D: Dialer>(
     }
     supervisors.close();
     let tunnels = pool.live.send_replace(Vec::new());
-    futures_join_all(tunnels.iter().map(|(_, tunnel)| tunnel.close())).await;
+    futures_join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
     info!("amb client stopped");
 }
 
@@ -307,19 +323,19 @@ async fn carry<T: Tunnel>(
     let _ = tcp.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let mut failed = Vec::new();
-    let (send, recv) = loop {
+    let (pooled, send, recv) = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(tunnel) = pool.get(left, &failed).await else {
+        let Some(pooled) = pool.get(left, &failed).await else {
             warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
             return reset_tcp(tcp);
         };
-        match tokio::time::timeout(left, tunnel.open(&route)).await {
-            Ok(Ok(halves)) => break halves,
+        match tokio::time::timeout(left, pooled.tunnel.open(&route)).await {
+            Ok(Ok((send, recv))) => break (pooled, send, recv),
             // The tunnel died under us and no app byte was read yet: take another, or the one
             // the supervisor dials next, within the same wait.
             Ok(Err(StreamError::ConnectionLost(e))) => {
                 debug!(%app, %route, %peer, "stream open failed: tunnel connection lost: {e}; trying another");
-                failed.push(tunnel);
+                failed.push(pooled);
             }
             Ok(Err(e)) => {
                 warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
@@ -331,12 +347,25 @@ async fn carry<T: Tunnel>(
             }
         }
     };
-    match relay(tcp, send, recv).await {
-        Ok(stats) => {
-            debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done")
+    drop(failed);
+    let relayed = async {
+        match relay(tcp, send, recv).await {
+            Ok(stats) => {
+                debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done");
+                StreamEnd::Closed
+            }
+            // Counted in the one line that logs the tunnel connection's loss.
+            Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
+                debug!(%app, %route, %peer, "connection reset: {e}");
+                StreamEnd::ConnectionLost
+            }
+            Err(e) => {
+                warn!(%app, %route, %peer, "connection reset: {e}");
+                StreamEnd::Closed
+            }
         }
-        Err(e) => warn!(%app, %route, %peer, "connection reset: {e}"),
-    }
+    };
+    pooled.carried.track(relayed).await;
 }
 
 /// Runs futures concurrently until all end (a tiny `join_all`, to avoid a dependency).

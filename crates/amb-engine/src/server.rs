@@ -6,14 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{IncomingStream, Limits, Refusal, RouteTable, StreamError, ALPN_H2, ALPN_QUIC};
+use amb_proto::{
+    IncomingStream, Limits, Refusal, RouteTable, StreamEnd, StreamError, ALPN_H2, ALPN_QUIC,
+};
 use amb_quic::QuicServer;
 use amb_tls::TlsServer;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::relay::relay;
+use crate::relay::{relay, RelayError};
 use crate::throttle::LogThrottle;
 use crate::upstream::Upstream;
 use crate::{bind_tcp, EngineError};
@@ -199,8 +201,9 @@ impl Server {
     }
 }
 
-/// One stream: decide, dial, answer, relay. Every refusal is one log line with the reason.
-async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
+/// One stream: decide, dial, answer, relay. Every refusal is one log line with the reason; a
+/// stream cut off by its tunnel connection's loss is left to that connection's one line.
+async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd {
     let _live = ctx.live.token();
     let peer = incoming.peer().clone();
     let route = incoming.route().clone();
@@ -209,35 +212,54 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) {
         if let Some(suppressed) = ctx.throttle.allow() {
             warn!(%peer, %route, suppressed, "stream refused: at --max-connections");
         }
-        return incoming.refuse(Refusal::Unavailable).await;
+        incoming.refuse(Refusal::Unavailable).await;
+        return StreamEnd::Closed;
     };
     let upstream = match ctx.routes.decide(&peer.identity, &route) {
         Ok(upstream) => upstream.clone(),
         Err(refusal) => {
             warn!(%peer, %route, "stream refused: {refusal}");
-            return incoming.refuse(refusal).await;
+            incoming.refuse(refusal).await;
+            return StreamEnd::Closed;
         }
     };
     let tcp = match upstream.dial(ctx.connect_timeout).await {
         Ok(tcp) => tcp,
         Err(failure) => {
             warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
-            return incoming.refuse(failure.refusal).await;
+            incoming.refuse(failure.refusal).await;
+            return StreamEnd::Closed;
         }
     };
     let (send, recv) = match incoming.accept().await {
         Ok(halves) => halves,
         // The client cancelled the stream or lost its connection while the server dialed:
         // its own doing, and a lost connection would otherwise log once per pending stream.
-        Err(e @ (StreamError::Reset(_) | StreamError::ConnectionLost(_))) => {
-            return debug!(%peer, %route, %upstream, "stream lost before it opened: {e}")
+        Err(e @ StreamError::Reset(_)) => {
+            debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
+            return StreamEnd::Closed;
         }
-        Err(e) => return warn!(%peer, %route, %upstream, "stream lost before it opened: {e}"),
+        Err(e @ StreamError::ConnectionLost(_)) => {
+            debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
+            return StreamEnd::ConnectionLost;
+        }
+        Err(e) => {
+            warn!(%peer, %route, %upstream, "stream lost before it opened: {e}");
+            return StreamEnd::Closed;
+        }
     };
     match relay(tcp, send, recv).await {
         Ok(stats) => {
-            debug!(%peer, %route, %upstream, up = stats.to_tunnel, down = stats.from_tunnel, "stream done")
+            debug!(%peer, %route, %upstream, up = stats.to_tunnel, down = stats.from_tunnel, "stream done");
+            StreamEnd::Closed
         }
-        Err(e) => warn!(%peer, %route, %upstream, "stream reset: {e}"),
+        Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
+            debug!(%peer, %route, %upstream, "stream reset: {e}");
+            StreamEnd::ConnectionLost
+        }
+        Err(e) => {
+            warn!(%peer, %route, %upstream, "stream reset: {e}");
+            StreamEnd::Closed
+        }
     }
 }

@@ -18,7 +18,10 @@ pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
-pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, StreamSend, Tunnel};
+pub use stream::{
+    Dialer, IncomingStream, Retirement, StreamEnd, StreamError, StreamRecv, StreamSend,
+    StreamTally, Tunnel,
+};
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.
 pub const ALPN_QUIC: &[u8] = b"amb/1";

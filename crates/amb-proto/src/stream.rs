@@ -1,6 +1,7 @@
 //! The contract every transport stream fulfils, so the relay is written once for both.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,6 +36,37 @@ pub enum Retirement {
     /// The server is shutting down: it finishes the streams it carries and takes no new ones.
     #[error("the server is draining the tunnel connection")]
     Draining,
+}
+
+/// How a stream ended, as far as its tunnel connection's log line is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Ended on its own account: cleanly, refused, or reset by either end.
+    Closed,
+    /// Cut off because its tunnel connection was lost.
+    ConnectionLost,
+}
+
+/// Counts the streams of one tunnel connection, so that its loss is logged once, saying how many
+/// streams it cut off, rather than once per stream.
+#[derive(Debug, Default)]
+pub struct StreamTally(AtomicUsize);
+
+impl StreamTally {
+    /// Runs one stream, counted while it runs, and for good if the connection's loss ended it:
+    /// so [`cut_off`](Self::cut_off) is right whether the streams or the connection's owner
+    /// learn of the loss first.
+    pub async fn track(&self, stream: impl Future<Output = StreamEnd>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        if stream.await == StreamEnd::Closed {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Streams running now, plus those the connection's loss ended.
+    pub fn cut_off(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// The sending half of a tunnel stream.
@@ -124,4 +156,27 @@ pub trait Dialer: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Dials, handshakes and verifies the server.
     fn dial(&self) -> impl Future<Output = Result<Self::Tunnel, Self::Error>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn tally_counts_running_streams_and_those_the_loss_ended() {
+        let tally = StreamTally::default();
+        assert!(poll_once(pin!(tally.track(async { StreamEnd::Closed }))).is_ready());
+        assert_eq!(tally.cut_off(), 0, "a stream that ended on its own");
+        assert!(poll_once(pin!(tally.track(async { StreamEnd::ConnectionLost }))).is_ready());
+        assert_eq!(tally.cut_off(), 1, "a stream the loss ended stays counted");
+        let mut running = pin!(tally.track(std::future::pending()));
+        assert!(poll_once(running.as_mut()).is_pending());
+        assert_eq!(tally.cut_off(), 2, "a running stream counts");
+    }
 }

@@ -9,7 +9,7 @@ use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
     decode_open_header, IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamError,
+    StreamEnd, StreamError, StreamTally,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
@@ -64,7 +64,7 @@ impl QuicServer {
 pub async fn serve<H, F>(server: &QuicServer, mut stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(QuicIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = StreamEnd> + Send + 'static,
 {
     loop {
         let incoming = tokio::select! {
@@ -108,6 +108,7 @@ where
             let ctx = Arc::new(ConnCtx {
                 peer: peer.clone(),
                 conn: conn.clone(),
+                streams: StreamTally::default(),
                 budget: RefusalBudget::new(),
             });
             if let Err(e) = notify(&conn, &crate::WELCOME).await {
@@ -132,17 +133,13 @@ where
                 };
                 let (send, recv) = match accepted {
                     Ok(s) => s,
-                    Err(e) => {
-                        debug!(%peer, transport = "quic", "tunnel connection closed: {e}");
-                        return;
-                    }
+                    Err(e) => return log_end(&ctx, e),
                 };
                 let (handler, ctx, peer) = (handler.clone(), ctx.clone(), peer.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(limits.open_timeout, read_header(send, recv, ctx))
-                        .await
-                    {
-                        Ok(Ok(incoming)) => handler(incoming).await,
+                    let header = read_header(send, recv, ctx.clone());
+                    match tokio::time::timeout(limits.open_timeout, header).await {
+                        Ok(Ok(incoming)) => ctx.streams.track(handler(incoming)).await,
                         // The connection's end is logged once, not once per pending stream.
                         Ok(Err(StreamError::ConnectionLost(e))) => {
                             debug!(%peer, transport = "quic", "stream dropped before its header: connection lost: {e}")
@@ -155,6 +152,18 @@ where
                 });
             }
         });
+    }
+}
+
+/// One line for the connection's end, however many streams it cut off: a warning if it cut
+/// any off and this side did not close it (a kill for the refusal budget was logged then).
+fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
+    let peer = &ctx.peer;
+    match ctx.streams.cut_off() {
+        cut_off if cut_off > 0 && end != quinn::ConnectionError::LocallyClosed => {
+            warn!(%peer, transport = "quic", streams_cut_off = cut_off, "tunnel connection lost: {end}")
+        }
+        _ => debug!(%peer, transport = "quic", "tunnel connection ended: {end}"),
     }
 }
 
@@ -216,6 +225,7 @@ async fn read_header(
 struct ConnCtx {
     peer: Arc<Peer>,
     conn: quinn::Connection,
+    streams: StreamTally,
     budget: RefusalBudget,
 }
 

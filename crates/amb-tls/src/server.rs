@@ -9,7 +9,7 @@ use std::task::Poll;
 
 use amb_proto::{
     IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamError,
+    StreamEnd, StreamError, StreamTally,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -62,7 +62,7 @@ impl TlsServer {
 pub async fn serve<H, F>(server: &mut TlsServer, mut stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = StreamEnd> + Send + 'static,
 {
     let Some(listener) = server.listener.take() else {
         return;
@@ -143,10 +143,11 @@ async fn serve_connection<H, F>(
     handler: H,
 ) where
     H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = StreamEnd> + Send + 'static,
 {
     let ctx = Arc::new(ConnCtx {
         peer: peer.clone(),
+        streams: StreamTally::default(),
         budget: RefusalBudget::new(),
         kill: Notify::new(),
         closing: AtomicBool::new(false),
@@ -156,7 +157,7 @@ async fn serve_connection<H, F>(
     debug!(%peer, transport = "tls", "tunnel connection up");
     let mut draining = false;
     let mut killed = false;
-    loop {
+    let end = loop {
         let next = tokio::select! {
             next = conn.accept() => next,
             _ = ctx.kill.notified(), if !killed => {
@@ -171,16 +172,17 @@ async fn serve_connection<H, F>(
                 continue;
             }
         };
-        let Some(next) = next else { break };
         let (request, respond) = match next {
-            Ok(r) => r,
+            Some(Ok(r)) => r,
             // This side's HTTP/2 layer ended it: the peer broke the protocol or its
             // limits (e.g. rapid reset: streams cancelled before they are accepted).
             // A kill for the refusal budget was logged when it was decided.
-            Err(e) if !killed && !e.is_remote() && !e.is_io() => {
+            Some(Err(e)) if !killed && !e.is_remote() && !e.is_io() => {
                 return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
             }
-            Err(e) => return debug!(%peer, transport = "tls", "tunnel connection ended: {e}"),
+            Some(Err(e)) => break e.to_string(),
+            // h2 ends quietly on the client's FIN too, even one that cut streams off.
+            None => break "closed by the client".to_owned(),
         };
         let (handler, ctx) = (handler.clone(), ctx.clone());
         tokio::spawn(async move {
@@ -197,10 +199,14 @@ async fn serve_connection<H, F>(
                 respond,
                 body,
                 route: RouteName::default_route(),
-                ctx,
+                ctx: ctx.clone(),
             };
             match route {
-                Some(Ok(route)) => handler(TlsIncoming { route, ..incoming }).await,
+                Some(Ok(route)) => {
+                    ctx.streams
+                        .track(handler(TlsIncoming { route, ..incoming }))
+                        .await
+                }
                 other => {
                     warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
                             match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
@@ -208,8 +214,14 @@ async fn serve_connection<H, F>(
                 }
             }
         });
+    };
+    // One line for the connection, however many streams it cut off.
+    match ctx.streams.cut_off() {
+        cut_off if cut_off > 0 && !killed => {
+            warn!(%peer, transport = "tls", streams_cut_off = cut_off, "tunnel connection lost: {end}")
+        }
+        _ => debug!(%peer, transport = "tls", "tunnel connection ended: {end}"),
     }
-    debug!(%peer, transport = "tls", "tunnel connection closed");
 }
 
 /// Marks a connection as closing when its task ends.
@@ -224,6 +236,7 @@ impl Drop for CloseOnDrop {
 /// What the streams of one tunnel connection share.
 struct ConnCtx {
     peer: Arc<Peer>,
+    streams: StreamTally,
     budget: RefusalBudget,
     /// Wakes the connection task to close the connection.
     kill: Notify,
