@@ -30,11 +30,17 @@ per_transport!(
 );
 
 /// A server for `upstream` (route `default`) and a client for it, both ready.
-fn pair(pki: &Pki, upstream: &str, transport: Transport, server_extra: &[&str]) -> (Amb, Amb) {
+fn pair(
+    pki: &Pki,
+    upstream: &str,
+    transport: Transport,
+    server_extra: &[&str],
+    client_extra: &[&str],
+) -> (Amb, Amb) {
     let mut extra = vec!["--upstream", upstream];
     extra.extend_from_slice(server_extra);
     let server = Amb::server(pki, 0, &extra);
-    let client = Amb::client(pki, "client", server.server_addr(), transport, &[]);
+    let client = Amb::client(pki, "client", server.server_addr(), transport, client_extra);
     client.wait_tunnel_up();
     (server, client)
 }
@@ -53,7 +59,7 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn redis_ping_set_get_and_10mb_value(t: Transport) {
     let pki = Pki::new();
     let redis = Redis::start();
-    let (_server, client) = pair(&pki, &format!("127.0.0.1:{}", redis.port), t, &[]);
+    let (_server, client) = pair(&pki, &format!("127.0.0.1:{}", redis.port), t, &[], &[]);
     let port = client.listen_addr().port();
 
     let cli = move |args: &'static [&'static str]| blocking(move || redis_cli(port, args));
@@ -89,7 +95,7 @@ async fn redis_ping_set_get_and_10mb_value(t: Transport) {
 async fn two_hundred_concurrent_echo_connections(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
-    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
     let addr = client.listen_addr();
     let tasks: Vec<_> = (0..200)
         .map(|_| {
@@ -137,7 +143,7 @@ async fn half_close_client_first(t: Transport) {
     })
     .await;
     let pki = Pki::new();
-    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     tcp.write_all(&[7u8; 100_000]).await.unwrap();
     tcp.shutdown().await.unwrap();
@@ -159,7 +165,7 @@ async fn half_close_upstream_speaks_first(t: Transport) {
     })
     .await;
     let pki = Pki::new();
-    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     let greeting = tokio::time::timeout(READY, read_all(&mut tcp))
         .await
@@ -176,7 +182,7 @@ async fn upstream_down_resets_then_recovers(t: Transport) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = listener.local_addr().unwrap();
     drop(listener);
-    let (server, client) = pair(&pki, &upstream_addr.to_string(), t, &[]);
+    let (server, client) = pair(&pki, &upstream_addr.to_string(), t, &[], &[]);
 
     let started = std::time::Instant::now();
     assert_reset_after_write(client.listen_addr(), b"anyone there?").await;
@@ -204,7 +210,7 @@ async fn server_restart_client_reconnects(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
-    let (mut server, client) = pair(&pki, &up, t, &[]);
+    let (mut server, client) = pair(&pki, &up, t, &[], &[]);
     let addr = server.server_addr();
     assert!(echo_works(client.listen_addr()).await);
     let ups = client.wait_pool_up(t);
@@ -244,13 +250,11 @@ async fn open_waiting_for_credit_moves_to_the_next_tunnel(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
-    let server = Amb::server(&pki, 0, &["--upstream", &up, "--max-streams", "1"]);
-    let addr = server.server_addr();
-    let client = Amb::client(
+    let (server, client) = pair(
         &pki,
-        "client",
-        addr,
+        &up,
         t,
+        &["--max-streams", "1"],
         &[
             "--connections",
             "1",
@@ -260,7 +264,7 @@ async fn open_waiting_for_credit_moves_to_the_next_tunnel(t: Transport) {
             "30s",
         ],
     );
-    client.wait_tunnel_up();
+    let addr = server.server_addr();
     let listen = client.listen_addr();
     let mut holder = TcpStream::connect(listen).await.unwrap();
     holder.write_all(b"held").await.unwrap();
@@ -325,6 +329,7 @@ async fn identity_not_allowed_is_refused_without_dial(t: Transport) {
         &upstream.addr.to_string(),
         t,
         &["--allow", "uri:spiffe://amb/someone-else"],
+        &[],
     );
     assert_reset_after_write(client.listen_addr(), b"hi").await;
     server.log.wait_for(&[
@@ -344,7 +349,7 @@ async fn identity_not_allowed_is_refused_without_dial(t: Transport) {
 async fn sigterm_drains_live_connections(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
-    let (mut server, client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let (mut server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     tcp.write_all(b"before").await.unwrap();
     let mut buf = [0u8; 6];
@@ -383,9 +388,14 @@ async fn connections_made_during_a_drain_go_to_the_next_server(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
-    let mut old = Amb::server(&pki, 0, &["--upstream", &up, "--drain-timeout", "60s"]);
+    let (mut old, client) = pair(
+        &pki,
+        &up,
+        t,
+        &["--drain-timeout", "60s"],
+        &["--tunnel-wait", "60s"],
+    );
     let addr = old.server_addr();
-    let client = Amb::client(&pki, "client", addr, t, &["--tunnel-wait", "60s"]);
     let ups = client.wait_pool_up(t);
     let mut live = TcpStream::connect(client.listen_addr()).await.unwrap();
     live.write_all(b"before").await.unwrap();
@@ -449,7 +459,7 @@ async fn client_sigterm_delivers_the_last_bytes(t: Transport) {
         }
     })
     .await;
-    let (server, mut client) = pair(&pki, &upstream.addr.to_string(), t, &[]);
+    let (server, mut client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     assert_eq!(read_all(&mut tcp).await.unwrap(), b"bye");
 
@@ -482,15 +492,13 @@ async fn streams_over_the_server_limit_wait_then_reset(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
-    let server = Amb::server(&pki, 0, &["--upstream", &up, "--max-streams", "1"]);
-    let client = Amb::client(
+    let (_server, client) = pair(
         &pki,
-        "client",
-        server.server_addr(),
+        &up,
         t,
+        &["--max-streams", "1"],
         &["--connections", "1", "--tunnel-wait", "2s"],
     );
-    client.wait_tunnel_up();
     let listen = client.listen_addr();
     let mut holder = TcpStream::connect(listen).await.unwrap();
     holder.write_all(b"held").await.unwrap();
@@ -537,15 +545,13 @@ async fn live_connections(listen: std::net::SocketAddr, n: usize) -> Vec<TcpStre
 async fn a_lost_server_is_one_warning_at_the_client(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
-    let server = Amb::server(&pki, 0, &["--upstream", &upstream.addr.to_string()]);
-    let client = Amb::client(
+    let (server, client) = pair(
         &pki,
-        "client",
-        server.server_addr(),
+        &upstream.addr.to_string(),
         t,
+        &[],
         &["--connections", "1", "--idle-timeout", "2s"],
     );
-    client.wait_tunnel_up();
     let mut live = live_connections(client.listen_addr(), 5).await;
     drop(server); // SIGKILL
     let line = client.log.wait_for(&["WARN", "tunnel connection lost"]);
@@ -576,15 +582,13 @@ async fn a_lost_client_is_one_warning_at_the_server(t: Transport) {
     let pki = Pki::new();
     let upstream = Upstream::echo().await;
     let up = upstream.addr.to_string();
-    let server = Amb::server(&pki, 0, &["--upstream", &up, "--idle-timeout", "2s"]);
-    let client = Amb::client(
+    let (server, client) = pair(
         &pki,
-        "client",
-        server.server_addr(),
+        &up,
         t,
+        &["--idle-timeout", "2s"],
         &["--connections", "1"],
     );
-    client.wait_tunnel_up();
     let _live = live_connections(client.listen_addr(), 5).await;
     drop(client); // SIGKILL
     let line = server.log.wait_for(&["WARN", "tunnel connection lost"]);
