@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore};
+use support::raw::{open_header, quic_connect};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -382,4 +383,53 @@ async fn max_connections_cap_refuses_quickly(t: Transport) {
         .wait_for(&["stream refused: at --max-connections"]);
     other.log.wait_for(&["refused by server", "capacity"]);
     assert_eq!(upstream.accepted(), 6);
+}
+
+/// A QUIC client that ignores the server's drain notice and keeps opening streams: they are
+/// served only until it has had the notice (a round trip after its acknowledgement), then
+/// refused, so the drain ends once the live stream does instead of running to its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_client_ignoring_the_drain_notice_is_refused_and_the_drain_ends() {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let mut server = Amb::server(&pki, 0, &["--upstream", &up, "--drain-timeout", "60s"]);
+    let conn = quic_connect(&pki, "client", server.server_addr()).await;
+    let (mut live_send, mut live_recv) = conn.open_bi().await.unwrap();
+    live_send.write_all(&open_header("default")).await.unwrap();
+    live_send.write_all(b"hi").await.unwrap();
+    let mut opened = [0u8; 3];
+    live_recv.read_exact(&mut opened).await.unwrap();
+    assert_eq!(opened, [amb_proto::status::STATUS_OPEN, b'h', b'i']);
+
+    server.signal("TERM");
+    server.log.wait_for(&["shutting down"]);
+    let deadline = Instant::now() + READY;
+    let mut served = 0;
+    loop {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&open_header("default")).await.unwrap();
+        send.finish().unwrap();
+        let mut status = [0u8; 1];
+        recv.read_exact(&mut status).await.unwrap();
+        if status[0] != amb_proto::status::STATUS_OPEN {
+            break;
+        }
+        served += 1;
+        assert!(
+            Instant::now() < deadline,
+            "{served} streams still served after the drain notice"
+        );
+    }
+    server
+        .log
+        .wait_for(&["stream refused", "opened after the drain notice"]);
+
+    // The live stream still carries data both ways; its end ends the drain.
+    live_send.write_all(b"after").await.unwrap();
+    live_send.finish().unwrap();
+    let rest = live_recv.read_to_end(64).await.unwrap();
+    assert_eq!(rest, b"after");
+    let status = blocking(move || server.wait_exit(READY)).await;
+    assert!(status.success(), "server exit status {status:?}");
 }

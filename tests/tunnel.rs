@@ -23,6 +23,7 @@ per_transport!(
     sigterm_drains_live_connections,
     connections_made_during_a_drain_go_to_the_next_server,
     client_sigterm_delivers_the_last_bytes,
+    a_drain_cut_short_warns_per_app_connection,
     streams_over_the_server_limit_wait_then_reset,
     open_waiting_for_credit_moves_to_the_next_tunnel,
     a_lost_server_is_one_warning_at_the_client,
@@ -476,6 +477,14 @@ async fn client_sigterm_delivers_the_last_bytes(t: Transport) {
         .await
         .expect("the upstream never saw the end of the stream")
         .unwrap();
+    // The client's clean shutdown is no warning at the server.
+    server.log.wait_for(&["tunnel connection ended"]);
+    assert_eq!(
+        server.log.count(&["WARN"]),
+        0,
+        "server:\n{}",
+        server.log.text()
+    );
     assert!(
         len == last.len() && digest == Sha256::digest(&last).to_vec(),
         "the upstream received {len} bytes, not the {} the app sent before the client exited; server:\n{}\nclient:\n{}",
@@ -525,6 +534,12 @@ async fn streams_over_the_server_limit_wait_then_reset(t: Transport) {
         .expect("no reply once the held stream ended")
         .expect("the waiting app connection was reset although a stream ended in time");
     assert_eq!(&reply, b"next");
+    // The connection given up at --tunnel-wait left nothing behind to open later.
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "an app connection reset at --tunnel-wait still reached the upstream"
+    );
 }
 
 /// `n` app connections through `listen`, each answered once and left open.
@@ -606,4 +621,30 @@ async fn a_lost_client_is_one_warning_at_the_server(t: Transport) {
         "one warning for the lost connection, none per stream:\n{}",
         server.log.text()
     );
+}
+
+/// A drain that reaches `--drain-timeout` cuts off what still runs; the client warns for each
+/// app connection it resets (the connection's retirement was only an info line).
+async fn a_drain_cut_short_warns_per_app_connection(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let (mut server, client) = pair(
+        &pki,
+        &up,
+        t,
+        &["--drain-timeout", "1s"],
+        &["--connections", "1"],
+    );
+    let mut live = live_connections(client.listen_addr(), 1).await;
+    server.signal("TERM");
+    client.log.wait_for(&["draining the tunnel connection"]);
+    let status = blocking(move || server.wait_exit(READY)).await;
+    assert!(status.success(), "server exit status {status:?}");
+    let _ = tokio::time::timeout(READY, read_all(&mut live[0]))
+        .await
+        .expect("the app connection outlived its server");
+    client
+        .log
+        .wait_for(&["WARN", "connection reset", "the server's drain ended"]);
 }

@@ -3,14 +3,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
 use amb_proto::{
     Dialer, Limits, Retirement, RouteName, StreamEnd, StreamError, StreamTally, Tunnel, ALPN_H2,
-    ALPN_QUIC,
+    ALPN_QUIC, SETTLE_LIMIT,
 };
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
@@ -133,6 +133,9 @@ impl Client {
 struct Pooled<T> {
     tunnel: T,
     carried: StreamTally,
+    /// The server drains it: a loss from now on is the end of that drain, logged per app
+    /// connection since no line for the connection follows.
+    draining: AtomicBool,
 }
 
 /// The live tunnel connections, each tagged with its pool slot.
@@ -185,6 +188,7 @@ async fn supervise<D: Dialer>(
                 let pooled = Arc::new(Pooled {
                     tunnel,
                     carried: StreamTally::default(),
+                    draining: AtomicBool::new(false),
                 });
                 info!(%peer, transport, slot, "tunnel connection up");
                 pool.live.send_modify(|v| v.push((slot, pooled.clone())));
@@ -194,13 +198,16 @@ async fn supervise<D: Dialer>(
                 };
                 pool.live.send_modify(|v| v.retain(|(s, _)| *s != slot));
                 // One line for the connection, however many app connections it carried.
-                let app_connections = pooled.carried.cut_off();
                 match retired {
                     Retirement::Draining => {
+                        pooled.draining.store(true, Ordering::Relaxed);
+                        let app_connections = pooled.carried.cut_off();
                         info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
                     }
                     Retirement::Lost(_) => {
-                        warn!(%peer, transport, slot, app_connections_reset = app_connections, "{retired}; reconnecting")
+                        let _ = tokio::time::timeout(SETTLE_LIMIT, pooled.carried.settled()).await;
+                        let app_connections_reset = pooled.carried.cut_off();
+                        warn!(%peer, transport, slot, app_connections_reset, "{retired}; reconnecting")
                     }
                 }
             }
@@ -348,24 +355,27 @@ async fn carry<T: Tunnel>(
         }
     };
     drop(failed);
-    let relayed = async {
-        match relay(tcp, send, recv).await {
-            Ok(stats) => {
-                debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done");
-                StreamEnd::Closed
-            }
-            // Counted in the one line that logs the tunnel connection's loss.
-            Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
+    let running = pooled.carried.start();
+    let end = match relay(tcp, send, recv).await {
+        Ok(stats) => {
+            debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done");
+            StreamEnd::Closed
+        }
+        Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
+            if pooled.draining.load(Ordering::Relaxed) {
+                warn!(%app, %route, %peer, "connection reset: {e} (the server's drain ended)");
+            } else {
+                // Counted in the one line that logs the tunnel connection's loss.
                 debug!(%app, %route, %peer, "connection reset: {e}");
-                StreamEnd::ConnectionLost
             }
-            Err(e) => {
-                warn!(%app, %route, %peer, "connection reset: {e}");
-                StreamEnd::Closed
-            }
+            StreamEnd::ConnectionLost
+        }
+        Err(e) => {
+            warn!(%app, %route, %peer, "connection reset: {e}");
+            StreamEnd::Closed
         }
     };
-    pooled.carried.track(relayed).await;
+    running.ended(end);
 }
 
 /// Runs futures concurrently until all end (a tiny `join_all`, to avoid a dependency).

@@ -184,6 +184,9 @@ impl Server {
             if let Some(tls) = &self.tls {
                 tls.drained().await;
             }
+            if let Some(quic) = &self.quic {
+                quic.drained().await;
+            }
         };
         if tokio::time::timeout(self.drain_timeout, drained)
             .await

@@ -19,8 +19,8 @@ pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
 pub use stream::{
-    Dialer, IncomingStream, Retirement, StreamEnd, StreamError, StreamRecv, StreamSend,
-    StreamTally, Tunnel,
+    Dialer, IncomingStream, Retirement, RunningStream, StreamEnd, StreamError, StreamRecv,
+    StreamSend, StreamTally, Tunnel, SETTLE_LIMIT,
 };
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.

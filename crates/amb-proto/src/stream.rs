@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::identity::Peer;
 use crate::route::RouteName;
@@ -47,25 +48,74 @@ pub enum StreamEnd {
     ConnectionLost,
 }
 
+/// How long the owner of a lost tunnel connection waits for its streams to settle
+/// ([`StreamTally::settled`]) before it logs the loss.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Counts the streams of one tunnel connection, so that its loss is logged once, saying how many
 /// streams it cut off, rather than once per stream.
 #[derive(Debug, Default)]
-pub struct StreamTally(AtomicUsize);
+pub struct StreamTally {
+    running: AtomicUsize,
+    lost: AtomicUsize,
+    idle: Notify,
+}
 
 impl StreamTally {
-    /// Runs one stream, counted while it runs, and for good if the connection's loss ended it:
-    /// so [`cut_off`](Self::cut_off) is right whether the streams or the connection's owner
-    /// learn of the loss first.
-    pub async fn track(&self, stream: impl Future<Output = StreamEnd>) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        if stream.await == StreamEnd::Closed {
-            self.0.fetch_sub(1, Ordering::Relaxed);
+    /// Counts a stream as running until the returned guard drops; tell the guard how the
+    /// stream ended with [`RunningStream::ended`]. (A guard, not a wrapping future: a future
+    /// moved into another is stored twice, and these live as long as their connection.)
+    pub fn start(&self) -> RunningStream<'_> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        RunningStream {
+            tally: self,
+            lost: false,
         }
     }
 
-    /// Streams running now, plus those the connection's loss ended.
+    /// Resolves once no stream runs. After a loss the cut-off streams end at once; callers
+    /// bound the wait for one stuck elsewhere.
+    pub async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Streams the connection's loss ended, plus those still running (after [`settled`]
+    /// timed out: stuck, and cut off too).
+    ///
+    /// [`settled`]: Self::settled
     pub fn cut_off(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.lost.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
+    }
+}
+
+/// One running stream of a [`StreamTally`].
+#[derive(Debug)]
+pub struct RunningStream<'a> {
+    tally: &'a StreamTally,
+    lost: bool,
+}
+
+impl RunningStream<'_> {
+    /// The stream ended this way.
+    pub fn ended(mut self, end: StreamEnd) {
+        self.lost = end == StreamEnd::ConnectionLost;
+    }
+}
+
+impl Drop for RunningStream<'_> {
+    fn drop(&mut self) {
+        if self.lost {
+            self.tally.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.tally.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tally.idle.notify_waiters();
+        }
     }
 }
 
@@ -171,12 +221,32 @@ mod tests {
     #[test]
     fn tally_counts_running_streams_and_those_the_loss_ended() {
         let tally = StreamTally::default();
-        assert!(poll_once(pin!(tally.track(async { StreamEnd::Closed }))).is_ready());
+        tally.start().ended(StreamEnd::Closed);
         assert_eq!(tally.cut_off(), 0, "a stream that ended on its own");
-        assert!(poll_once(pin!(tally.track(async { StreamEnd::ConnectionLost }))).is_ready());
-        assert_eq!(tally.cut_off(), 1, "a stream the loss ended stays counted");
-        let mut running = pin!(tally.track(std::future::pending()));
-        assert!(poll_once(running.as_mut()).is_pending());
+        tally.start().ended(StreamEnd::ConnectionLost);
+        assert_eq!(tally.cut_off(), 1, "a stream the loss ended");
+        assert!(poll_once(pin!(tally.settled())).is_ready(), "nothing runs");
+
+        let running = tally.start();
         assert_eq!(tally.cut_off(), 2, "a running stream counts");
+        let mut settled = pin!(tally.settled());
+        assert!(poll_once(settled.as_mut()).is_pending(), "a stream runs");
+        running.ended(StreamEnd::Closed);
+        assert!(
+            poll_once(settled.as_mut()).is_ready(),
+            "the last stream ended"
+        );
+        assert_eq!(
+            tally.cut_off(),
+            1,
+            "a running stream that then ends on its own"
+        );
+
+        drop(tally.start());
+        assert_eq!(
+            tally.cut_off(),
+            1,
+            "a stream dropped unfinished is not a loss"
+        );
     }
 }

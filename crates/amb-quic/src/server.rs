@@ -3,17 +3,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
     decode_open_header, IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally,
+    StreamEnd, StreamError, StreamTally, SETTLE_LIMIT,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
@@ -23,6 +25,8 @@ use crate::{transport_config, tune_udp, QuicError};
 pub struct QuicServer {
     endpoint: Endpoint,
     limits: Limits,
+    /// One task per connection; each ends when its connection closes.
+    connections: TaskTracker,
 }
 
 impl QuicServer {
@@ -48,7 +52,18 @@ impl QuicServer {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| QuicError::Socket { addr, source })?;
-        Ok(QuicServer { endpoint, limits })
+        Ok(QuicServer {
+            endpoint,
+            limits,
+            connections: TaskTracker::new(),
+        })
+    }
+
+    /// After `serve` returned: resolves once every connection has drained (see [`serve`]) and
+    /// closed.
+    pub async fn drained(&self) {
+        self.connections.close();
+        self.connections.wait().await;
     }
 
     /// Closes every connection at once (after the engine's drain deadline), telling each client.
@@ -83,7 +98,7 @@ where
         };
         let Some(incoming) = incoming else { return };
         let (handler, limits, mut stop) = (handler.clone(), server.limits, stop.clone());
-        tokio::spawn(async move {
+        server.connections.spawn(async move {
             let addr = incoming.remote_address();
             let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
                 Ok(Ok(conn)) => conn,
@@ -109,6 +124,7 @@ where
                 peer: peer.clone(),
                 conn: conn.clone(),
                 streams: StreamTally::default(),
+                refusing: AtomicBool::new(false),
                 budget: RefusalBudget::new(),
             });
             if let Err(e) = notify(&conn, &crate::WELCOME).await {
@@ -121,25 +137,26 @@ where
                     accepted = conn.accept_bi() => accepted,
                     _ = stop.wait_for(|s| *s), if !draining => {
                         draining = true;
-                        // Streams already on their way are still served.
-                        let (conn, peer) = (conn.clone(), peer.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = notify(&conn, crate::DRAIN_NOTICE).await {
-                                debug!(%peer, transport = "quic", "drain notice not sent: {e}");
-                            }
-                        });
+                        tokio::spawn(drain(ctx.clone()));
                         continue;
                     }
                 };
                 let (send, recv) = match accepted {
                     Ok(s) => s,
-                    Err(e) => return log_end(&ctx, e),
+                    Err(e) => return log_end(&ctx, e).await,
                 };
                 let (handler, ctx, peer) = (handler.clone(), ctx.clone(), peer.clone());
                 tokio::spawn(async move {
                     let header = read_header(send, recv, ctx.clone());
                     match tokio::time::timeout(limits.open_timeout, header).await {
-                        Ok(Ok(incoming)) => ctx.streams.track(handler(incoming)).await,
+                        Ok(Ok(incoming)) if ctx.refusing.load(Ordering::Relaxed) => {
+                            warn!(%peer, transport = "quic", route = %incoming.route, "stream refused: {} (opened after the drain notice)", Refusal::Unavailable);
+                            incoming.refuse(Refusal::Unavailable).await;
+                        }
+                        Ok(Ok(incoming)) => {
+                            let running = ctx.streams.start();
+                            running.ended(handler(incoming).await);
+                        }
                         // The connection's end is logged once, not once per pending stream.
                         Ok(Err(StreamError::ConnectionLost(e))) => {
                             debug!(%peer, transport = "quic", "stream dropped before its header: connection lost: {e}")
@@ -155,10 +172,31 @@ where
     }
 }
 
+/// Drains one connection: tells the client, serves the streams it opened before it knew, then
+/// closes once they are done. A stream opened later (a client that ignores the notice) is
+/// refused, so the drain always ends.
+async fn drain(ctx: Arc<ConnCtx>) {
+    let notice = async {
+        let uni = notify(&ctx.conn, crate::DRAIN_NOTICE).await?;
+        // Acknowledged: the client has it. Streams it opened just before may still be on
+        // their way for a round trip.
+        uni.stopped().await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(ctx.conn.rtt()).await;
+        Ok::<_, String>(())
+    };
+    if let Err(e) = notice.await {
+        debug!(peer = %ctx.peer, transport = "quic", "drain notice not delivered: {e}");
+    }
+    ctx.refusing.store(true, Ordering::Relaxed);
+    ctx.streams.settled().await;
+    ctx.conn.close(VarInt::from_u32(0), b"server shutting down");
+}
+
 /// One line for the connection's end, however many streams it cut off: a warning if it cut
 /// any off and this side did not close it (a kill for the refusal budget was logged then).
-fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
+async fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
     let peer = &ctx.peer;
+    let _ = tokio::time::timeout(SETTLE_LIMIT, ctx.streams.settled()).await;
     match ctx.streams.cut_off() {
         cut_off if cut_off > 0 && end != quinn::ConnectionError::LocallyClosed => {
             warn!(%peer, transport = "quic", streams_cut_off = cut_off, "tunnel connection lost: {end}")
@@ -169,10 +207,11 @@ fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
 
 /// Tells the client something on a unidirectional stream of its own: [`crate::WELCOME`] once
 /// it is accepted, [`crate::DRAIN_NOTICE`] when the server starts to shut down.
-async fn notify(conn: &quinn::Connection, message: &[u8]) -> Result<(), String> {
+async fn notify(conn: &quinn::Connection, message: &[u8]) -> Result<quinn::SendStream, String> {
     let mut uni = conn.open_uni().await.map_err(|e| e.to_string())?;
     uni.write_all(message).await.map_err(|e| e.to_string())?;
-    uni.finish().map_err(|e| e.to_string())
+    uni.finish().map_err(|e| e.to_string())?;
+    Ok(uni)
 }
 
 /// Reads the open header: at most [`MAX_HEADER_LEN`] bytes, and never past it, so app bytes stay
@@ -226,6 +265,8 @@ struct ConnCtx {
     peer: Arc<Peer>,
     conn: quinn::Connection,
     streams: StreamTally,
+    /// Draining, and the client has had the notice: new streams are refused.
+    refusing: AtomicBool,
     budget: RefusalBudget,
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
@@ -104,6 +104,10 @@ impl TlsDialer {
         }
         .map_err(|e| TlsError::Rejected { peer: peer.clone(), why: e.to_string() })?;
 
+        // The server's limit, from the SETTINGS that came before the PING's answer.
+        let slots = send_request
+            .current_max_send_streams()
+            .min(Semaphore::MAX_PERMITS);
         let (retired_tx, retired_rx) = watch::channel(None);
         let (release_probe, tunnel_dropped) = oneshot::channel();
         let goaway_probe = send_request.clone();
@@ -142,6 +146,7 @@ impl TlsDialer {
             });
         });
         Ok(TlsTunnel {
+            slots: Arc::new(Semaphore::new(slots)),
             handles: Mutex::new(Some(Handles {
                 send_request,
                 release_probe,
@@ -204,6 +209,10 @@ async fn drive_watching_for_goaway(
 
 /// One mTLS + HTTP/2 connection to the server.
 pub struct TlsTunnel {
+    /// The server's concurrent-stream limit. A stream is handed to h2 only with a slot: h2
+    /// would queue it otherwise, and a stream given up in its queue still goes out later
+    /// (HEADERS then a reset), making the server dial for nothing.
+    slots: Arc<Semaphore>,
     /// Taken by [`Tunnel::close`]: no new streams from then on.
     handles: Mutex<Option<Handles>>,
     retired: watch::Receiver<Option<Retirement>>,
@@ -223,6 +232,12 @@ impl Tunnel for TlsTunnel {
     type Recv = H2Recv;
 
     async fn open(&self, route: &RouteName) -> Result<(H2Send, H2Recv), StreamError> {
+        // At the server's limit, wait for a stream to end; the caller bounds the wait by
+        // `--tunnel-wait`, and giving up here leaves nothing behind.
+        let slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => slot.map_err(|_| StreamError::ConnectionLost("closed by this client".into()))?,
+            why = self.retired() => return Err(StreamError::ConnectionLost(why.to_string())),
+        };
         let send_request = self.handles.lock().map_or(None, |handles| {
             handles.as_ref().map(|h| h.send_request.clone())
         });
@@ -240,11 +255,7 @@ impl Tunnel for TlsTunnel {
             .body(())
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
         let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
-        // At the server's stream limit h2 queues the stream until one ends, with no deadline:
-        // wait for it here, where the caller bounds the wait by `--tunnel-wait`. Not at the
-        // limit, the stream is open already and this returns at once.
-        sender.ready().await.map_err(h2_error)?;
-        Ok((H2Send::new(send), H2Recv::Pending(response)))
+        Ok((H2Send::new(send, Some(slot)), H2Recv::Pending(response)))
     }
 
     async fn retired(&self) -> Retirement {

@@ -9,7 +9,7 @@ use std::task::Poll;
 
 use amb_proto::{
     IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally,
+    StreamEnd, StreamError, StreamTally, SETTLE_LIMIT,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -203,9 +203,8 @@ async fn serve_connection<H, F>(
             };
             match route {
                 Some(Ok(route)) => {
-                    ctx.streams
-                        .track(handler(TlsIncoming { route, ..incoming }))
-                        .await
+                    let running = ctx.streams.start();
+                    running.ended(handler(TlsIncoming { route, ..incoming }).await);
                 }
                 other => {
                     warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
@@ -216,6 +215,7 @@ async fn serve_connection<H, F>(
         });
     };
     // One line for the connection, however many streams it cut off.
+    let _ = tokio::time::timeout(SETTLE_LIMIT, ctx.streams.settled()).await;
     match ctx.streams.cut_off() {
         cut_off if cut_off > 0 && !killed => {
             warn!(%peer, transport = "tls", streams_cut_off = cut_off, "tunnel connection lost: {end}")
@@ -286,7 +286,7 @@ impl IncomingStream for TlsIncoming {
 
     async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
         match self.respond.send_response(response(200), false) {
-            Ok(send) => Ok((H2Send::new(send), H2Recv::Body(self.body))),
+            Ok(send) => Ok((H2Send::new(send, None), H2Recv::Body(self.body))),
             Err(e) => {
                 // Cancelled while the server dialed: rapid reset costs the client its budget.
                 self.ctx.charge("stream cancelled before it opened");

@@ -6,6 +6,7 @@ use amb_proto::{Refusal, ResetCode, StreamError, StreamRecv, StreamSend};
 use bytes::Bytes;
 use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
+use tokio::sync::OwnedSemaphorePermit;
 
 pub(crate) fn h2_error(e: h2::Error) -> StreamError {
     if e.is_go_away() {
@@ -39,13 +40,17 @@ const UNCREDITED_FIRST_CHUNK: usize = 16 << 10;
 pub struct H2Send {
     stream: SendStream<Bytes>,
     sent_any: bool,
+    /// On the client, the stream's place under the server's concurrent-stream limit, held
+    /// for the stream's life.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl H2Send {
-    pub(crate) fn new(stream: SendStream<Bytes>) -> Self {
+    pub(crate) fn new(stream: SendStream<Bytes>, slot: Option<OwnedSemaphorePermit>) -> Self {
         H2Send {
             stream,
             sent_any: false,
+            _slot: slot,
         }
     }
 }
