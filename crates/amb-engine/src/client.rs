@@ -10,7 +10,7 @@ use std::time::Duration;
 use amb_pki::TlsFiles;
 use amb_proto::{
     Dialer, Limits, Retirement, RouteName, StreamEnd, StreamError, StreamTally, Tunnel, ALPN_H2,
-    ALPN_QUIC, SETTLE_LIMIT,
+    ALPN_QUIC,
 };
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
@@ -205,8 +205,7 @@ async fn supervise<D: Dialer>(
                         info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
                     }
                     Retirement::Lost(_) => {
-                        let _ = tokio::time::timeout(SETTLE_LIMIT, pooled.carried.settled()).await;
-                        let app_connections_reset = pooled.carried.cut_off();
+                        let app_connections_reset = pooled.carried.cut_off_once_settled().await;
                         warn!(%peer, transport, slot, app_connections_reset, "{retired}; reconnecting")
                     }
                 }

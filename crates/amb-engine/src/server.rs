@@ -238,13 +238,9 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd 
         Ok(halves) => halves,
         // The client cancelled the stream or lost its connection while the server dialed:
         // its own doing, and a lost connection would otherwise log once per pending stream.
-        Err(e @ StreamError::Reset(_)) => {
+        Err(e @ (StreamError::Reset(_) | StreamError::ConnectionLost(_))) => {
             debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
-            return StreamEnd::Closed;
-        }
-        Err(e @ StreamError::ConnectionLost(_)) => {
-            debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
-            return StreamEnd::ConnectionLost;
+            return StreamEnd::of(&e);
         }
         Err(e) => {
             warn!(%peer, %route, %upstream, "stream lost before it opened: {e}");

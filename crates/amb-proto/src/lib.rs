@@ -20,7 +20,7 @@ pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
 pub use stream::{
     Dialer, IncomingStream, Retirement, RunningStream, StreamEnd, StreamError, StreamRecv,
-    StreamSend, StreamTally, Tunnel, SETTLE_LIMIT,
+    StreamSend, StreamTally, Tunnel,
 };
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.

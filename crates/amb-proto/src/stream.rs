@@ -48,9 +48,9 @@ pub enum StreamEnd {
     ConnectionLost,
 }
 
-/// How long the owner of a lost tunnel connection waits for its streams to settle
-/// ([`StreamTally::settled`]) before it logs the loss.
-pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the owner of a lost tunnel connection waits for its streams to settle before it
+/// logs the loss ([`StreamTally::cut_off_once_settled`]).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counts the streams of one tunnel connection, so that its loss is logged once, saying how many
 /// streams it cut off, rather than once per stream.
@@ -59,6 +59,16 @@ pub struct StreamTally {
     running: AtomicUsize,
     lost: AtomicUsize,
     idle: Notify,
+}
+
+impl StreamEnd {
+    /// How a stream that failed with `e` ended.
+    pub fn of(e: &StreamError) -> Self {
+        match e {
+            StreamError::ConnectionLost(_) => StreamEnd::ConnectionLost,
+            _ => StreamEnd::Closed,
+        }
+    }
 }
 
 impl StreamTally {
@@ -85,12 +95,16 @@ impl StreamTally {
         }
     }
 
-    /// Streams the connection's loss ended, plus those still running (after [`settled`]
-    /// timed out: stuck, and cut off too).
-    ///
-    /// [`settled`]: Self::settled
+    /// Streams the connection's loss ended, plus those still running.
     pub fn cut_off(&self) -> usize {
         self.lost.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)
+    }
+
+    /// [`cut_off`](Self::cut_off) once the streams settled, or after a second: a stream still
+    /// running then is stuck, and cut off too.
+    pub async fn cut_off_once_settled(&self) -> usize {
+        let _ = tokio::time::timeout(SETTLE_LIMIT, self.settled()).await;
+        self.cut_off()
     }
 }
 

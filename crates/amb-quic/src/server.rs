@@ -10,7 +10,7 @@ use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
     decode_open_header, IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally, SETTLE_LIMIT,
+    StreamEnd, StreamError, StreamTally,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
@@ -196,8 +196,7 @@ async fn drain(ctx: Arc<ConnCtx>) {
 /// any off and this side did not close it (a kill for the refusal budget was logged then).
 async fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
     let peer = &ctx.peer;
-    let _ = tokio::time::timeout(SETTLE_LIMIT, ctx.streams.settled()).await;
-    match ctx.streams.cut_off() {
+    match ctx.streams.cut_off_once_settled().await {
         cut_off if cut_off > 0 && end != quinn::ConnectionError::LocallyClosed => {
             warn!(%peer, transport = "quic", streams_cut_off = cut_off, "tunnel connection lost: {end}")
         }

@@ -172,9 +172,7 @@ impl<T> Flusher<T> {
             flusher: self,
         }
     }
-}
 
-impl<T> Flusher<T> {
     /// A handle for [`Lingerer::linger`] once the connection task is over.
     pub(crate) fn lingerer(&self) -> Lingerer<T> {
         Lingerer(self.0.clone())

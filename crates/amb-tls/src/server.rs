@@ -9,7 +9,7 @@ use std::task::Poll;
 
 use amb_proto::{
     IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally, SETTLE_LIMIT,
+    StreamEnd, StreamError, StreamTally,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -215,8 +215,7 @@ async fn serve_connection<H, F>(
         });
     };
     // One line for the connection, however many streams it cut off.
-    let _ = tokio::time::timeout(SETTLE_LIMIT, ctx.streams.settled()).await;
-    match ctx.streams.cut_off() {
+    match ctx.streams.cut_off_once_settled().await {
         cut_off if cut_off > 0 && !killed => {
             warn!(%peer, transport = "tls", streams_cut_off = cut_off, "tunnel connection lost: {end}")
         }
