@@ -162,7 +162,7 @@ struct ServerArgs {
     /// Address to listen on (TCP for TLS, UDP for QUIC).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: std::net::SocketAddr,
-    /// Upstream of the route named `default`.
+    /// Upstream of the route named `default`. A name is looked up every 5 s, not per connection.
     #[arg(long, value_name = "HOST:PORT")]
     upstream: Option<Upstream>,
     /// A named route: NAME=HOST:PORT (repeatable).

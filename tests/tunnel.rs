@@ -60,7 +60,9 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn redis_ping_set_get_and_10mb_value(t: Transport) {
     let pki = Pki::new();
     let redis = Redis::start();
-    let (_server, client) = pair(&pki, &format!("127.0.0.1:{}", redis.port), t, &[], &[]);
+    // By name, as operators write it: looked up through the system resolver.
+    let upstream = format!("localhost:{}", redis.port);
+    let (server, client) = pair(&pki, &upstream, t, &[], &[]);
     let port = client.listen_addr().port();
 
     let cli = move |args: &'static [&'static str]| blocking(move || redis_cli(port, args));
@@ -91,6 +93,7 @@ async fn redis_ping_set_get_and_10mb_value(t: Transport) {
     assert_eq!(&got[5..5 + header.len()], header.as_bytes());
     let body = &got[5 + header.len()..got.len() - 2];
     assert!(body == &value[..], "10 MB value came back altered");
+    server.log.wait_for(&["upstream resolved", &upstream]);
 }
 
 async fn two_hundred_concurrent_echo_connections(t: Transport) {
@@ -183,7 +186,9 @@ async fn upstream_down_resets_then_recovers(t: Transport) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = listener.local_addr().unwrap();
     drop(listener);
-    let (server, client) = pair(&pki, &upstream_addr.to_string(), t, &[], &[]);
+    // By name: the addresses of the first lookup keep being dialed until the upstream is back.
+    let upstream = format!("localhost:{}", upstream_addr.port());
+    let (server, client) = pair(&pki, &upstream, t, &[], &[]);
 
     let started = std::time::Instant::now();
     assert_reset_after_write(client.listen_addr(), b"anyone there?").await;
