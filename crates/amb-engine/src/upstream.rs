@@ -3,18 +3,21 @@
 //! An IP address is dialed as written. A name is looked up once per [`RESOLVE_EVERY`], and
 //! again when none of its addresses answer (at most once per [`RELOOKUP_AFTER_FAILURE`]), so
 //! DNS changes are followed without a lookup on every connection: a `getaddrinfo` on a
-//! blocking thread, often a DNS query per search domain.
+//! blocking thread, often a DNS query per search domain. Lookups run in their own task while
+//! dials go on with the addresses they have; a failed or hung lookup keeps the last good ones.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use amb_proto::Refusal;
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -24,6 +27,9 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 /// The least time between two lookups of a name after a failure: a failed lookup, or
 /// addresses none of which answered. A dead upstream or resolver is not asked once per dial.
 pub const RELOOKUP_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// A lookup taking longer than this counts as failed (the addresses from before stay in use).
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 
 /// A route's upstream: `host:port`.
 #[derive(Clone)]
@@ -39,7 +45,7 @@ enum Host {
     /// Dialed as written.
     Addr(SocketAddr),
     /// Looked up, with the last lookup kept.
-    Name(Resolver),
+    Name(Arc<Resolver>),
 }
 
 /// Why an upstream address is not usable.
@@ -65,7 +71,7 @@ impl std::str::FromStr for Upstream {
         };
         let host = match host.parse() {
             Ok(ip) => Host::Addr(SocketAddr::new(ip, port)),
-            Err(_) => Host::Name(Resolver::default()),
+            Err(_) => Host::Name(Resolver::system(s)),
         };
         Ok(Upstream(Arc::new(Target {
             text: s.to_owned(),
@@ -116,55 +122,80 @@ impl Upstream {
     /// Connects, trying each address in turn, all within `timeout`.
     pub async fn dial(&self, timeout: Duration) -> Result<TcpStream, DialFailure> {
         let target = &*self.0;
+        // Whether the dial was waiting for a lookup when time ran out, for the message.
+        let looking_up = AtomicBool::new(false);
         let attempt = async {
             match &target.host {
                 Host::Addr(addr) => connect_any(&[*addr]).await.map_err(DialFailure::refused),
-                Host::Name(resolver) => {
-                    let lookup = || tokio::net::lookup_host(target.text.as_str());
-                    resolver.connect(&target.text, lookup).await
-                }
+                Host::Name(resolver) => resolver.connect(&looking_up).await,
             }
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                Err(DialFailure {
-                    refusal: Refusal::UpstreamTimeout,
-                    detail: format!("no answer from {} within {timeout:?}", target.text),
-                })
-            })
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(dialed) => dialed,
+            Err(_) => Err(DialFailure {
+                refusal: Refusal::UpstreamTimeout,
+                detail: if looking_up.load(Ordering::Relaxed) {
+                    format!("looking up {} took longer than {timeout:?}", target.text)
+                } else {
+                    format!("no answer from {} within {timeout:?}", target.text)
+                },
+            }),
+        }
     }
 }
 
-/// Connects to the first of `addrs` that answers; the error names the last one tried.
+/// Connects to the first of `addrs` that answers; the error names every address tried.
 async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
-    let mut last = String::from("no address to dial");
+    let mut failures = Vec::new();
     for &addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
                 return Ok(tcp);
             }
-            Err(e) => last = format!("{addr}: {e}"),
+            Err(e) => failures.push(format!("{addr}: {e}")),
         }
     }
-    Err(last)
+    Err(failures.join("; "))
 }
 
-/// A name's last lookup, shared by every dial of the route.
-struct Resolver {
-    /// Held across a lookup, so concurrent dials wait for one lookup instead of each making one.
-    last: Mutex<Option<Lookup>>,
-    periods: Periods,
-}
-
-impl Default for Resolver {
-    fn default() -> Self {
-        Resolver::new(Periods {
-            answer: RESOLVE_EVERY,
-            failure: RELOOKUP_AFTER_FAILURE,
-        })
+/// The order a dial tries `addrs` in: the addresses of the resolver's preferred family (that
+/// of the first) take turns going first, so connections spread over them; the others follow.
+fn dial_order(addrs: &[SocketAddr], turn: usize) -> Vec<SocketAddr> {
+    let family = |a: &SocketAddr| a.is_ipv4();
+    let preferred = addrs
+        .iter()
+        .take_while(|a| family(a) == addrs.first().is_some_and(family))
+        .count();
+    let mut order = addrs.to_vec();
+    if preferred > 0 {
+        order[..preferred].rotate_left(turn % preferred);
     }
+    order
+}
+
+/// Whether two answers hold the same addresses, in whatever order.
+fn same_addresses(a: &[SocketAddr], b: &[SocketAddr]) -> bool {
+    let sorted = |x: &[SocketAddr]| {
+        let mut v = x.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    sorted(a) == sorted(b)
+}
+
+type LookupFuture = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// A name's last lookup, shared by every dial of the route. Lookups run in their own task,
+/// one at a time, so a dial given up by its timeout never leaves the name unlooked-up.
+struct Resolver {
+    name: String,
+    lookup: Box<dyn Fn() -> LookupFuture + Send + Sync>,
+    periods: Periods,
+    last: watch::Sender<Option<Lookup>>,
+    looking: AtomicBool,
+    turn: AtomicUsize,
 }
 
 /// How long lookups are trusted.
@@ -174,7 +205,15 @@ struct Periods {
     answer: Duration,
     /// After a failure, the name is not looked up again for this long.
     failure: Duration,
+    /// A lookup taking longer than this counts as failed.
+    lookup_limit: Duration,
 }
+
+const PERIODS: Periods = Periods {
+    answer: RESOLVE_EVERY,
+    failure: RELOOKUP_AFTER_FAILURE,
+    lookup_limit: LOOKUP_LIMIT,
+};
 
 /// The outcome of one lookup.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,13 +229,14 @@ struct Resolved {
 }
 
 impl Lookup {
-    /// Whether a dial at `now` may use this lookup instead of making its own.
+    /// Whether a dial that started at `now` may use this lookup as it is: one made since, or
+    /// one recent enough.
     fn is_fresh(&self, now: Instant, periods: Periods) -> bool {
         let valid_for = match self.answer {
             Ok(_) => periods.answer,
             Err(_) => periods.failure,
         };
-        now.saturating_duration_since(self.at) < valid_for
+        self.at >= now || now.duration_since(self.at) < valid_for
     }
 
     /// What a lookup at `now` leaves: its answer, or after a failure the addresses of an
@@ -225,80 +265,127 @@ impl Lookup {
 }
 
 impl Resolver {
-    fn new(periods: Periods) -> Self {
-        Resolver {
-            last: Mutex::new(None),
-            periods,
-        }
+    /// Looks `name` (`host:port`) up through the system resolver.
+    fn system(name: &str) -> Arc<Self> {
+        let owned = name.to_owned();
+        let lookup = move || -> LookupFuture {
+            let name = owned.clone();
+            Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) })
+        };
+        Resolver::new(name, PERIODS, lookup)
     }
 
-    /// Connects to the name's addresses; if none answers and they came from an earlier lookup,
-    /// looks the name up again and tries the new addresses.
-    async fn connect<F, I>(
-        &self,
+    fn new(
         name: &str,
-        lookup: impl Fn() -> F,
-    ) -> Result<TcpStream, DialFailure>
-    where
-        F: Future<Output = io::Result<I>>,
-        I: Iterator<Item = SocketAddr>,
-    {
+        periods: Periods,
+        lookup: impl Fn() -> LookupFuture + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Resolver {
+            name: name.to_owned(),
+            lookup: Box::new(lookup),
+            periods,
+            last: watch::Sender::new(None),
+            looking: AtomicBool::new(false),
+            turn: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects to the name's addresses; if none answers and they came from a lookup old
+    /// enough, looks the name up again and tries the new addresses.
+    async fn connect(self: &Arc<Self>, looking_up: &AtomicBool) -> Result<TcpStream, DialFailure> {
         let started = Instant::now();
-        let periods = self.periods;
-        let first = self
-            .resolve(name, &lookup, |l| l.is_fresh(started, periods))
-            .await?;
-        let failed = match connect_any(&first.addrs).await {
+        looking_up.store(true, Ordering::Relaxed);
+        let first = self.addrs(started).await?;
+        looking_up.store(false, Ordering::Relaxed);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let failed = match connect_any(&dial_order(&first.addrs, turn)).await {
             Ok(tcp) => return Ok(tcp),
             Err(detail) => detail,
         };
         let since_lookup = Instant::now().saturating_duration_since(first.at);
-        if first.at >= started || since_lookup < periods.failure {
+        if first.at >= started || since_lookup < self.periods.failure {
             // Looked up for this very dial, or too recently to ask again.
             return Err(DialFailure::refused(failed));
         }
-        // The name may have moved: look again, unless another dial already has.
-        let again = self.resolve(name, &lookup, |l| l.at > first.at).await?;
-        if again.addrs == first.addrs {
+        // The name may have moved: look again, or take the lookup another dial started since.
+        looking_up.store(true, Ordering::Relaxed);
+        let again = self.newer_than(first.at).await?;
+        looking_up.store(false, Ordering::Relaxed);
+        if same_addresses(&again.addrs, &first.addrs) {
             return Err(DialFailure::refused(failed));
         }
-        connect_any(&again.addrs)
+        connect_any(&dial_order(&again.addrs, turn))
             .await
             .map_err(DialFailure::refused)
     }
 
-    /// The last lookup if `usable` accepts it, else a new one.
-    async fn resolve<F, I>(
-        &self,
-        name: &str,
-        lookup: impl Fn() -> F,
-        usable: impl FnOnce(&Lookup) -> bool,
-    ) -> Result<Resolved, DialFailure>
-    where
-        F: Future<Output = io::Result<I>>,
-        I: Iterator<Item = SocketAddr>,
-    {
-        let mut last = self.last.lock().await;
-        if let Some(l) = last.as_ref().filter(|l| usable(l)) {
-            return l.resolved();
-        }
-        let answer = match lookup().await {
-            Ok(addrs) => Some(addrs.collect::<Arc<[SocketAddr]>>())
-                .filter(|a| !a.is_empty())
-                .ok_or_else(|| format!("{name} resolved to no address")),
-            Err(e) => Err(format!("resolving {name}: {e}")),
-        };
-        match (&answer, last.as_ref().map(|l| &l.answer)) {
-            (Ok(addrs), Some(Ok(before))) if addrs == before => {}
-            (Ok(addrs), _) => info!(upstream = %name, ?addrs, "upstream resolved"),
-            (Err(e), Some(Ok(before))) => {
-                warn!(upstream = %name, addresses = ?before, "{e}; dialing the addresses it had")
+    /// Addresses for a dial at `now`: the last answer while fresh; a stale good answer at
+    /// once, while a new lookup runs; otherwise the outcome of a new lookup.
+    async fn addrs(self: &Arc<Self>, now: Instant) -> Result<Resolved, DialFailure> {
+        let mut last = self.last.subscribe();
+        loop {
+            let current = last.borrow_and_update().clone();
+            match current {
+                Some(l) if l.is_fresh(now, self.periods) => return l.resolved(),
+                Some(l @ Lookup { answer: Ok(_), .. }) => {
+                    self.look_up();
+                    return l.resolved();
+                }
+                _ => self.look_up(),
             }
-            (Err(_), _) => {}
+            self.changed(&mut last).await?;
         }
-        let next = Lookup::after(last.as_ref(), answer, Instant::now());
-        *last = Some(next.clone());
-        next.resolved()
+    }
+
+    /// The outcome of a lookup made after `at`, starting one if none is running.
+    async fn newer_than(self: &Arc<Self>, at: Instant) -> Result<Resolved, DialFailure> {
+        let mut last = self.last.subscribe();
+        loop {
+            if let Some(l) = last.borrow_and_update().as_ref().filter(|l| l.at > at) {
+                return l.resolved();
+            }
+            self.look_up();
+            self.changed(&mut last).await?;
+        }
+    }
+
+    async fn changed(&self, last: &mut watch::Receiver<Option<Lookup>>) -> Result<(), DialFailure> {
+        // The sender lives as long as `self`: this cannot fail, but is not worth a panic.
+        last.changed()
+            .await
+            .map_err(|_| DialFailure::refused(format!("looking up {} was abandoned", self.name)))
+    }
+
+    /// Starts a lookup in its own task unless one is running.
+    fn look_up(self: &Arc<Self>) {
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let resolver = Arc::clone(self);
+        let lookup = (self.lookup)();
+        tokio::spawn(async move {
+            let name = &resolver.name;
+            let limit = resolver.periods.lookup_limit;
+            let answer = match tokio::time::timeout(limit, lookup).await {
+                Ok(Ok(addrs)) if addrs.is_empty() => Err(format!("{name} resolved to no address")),
+                Ok(Ok(addrs)) => Ok(Arc::from(addrs)),
+                Ok(Err(e)) => Err(format!("resolving {name}: {e}")),
+                Err(_) => Err(format!("looking up {name} took longer than {limit:?}")),
+            };
+            let previous = resolver.last.borrow().clone();
+            match (&answer, previous.as_ref().map(|l| &l.answer)) {
+                (Ok(addrs), Some(Ok(before))) if same_addresses(addrs, before) => {}
+                (Ok(addrs), _) => info!(upstream = %name, ?addrs, "upstream resolved"),
+                (Err(e), Some(Ok(before))) => {
+                    warn!(upstream = %name, addresses = ?before, "{e}; dialing the addresses it had")
+                }
+                (Err(_), _) => {}
+            }
+            let next = Lookup::after(previous.as_ref(), answer, Instant::now());
+            // Cleared first, so a dial woken by the new value that finds it stale can look again.
+            resolver.looking.store(false, Ordering::Release);
+            resolver.last.send_replace(Some(next));
+        });
     }
 }
 
@@ -306,7 +393,6 @@ impl Resolver {
 mod tests {
     use super::*;
     use futures_util::future::join_all;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -344,27 +430,30 @@ mod tests {
         assert_eq!(host("localhost:6379"), None);
     }
 
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
     #[test]
     fn a_lookup_is_reused_for_a_while() {
         let at = Instant::now();
-        let good = Lookup::after(None, Ok(Arc::from(["10.0.0.1:1".parse().unwrap()])), at);
-        let periods = Resolver::default().periods;
+        let good = Lookup::after(None, Ok(addrs(&["10.0.0.1:1"]).into()), at);
         let ms = Duration::from_millis(1);
-        assert!(good.is_fresh(at + RESOLVE_EVERY - ms, periods));
-        assert!(!good.is_fresh(at + RESOLVE_EVERY, periods));
+        assert!(good.is_fresh(at + RESOLVE_EVERY - ms, PERIODS));
+        assert!(!good.is_fresh(at + RESOLVE_EVERY, PERIODS));
         let failed = Lookup::after(None, Err("no such host".into()), at);
-        assert!(failed.is_fresh(at + RELOOKUP_AFTER_FAILURE - ms, periods));
-        assert!(!failed.is_fresh(at + RELOOKUP_AFTER_FAILURE, periods));
+        assert!(failed.is_fresh(at + RELOOKUP_AFTER_FAILURE - ms, PERIODS));
+        assert!(!failed.is_fresh(at + RELOOKUP_AFTER_FAILURE, PERIODS));
     }
 
     #[test]
     fn a_failed_lookup_keeps_the_addresses_it_had() {
         let at = Instant::now();
-        let addrs: Arc<[SocketAddr]> = Arc::from(["10.0.0.1:1".parse().unwrap()]);
-        let good = Lookup::after(None, Ok(addrs.clone()), at);
+        let good: Arc<[SocketAddr]> = addrs(&["10.0.0.1:1"]).into();
+        let before = Lookup::after(None, Ok(good.clone()), at);
         let later = at + RESOLVE_EVERY;
-        let kept = Lookup::after(Some(&good), Err("timed out".into()), later);
-        assert_eq!(kept.answer, Ok(addrs));
+        let kept = Lookup::after(Some(&before), Err("timed out".into()), later);
+        assert_eq!(kept.answer, Ok(good));
         assert_eq!(
             kept.at, later,
             "kept for another period, not looked up on every dial"
@@ -374,22 +463,56 @@ mod tests {
         assert_eq!(still.answer, Err("timed out again".into()));
     }
 
+    #[test]
+    fn dials_take_turns_over_the_preferred_family() {
+        let v4 = addrs(&["10.0.0.1:1", "10.0.0.2:1", "[fd00::1]:1"]);
+        assert_eq!(dial_order(&v4, 0), v4);
+        assert_eq!(
+            dial_order(&v4, 1),
+            addrs(&["10.0.0.2:1", "10.0.0.1:1", "[fd00::1]:1"])
+        );
+        assert_eq!(dial_order(&v4, 2), v4);
+        let v6 = addrs(&["[fd00::1]:1", "10.0.0.1:1", "10.0.0.2:1"]);
+        assert_eq!(
+            dial_order(&v6, 1),
+            v6,
+            "one preferred address: always first"
+        );
+        assert!(dial_order(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn a_reordered_answer_is_the_same_answer() {
+        let a = addrs(&["10.0.0.1:1", "10.0.0.2:1"]);
+        let b = addrs(&["10.0.0.2:1", "10.0.0.1:1"]);
+        assert!(same_addresses(&a, &b));
+        assert!(!same_addresses(&a, &b[..1]));
+    }
+
+    /// What the test's stand-in for DNS answers.
+    #[derive(Clone)]
+    enum Answer {
+        Addrs(Vec<SocketAddr>),
+        Fail(&'static str),
+        Hang,
+    }
+
     /// A stand-in for DNS whose answer the test sets, counting lookups; the dials are real.
     #[derive(Clone)]
     struct Zone {
-        answer: Arc<std::sync::Mutex<io::Result<Vec<SocketAddr>>>>,
+        answer: Arc<std::sync::Mutex<Answer>>,
         lookups: Arc<AtomicUsize>,
     }
 
     impl Zone {
-        fn new(answer: io::Result<Vec<SocketAddr>>) -> Self {
+        fn new(answer: Answer) -> Self {
             Zone {
                 answer: Arc::new(std::sync::Mutex::new(answer)),
                 lookups: Arc::default(),
             }
         }
 
-        fn answer(&self, answer: io::Result<Vec<SocketAddr>>) {
+        fn answer(&self, answer: Answer) {
             *self.answer.lock().unwrap() = answer;
         }
 
@@ -397,21 +520,29 @@ mod tests {
             self.lookups.load(Ordering::SeqCst)
         }
 
-        async fn dial(&self, resolver: &Resolver) -> Result<TcpStream, DialFailure> {
-            let lookup = || {
-                self.lookups.fetch_add(1, Ordering::SeqCst);
-                let answer = match &*self.answer.lock().unwrap() {
-                    Ok(addrs) => Ok(addrs.clone().into_iter()),
-                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                };
-                // Each lookup takes a moment, as a real one does.
-                async move {
-                    tokio::task::yield_now().await;
-                    answer
-                }
+        fn resolver(&self, answer: Duration, failure: Duration) -> Arc<Resolver> {
+            let zone = self.clone();
+            let periods = Periods {
+                answer,
+                failure,
+                lookup_limit: Duration::from_millis(50),
             };
-            resolver.connect("svc.test:1", lookup).await
+            Resolver::new("svc.test:1", periods, move || -> LookupFuture {
+                zone.lookups.fetch_add(1, Ordering::SeqCst);
+                let answer = zone.answer.lock().unwrap().clone();
+                Box::pin(async move {
+                    match answer {
+                        Answer::Addrs(addrs) => Ok(addrs),
+                        Answer::Fail(e) => Err(io::Error::other(e)),
+                        Answer::Hang => std::future::pending().await,
+                    }
+                })
+            })
         }
+    }
+
+    async fn dial(resolver: &Arc<Resolver>) -> Result<TcpStream, DialFailure> {
+        resolver.connect(&AtomicBool::new(false)).await
     }
 
     async fn listener() -> (TcpListener, SocketAddr) {
@@ -423,74 +554,96 @@ mod tests {
     #[tokio::test]
     async fn concurrent_dials_share_one_lookup() {
         let (_l, addr) = listener().await;
-        let zone = Zone::new(Ok(vec![addr]));
-        let resolver = Resolver::default();
-        let dials = (0..20).map(|_| zone.dial(&resolver));
-        for dial in join_all(dials).await {
-            assert_eq!(dial.unwrap().peer_addr().unwrap(), addr);
+        let zone = Zone::new(Answer::Addrs(vec![addr]));
+        let resolver = zone.resolver(RESOLVE_EVERY, RELOOKUP_AFTER_FAILURE);
+        for dialed in join_all((0..20).map(|_| dial(&resolver))).await {
+            assert_eq!(dialed.unwrap().peer_addr().unwrap(), addr);
         }
-        zone.dial(&resolver).await.unwrap();
+        dial(&resolver).await.unwrap();
         assert_eq!(zone.lookups(), 1);
     }
 
     #[tokio::test]
     async fn a_moved_name_is_looked_up_again_when_its_addresses_fail() {
         let (old, old_addr) = listener().await;
-        let zone = Zone::new(Ok(vec![old_addr]));
-        let resolver = Resolver::new(Periods {
-            answer: HOUR,
-            failure: Duration::ZERO,
-        });
-        zone.dial(&resolver).await.unwrap();
+        let (_new, new_addr) = listener().await;
+        let zone = Zone::new(Answer::Addrs(vec![old_addr]));
+        let resolver = zone.resolver(HOUR, Duration::ZERO);
+        dial(&resolver).await.unwrap();
 
         drop(old);
-        let (_new, new_addr) = listener().await;
-        zone.answer(Ok(vec![new_addr]));
-        let tcp = zone.dial(&resolver).await.unwrap();
-        assert_eq!(tcp.peer_addr().unwrap(), new_addr);
-        assert_eq!(zone.lookups(), 2);
-        zone.dial(&resolver).await.unwrap();
+        zone.answer(Answer::Addrs(vec![new_addr]));
+        for dialed in join_all((0..10).map(|_| dial(&resolver))).await {
+            assert_eq!(dialed.unwrap().peer_addr().unwrap(), new_addr);
+        }
+        assert_eq!(zone.lookups(), 2, "the ten failed dials shared one lookup");
+        dial(&resolver).await.unwrap();
         assert_eq!(zone.lookups(), 2, "the new answer is kept");
+    }
+
+    #[tokio::test]
+    async fn a_name_looked_up_for_the_dial_is_not_looked_up_again_when_it_fails() {
+        let (l, addr) = listener().await;
+        drop(l);
+        let zone = Zone::new(Answer::Addrs(vec![addr]));
+        let resolver = zone.resolver(HOUR, Duration::ZERO);
+        let failure = dial(&resolver).await.unwrap_err();
+        assert_eq!(failure.refusal, Refusal::UpstreamRefused);
+        assert!(
+            failure.detail.starts_with(&format!("{addr}: ")),
+            "{}",
+            failure.detail
+        );
+        assert_eq!(zone.lookups(), 1);
     }
 
     #[tokio::test]
     async fn a_dead_upstream_is_not_looked_up_on_every_dial() {
         let (l, addr) = listener().await;
         drop(l);
-        let zone = Zone::new(Ok(vec![addr]));
-        let resolver = Resolver::new(Periods {
-            answer: HOUR,
-            failure: HOUR,
-        });
-        let failure = zone.dial(&resolver).await.unwrap_err();
-        assert_eq!(failure.refusal, Refusal::UpstreamRefused);
-        assert!(
-            failure.detail.contains(&addr.to_string()),
-            "{}",
-            failure.detail
-        );
-        assert_eq!(
-            zone.lookups(),
-            1,
-            "looked up for this dial: nothing newer to try"
-        );
-        for _ in 0..3 {
-            zone.dial(&resolver).await.unwrap_err();
+        let zone = Zone::new(Answer::Addrs(vec![addr]));
+        let resolver = zone.resolver(HOUR, HOUR);
+        for _ in 0..4 {
+            dial(&resolver).await.unwrap_err();
         }
         assert_eq!(zone.lookups(), 1, "not again within the failure period");
     }
 
     #[tokio::test]
     async fn a_failed_lookup_is_one_lookup_for_a_burst_of_dials() {
-        let zone = Zone::new(Err(io::Error::other("no such host")));
-        let resolver = Resolver::new(Periods {
-            answer: HOUR,
-            failure: HOUR,
-        });
-        let dials = (0..20).map(|_| zone.dial(&resolver));
-        for dial in join_all(dials).await {
-            let failure = dial.unwrap_err();
+        let zone = Zone::new(Answer::Fail("no such host"));
+        let resolver = zone.resolver(HOUR, HOUR);
+        for dialed in join_all((0..20).map(|_| dial(&resolver))).await {
+            let failure = dialed.unwrap_err();
             assert_eq!(failure.detail, "resolving svc.test:1: no such host");
+        }
+        assert_eq!(zone.lookups(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stale_answer_is_dialed_while_the_next_lookup_hangs() {
+        let (_l, addr) = listener().await;
+        let zone = Zone::new(Answer::Addrs(vec![addr]));
+        // Every answer is stale at once, and a lookup may hang for an hour.
+        let resolver = zone.resolver(Duration::ZERO, HOUR);
+        dial(&resolver).await.unwrap();
+        zone.answer(Answer::Hang);
+        for _ in 0..3 {
+            assert_eq!(dial(&resolver).await.unwrap().peer_addr().unwrap(), addr);
+        }
+        assert_eq!(zone.lookups(), 2, "one lookup runs at a time");
+    }
+
+    #[tokio::test]
+    async fn a_hung_lookup_fails_after_its_limit() {
+        let zone = Zone::new(Answer::Hang);
+        let resolver = zone.resolver(HOUR, HOUR);
+        for _ in 0..2 {
+            let failure = dial(&resolver).await.unwrap_err();
+            assert_eq!(
+                failure.detail,
+                "looking up svc.test:1 took longer than 50ms"
+            );
         }
         assert_eq!(zone.lookups(), 1);
     }
