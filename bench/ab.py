@@ -3,11 +3,12 @@
     python3 bench/ab.py --variant base=/tmp/amb-base --variant new=target/release/amb \\
         --transport tls --load p32 --rounds 6
 
-    python3 bench/ab.py --variant c1=target/release/amb:--connections=1 \\
-        --variant c4=target/release/amb:--connections=4 --transport tls --load get
+    python3 bench/ab.py --variant c1=target/release/amb --client-arg c1=--connections=1 \\
+        --variant c4=target/release/amb --client-arg c4=--connections=4 --load get
 
-A variant is NAME=BINARY, optionally followed by :CLIENT_ARG and ::SERVER_ARG parts (each
-repeatable), so two builds, or one build with two settings, can be compared. Every variant's
+A variant is NAME=BINARY, with extra client and server arguments given per variant
+(--client-arg NAME=ARG, --server-arg NAME=ARG), so two builds, or one build with two settings,
+can be compared. The variants measured in BENCHMARKS.md are patches in `bench/variants/`. Every variant's
 pair is up at once on the same redis-server and iperf3 server; each round runs the load once
 per variant, the order rotated every round, and reads the CPU seconds of both ambassadors
 around each run. The whole-run figures for `bench/run.py` are noisier than a change is large,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import shutil
 import signal
@@ -34,28 +36,59 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (run.py's pair set-up, load generators and process accounting)
 
+# load: (redis-benchmark arguments, requests, requests across the link, row, figure)
 LOADS = {
-    "get": (["-t", "get", "-c", "50", "-n", "100000"], "GET", "rps"),
-    "p32": (["-t", "get", "-c", "50", "-P", "32", "-n", "1000000"], "GET", "rps"),
-    "ping1": (["-t", "ping", "-c", "1", "-n", "10000"], "PING_MBULK", "p50_us"),
-    "newconn": (["-k", "0", "-t", "ping", "-c", "50", "-n", "10000"], "PING_MBULK", "rps"),
+    "get": (["-t", "get", "-c", "50"], 100_000, 20_000, "GET", "rps"),
+    "p32": (["-t", "get", "-c", "50", "-P", "32"], 1_000_000, 200_000, "GET", "rps"),
+    "ping1": (["-t", "ping_mbulk", "-c", "1"], 10_000, 300, "PING_MBULK", "p50_us"),
+    "newconn": (["-k", "0", "-t", "ping_mbulk", "-c", "50"], 10_000, 1_000, "PING_MBULK", "rps"),
 }
 
 
 def parse_variant(spec: str) -> dict:
-    name, _, rest = spec.partition("=")
-    if not name or not rest:
-        raise argparse.ArgumentTypeError(f"{spec!r}: write NAME=BINARY[:CLIENT_ARG...][::SERVER_ARG...]")
-    binary, *args = rest.split(":")
-    client, server, to_server = [], [], False
-    for a in args:
-        if a == "":
-            to_server = True
-            continue
-        (server if to_server else client).append(a)
+    name, _, binary = spec.partition("=")
+    if not name or not binary:
+        raise argparse.ArgumentTypeError(f"{spec!r}: write NAME=BINARY")
     if not Path(binary).exists():
         raise argparse.ArgumentTypeError(f"{binary} not found")
-    return {"name": name, "binary": binary, "client": client, "server": server}
+    return {"name": name, "binary": binary, "client": [], "server": []}
+
+
+def named_arg(spec: str) -> tuple[str, str]:
+    name, _, arg = spec.partition("=")
+    if not name or not arg:
+        raise argparse.ArgumentTypeError(f"{spec!r}: write NAME=ARG, e.g. c1=--connections=1")
+    return name, arg
+
+
+def measure(b: run.Bench, args, pair: str, variant: tuple, inst) -> dict:
+    """One run of the load on one variant's pair (a fresh one for idle-mem)."""
+    if args.load == "idle-mem":
+        use(b, *variant)
+        with b.start(pair, b.redis_port, link=args.link) as fresh:
+            out = asyncio.run(run.hold_connections(b, fresh))
+        if "kib_per_conn" not in out:
+            raise run.BenchError(f"no idle connection opened: {out.get('open_errors')}")
+        return {"value": out["kib_per_conn"], "cpu_s": None, "cpu_per_unit": None}
+    roots = [p.pid for p in inst.sides]
+    cpu0 = run.cpu_seconds(roots)
+    if args.load.startswith("iperf"):
+        res = run.iperf(b, inst.local_port, reverse=args.load == "iperf-r")
+        value, units = res["gbit_s"], res["bytes"] / 1e9
+    else:
+        load_args, n, n_link, row_name, figure = LOADS[args.load]
+        n = n_link if args.link else n
+        res = run.redis_benchmark(b, inst.local_port, [*load_args, "-n", str(n)])[row_name]
+        value = res["p50_ms"] * 1000 if figure == "p50_us" else res["rps"]
+        units = n / 1e6
+    cpu = run.cpu_seconds(roots) - cpu0
+    return {"value": round(value, 2), "cpu_s": round(cpu, 2), "cpu_per_unit": round(cpu / units, 3)}
+
+
+def describe(m: dict) -> str:
+    if "error" in m:
+        return f"failed: {m['error']}"
+    return f"{m['value']:g}" + (f" ({m['cpu_s']:g} s CPU)" if m["cpu_s"] is not None else "")
 
 
 def use(b: run.Bench, binary: Path, v: dict) -> None:
@@ -67,13 +100,27 @@ def use(b: run.Bench, binary: Path, v: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Interleaved A/B rounds of amb variants.")
     ap.add_argument("--variant", action="append", type=parse_variant, required=True,
-                    help="NAME=BINARY[:CLIENT_ARG...][::SERVER_ARG...] (repeat for each variant)")
+                    help="NAME=BINARY (repeat for each variant)")
+    ap.add_argument("--client-arg", action="append", type=named_arg, default=[],
+                    help="NAME=ARG: an extra amb client argument for variant NAME (repeatable)")
+    ap.add_argument("--server-arg", action="append", type=named_arg, default=[],
+                    help="NAME=ARG: an extra amb server argument for variant NAME (repeatable)")
     ap.add_argument("--transport", choices=["tls", "quic"], default="tls")
     ap.add_argument("--load", choices=[*LOADS, "iperf", "iperf-r", "idle-mem"], default="get")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--link", action="store_true", help="put the emulated 20 ms RTT link between the ambassadors")
     ap.add_argument("--json", metavar="FILE", help="write the rounds as JSON")
     args = ap.parse_args()
+    by_name = {v["name"]: v for v in args.variant}
+    if len(by_name) != len(args.variant):
+        ap.error("variant names must differ")
+    for side, extra in (("client", args.client_arg), ("server", args.server_arg)):
+        for name, arg in extra:
+            if name not in by_name:
+                ap.error(f"--{side}-arg {name}={arg}: no variant named {name}")
+            by_name[name][side].append(arg)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     tools, missing = run.find_tools(install=True)
@@ -104,28 +151,12 @@ def main() -> int:
         for r in range(args.rounds):
             row = {}
             for name in run._rotated(names, r):
-                if args.load == "idle-mem":
-                    use(b, *variants[name])
-                    with b.start(pair, b.redis_port) as fresh:
-                        out = asyncio.run(run.hold_connections(b, fresh))
-                    row[name] = {"value": out["kib_per_conn"], "cpu_s": 0, "cpu_per_unit": 0}
-                    continue
-                inst = instances[name]
-                roots = [p.pid for p in inst.sides]
-                cpu0 = run.cpu_seconds(roots)
-                if args.load.startswith("iperf"):
-                    res = run.iperf(b, inst.local_port, reverse=args.load == "iperf-r")
-                    value, units = res["gbit_s"], res["bytes"] / 1e9
-                else:
-                    load_args, row_name, key = LOADS[args.load]
-                    res = run.redis_benchmark(b, inst.local_port, load_args)[row_name]
-                    value = res["p50_ms"] * 1000 if key == "p50_us" else res["rps"]
-                    units = int(load_args[load_args.index("-n") + 1]) / 1e6
-                cpu = run.cpu_seconds(roots) - cpu0
-                row[name] = {"value": round(value, 2), "cpu_s": round(cpu, 2),
-                             "cpu_per_unit": round(cpu / units, 3)}
+                try:
+                    row[name] = measure(b, args, pair, variants[name], instances.get(name))
+                except run.BenchError as e:
+                    row[name] = {"error": str(e)}
             rounds.append(row)
-            run.log(f"round {r + 1}: " + ", ".join(f"{n} {row[n]['value']:g} ({row[n]['cpu_s']:g} s CPU)" for n in names))
+            run.log(f"round {r + 1}: " + ", ".join(f"{n} {describe(row[n])}" for n in names))
     finally:
         for inst in instances.values():
             inst.close()
@@ -135,14 +166,21 @@ def main() -> int:
     unit = {"iperf": "Gb/s", "iperf-r": "Gb/s", "ping1": "µs p50", "idle-mem": "KiB/conn"}.get(args.load, "req/s")
     per = "GB" if args.load.startswith("iperf") else "M requests"
     print(f"\n{pair}, load {args.load}{' over the 20 ms link' if args.link else ''}, {args.rounds} rounds")
-    print(f"| variant | median {unit} | range | CPU s per {per} (median) |" if args.load != "idle-mem" else f"| variant | median {unit} | range | – |")
-    print("|---|---:|---|---:|")
+    print(f"| variant | median {unit} | range | CPU s per {per} (median) | failed runs |")
+    print("|---|---:|---|---:|---:|")
     for name in names:
-        vals = [row[name]["value"] for row in rounds]
-        cpus = [row[name]["cpu_per_unit"] for row in rounds]
-        print(f"| {name} | {statistics.median(vals):,.2f} | {min(vals):,.2f}–{max(vals):,.2f} | "
-              f"{statistics.median(cpus):.3f} |")
+        good = [row[name] for row in rounds if "value" in row[name]]
+        failed = len(rounds) - len(good)
+        if not good:
+            print(f"| {name} | – | – | – | {failed} |")
+            continue
+        vals = [g["value"] for g in good]
+        cpus = [g["cpu_per_unit"] for g in good if g["cpu_per_unit"] is not None]
+        cpu = f"{statistics.median(cpus):.3f}" if cpus else "–"
+        print(f"| {name} | {statistics.median(vals):,.2f} | {min(vals):,.2f}–{max(vals):,.2f} | {cpu} | {failed} |")
     if args.json:
+        for v in args.variant:
+            v["sha256"] = hashlib.sha256(Path(v["binary"]).read_bytes()).hexdigest()[:16]
         Path(args.json).write_text(json.dumps({"pair": pair, "load": args.load, "link": args.link,
                                                "variants": args.variant, "rounds": rounds,
                                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))

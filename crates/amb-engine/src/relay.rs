@@ -6,9 +6,12 @@
 //!   flow-control credit and the socket write waits for the kernel.
 //! - Any failure resets both sides: the stream with a reset code, the socket with a TCP RST, so
 //!   data loss is never disguised as a clean end.
-//! - An idle connection holds no read buffer: one is allocated only once the socket is
-//!   readable (what stays is the batch vector's capacity, at most 32 chunk handles, 1 KiB).
+//! - A connection that carries small messages holds no read buffer: it reads into a scratch
+//!   buffer of its thread and copies each read out. Its own buffer (16 KiB, doubling up to
+//!   256 KiB while reads fill it) comes with its first read of 4 KiB or more, and stays. The
+//!   other direction keeps the batch vector's capacity, at most 32 chunk handles (1 KiB).
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,27 +181,54 @@ async fn tcp_to_tunnel<S: StreamSend>(
 ) -> Result<u64, RelayError> {
     let mut total = 0u64;
     let mut size = MIN_BUFFER;
-    let mut buf = BytesMut::new();
+    // The connection's own read buffer, from its first read of a quarter buffer or more on.
+    let mut own: Option<BytesMut> = None;
     loop {
         tcp.readable().await.map_err(RelayError::Tcp)?;
-        make_room(&mut buf, size);
-        match read_buf_now(tcp, &mut buf) {
-            Ok(0) => {
+        let read = match &mut own {
+            Some(buf) => {
+                make_room(buf, size);
+                read_buf_now(tcp, buf).map(|n| (n, take_chunk(buf, size)))
+            }
+            None => read_into_scratch(tcp),
+        };
+        match read {
+            Ok((0, _)) => {
                 send.finish()?;
                 socket_ended.store(true, Ordering::Relaxed);
                 return Ok(total);
             }
-            Ok(n) => {
+            Ok((n, chunk)) => {
                 total += n as u64;
+                if n >= size / 4 && own.is_none() {
+                    own = Some(BytesMut::new());
+                }
                 if n >= size && size < MAX_BUFFER {
                     size *= 2;
                 }
-                send.send(take_chunk(&mut buf, size)).await?;
+                send.send(chunk).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(RelayError::Tcp(e)),
         }
     }
+}
+
+thread_local! {
+    /// Where connections carrying small messages read: each read is copied out at once (as
+    /// [`take_chunk`] would copy it anyway), so such a connection holds no buffer of its own.
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(MIN_BUFFER));
+}
+
+/// One non-blocking read of up to [`MIN_BUFFER`] bytes into the thread's scratch buffer,
+/// returned as its own chunk.
+fn read_into_scratch(tcp: &TcpStream) -> io::Result<(usize, Bytes)> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        make_room(scratch, MIN_BUFFER);
+        let n = read_buf_now(tcp, scratch)?;
+        Ok((n, Bytes::copy_from_slice(&scratch[..n])))
+    })
 }
 
 /// Makes room for a read of up to `size` bytes.
