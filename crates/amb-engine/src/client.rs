@@ -14,6 +14,7 @@ use amb_proto::{
 };
 use amb_quic::QuicDialer;
 use amb_tls::TlsDialer;
+use futures_util::future::join_all;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -292,7 +293,7 @@ async fn run<D: Dialer>(
             }
         }
     });
-    let accept_all = futures_join_all(accept_all);
+    let accept_all = join_all(accept_all);
     tokio::select! {
         _ = accept_all => {}
         _ = shutdown => {}
@@ -311,7 +312,7 @@ async fn run<D: Dialer>(
     }
     supervisors.close();
     let tunnels = pool.live.send_replace(Vec::new());
-    futures_join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
+    join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
     info!("amb client stopped");
 }
 
@@ -375,19 +376,4 @@ async fn carry<T: Tunnel>(
         }
     };
     running.ended(end);
-}
-
-/// Runs futures concurrently until all end (a tiny `join_all`, to avoid a dependency).
-async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Item = F>) {
-    let set: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut set = set;
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }

@@ -381,8 +381,9 @@ mod tests {
         writer.write_all(&small).await.unwrap();
         assert_eq!(receive(small.len()).await, small);
         let large: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
-        writer.write_all(&large).await.unwrap();
-        assert_eq!(receive(large.len()).await, large);
+        let (sent, got) = tokio::join!(writer.write_all(&large), receive(large.len()));
+        sent.unwrap();
+        assert_eq!(got, large);
         writer.write_all(&small).await.unwrap();
         assert_eq!(receive(small.len()).await, small);
         assert!(

@@ -123,21 +123,27 @@ impl Upstream {
     pub async fn dial(&self, timeout: Duration) -> Result<TcpStream, DialFailure> {
         let target = &*self.0;
         // Whether the dial was waiting for a lookup when time ran out, for the message.
-        let looking_up = AtomicBool::new(false);
+        let waiting_for_lookup = AtomicBool::new(false);
         let attempt = async {
             match &target.host {
                 Host::Addr(addr) => connect_any(&[*addr]).await.map_err(DialFailure::refused),
-                Host::Name(resolver) => resolver.connect(&looking_up).await,
+                Host::Name(resolver) => resolver.connect(&waiting_for_lookup).await,
             }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(dialed) => dialed,
             Err(_) => Err(DialFailure {
                 refusal: Refusal::UpstreamTimeout,
-                detail: if looking_up.load(Ordering::Relaxed) {
-                    format!("looking up {} took longer than {timeout:?}", target.text)
+                detail: if waiting_for_lookup.load(Ordering::Relaxed) {
+                    format!(
+                        "looking up {} took longer than {timeout:?}: check the resolver, or give an IP address",
+                        target.text
+                    )
                 } else {
-                    format!("no answer from {} within {timeout:?}", target.text)
+                    format!(
+                        "no answer from {} within {timeout:?}: is it listening, and reachable from here?",
+                        target.text
+                    )
                 },
             }),
         }
@@ -159,13 +165,14 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
     Err(failures.join("; "))
 }
 
-/// The order a dial tries `addrs` in: the addresses of the resolver's preferred family (that
-/// of the first) take turns going first, so connections spread over them; the others follow.
+/// The order a dial tries `addrs` in: the leading run of addresses of the first one's family
+/// (the resolver sorts the preferred family first) take turns going first, so connections
+/// spread over them; the others follow in the resolver's order.
 fn dial_order(addrs: &[SocketAddr], turn: usize) -> Vec<SocketAddr> {
-    let family = |a: &SocketAddr| a.is_ipv4();
+    let is_v4 = |a: &SocketAddr| a.is_ipv4();
     let preferred = addrs
         .iter()
-        .take_while(|a| family(a) == addrs.first().is_some_and(family))
+        .take_while(|a| is_v4(a) == addrs.first().is_some_and(is_v4))
         .count();
     let mut order = addrs.to_vec();
     if preferred > 0 {
@@ -194,7 +201,8 @@ struct Resolver {
     lookup: Box<dyn Fn() -> LookupFuture + Send + Sync>,
     periods: Periods,
     last: watch::Sender<Option<Lookup>>,
-    looking: AtomicBool,
+    /// Whether a lookup task is running.
+    lookup_running: AtomicBool,
     turn: AtomicUsize,
 }
 
@@ -202,7 +210,7 @@ struct Resolver {
 #[derive(Clone, Copy, Debug)]
 struct Periods {
     /// A good answer is used this long.
-    answer: Duration,
+    good_for: Duration,
     /// After a failure, the name is not looked up again for this long.
     failure: Duration,
     /// A lookup taking longer than this counts as failed.
@@ -210,7 +218,7 @@ struct Periods {
 }
 
 const PERIODS: Periods = Periods {
-    answer: RESOLVE_EVERY,
+    good_for: RESOLVE_EVERY,
     failure: RELOOKUP_AFTER_FAILURE,
     lookup_limit: LOOKUP_LIMIT,
 };
@@ -233,7 +241,7 @@ impl Lookup {
     /// one recent enough.
     fn is_fresh(&self, now: Instant, periods: Periods) -> bool {
         let valid_for = match self.answer {
-            Ok(_) => periods.answer,
+            Ok(_) => periods.good_for,
             Err(_) => periods.failure,
         };
         self.at >= now || now.duration_since(self.at) < valid_for
@@ -285,18 +293,21 @@ impl Resolver {
             lookup: Box::new(lookup),
             periods,
             last: watch::Sender::new(None),
-            looking: AtomicBool::new(false),
+            lookup_running: AtomicBool::new(false),
             turn: AtomicUsize::new(0),
         })
     }
 
     /// Connects to the name's addresses; if none answers and they came from a lookup old
     /// enough, looks the name up again and tries the new addresses.
-    async fn connect(self: &Arc<Self>, looking_up: &AtomicBool) -> Result<TcpStream, DialFailure> {
+    async fn connect(
+        self: &Arc<Self>,
+        waiting_for_lookup: &AtomicBool,
+    ) -> Result<TcpStream, DialFailure> {
         let started = Instant::now();
-        looking_up.store(true, Ordering::Relaxed);
+        waiting_for_lookup.store(true, Ordering::Relaxed);
         let first = self.addrs(started).await?;
-        looking_up.store(false, Ordering::Relaxed);
+        waiting_for_lookup.store(false, Ordering::Relaxed);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let failed = match connect_any(&dial_order(&first.addrs, turn)).await {
             Ok(tcp) => return Ok(tcp),
@@ -308,9 +319,9 @@ impl Resolver {
             return Err(DialFailure::refused(failed));
         }
         // The name may have moved: look again, or take the lookup another dial started since.
-        looking_up.store(true, Ordering::Relaxed);
+        waiting_for_lookup.store(true, Ordering::Relaxed);
         let again = self.newer_than(first.at).await?;
-        looking_up.store(false, Ordering::Relaxed);
+        waiting_for_lookup.store(false, Ordering::Relaxed);
         if same_addresses(&again.addrs, &first.addrs) {
             return Err(DialFailure::refused(failed));
         }
@@ -358,11 +369,13 @@ impl Resolver {
 
     /// Starts a lookup in its own task unless one is running.
     fn look_up(self: &Arc<Self>) {
-        if self.looking.swap(true, Ordering::AcqRel) {
+        if self.lookup_running.swap(true, Ordering::AcqRel) {
             return;
         }
         let resolver = Arc::clone(self);
         let lookup = (self.lookup)();
+        // Clears `lookup_running` however the task ends, even if it is dropped unfinished.
+        let running = LookupRunning(Arc::clone(self));
         tokio::spawn(async move {
             let name = &resolver.name;
             let limit = resolver.periods.lookup_limit;
@@ -382,10 +395,20 @@ impl Resolver {
                 (Err(_), _) => {}
             }
             let next = Lookup::after(previous.as_ref(), answer, Instant::now());
-            // Cleared first, so a dial woken by the new value that finds it stale can look again.
-            resolver.looking.store(false, Ordering::Release);
+            // Cleared before the new value is sent: a dial that comes between the two may
+            // start one more lookup, but none can find a lookup marked running that is not.
+            drop(running);
             resolver.last.send_replace(Some(next));
         });
+    }
+}
+
+/// Marks a resolver's lookup as running while it lives.
+struct LookupRunning(Arc<Resolver>);
+
+impl Drop for LookupRunning {
+    fn drop(&mut self) {
+        self.0.lookup_running.store(false, Ordering::Release);
     }
 }
 
@@ -520,12 +543,17 @@ mod tests {
             self.lookups.load(Ordering::SeqCst)
         }
 
-        fn resolver(&self, answer: Duration, failure: Duration) -> Arc<Resolver> {
+        fn resolver(
+            &self,
+            good_for: Duration,
+            failure: Duration,
+            limit: Duration,
+        ) -> Arc<Resolver> {
             let zone = self.clone();
             let periods = Periods {
-                answer,
+                good_for,
                 failure,
-                lookup_limit: Duration::from_millis(50),
+                lookup_limit: limit,
             };
             Resolver::new("svc.test:1", periods, move || -> LookupFuture {
                 zone.lookups.fetch_add(1, Ordering::SeqCst);
@@ -555,7 +583,7 @@ mod tests {
     async fn concurrent_dials_share_one_lookup() {
         let (_l, addr) = listener().await;
         let zone = Zone::new(Answer::Addrs(vec![addr]));
-        let resolver = zone.resolver(RESOLVE_EVERY, RELOOKUP_AFTER_FAILURE);
+        let resolver = zone.resolver(RESOLVE_EVERY, RELOOKUP_AFTER_FAILURE, HOUR);
         for dialed in join_all((0..20).map(|_| dial(&resolver))).await {
             assert_eq!(dialed.unwrap().peer_addr().unwrap(), addr);
         }
@@ -568,7 +596,7 @@ mod tests {
         let (old, old_addr) = listener().await;
         let (_new, new_addr) = listener().await;
         let zone = Zone::new(Answer::Addrs(vec![old_addr]));
-        let resolver = zone.resolver(HOUR, Duration::ZERO);
+        let resolver = zone.resolver(HOUR, Duration::ZERO, HOUR);
         dial(&resolver).await.unwrap();
 
         drop(old);
@@ -586,7 +614,7 @@ mod tests {
         let (l, addr) = listener().await;
         drop(l);
         let zone = Zone::new(Answer::Addrs(vec![addr]));
-        let resolver = zone.resolver(HOUR, Duration::ZERO);
+        let resolver = zone.resolver(HOUR, Duration::ZERO, HOUR);
         let failure = dial(&resolver).await.unwrap_err();
         assert_eq!(failure.refusal, Refusal::UpstreamRefused);
         assert!(
@@ -602,7 +630,7 @@ mod tests {
         let (l, addr) = listener().await;
         drop(l);
         let zone = Zone::new(Answer::Addrs(vec![addr]));
-        let resolver = zone.resolver(HOUR, HOUR);
+        let resolver = zone.resolver(HOUR, HOUR, HOUR);
         for _ in 0..4 {
             dial(&resolver).await.unwrap_err();
         }
@@ -612,7 +640,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_lookup_is_one_lookup_for_a_burst_of_dials() {
         let zone = Zone::new(Answer::Fail("no such host"));
-        let resolver = zone.resolver(HOUR, HOUR);
+        let resolver = zone.resolver(HOUR, HOUR, HOUR);
         for dialed in join_all((0..20).map(|_| dial(&resolver))).await {
             let failure = dialed.unwrap_err();
             assert_eq!(failure.detail, "resolving svc.test:1: no such host");
@@ -625,7 +653,7 @@ mod tests {
         let (_l, addr) = listener().await;
         let zone = Zone::new(Answer::Addrs(vec![addr]));
         // Every answer is stale at once, and a lookup may hang for an hour.
-        let resolver = zone.resolver(Duration::ZERO, HOUR);
+        let resolver = zone.resolver(Duration::ZERO, HOUR, HOUR);
         dial(&resolver).await.unwrap();
         zone.answer(Answer::Hang);
         for _ in 0..3 {
@@ -637,7 +665,7 @@ mod tests {
     #[tokio::test]
     async fn a_hung_lookup_fails_after_its_limit() {
         let zone = Zone::new(Answer::Hang);
-        let resolver = zone.resolver(HOUR, HOUR);
+        let resolver = zone.resolver(HOUR, HOUR, Duration::from_millis(50));
         for _ in 0..2 {
             let failure = dial(&resolver).await.unwrap_err();
             assert_eq!(
