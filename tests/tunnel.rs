@@ -46,6 +46,25 @@ fn pair(
     (server, client)
 }
 
+/// The usual start of a scenario: a PKI, an echo upstream, and a ready (server, client) pair
+/// for it.
+async fn echo_pair(
+    t: Transport,
+    server_extra: &[&str],
+    client_extra: &[&str],
+) -> (Pki, Upstream, Amb, Amb) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let (server, client) = pair(
+        &pki,
+        &upstream.addr.to_string(),
+        t,
+        server_extra,
+        client_extra,
+    );
+    (pki, upstream, server, client)
+}
+
 /// Writes a RESP command.
 fn resp(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
@@ -213,10 +232,8 @@ async fn upstream_down_resets_then_recovers(t: Transport) {
 }
 
 async fn server_restart_client_reconnects(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
+    let (pki, upstream, mut server, client) = echo_pair(t, &[], &[]).await;
     let up = upstream.addr.to_string();
-    let (mut server, client) = pair(&pki, &up, t, &[], &[]);
     let addr = server.server_addr();
     assert!(echo_works(client.listen_addr()).await);
     let ups = client.wait_pool_up(t);
@@ -253,12 +270,7 @@ async fn server_crash_client_reconnects_after_idle_timeout(t: Transport) {
 /// tunnel that then dies silently are carried on the tunnel dialed next, within
 /// `--tunnel-wait`, instead of being reset.
 async fn open_waiting_for_credit_moves_to_the_next_tunnel(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let up = upstream.addr.to_string();
-    let (server, client) = pair(
-        &pki,
-        &up,
+    let (pki, upstream, server, client) = echo_pair(
         t,
         &["--max-streams", "1"],
         &[
@@ -269,7 +281,9 @@ async fn open_waiting_for_credit_moves_to_the_next_tunnel(t: Transport) {
             "--tunnel-wait",
             "30s",
         ],
-    );
+    )
+    .await;
+    let up = upstream.addr.to_string();
     let addr = server.server_addr();
     let listen = client.listen_addr();
     let mut holder = TcpStream::connect(listen).await.unwrap();
@@ -391,16 +405,9 @@ async fn sigterm_drains_live_connections(t: Transport) {
 /// connection made meanwhile waits within `--tunnel-wait` and is carried by the server started
 /// next on the same port, instead of being opened on, and refused by, the draining one.
 async fn connections_made_during_a_drain_go_to_the_next_server(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
+    let (pki, upstream, mut old, client) =
+        echo_pair(t, &["--drain-timeout", "60s"], &["--tunnel-wait", "60s"]).await;
     let up = upstream.addr.to_string();
-    let (mut old, client) = pair(
-        &pki,
-        &up,
-        t,
-        &["--drain-timeout", "60s"],
-        &["--tunnel-wait", "60s"],
-    );
     let addr = old.server_addr();
     let ups = client.wait_pool_up(t);
     let mut live = TcpStream::connect(client.listen_addr()).await.unwrap();
@@ -505,16 +512,12 @@ async fn client_sigterm_delivers_the_last_bytes(t: Transport) {
 /// `--tunnel-wait`: carried if one ends in time, else reset with one log line saying why
 /// (over TLS it used to wait inside h2 with no deadline and no word).
 async fn streams_over_the_server_limit_wait_then_reset(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let up = upstream.addr.to_string();
-    let (_server, client) = pair(
-        &pki,
-        &up,
+    let (_pki, upstream, _server, client) = echo_pair(
         t,
         &["--max-streams", "1"],
         &["--connections", "1", "--tunnel-wait", "2s"],
-    );
+    )
+    .await;
     let listen = client.listen_addr();
     let mut holder = TcpStream::connect(listen).await.unwrap();
     holder.write_all(b"held").await.unwrap();
@@ -609,16 +612,8 @@ fn assert_one_loss_warning(log: &Log, count_field: &str, per_stream: &str) {
 /// A client that dies under five live streams costs the server one warning, which counts them;
 /// each stream is reset with a debug line only.
 async fn a_lost_client_is_one_warning_at_the_server(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let up = upstream.addr.to_string();
-    let (server, client) = pair(
-        &pki,
-        &up,
-        t,
-        &["--idle-timeout", "2s"],
-        &["--connections", "1"],
-    );
+    let (_pki, _upstream, server, client) =
+        echo_pair(t, &["--idle-timeout", "2s"], &["--connections", "1"]).await;
     let _live = live_connections(client.listen_addr(), 5).await;
     drop(client); // SIGKILL
     assert_one_loss_warning(&server.log, "streams_cut_off", "server: stream reset");
@@ -627,16 +622,8 @@ async fn a_lost_client_is_one_warning_at_the_server(t: Transport) {
 /// A drain that reaches `--drain-timeout` cuts off what still runs; the client warns for each
 /// app connection it resets (the connection's retirement was only an info line).
 async fn a_drain_cut_short_warns_per_app_connection(t: Transport) {
-    let pki = Pki::new();
-    let upstream = Upstream::echo().await;
-    let up = upstream.addr.to_string();
-    let (mut server, client) = pair(
-        &pki,
-        &up,
-        t,
-        &["--drain-timeout", "1s"],
-        &["--connections", "1"],
-    );
+    let (_pki, _upstream, mut server, client) =
+        echo_pair(t, &["--drain-timeout", "1s"], &["--connections", "1"]).await;
     let mut live = live_connections(client.listen_addr(), 1).await;
     server.signal("TERM");
     client.log.wait_for(&["draining the tunnel connection"]);

@@ -126,7 +126,7 @@ impl Upstream {
         let waiting_for_lookup = AtomicBool::new(false);
         let attempt = async {
             match &target.host {
-                Host::Addr(addr) => connect_any(&[*addr]).await.map_err(DialFailure::refused),
+                Host::Addr(addr) => connect_any([*addr]).await.map_err(DialFailure::refused),
                 Host::Name(resolver) => resolver.connect(&waiting_for_lookup).await,
             }
         };
@@ -151,9 +151,9 @@ impl Upstream {
 }
 
 /// Connects to the first of `addrs` that answers; the error names every address tried.
-async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+async fn connect_any(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<TcpStream, String> {
     let mut failures = Vec::new();
-    for &addr in addrs {
+    for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
@@ -168,17 +168,15 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
 /// The order a dial tries `addrs` in: the leading run of addresses of the first one's family
 /// (the resolver sorts the preferred family first) take turns going first, so connections
 /// spread over them; the others follow in the resolver's order.
-fn dial_order(addrs: &[SocketAddr], turn: usize) -> Vec<SocketAddr> {
+fn dial_order(addrs: &[SocketAddr], turn: usize) -> impl Iterator<Item = SocketAddr> + '_ {
     let is_v4 = |a: &SocketAddr| a.is_ipv4();
     let preferred = addrs
         .iter()
         .take_while(|a| is_v4(a) == addrs.first().is_some_and(is_v4))
         .count();
-    let mut order = addrs.to_vec();
-    if preferred > 0 {
-        order[..preferred].rotate_left(turn % preferred);
-    }
-    order
+    let (first, rest) = addrs.split_at(preferred);
+    let (before, after) = first.split_at(turn.checked_rem(preferred).unwrap_or(0));
+    after.iter().chain(before).chain(rest).copied()
 }
 
 /// Whether two answers hold the same addresses, in whatever order.
@@ -309,7 +307,7 @@ impl Resolver {
         let first = self.addrs(started).await?;
         waiting_for_lookup.store(false, Ordering::Relaxed);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let failed = match connect_any(&dial_order(&first.addrs, turn)).await {
+        let failed = match connect_any(dial_order(&first.addrs, turn)).await {
             Ok(tcp) => return Ok(tcp),
             Err(detail) => detail,
         };
@@ -325,7 +323,7 @@ impl Resolver {
         if same_addresses(&again.addrs, &first.addrs) {
             return Err(DialFailure::refused(failed));
         }
-        connect_any(&dial_order(&again.addrs, turn))
+        connect_any(dial_order(&again.addrs, turn))
             .await
             .map_err(DialFailure::refused)
     }
@@ -489,19 +487,19 @@ mod tests {
     #[test]
     fn dials_take_turns_over_the_preferred_family() {
         let v4 = addrs(&["10.0.0.1:1", "10.0.0.2:1", "[fd00::1]:1"]);
-        assert_eq!(dial_order(&v4, 0), v4);
+        assert_eq!(dial_order(&v4, 0).collect::<Vec<_>>(), v4);
         assert_eq!(
-            dial_order(&v4, 1),
+            dial_order(&v4, 1).collect::<Vec<_>>(),
             addrs(&["10.0.0.2:1", "10.0.0.1:1", "[fd00::1]:1"])
         );
-        assert_eq!(dial_order(&v4, 2), v4);
+        assert_eq!(dial_order(&v4, 2).collect::<Vec<_>>(), v4);
         let v6 = addrs(&["[fd00::1]:1", "10.0.0.1:1", "10.0.0.2:1"]);
         assert_eq!(
-            dial_order(&v6, 1),
+            dial_order(&v6, 1).collect::<Vec<_>>(),
             v6,
             "one preferred address: always first"
         );
-        assert!(dial_order(&[], 3).is_empty());
+        assert!(dial_order(&[], 3).collect::<Vec<_>>().is_empty());
     }
 
     #[test]
