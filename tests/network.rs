@@ -1,6 +1,7 @@
 //! Broken networks between the ambassadors, emulated by a user-space relay (no netem here):
-//! loss, delay, jitter and reordering, rate limits, a blackhole, and a QUIC path change. Data
-//! stays byte-exact; the tunnel recovers, or the app gets a reset after a clear idle timeout.
+//! loss, delay, jitter and reordering, rate limits, a blackhole, a QUIC path change, and a peer
+//! name whose first address is dead. Data stays byte-exact; the tunnel recovers, or the app gets
+//! a reset after a clear idle timeout.
 
 mod support;
 
@@ -17,6 +18,7 @@ use tokio::net::TcpStream;
 per_transport!(
     lossy_jittery_link_keeps_data_exact,
     blackhole_resets_after_idle_timeout_then_recovers,
+    a_peer_name_whose_first_address_is_dead_is_reached_at_the_next,
 );
 
 /// A server for an echo upstream, a relay in front of it, and a client dialing the relay.
@@ -244,4 +246,34 @@ async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     relay.link.set_blackhole(false);
     client.wait_reconnected(ups, t.pool_size());
     assert!(echo_works(client.listen_addr()).await);
+}
+
+/// `--peer amb-peer:PORT`, where the name has two addresses: `[::1]`, first, where the server
+/// (on 127.0.0.1 only) does not listen, so TCP is refused and QUIC's packets go unanswered; and
+/// 127.0.0.1. The client runs in its own mount namespace, with its own `/etc/hosts`.
+async fn a_peer_name_whose_first_address_is_dead_is_reached_at_the_next(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--upstream", &upstream.addr.to_string()]);
+    let port = server.server_addr().port();
+    let hosts = pki.path("hosts");
+    std::fs::write(&hosts, "::1 amb-peer\n127.0.0.1 amb-peer\n").unwrap();
+    let peer = format!("amb-peer:{port}");
+    let mut args: Vec<String> = ["client", "--listen", "0", "--peer", &peer]
+        .into_iter()
+        .chain(["--server-name", "localhost", "--transport", t.flag()])
+        .map(String::from)
+        .collect();
+    args.extend(pki.cert_flags("client"));
+    let client = Amb::spawn_shell(&format!(
+        "exec unshare --mount sh -c 'mount --bind {} /etc/hosts && exec {AMB} {}'",
+        hosts.display(),
+        args.join(" ")
+    ));
+    client.wait_pool_up(t);
+    assert!(echo_works(client.listen_addr()).await);
+    let passed_over = client
+        .log
+        .wait_for(&["passed over [::1]:", "addr=127.0.0.1:"]);
+    assert!(passed_over.contains(&peer), "{passed_over}");
 }

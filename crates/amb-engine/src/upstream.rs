@@ -5,6 +5,8 @@
 //! DNS changes are followed without a lookup on every connection: a `getaddrinfo` on a
 //! blocking thread, often a DNS query per search domain. Lookups run in their own task while
 //! dials go on with the addresses they have; a failed or hung lookup keeps the last good ones.
+//! A dial tries a name's addresses after Happy Eyeballs ([`amb_proto::dial`]): one that does
+//! not answer within [`ATTEMPT_DELAY`] has the next tried beside it.
 
 use std::fmt;
 use std::future::Future;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::Refusal;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -150,33 +153,15 @@ impl Upstream {
     }
 }
 
-/// Connects to the first of `addrs` that answers; the error names every address tried.
+/// Connects to the first of `addrs` to answer, trying the next address beside a slow one after
+/// [`ATTEMPT_DELAY`]; the error names every address tried.
 async fn connect_any(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<TcpStream, String> {
-    let mut failures = Vec::new();
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                return Ok(tcp);
-            }
-            Err(e) => failures.push(format!("{addr}: {e}")),
-        }
-    }
-    Err(failures.join("; "))
-}
-
-/// The order a dial tries `addrs` in: the leading run of addresses of the first one's family
-/// (the resolver sorts the preferred family first) take turns going first, so connections
-/// spread over them; the others follow in the resolver's order.
-fn dial_order(addrs: &[SocketAddr], turn: usize) -> impl Iterator<Item = SocketAddr> + '_ {
-    let is_v4 = |a: &SocketAddr| a.is_ipv4();
-    let preferred = addrs
-        .iter()
-        .take_while(|a| is_v4(a) == addrs.first().is_some_and(is_v4))
-        .count();
-    let (first, rest) = addrs.split_at(preferred);
-    let (before, after) = first.split_at(turn.checked_rem(preferred).unwrap_or(0));
-    after.iter().chain(before).chain(rest).copied()
+    let tcp = race(addrs, ATTEMPT_DELAY, TcpStream::connect)
+        .await
+        .map_err(|failures| failures.to_string())?
+        .value;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Whether two answers hold the same addresses, in whatever order.
@@ -414,7 +399,7 @@ impl Drop for LookupRunning {
 mod tests {
     use super::*;
     use futures_util::future::join_all;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpSocket};
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -482,24 +467,6 @@ mod tests {
         let failed = Lookup::after(None, Err("timed out".into()), at);
         let still = Lookup::after(Some(&failed), Err("timed out again".into()), later);
         assert_eq!(still.answer, Err("timed out again".into()));
-    }
-
-    #[test]
-    fn dials_take_turns_over_the_preferred_family() {
-        let v4 = addrs(&["10.0.0.1:1", "10.0.0.2:1", "[fd00::1]:1"]);
-        assert_eq!(dial_order(&v4, 0).collect::<Vec<_>>(), v4);
-        assert_eq!(
-            dial_order(&v4, 1).collect::<Vec<_>>(),
-            addrs(&["10.0.0.2:1", "10.0.0.1:1", "[fd00::1]:1"])
-        );
-        assert_eq!(dial_order(&v4, 2).collect::<Vec<_>>(), v4);
-        let v6 = addrs(&["[fd00::1]:1", "10.0.0.1:1", "10.0.0.2:1"]);
-        assert_eq!(
-            dial_order(&v6, 1).collect::<Vec<_>>(),
-            v6,
-            "one preferred address: always first"
-        );
-        assert!(dial_order(&[], 3).collect::<Vec<_>>().is_empty());
     }
 
     #[test]
@@ -672,6 +639,32 @@ mod tests {
             );
         }
         assert_eq!(zone.lookups(), 1);
+    }
+
+    /// A listener that never completes a handshake: its accept queue of one is full, so the
+    /// kernel drops further SYNs, as a host behind a dropping firewall does. Keep all three.
+    async fn black_hole() -> (TcpListener, TcpStream, SocketAddr) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let hole = socket.listen(0).unwrap();
+        let addr = hole.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).await.unwrap();
+        (hole, queued, addr)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_drops_connections_does_not_hold_dials_up() {
+        let (_hole, _queued, dead) = black_hole().await;
+        let (_l, live) = listener().await;
+        let zone = Zone::new(Answer::Addrs(vec![dead, live]));
+        let resolver = zone.resolver(HOUR, HOUR, HOUR);
+        // Every other dial tries the dead address first; without a bound the test would fail
+        // only after the kernel gives up on it, minutes later.
+        for _ in 0..4 {
+            let dialed = tokio::time::timeout(Duration::from_secs(20), dial(&resolver)).await;
+            let tcp = dialed.expect("the live address is tried beside the dead one");
+            assert_eq!(tcp.unwrap().peer_addr().unwrap(), live);
+        }
     }
 
     #[tokio::test]

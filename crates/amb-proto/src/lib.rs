@@ -1,9 +1,11 @@
 //! The amb wire protocol, with no I/O: route names, the QUIC stream-open header, the status a
-//! server answers a stream with, reset codes, peer identities and the authorization decision.
+//! server answers a stream with, reset codes, peer identities and the authorization decision,
+//! and the order and overlap of a dial's attempts over a name's addresses.
 //!
 //! Both transports speak these same meanings; they only move bytes. Everything here is pure and
 //! unit-tested, in the manner of `quinn-proto`.
 
+pub mod dial;
 pub mod header;
 pub mod identity;
 pub mod limits;

@@ -1,14 +1,17 @@
 //! The client side: dial the server, keep the connection, open one stream per app connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ClientConfig, Endpoint, VarInt};
+use tracing::warn;
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
-use crate::{transport_config, tune_udp, QuicError};
+use crate::{transport_config, tune_udp, AttemptError, QuicError};
 
 /// Dials QUIC tunnel connections to one server.
 pub struct QuicDialer {
@@ -16,6 +19,8 @@ pub struct QuicDialer {
     peer: String,
     server_name: String,
     limits: Limits,
+    /// Dials take turns over the peer's addresses.
+    turn: AtomicUsize,
 }
 
 impl QuicDialer {
@@ -35,28 +40,25 @@ impl QuicDialer {
             peer,
             server_name,
             limits,
+            turn: AtomicUsize::new(0),
         })
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, QuicError> {
-        let resolve = |why: String| QuicError::Resolve {
-            peer: self.peer.clone(),
-            why,
-        };
-        tokio::net::lookup_host(&self.peer)
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, QuicError> {
+        let addrs = tokio::net::lookup_host(&self.peer)
             .await
-            .map_err(|e| resolve(e.to_string()))?
-            .next()
-            .ok_or_else(|| resolve("no address".into()))
+            .map_err(|e| QuicError::Resolve {
+                peer: self.peer.clone(),
+                why: e.to_string(),
+            })?;
+        Ok(addrs.collect())
     }
-}
 
-impl Dialer for QuicDialer {
-    type Tunnel = QuicTunnel;
-    type Error = QuicError;
-
-    async fn dial(&self) -> Result<QuicTunnel, QuicError> {
-        let addr = self.resolve().await?;
+    /// A handshake with `addr`, from a fresh endpoint on a socket of its family.
+    async fn handshake(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::Connection, Endpoint), AttemptError> {
         let local: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {
@@ -64,7 +66,7 @@ impl Dialer for QuicDialer {
         }
         .parse()
         .unwrap_or_else(|_| unreachable!("literal socket address"));
-        let socket = std::net::UdpSocket::bind(local).map_err(|source| QuicError::Socket {
+        let socket = std::net::UdpSocket::bind(local).map_err(|source| AttemptError::Socket {
             addr: local,
             source,
         })?;
@@ -75,24 +77,40 @@ impl Dialer for QuicDialer {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| QuicError::Socket {
+        .map_err(|source| AttemptError::Socket {
             addr: local,
             source,
         })?;
-        let peer = self.peer.clone();
         let connecting = endpoint
             .connect_with(self.config.clone(), addr, &self.server_name)
-            .map_err(|source| QuicError::Connect {
-                peer: peer.clone(),
-                source,
-            })?;
-        let conn = tokio::time::timeout(self.limits.handshake_timeout, connecting)
+            .map_err(AttemptError::Connect)?;
+        let conn = connecting.await.map_err(AttemptError::Handshake)?;
+        Ok((conn, endpoint))
+    }
+}
+
+impl Dialer for QuicDialer {
+    type Tunnel = QuicTunnel;
+    type Error = QuicError;
+
+    async fn dial(&self) -> Result<QuicTunnel, QuicError> {
+        let addrs = self.resolve().await?;
+        let peer = self.peer.clone();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let handshakes = race(dial_order(&addrs, turn), ATTEMPT_DELAY, |addr| {
+            self.handshake(addr)
+        });
+        let won = tokio::time::timeout(self.limits.handshake_timeout, handshakes)
             .await
             .map_err(|_| QuicError::Timeout { peer: peer.clone() })?
-            .map_err(|source| QuicError::Handshake {
+            .map_err(|failures| QuicError::Handshake {
                 peer: peer.clone(),
-                source,
+                failures,
             })?;
+        if let Some(others) = won.passed_over() {
+            warn!(%peer, transport = "quic", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
+        }
+        let (conn, endpoint) = won.value;
         let rejected = |why: String| QuicError::Rejected {
             peer: peer.clone(),
             why,

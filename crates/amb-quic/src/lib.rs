@@ -15,6 +15,7 @@ pub use stream::{QuicRecv, QuicSend};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use amb_proto::dial::Failures;
 use amb_proto::Limits;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
@@ -40,21 +41,14 @@ pub enum QuicError {
         /// Why.
         why: String,
     },
-    /// The connection could not be started.
-    #[error("QUIC connect to {peer}: {source}")]
-    Connect {
-        /// The peer.
-        peer: String,
-        /// What quinn said.
-        source: quinn::ConnectError,
-    },
-    /// The handshake failed: certificate rejected, ALPN mismatch, peer unreachable.
-    #[error("QUIC handshake with {peer}: {source}")]
+    /// No address of the peer completed a handshake: certificate rejected, ALPN mismatch,
+    /// peer unreachable.
+    #[error("QUIC handshake with {peer}: {failures}")]
     Handshake {
         /// The peer.
         peer: String,
-        /// What quinn said.
-        source: quinn::ConnectionError,
+        /// Each address tried, with why its handshake failed.
+        failures: Failures<AttemptError>,
     },
     /// The server closed the connection right after the handshake (certificate rejected) or
     /// spoke another protocol.
@@ -71,6 +65,25 @@ pub enum QuicError {
         /// The peer.
         peer: String,
     },
+}
+
+/// Why a handshake with one address of the peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// The UDP socket could not be set up.
+    #[error("QUIC socket on {addr}: {source}")]
+    Socket {
+        /// The local address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The connection could not be started.
+    #[error("{0}")]
+    Connect(quinn::ConnectError),
+    /// The handshake failed.
+    #[error("{0}")]
+    Handshake(quinn::ConnectionError),
 }
 
 /// What the server writes on its first unidirectional stream once it has verified the client:

@@ -1,11 +1,14 @@
 //! The client side: mTLS connections carrying HTTP/2, one CONNECT stream per app connection.
 
 use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -14,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::coalesce::coalesce;
 use crate::stream::{h2_error, H2Recv, H2Send};
@@ -26,6 +29,8 @@ pub struct TlsDialer {
     peer: String,
     server_name: ServerName<'static>,
     limits: Limits,
+    /// Dials take turns over the peer's addresses.
+    turn: AtomicUsize,
 }
 
 impl TlsDialer {
@@ -44,29 +49,30 @@ impl TlsDialer {
             peer,
             server_name,
             limits,
+            turn: AtomicUsize::new(0),
         })
     }
 
     async fn handshake(&self) -> Result<TlsTunnel, TlsError> {
         let peer = &self.peer;
-        let addr = tokio::net::lookup_host(peer)
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(peer)
             .await
             .map_err(|e| TlsError::Resolve {
                 peer: peer.clone(),
                 why: e.to_string(),
             })?
-            .next()
-            .ok_or_else(|| TlsError::Resolve {
-                peer: peer.clone(),
-                why: "no address".into(),
-            })?;
-        let tcp = TcpStream::connect(addr)
+            .collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let won = race(dial_order(&addrs, turn), ATTEMPT_DELAY, TcpStream::connect)
             .await
-            .map_err(|source| TlsError::Connect {
+            .map_err(|failures| TlsError::Connect {
                 peer: peer.clone(),
-                addr,
-                source,
+                failures,
             })?;
+        if let Some(others) = won.passed_over() {
+            warn!(%peer, transport = "tls", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
+        }
+        let tcp = won.value;
         tune_tcp(&tcp);
         let tls = self
             .connector

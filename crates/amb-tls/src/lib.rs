@@ -11,7 +11,7 @@ pub use client::{TlsDialer, TlsTunnel};
 pub use server::{serve, TlsIncoming, TlsServer};
 pub use stream::{H2Recv, H2Send};
 
-use std::net::SocketAddr;
+use amb_proto::dial::Failures;
 
 /// HTTP/2 stream window: bandwidth-delay product of a fast link.
 const STREAM_WINDOW: u32 = 4 << 20;
@@ -39,15 +39,13 @@ pub enum TlsError {
         /// Why.
         why: String,
     },
-    /// The TCP connection failed.
-    #[error("TCP connect to {peer} ({addr}): {source}")]
+    /// No address of the peer took a TCP connection.
+    #[error("TCP connect to {peer}: {failures}")]
     Connect {
         /// The peer as given.
         peer: String,
-        /// The address tried.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// Each address tried, with the OS error.
+        failures: Failures<std::io::Error>,
     },
     /// The TLS handshake failed: certificate rejected, ALPN or version mismatch.
     #[error("TLS handshake with {peer}: {source}")]
