@@ -75,6 +75,7 @@ QUICK = dict(
 TOOLS = {
     "redis-server": "redis-server", "redis-benchmark": "redis-tools", "iperf3": "iperf3",
     "socat": "socat", "stunnel": "stunnel4", "haproxy": "haproxy", "spiped": "spiped",
+    "iptables": "iptables",  # drops TCP segments for metric 8; without it that loss is not emulated
 }
 NEEDS = {
     "direct": [], "socat": ["socat"], "stunnel": ["stunnel"], "haproxy": ["haproxy"],

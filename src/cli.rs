@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, ListenSpec, Server, ServerSettings, ServerTransports,
-    Upstream,
+    Client, ClientSettings, ClientTransport, ListenSpec, Reload, Server, ServerSettings,
+    ServerTransports, Upstream,
 };
 use amb_pki::{InitOptions, LeafRole, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
@@ -110,6 +110,10 @@ struct CertArgs {
     /// CA certificate(s) the peer must chain to (PEM).
     #[arg(long, requires_all = ["cert", "key"])]
     ca: Option<PathBuf>,
+    /// How often the certificate files are checked for changes, which are then loaded for new
+    /// connections (as on SIGHUP); 0s checks only on SIGHUP.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    reload_check: Duration,
 }
 
 impl CertArgs {
@@ -122,6 +126,10 @@ impl CertArgs {
             },
             _ => TlsFiles::in_dir(&self.certs_dir, role),
         }
+    }
+
+    fn reload_check(&self) -> Option<Duration> {
+        Some(self.reload_check).filter(|d| !d.is_zero())
     }
 }
 
@@ -371,6 +379,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             ServerTransportArg::Both => ServerTransports::Both,
         },
         tls: args.certs.files("server"),
+        reload_check: args.certs.reload_check(),
         routes: RouteTable::new(routes, allow),
         limits: args.limits.limits(),
         connect_timeout: args.connect_timeout,
@@ -378,6 +387,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         max_connections: args.limits.max_connections,
     };
     let server = Server::bind(settings)?;
+    reload_on_hangup(server.reload());
     server.run(shutdown_signal()).await;
     Ok(())
 }
@@ -396,6 +406,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         server_name,
         transport,
         tls: args.certs.files("client"),
+        reload_check: args.certs.reload_check(),
         listens: args.listens,
         limits: args.limits.limits(),
         connections: args.connections.unwrap_or(match transport {
@@ -407,8 +418,29 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         max_connections: args.limits.max_connections,
     };
     let client = Client::bind(settings)?;
+    reload_on_hangup(client.reload());
     client.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// Reloads the certificates at each SIGHUP. The handler is in place when this returns, so a
+/// SIGHUP sent once the process reports listening reloads rather than ends it.
+fn reload_on_hangup(reload: Reload) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(
+                "SIGHUP cannot be caught ({e}): certificates reload only when their files change"
+            );
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            reload.now();
+        }
+    });
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

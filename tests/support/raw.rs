@@ -267,6 +267,8 @@ pub struct Opened {
     /// The HTTP status of the CONNECT (200 opened), or for QUIC the status byte mapped the same
     /// way (`Refusal::http_status`).
     pub status: u16,
+    /// The server's leaf certificate (DER), as the handshake presented it.
+    pub server_cert: Vec<u8>,
 }
 
 impl Resumer {
@@ -319,6 +321,30 @@ impl Resumer {
             .map_err(|_| "no answer in time".to_string())?
     }
 
+    /// The server at `addr` turns this client away at the handshake, with a log line, and no
+    /// stream reaches `upstream` beyond the `streams_before` of earlier tests.
+    pub async fn assert_turned_away(
+        &self,
+        transport: super::Transport,
+        addr: SocketAddr,
+        server: &super::Amb,
+        upstream: &super::Upstream,
+        streams_before: usize,
+    ) {
+        let result = self.open(transport, addr, "default").await;
+        assert!(result.is_err(), "the old client got in: {result:?}");
+        server.log.wait_for(&[
+            "handshake failed",
+            transport.flag(),
+            "invalid peer certificate",
+        ]);
+        assert_eq!(
+            upstream.accepted(),
+            streams_before,
+            "a stream reached the upstream"
+        );
+    }
+
     async fn open_tls(&self, addr: SocketAddr, route: &str) -> Result<Opened, String> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let name = ServerName::try_from("localhost").unwrap();
@@ -327,6 +353,7 @@ impl Resumer {
             .await
             .map_err(|e| e.to_string())?;
         let handshake = tls.get_ref().1.handshake_kind().unwrap();
+        let server_cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
         let (mut h2, conn) = h2::client::handshake(tls)
             .await
             .map_err(|e| e.to_string())?;
@@ -337,6 +364,7 @@ impl Resumer {
         Ok(Opened {
             handshake,
             status: response.status().as_u16(),
+            server_cert,
         })
     }
 
@@ -360,8 +388,14 @@ impl Resumer {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status[0])
         };
         let status = open.await.map_err(|e| e.to_string())?;
+        let chain = conn.peer_identity().unwrap();
+        let server_cert = chain
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .unwrap()[0]
+            .to_vec();
         Ok(Opened {
             handshake,
+            server_cert,
             status: match amb_proto::Refusal::from_status_byte(status) {
                 Ok(()) => 200,
                 Err(refusal) => refusal.http_status(),

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::listen::ListenSpec;
 use crate::relay::{relay, reset_tcp, RelayError};
+use crate::reload::{Certs, Reload};
 use crate::throttle::LogThrottle;
 use crate::{bind_tcp, EngineError};
 
@@ -57,6 +58,8 @@ pub struct ClientSettings {
     pub max_connections: usize,
     /// How long live streams may run on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// How often the certificate files are checked for a change; `None`: only on request.
+    pub reload_check: Option<Duration>,
 }
 
 enum AnyDialer {
@@ -69,6 +72,9 @@ pub struct Client {
     listeners: Vec<(TcpListener, RouteName)>,
     dialer: AnyDialer,
     settings: ClientSettings,
+    certs: Certs<amb_pki::rustls::ClientConfig>,
+    alpn: &'static [u8],
+    reload: Reload,
 }
 
 impl Client {
@@ -80,25 +86,25 @@ impl Client {
             ));
         }
         let limits = settings.limits;
+        let alpn = match settings.transport {
+            ClientTransport::Quic => ALPN_QUIC,
+            ClientTransport::Tls => ALPN_H2,
+        };
+        let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
+        let tls = certs.subscribe(alpn).expect("loaded for this ALPN");
         let dialer = match settings.transport {
-            ClientTransport::Quic => {
-                let tls = amb_pki::client_config(&settings.tls, ALPN_QUIC)?;
-                AnyDialer::Quic(QuicDialer::new(
-                    tls,
-                    settings.peer.clone(),
-                    settings.server_name.clone(),
-                    limits,
-                )?)
-            }
-            ClientTransport::Tls => {
-                let tls = amb_pki::client_config(&settings.tls, ALPN_H2)?;
-                AnyDialer::Tls(TlsDialer::new(
-                    tls,
-                    settings.peer.clone(),
-                    &settings.server_name,
-                    limits,
-                )?)
-            }
+            ClientTransport::Quic => AnyDialer::Quic(QuicDialer::new(
+                tls,
+                settings.peer.clone(),
+                settings.server_name.clone(),
+                limits,
+            )?),
+            ClientTransport::Tls => AnyDialer::Tls(TlsDialer::new(
+                tls,
+                settings.peer.clone(),
+                &settings.server_name,
+                limits,
+            )?),
         };
         let listeners = settings
             .listens
@@ -109,7 +115,16 @@ impl Client {
             listeners,
             dialer,
             settings,
+            certs,
+            alpn,
+            reload: Reload::default(),
         })
+    }
+
+    /// Reloads the certificates on request (e.g. on SIGHUP); tunnel connections dialed from
+    /// then on use them.
+    pub fn reload(&self) -> Reload {
+        self.reload.clone()
     }
 
     /// The bound listener addresses, in `--listen` order.
@@ -123,10 +138,25 @@ impl Client {
     /// Serves until `shutdown` resolves, then stops accepting and lets live connections finish
     /// for up to the drain timeout.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        match self.dialer {
-            AnyDialer::Quic(d) => run(d, self.listeners, self.settings, shutdown, "quic").await,
-            AnyDialer::Tls(d) => run(d, self.listeners, self.settings, shutdown, "tls").await,
-        }
+        let Client {
+            listeners,
+            dialer,
+            settings,
+            certs,
+            alpn,
+            reload,
+        } = self;
+        let (stop_tx, stop) = watch::channel(false);
+        let config = certs.subscribe(alpn).expect("loaded for this ALPN");
+        let certs = certs.keep_current(reload, settings.reload_check, stop);
+        let serving = async move {
+            match dialer {
+                AnyDialer::Quic(d) => run(d, config, listeners, settings, shutdown, "quic").await,
+                AnyDialer::Tls(d) => run(d, config, listeners, settings, shutdown, "tls").await,
+            }
+            let _ = stop_tx.send(true);
+        };
+        tokio::join!(certs, serving);
     }
 }
 
@@ -166,11 +196,14 @@ impl<T: Tunnel> Pool<T> {
     }
 }
 
-/// Keeps one pool slot connected: dial, serve until lost, back off, dial again.
+/// Keeps one pool slot connected: dial, serve until lost, back off, dial again. When the
+/// certificates are reloaded, a connection made with them replaces the slot's before it leaves
+/// the pool (its app connections finish on it); if that dial fails, the slot keeps the old one.
 async fn supervise<D: Dialer>(
     slot: usize,
     dialer: Arc<D>,
     pool: Arc<Pool<D::Tunnel>>,
+    mut certs: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
     mut stop: watch::Receiver<bool>,
     peer: String,
     transport: &'static str,
@@ -178,39 +211,21 @@ async fn supervise<D: Dialer>(
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(2);
     let mut backoff = FIRST_BACKOFF;
+    let pooled = |tunnel| {
+        Arc::new(Pooled {
+            tunnel,
+            carried: StreamTally::default(),
+            draining: AtomicBool::new(false),
+        })
+    };
     loop {
+        certs.borrow_and_update();
         let dialed = tokio::select! {
             d = dialer.dial() => d,
             _ = stop.wait_for(|s| *s) => return,
         };
-        match dialed {
-            Ok(tunnel) => {
-                backoff = FIRST_BACKOFF;
-                let pooled = Arc::new(Pooled {
-                    tunnel,
-                    carried: StreamTally::default(),
-                    draining: AtomicBool::new(false),
-                });
-                info!(%peer, transport, slot, "tunnel connection up");
-                pool.live.send_modify(|v| v.push((slot, pooled.clone())));
-                let retired = tokio::select! {
-                    r = pooled.tunnel.retired() => r,
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-                pool.live.send_modify(|v| v.retain(|(s, _)| *s != slot));
-                // One line for the connection, however many app connections it carried.
-                match retired {
-                    Retirement::Draining => {
-                        pooled.draining.store(true, Ordering::Relaxed);
-                        let app_connections = pooled.carried.cut_off();
-                        info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
-                    }
-                    Retirement::Lost(_) => {
-                        let app_connections_reset = pooled.carried.cut_off_once_settled().await;
-                        warn!(%peer, transport, slot, app_connections_reset, "{retired}; reconnecting")
-                    }
-                }
-            }
+        let mut current = match dialed {
+            Ok(tunnel) => pooled(tunnel),
             Err(e) => {
                 warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");
                 tokio::select! {
@@ -218,6 +233,51 @@ async fn supervise<D: Dialer>(
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = FIRST_BACKOFF;
+        info!(%peer, transport, slot, "tunnel connection up");
+        pool.live.send_modify(|v| v.push((slot, current.clone())));
+        let retired = loop {
+            tokio::select! {
+                r = current.tunnel.retired() => break r,
+                Ok(()) = certs.changed() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            certs.borrow_and_update();
+            let renewed = tokio::select! {
+                d = dialer.dial() => d,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match renewed {
+                Ok(tunnel) => {
+                    let old = std::mem::replace(&mut current, pooled(tunnel));
+                    pool.live.send_modify(|v| {
+                        v.retain(|(_, p)| !Arc::ptr_eq(p, &old));
+                        v.push((slot, current.clone()));
+                    });
+                    old.draining.store(true, Ordering::Relaxed);
+                    let app_connections = old.carried.cut_off();
+                    info!(%peer, transport, slot, app_connections, "tunnel connection renewed with the reloaded certificates; the old one's app connections finish on it");
+                }
+                Err(e) => {
+                    warn!(%peer, transport, slot, "tunnel connect with the reloaded certificates failed: {e}; keeping the connection made with the ones before")
+                }
+            }
+        };
+        pool.live
+            .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, &current)));
+        // One line for the connection, however many app connections it carried.
+        match retired {
+            Retirement::Draining => {
+                current.draining.store(true, Ordering::Relaxed);
+                let app_connections = current.carried.cut_off();
+                info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
+            }
+            Retirement::Lost(_) => {
+                let app_connections_reset = current.carried.cut_off_once_settled().await;
+                warn!(%peer, transport, slot, app_connections_reset, "{retired}; reconnecting")
             }
         }
     }
@@ -225,6 +285,7 @@ async fn supervise<D: Dialer>(
 
 async fn run<D: Dialer>(
     dialer: D,
+    certs: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
     listeners: Vec<(TcpListener, RouteName)>,
     settings: ClientSettings,
     shutdown: impl Future<Output = ()>,
@@ -244,6 +305,7 @@ async fn run<D: Dialer>(
             slot,
             dialer.clone(),
             pool.clone(),
+            certs.clone(),
             stop.clone(),
             peer.clone(),
             transport,

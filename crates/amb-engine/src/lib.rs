@@ -7,12 +7,14 @@
 mod client;
 mod listen;
 pub mod relay;
+mod reload;
 mod server;
 mod throttle;
 mod upstream;
 
 pub use client::{Client, ClientSettings, ClientTransport};
 pub use listen::{ListenSpec, ListenSpecError};
+pub use reload::Reload;
 pub use server::{Server, ServerSettings, ServerTransports};
 pub use upstream::{Upstream, UpstreamParseError};
 

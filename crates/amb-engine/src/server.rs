@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::relay::{relay, RelayError};
+use crate::reload::{Certs, Reload};
 use crate::throttle::LogThrottle;
 use crate::upstream::Upstream;
 use crate::{bind_tcp, EngineError};
@@ -50,6 +51,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// Streams relayed at once across all tunnel connections; more are refused as unavailable.
     pub max_connections: usize,
+    /// How often the certificate files are checked for a change; `None`: only on request.
+    pub reload_check: Option<Duration>,
 }
 
 struct Context {
@@ -69,6 +72,9 @@ pub struct Server {
     tls: Option<TlsServer>,
     local_addr: SocketAddr,
     drain_timeout: Duration,
+    certs: Certs<amb_pki::rustls::ServerConfig>,
+    reload: Reload,
+    reload_check: Option<Duration>,
 }
 
 impl Server {
@@ -78,15 +84,14 @@ impl Server {
         let want_tls = settings.transports != ServerTransports::Quic;
         let want_quic = settings.transports != ServerTransports::Tls;
         // Certificates first: a missing file is the likelier mistake and the clearer message.
-        let tls_config = want_tls
-            .then(|| amb_pki::server_config(&settings.tls, ALPN_H2))
-            .transpose()?;
-        let quic_config = want_quic
-            .then(|| amb_pki::server_config(&settings.tls, ALPN_QUIC))
-            .transpose()?;
+        let alpns: Vec<&'static [u8]> = [(want_tls, ALPN_H2), (want_quic, ALPN_QUIC)]
+            .into_iter()
+            .filter_map(|(wanted, alpn)| wanted.then_some(alpn))
+            .collect();
+        let certs = Certs::load(settings.tls.clone(), amb_pki::server_config, &alpns)?;
 
         let mut local_addr = settings.listen;
-        let tls = match tls_config {
+        let tls = match certs.subscribe(ALPN_H2) {
             Some(config) => {
                 let listener = bind_tcp(settings.listen)?;
                 local_addr = listener.local_addr().map_err(|source| EngineError::Bind {
@@ -98,7 +103,7 @@ impl Server {
             }
             None => None,
         };
-        let quic = match quic_config {
+        let quic = match certs.subscribe(ALPN_QUIC) {
             Some(config) => {
                 // With both transports, UDP takes the port TCP got (which matters for port 0).
                 let udp =
@@ -132,7 +137,15 @@ impl Server {
             tls,
             local_addr,
             drain_timeout: settings.drain_timeout,
+            certs,
+            reload: Reload::default(),
+            reload_check: settings.reload_check,
         })
+    }
+
+    /// Reloads the certificates on request (e.g. on SIGHUP); new connections use them.
+    pub fn reload(&self) -> Reload {
+        self.reload.clone()
     }
 
     /// The bound address (TCP and UDP share it).
@@ -142,62 +155,71 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets live streams finish for up to
     /// the drain timeout, and closes.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        for (route, upstream) in self.ctx.routes.iter() {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            ctx,
+            stop,
+            quic,
+            tls: mut tls_server,
+            local_addr,
+            drain_timeout,
+            certs,
+            reload,
+            reload_check,
+        } = self;
+        for (route, upstream) in ctx.routes.iter() {
             info!(%route, %upstream, "route");
         }
         info!(
-            addr = %self.local_addr,
-            quic = self.quic.is_some(),
-            tls = self.tls.is_some(),
+            addr = %local_addr,
+            quic = quic.is_some(),
+            tls = tls_server.is_some(),
             "amb server listening"
         );
-        let quic = async {
-            if let Some(server) = &self.quic {
-                let ctx = self.ctx.clone();
-                amb_quic::serve(server, self.ctx.stopping.clone(), move |s| {
+        let quic_serving = async {
+            if let Some(server) = &quic {
+                let ctx = ctx.clone();
+                amb_quic::serve(server, ctx.stopping.clone(), move |s| {
                     handle(ctx.clone(), s)
                 })
                 .await;
             }
         };
-        let tls = async {
-            if let Some(server) = &mut self.tls {
-                let ctx = self.ctx.clone();
-                amb_tls::serve(server, self.ctx.stopping.clone(), move |s| {
+        let tls_serving = async {
+            if let Some(server) = &mut tls_server {
+                let ctx = ctx.clone();
+                amb_tls::serve(server, ctx.stopping.clone(), move |s| {
                     handle(ctx.clone(), s)
                 })
                 .await;
             }
         };
-        let stop = async {
+        let certs = certs.keep_current(reload, reload_check, ctx.stopping.clone());
+        let stopping = async {
             shutdown.await;
-            let _ = self.stop.send(true);
+            let _ = stop.send(true);
         };
-        tokio::join!(quic, tls, stop);
+        tokio::join!(quic_serving, tls_serving, certs, stopping);
 
-        self.ctx.live.close();
-        let live = self.ctx.live.len();
-        info!(live_streams = live, drain = ?self.drain_timeout, "shutting down: no new connections");
+        ctx.live.close();
+        let live = ctx.live.len();
+        info!(live_streams = live, drain = ?drain_timeout, "shutting down: no new connections");
         let drained = async {
-            self.ctx.live.wait().await;
-            if let Some(tls) = &self.tls {
+            ctx.live.wait().await;
+            if let Some(tls) = &tls_server {
                 tls.drained().await;
             }
-            if let Some(quic) = &self.quic {
+            if let Some(quic) = &quic {
                 quic.drained().await;
             }
         };
-        if tokio::time::timeout(self.drain_timeout, drained)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(drain_timeout, drained).await.is_err() {
             warn!(
-                live_streams = self.ctx.live.len(),
+                live_streams = ctx.live.len(),
                 "drain timeout reached; closing live streams"
             );
         }
-        if let Some(quic) = &self.quic {
+        if let Some(quic) = &quic {
             quic.close().await;
         }
         info!("amb server stopped");

@@ -33,13 +33,15 @@ impl TlsFiles {
         }
     }
 
-    fn describe(&self) -> String {
-        format!(
-            "{}, {}, {}",
-            self.cert.display(),
-            self.key.display(),
-            self.ca.display()
-        )
+    /// What the three files look like on disk (size, modification time and inode of each,
+    /// symlinks followed, so a swapped Kubernetes secret counts), to notice a change without
+    /// reading them.
+    pub fn stamp(&self) -> FilesStamp {
+        use std::os::unix::fs::MetadataExt;
+        FilesStamp([&self.cert, &self.key, &self.ca].map(|path| {
+            let m = std::fs::metadata(path).ok()?;
+            Some(FileStamp(m.len(), m.modified().ok(), m.ino(), m.dev()))
+        }))
     }
 
     fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
@@ -53,6 +55,26 @@ impl TlsFiles {
         Ok(Arc::new(roots))
     }
 }
+
+impl std::fmt::Display for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}, {}, {}",
+            self.cert.display(),
+            self.key.display(),
+            self.ca.display()
+        )
+    }
+}
+
+/// A [`TlsFiles::stamp`]: equal stamps mean the files were, in all likelihood, not changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilesStamp([Option<FileStamp>; 3]);
+
+/// One file's size, modification time, inode and device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp(u64, Option<std::time::SystemTime>, u64, u64);
 
 /// aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first (fastest with AES-NI).
 fn provider() -> Arc<CryptoProvider> {
@@ -70,7 +92,7 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ServerConfig>, PkiError> {
     let provider = provider();
     let tls = |source| PkiError::Tls {
-        files: files.describe(),
+        files: files.to_string(),
         source,
     };
     let webpki = WebPkiClientVerifier::builder_with_provider(files.roots()?, provider.clone())
@@ -97,7 +119,7 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ServerConfig>,
 pub fn client_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientConfig>, PkiError> {
     let provider = provider();
     let tls = |source| PkiError::Tls {
-        files: files.describe(),
+        files: files.to_string(),
         source,
     };
     let webpki = WebPkiServerVerifier::builder_with_provider(files.roots()?, provider.clone())

@@ -8,6 +8,7 @@ use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ClientConfig, Endpoint, VarInt};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
@@ -15,7 +16,8 @@ use crate::{transport_config, tune_udp, AttemptError, QuicError};
 
 /// Dials QUIC tunnel connections to one server.
 pub struct QuicDialer {
-    config: ClientConfig,
+    /// The newest configuration, for each new dial.
+    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
     peer: String,
     server_name: String,
     limits: Limits,
@@ -25,23 +27,32 @@ pub struct QuicDialer {
 
 impl QuicDialer {
     /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
-    /// `tls` must offer the [`amb_proto::ALPN_QUIC`] ALPN.
+    /// `tls` must offer the [`amb_proto::ALPN_QUIC`] ALPN; each dial takes the configuration it
+    /// holds at the time.
     pub fn new(
-        tls: Arc<rustls::ClientConfig>,
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
         peer: String,
         server_name: String,
         limits: Limits,
     ) -> Result<Self, QuicError> {
-        let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
-        let mut config = ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport_config(&limits, false));
-        Ok(QuicDialer {
-            config,
+        let dialer = QuicDialer {
+            tls,
             peer,
             server_name,
             limits,
             turn: AtomicUsize::new(0),
-        })
+        };
+        dialer.config()?;
+        Ok(dialer)
+    }
+
+    /// quinn's client configuration: the newest TLS configuration with amb's transport settings.
+    fn config(&self) -> Result<ClientConfig, QuicError> {
+        let tls = self.tls.borrow().clone();
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+        let mut config = ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport_config(&self.limits, false));
+        Ok(config)
     }
 
     async fn resolve(&self) -> Result<Vec<SocketAddr>, QuicError> {
@@ -57,6 +68,7 @@ impl QuicDialer {
     /// A handshake with `addr`, from a fresh endpoint on a socket of its family.
     async fn handshake(
         &self,
+        config: ClientConfig,
         addr: SocketAddr,
     ) -> Result<(quinn::Connection, Endpoint), AttemptError> {
         let local: SocketAddr = if addr.is_ipv6() {
@@ -82,7 +94,7 @@ impl QuicDialer {
             source,
         })?;
         let connecting = endpoint
-            .connect_with(self.config.clone(), addr, &self.server_name)
+            .connect_with(config, addr, &self.server_name)
             .map_err(AttemptError::Connect)?;
         let conn = connecting.await.map_err(AttemptError::Handshake)?;
         Ok((conn, endpoint))
@@ -94,11 +106,12 @@ impl Dialer for QuicDialer {
     type Error = QuicError;
 
     async fn dial(&self) -> Result<QuicTunnel, QuicError> {
+        let config = self.config()?;
         let addrs = self.resolve().await?;
         let peer = self.peer.clone();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let handshakes = race(dial_order(&addrs, turn), ATTEMPT_DELAY, |addr| {
-            self.handshake(addr)
+            self.handshake(config.clone(), addr)
         });
         let won = tokio::time::timeout(self.limits.handshake_timeout, handshakes)
             .await

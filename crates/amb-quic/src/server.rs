@@ -24,6 +24,8 @@ use crate::{transport_config, tune_udp, QuicError};
 /// A QUIC listener for tunnel connections.
 pub struct QuicServer {
     endpoint: Endpoint,
+    /// The newest configuration, handed to the endpoint when it changes.
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     limits: Limits,
     /// One task per connection; each ends when its connection closes.
     connections: TaskTracker,
@@ -31,19 +33,18 @@ pub struct QuicServer {
 
 impl QuicServer {
     /// Serves on an already bound UDP socket; `tls` must offer [`amb_proto::ALPN_QUIC`] and
-    /// require client certificates.
+    /// require client certificates. Each handshake takes the configuration `tls` holds at the
+    /// time.
     pub fn new(
         socket: std::net::UdpSocket,
-        tls: Arc<rustls::ServerConfig>,
+        tls: watch::Receiver<Arc<rustls::ServerConfig>>,
         limits: Limits,
     ) -> Result<Self, QuicError> {
         let addr = socket.local_addr().map_err(|source| QuicError::Socket {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport_config(&limits, true));
+        let config = server_config(tls.borrow().clone(), &limits)?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
             crate::endpoint_config(),
@@ -54,6 +55,7 @@ impl QuicServer {
         .map_err(|source| QuicError::Socket { addr, source })?;
         Ok(QuicServer {
             endpoint,
+            tls,
             limits,
             connections: TaskTracker::new(),
         })
@@ -74,6 +76,17 @@ impl QuicServer {
     }
 }
 
+/// quinn's server configuration: `tls` with amb's transport settings.
+fn server_config(
+    tls: Arc<rustls::ServerConfig>,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config(limits, true));
+    Ok(config)
+}
+
 /// Accepts connections until `stop` turns true, calling `handler` for each stream in a task of
 /// its own. Handshakes run in their own tasks, so a slow one never blocks the accept loop.
 pub async fn serve<H, F>(server: &QuicServer, mut stop: watch::Receiver<bool>, handler: H)
@@ -81,9 +94,17 @@ where
     H: Fn(QuicIncoming) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = StreamEnd> + Send + 'static,
 {
+    let mut tls = server.tls.clone();
     loop {
         let incoming = tokio::select! {
             incoming = server.endpoint.accept() => incoming,
+            Ok(()) = tls.changed() => {
+                match server_config(tls.borrow_and_update().clone(), &server.limits) {
+                    Ok(config) => server.endpoint.set_server_config(Some(config)),
+                    Err(e) => warn!(transport = "quic", "new certificates not taken: {e}"),
+                }
+                continue;
+            }
             _ = stop.wait_for(|s| *s) => {
                 // Draining: the socket stays for the live connections, and new ones are turned
                 // away at once, so a client redials elsewhere (or again) without a timeout.

@@ -25,7 +25,8 @@ use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFE
 
 /// Dials TLS tunnel connections to one server.
 pub struct TlsDialer {
-    connector: TlsConnector,
+    /// The newest configuration, for each new dial.
+    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
     peer: String,
     server_name: ServerName<'static>,
     limits: Limits,
@@ -35,9 +36,10 @@ pub struct TlsDialer {
 
 impl TlsDialer {
     /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
-    /// `tls` must offer the [`amb_proto::ALPN_H2`] ALPN.
+    /// `tls` must offer the [`amb_proto::ALPN_H2`] ALPN; each dial takes the configuration it
+    /// holds at the time.
     pub fn new(
-        tls: Arc<rustls::ClientConfig>,
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
         peer: String,
         server_name: &str,
         limits: Limits,
@@ -45,7 +47,7 @@ impl TlsDialer {
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
         Ok(TlsDialer {
-            connector: TlsConnector::from(tls),
+            tls,
             peer,
             server_name,
             limits,
@@ -74,8 +76,8 @@ impl TlsDialer {
         }
         let tcp = won.value;
         tune_tcp(&tcp);
-        let tls = self
-            .connector
+        let connector = TlsConnector::from(self.tls.borrow().clone());
+        let tls = connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|source| TlsError::Handshake {

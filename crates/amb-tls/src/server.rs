@@ -31,18 +31,23 @@ pub struct TlsServer {
     /// Closed when the drain starts, so clients redial elsewhere instead of waiting in its
     /// backlog.
     listener: Option<TcpListener>,
-    acceptor: TlsAcceptor,
+    /// The newest configuration, for each new handshake.
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     limits: Limits,
     connections: TaskTracker,
 }
 
 impl TlsServer {
     /// Serves on an already bound listener; `tls` must offer [`amb_proto::ALPN_H2`] and require
-    /// client certificates.
-    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>, limits: Limits) -> Self {
+    /// client certificates. Each handshake takes the configuration `tls` holds at the time.
+    pub fn new(
+        listener: TcpListener,
+        tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+        limits: Limits,
+    ) -> Self {
         TlsServer {
             listener: Some(listener),
-            acceptor: TlsAcceptor::from(tls),
+            tls,
             limits,
             connections: TaskTracker::new(),
         }
@@ -81,7 +86,8 @@ where
                 continue;
             }
         };
-        let (acceptor, limits, handler) = (server.acceptor.clone(), server.limits, handler.clone());
+        let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
+        let (limits, handler) = (server.limits, handler.clone());
         let stop = stop.clone();
         server.connections.spawn(async move {
             tune_tcp(&tcp);

@@ -1,0 +1,242 @@
+//! Certificate reload. A side's TLS configurations are rebuilt from their files when asked
+//! ([`Reload::now`], which the binary calls on SIGHUP) and when the files change on disk, and
+//! the transports take the newest for each new handshake; connections already up keep the
+//! certificates they were made with. Files that do not load (a key that does not match its
+//! certificate, a file half written) leave the running configuration in place, with an error
+//! naming them; their next change is tried again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amb_pki::{FilesStamp, PkiError, TlsFiles};
+use tokio::sync::{watch, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{error, info};
+
+/// Asks a running client or server to reload its certificates.
+#[derive(Clone, Debug, Default)]
+pub struct Reload(Arc<Notify>);
+
+impl Reload {
+    /// Reloads now (or as soon as the reloader runs, if it has not started yet).
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Builds one side's configuration for an ALPN from the files.
+pub(crate) type Build<C> = fn(&TlsFiles, &[u8]) -> Result<Arc<C>, PkiError>;
+
+/// One side's TLS configurations, one per ALPN, following the files.
+pub(crate) struct Certs<C> {
+    files: TlsFiles,
+    build: Build<C>,
+    configs: Vec<(&'static [u8], watch::Sender<Arc<C>>)>,
+    /// The files as they were at the last load, good or not.
+    loaded: FilesStamp,
+}
+
+impl<C> Certs<C> {
+    /// The first load, for each of `alpns`: any failure stops the start.
+    pub fn load(
+        files: TlsFiles,
+        build: Build<C>,
+        alpns: &[&'static [u8]],
+    ) -> Result<Self, PkiError> {
+        let loaded = files.stamp();
+        let configs = alpns
+            .iter()
+            .map(|alpn| Ok((*alpn, watch::Sender::new(build(&files, alpn)?))))
+            .collect::<Result<_, PkiError>>()?;
+        Ok(Certs {
+            files,
+            build,
+            configs,
+            loaded,
+        })
+    }
+
+    /// The configuration for `alpn`, kept current; `None` if it was not loaded.
+    pub fn subscribe(&self, alpn: &[u8]) -> Option<watch::Receiver<Arc<C>>> {
+        self.configs
+            .iter()
+            .find(|(a, _)| *a == alpn)
+            .map(|(_, config)| config.subscribe())
+    }
+
+    /// Rebuilds every configuration from the files: all are replaced, or none.
+    fn reload(&mut self) -> Result<(), PkiError> {
+        // Stamped before reading, so a change made during the read is seen at the next check.
+        self.loaded = self.files.stamp();
+        let fresh = self
+            .configs
+            .iter()
+            .map(|(alpn, _)| (self.build)(&self.files, alpn))
+            .collect::<Result<Vec<_>, _>>()?;
+        for ((_, config), new) in self.configs.iter().zip(fresh) {
+            config.send_replace(new);
+        }
+        Ok(())
+    }
+
+    /// Reloads on each [`Reload::now`], and when a check (every `check_every`, if any) finds
+    /// the files changed, until `stop` turns true.
+    pub async fn keep_current(
+        mut self,
+        reload: Reload,
+        check_every: Option<Duration>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut checks = check_every.filter(|d| !d.is_zero()).map(|every| {
+            let mut checks = tokio::time::interval_at(Instant::now() + every, every);
+            checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            checks
+        });
+        loop {
+            let why = tokio::select! {
+                () = reload.0.notified() => "reload requested",
+                () = next_check(&mut checks) => {
+                    if self.files.stamp() == self.loaded {
+                        continue;
+                    }
+                    "certificate files changed"
+                }
+                _ = stop.wait_for(|stopping| *stopping) => return,
+            };
+            match self.reload() {
+                Ok(()) => {
+                    info!(files = %self.files, "{why}: certificates reloaded; new connections use them")
+                }
+                Err(e) => error!("{why}: {e}; the running certificates stay in use"),
+            }
+        }
+    }
+}
+
+/// Resolves at the next check; never, if there are none.
+async fn next_check(checks: &mut Option<tokio::time::Interval>) {
+    match checks {
+        Some(checks) => drop(checks.tick().await),
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::path::{Path, PathBuf};
+
+    /// A stand-in build: the configuration is the cert file's text, and `bad` fails.
+    fn build(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<String>, PkiError> {
+        let text = std::fs::read_to_string(&files.cert).unwrap();
+        if text == "bad" {
+            return Err(PkiError::BadPem {
+                path: files.cert.clone(),
+                what: "bad".into(),
+            });
+        }
+        Ok(Arc::new(format!(
+            "{text}/{}",
+            String::from_utf8_lossy(alpn)
+        )))
+    }
+
+    /// A directory of its own for each test, removed at the end.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(test: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("amb-reload-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn files(dir: &Path) -> TlsFiles {
+        TlsFiles::in_dir(dir, "server")
+    }
+
+    fn write(dir: &Path, text: &str) {
+        std::fs::write(dir.join("server.pem"), text).unwrap();
+    }
+
+    /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
+    fn loaded(dir: &Dir) -> (Certs<String>, watch::Receiver<Arc<String>>) {
+        write(dir.path(), "one");
+        let certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
+        let config = certs.subscribe(b"h2").unwrap();
+        (certs, config)
+    }
+
+    #[test]
+    fn a_reload_replaces_every_configuration_or_none() {
+        let dir = Dir::new("all-or-none");
+        write(dir.path(), "one");
+        let mut certs = Certs::load(files(dir.path()), build, &[b"h2", b"amb/1"]).unwrap();
+        let (h2, quic) = (
+            certs.subscribe(b"h2").unwrap(),
+            certs.subscribe(b"amb/1").unwrap(),
+        );
+        assert!(certs.subscribe(b"other").is_none());
+        write(dir.path(), "two");
+        certs.reload().unwrap();
+        assert_eq!(
+            (h2.borrow().as_str(), quic.borrow().as_str()),
+            ("two/h2", "two/amb/1")
+        );
+        write(dir.path(), "bad");
+        certs.reload().unwrap_err();
+        assert_eq!(
+            (h2.borrow().as_str(), quic.borrow().as_str()),
+            ("two/h2", "two/amb/1")
+        );
+    }
+
+    #[tokio::test]
+    async fn changed_files_are_reloaded() {
+        let dir = Dir::new("changed");
+        let (certs, mut config) = loaded(&dir);
+        let (stop, stopping) = watch::channel(false);
+        let every = Some(Duration::from_millis(20));
+        let running = tokio::spawn(certs.keep_current(Reload::default(), every, stopping));
+        write(dir.path(), "two!");
+        config.changed().await.unwrap();
+        assert_eq!(config.borrow_and_update().as_str(), "two!/h2");
+        // A bad file leaves the configuration as it was; the next change is tried again.
+        write(dir.path(), "bad");
+        write(dir.path(), "three");
+        config.changed().await.unwrap();
+        assert_eq!(config.borrow_and_update().as_str(), "three/h2");
+        stop.send_replace(true);
+        running.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_requested_reload_reads_the_files_however_they_look() {
+        let dir = Dir::new("requested");
+        let (certs, mut config) = loaded(&dir);
+        let reload = Reload::default();
+        // Asked before the reloader runs: not lost.
+        reload.now();
+        let (_stop, stopping) = watch::channel(false);
+        tokio::spawn(certs.keep_current(reload.clone(), None, stopping));
+        config.changed().await.unwrap();
+        assert_eq!(config.borrow_and_update().as_str(), "one/h2");
+        write(dir.path(), "two");
+        reload.now();
+        config.changed().await.unwrap();
+        assert_eq!(config.borrow_and_update().as_str(), "two/h2");
+    }
+}

@@ -1,0 +1,153 @@
+//! Certificate reload without a restart: on SIGHUP, and when the files change on disk. New
+//! handshakes use the new files; files that do not load leave the running certificates in
+//! place; a client renews its tunnel connections with the new certificate before letting the
+//! old ones go, so app connections on them finish undisturbed.
+
+mod support;
+
+use amb_pki::LeafSpec;
+use support::raw::Resumer;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+per_transport!(
+    sighup_reloads_the_server_certificate,
+    a_changed_client_ca_is_taken_without_a_signal,
+    files_that_do_not_load_leave_the_running_certificates,
+    a_reloaded_client_certificate_renews_the_tunnel_connections,
+);
+
+/// The leaf certificate (DER) in `<name>.pem`.
+fn leaf(pki: &Pki, name: &str) -> Vec<u8> {
+    amb_pki::load_certs(&pki.path(&format!("{name}.pem"))).unwrap()[0].to_vec()
+}
+
+/// A server for an echo upstream, with extra flags, and a raw client with `client.pem`.
+async fn served(pki: &Pki, extra: &[&str]) -> (Upstream, Amb, std::net::SocketAddr, Resumer) {
+    let upstream = Upstream::echo().await;
+    let up = upstream.addr.to_string();
+    let mut args = vec!["--upstream", up.as_str()];
+    args.extend_from_slice(extra);
+    let server = Amb::server(pki, 0, &args);
+    let addr = server.server_addr();
+    (upstream, server, addr, Resumer::new(pki, "client"))
+}
+
+async fn sighup_reloads_the_server_certificate(t: Transport) {
+    let pki = Pki::new();
+    let (_upstream, server, addr, client) = served(&pki, &["--reload-check", "0s"]).await;
+    let before = client.open(t, addr, "default").await.unwrap();
+    assert_eq!(before.status, 200);
+    assert_eq!(before.server_cert, leaf(&pki, "server"));
+
+    pki.write_leaf("server", &pki.ca.issue(&LeafSpec::server(&[], 30)).unwrap());
+    let renewed = leaf(&pki, "server");
+    assert_ne!(renewed, before.server_cert);
+    server.signal("HUP");
+    server
+        .log
+        .wait_for(&["reload requested", "certificates reloaded"]);
+    let after = client.open(t, addr, "default").await.unwrap();
+    assert_eq!(after.status, 200);
+    assert!(
+        after.server_cert == renewed,
+        "the old certificate after SIGHUP"
+    );
+}
+
+async fn a_changed_client_ca_is_taken_without_a_signal(t: Transport) {
+    let pki = Pki::new();
+    let (upstream, server, addr, client) = served(&pki, &["--reload-check", "100ms"]).await;
+    assert_eq!(client.open(t, addr, "default").await.unwrap().status, 200);
+
+    // The operator moves clients to a new CA, writing the file as deployment tools do: a new
+    // file renamed over the old one.
+    let new = Pki::new();
+    let staged = pki.path("ca.pem.new");
+    std::fs::copy(new.path("ca.pem"), &staged).unwrap();
+    std::fs::rename(&staged, pki.path("ca.pem")).unwrap();
+    server
+        .log
+        .wait_for(&["certificate files changed", "certificates reloaded"]);
+    client
+        .assert_turned_away(t, addr, &server, &upstream, 1)
+        .await;
+}
+
+async fn files_that_do_not_load_leave_the_running_certificates(t: Transport) {
+    let pki = Pki::new();
+    let (_upstream, server, addr, client) = served(&pki, &["--reload-check", "0s"]).await;
+    let running = leaf(&pki, "server");
+    // A rotation caught half way: a new key beside the old certificate.
+    let other = pki.ca.issue(&LeafSpec::server(&[], 30)).unwrap();
+    std::fs::write(pki.path("server.key"), &other.key_pem).unwrap();
+    server.signal("HUP");
+    let line = server
+        .log
+        .wait_for(&["reload requested", "the running certificates stay in use"]);
+    assert!(
+        line.contains("server.key"),
+        "the files are not named: {line}"
+    );
+    let opened = client.open(t, addr, "default").await.unwrap();
+    assert_eq!(opened.status, 200);
+    assert!(opened.server_cert == running, "not the running certificate");
+}
+
+/// Echoes `msg` over an open app connection.
+async fn echo_on(tcp: &mut TcpStream, msg: &[u8]) {
+    tcp.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(READY, tcp.read_exact(&mut got))
+        .await
+        .expect("no echo in time")
+        .unwrap();
+    assert_eq!(got, msg);
+}
+
+async fn a_reloaded_client_certificate_renews_the_tunnel_connections(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let allow = [
+        "--allow",
+        "uri:spiffe://amb/client",
+        "--allow",
+        "uri:spiffe://amb/renewed",
+    ];
+    let up = upstream.addr.to_string();
+    let mut args = vec!["--upstream", up.as_str()];
+    args.extend_from_slice(&allow);
+    let server = Amb::server(&pki, 0, &args);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--reload-check", "0s"],
+    );
+    client.wait_pool_up(t);
+    let mut before = TcpStream::connect(client.listen_addr()).await.unwrap();
+    echo_on(&mut before, b"before the reload").await;
+
+    pki.write_leaf(
+        "client",
+        &pki.ca.issue(&LeafSpec::client("renewed", 30)).unwrap(),
+    );
+    client.signal("HUP");
+    client
+        .log
+        .wait_for_nth(&["tunnel connection renewed"], t.pool_size());
+
+    // The app connection made before runs on over the old tunnel connection.
+    echo_on(&mut before, b"after the reload").await;
+    drop(before);
+    server
+        .log
+        .wait_for(&["stream done", "spiffe://amb/client at"]);
+    // A new one goes over a connection made with the new certificate.
+    assert!(echo_works(client.listen_addr()).await);
+    server
+        .log
+        .wait_for(&["stream done", "spiffe://amb/renewed at"]);
+}
