@@ -16,6 +16,7 @@ per_transport!(
     a_changed_client_ca_is_taken_without_a_signal,
     files_that_do_not_load_leave_the_running_certificates,
     a_reloaded_client_certificate_renews_the_tunnel_connections,
+    a_trust_change_drains_the_connections_verified_before,
 );
 
 /// The leaf certificate (DER) in `<name>.pem`.
@@ -61,18 +62,22 @@ async fn a_changed_client_ca_is_taken_without_a_signal(t: Transport) {
     let (upstream, server, addr, client) = served(&pki, &["--reload-check", "100ms"]).await;
     assert_eq!(client.open(t, addr, "default").await.unwrap().status, 200);
 
-    // The operator moves clients to a new CA, writing the file as deployment tools do: a new
-    // file renamed over the old one.
-    let new = Pki::new();
-    let staged = pki.path("ca.pem.new");
-    std::fs::copy(new.path("ca.pem"), &staged).unwrap();
-    std::fs::rename(&staged, pki.path("ca.pem")).unwrap();
+    trust_only_a_new_ca(&pki);
     server
         .log
         .wait_for(&["certificate files changed", "certificates reloaded"]);
     client
         .assert_turned_away(t, addr, &server, &upstream, 1)
         .await;
+}
+
+/// The operator moves clients to a new CA: the server's CA file is replaced as deployment
+/// tools do, a new file renamed over the old one.
+fn trust_only_a_new_ca(pki: &Pki) {
+    let new = Pki::new();
+    let staged = pki.path("ca.pem.new");
+    std::fs::copy(new.path("ca.pem"), &staged).unwrap();
+    std::fs::rename(&staged, pki.path("ca.pem")).unwrap();
 }
 
 async fn files_that_do_not_load_leave_the_running_certificates(t: Transport) {
@@ -150,4 +155,31 @@ async fn a_reloaded_client_certificate_renews_the_tunnel_connections(t: Transpor
     server
         .log
         .wait_for(&["stream done", "spiffe://amb/renewed at"]);
+}
+
+async fn a_trust_change_drains_the_connections_verified_before(t: Transport) {
+    let pki = Pki::new();
+    let (upstream, server, addr, _) = served(&pki, &["--reload-check", "0s"]).await;
+    let client = Amb::client(&pki, "client", addr, t, &["--tunnel-wait", "1s"]);
+    client.wait_pool_up(t);
+    let mut before = TcpStream::connect(client.listen_addr()).await.unwrap();
+    echo_on(&mut before, b"before the change").await;
+
+    // The client's certificate is from the CA the server no longer trusts. Its pool was
+    // verified under the old trust, so the server drains it and the client must connect
+    // again, which it cannot.
+    trust_only_a_new_ca(&pki);
+    server.signal("HUP");
+    server
+        .log
+        .wait_for_nth(&["the trusted CAs changed: draining"], t.pool_size());
+    client.log.wait_for(&["tunnel connect failed"]);
+    server
+        .log
+        .wait_for(&["handshake failed", t.flag(), "invalid peer certificate"]);
+    // A stream that was running finishes on its drained connection; no new one gets through.
+    echo_on(&mut before, b"after the change").await;
+    let mut after = TcpStream::connect(client.listen_addr()).await.unwrap();
+    assert_reset(&mut after).await;
+    assert_eq!(upstream.accepted(), 1, "only the stream before the change");
 }

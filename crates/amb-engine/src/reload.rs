@@ -34,6 +34,10 @@ pub(crate) struct Certs<C> {
     configs: Vec<(&'static [u8], watch::Sender<Arc<C>>)>,
     /// The files as they were at the last load, good or not.
     loaded: FilesStamp,
+    /// The CA file's bytes at the last good load.
+    trusted: Vec<u8>,
+    /// Counts the good loads that changed the CA file: the trust generation.
+    trust: watch::Sender<u64>,
 }
 
 impl<C> Certs<C> {
@@ -48,12 +52,21 @@ impl<C> Certs<C> {
             .iter()
             .map(|alpn| Ok((*alpn, watch::Sender::new(build(&files, alpn)?))))
             .collect::<Result<_, PkiError>>()?;
+        let trusted = read_ca(&files)?;
         Ok(Certs {
             files,
             build,
             configs,
             loaded,
+            trusted,
+            trust: watch::Sender::new(0),
         })
+    }
+
+    /// The trust generation: it moves when a reload changes the CAs, after the configurations
+    /// with them are out. A server drains the connections it verified under an earlier one.
+    pub fn trust(&self) -> watch::Receiver<u64> {
+        self.trust.subscribe()
     }
 
     /// The configuration for `alpn`, kept current; `None` if it was not loaded.
@@ -66,8 +79,10 @@ impl<C> Certs<C> {
 
     /// Rebuilds every configuration from the files: all are replaced, or none.
     fn reload(&mut self) -> Result<(), PkiError> {
-        // Stamped before reading, so a change made during the read is seen at the next check.
+        // Stamped and read before the build, so a change made meanwhile is seen at the next
+        // check, and the trust generation moves, late rather than never.
         self.loaded = self.files.stamp();
+        let trusted = read_ca(&self.files)?;
         let fresh = self
             .configs
             .iter()
@@ -75,6 +90,10 @@ impl<C> Certs<C> {
             .collect::<Result<Vec<_>, _>>()?;
         for ((_, config), new) in self.configs.iter().zip(fresh) {
             config.send_replace(new);
+        }
+        if trusted != self.trusted {
+            self.trusted = trusted;
+            self.trust.send_modify(|generation| *generation += 1);
         }
         Ok(())
     }
@@ -111,6 +130,19 @@ impl<C> Certs<C> {
             }
         }
     }
+}
+
+/// The CA file's bytes, to tell a change of trust from a renewal of the certificate.
+fn read_ca(files: &TlsFiles) -> Result<Vec<u8>, PkiError> {
+    std::fs::read(&files.ca).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => PkiError::Missing {
+            path: files.ca.clone(),
+        },
+        _ => PkiError::Io {
+            path: files.ca.clone(),
+            source,
+        },
+    })
 }
 
 /// Resolves at the next check; never, if there are none.
@@ -172,9 +204,14 @@ mod tests {
         std::fs::write(dir.join("server.pem"), text).unwrap();
     }
 
+    fn write_ca(dir: &Path, text: &str) {
+        std::fs::write(dir.join("ca.pem"), text).unwrap();
+    }
+
     /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
     fn loaded(dir: &Dir) -> (Certs<String>, watch::Receiver<Arc<String>>) {
         write(dir.path(), "one");
+        write_ca(dir.path(), "ca one");
         let certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
         let config = certs.subscribe(b"h2").unwrap();
         (certs, config)
@@ -184,6 +221,7 @@ mod tests {
     fn a_reload_replaces_every_configuration_or_none() {
         let dir = Dir::new("all-or-none");
         write(dir.path(), "one");
+        write_ca(dir.path(), "ca one");
         let mut certs = Certs::load(files(dir.path()), build, &[b"h2", b"amb/1"]).unwrap();
         let (h2, quic) = (
             certs.subscribe(b"h2").unwrap(),
@@ -202,6 +240,29 @@ mod tests {
             (h2.borrow().as_str(), quic.borrow().as_str()),
             ("two/h2", "two/amb/1")
         );
+    }
+
+    #[test]
+    fn the_trust_generation_moves_when_a_good_reload_changes_the_ca() {
+        let dir = Dir::new("trust");
+        let (mut certs, _config) = loaded(&dir);
+        let trust = certs.trust();
+        write(dir.path(), "renewed");
+        certs.reload().unwrap();
+        assert_eq!(
+            *trust.borrow(),
+            0,
+            "a renewed certificate is no change of trust"
+        );
+        write_ca(dir.path(), "ca two");
+        write(dir.path(), "bad");
+        certs.reload().unwrap_err();
+        assert_eq!(*trust.borrow(), 0, "nothing changed: the load failed");
+        write(dir.path(), "good");
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 1);
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 1, "the same CA again");
     }
 
     #[tokio::test]

@@ -99,7 +99,7 @@ impl Server {
                     proto: "tcp",
                     source,
                 })?;
-                Some(TlsServer::new(listener, config, limits))
+                Some(TlsServer::new(listener, config, certs.trust(), limits))
             }
             None => None,
         };
@@ -117,7 +117,7 @@ impl Server {
                     proto: "udp",
                     source,
                 })?;
-                Some(QuicServer::new(udp, config, limits)?)
+                Some(QuicServer::new(udp, config, certs.trust(), limits)?)
             }
             None => None,
         };

@@ -21,8 +21,8 @@ pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
 pub use stream::{
-    Dialer, IncomingStream, Retirement, RunningStream, StreamEnd, StreamError, StreamRecv,
-    StreamSend, StreamTally, Tunnel,
+    drain_asked, Dialer, DrainCause, IncomingStream, Retirement, RunningStream, StreamEnd,
+    StreamError, StreamRecv, StreamSend, StreamTally, Tunnel,
 };
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::identity::Peer;
 use crate::route::RouteName;
@@ -220,6 +220,29 @@ pub trait Dialer: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Dials, handshakes and verifies the server.
     fn dial(&self) -> impl Future<Output = Result<Self::Tunnel, Self::Error>> + Send;
+}
+
+/// Why a server drains a tunnel connection: no new streams; those running finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainCause {
+    /// The server is shutting down.
+    Stopping,
+    /// The CAs the server trusts changed since it verified the client, which must connect and
+    /// be verified again.
+    TrustChanged,
+}
+
+/// Resolves when a server's tunnel connection should drain: `stop` turns true, or the trust
+/// generation moves past `verified_under`, the one the connection was verified under.
+pub async fn drain_asked(
+    stop: &mut watch::Receiver<bool>,
+    trust: &mut watch::Receiver<u64>,
+    verified_under: u64,
+) -> DrainCause {
+    tokio::select! {
+        _ = stop.wait_for(|stopping| *stopping) => DrainCause::Stopping,
+        Ok(_) = trust.wait_for(|generation| *generation != verified_under) => DrainCause::TrustChanged,
+    }
 }
 
 #[cfg(test)]

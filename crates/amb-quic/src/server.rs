@@ -9,14 +9,14 @@ use std::sync::Arc;
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, IncomingStream, Limits, Peer, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally,
+    decode_open_header, drain_asked, DrainCause, IncomingStream, Limits, Peer, Refusal,
+    RefusalBudget, ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
 use crate::{transport_config, tune_udp, QuicError};
@@ -26,6 +26,8 @@ pub struct QuicServer {
     endpoint: Endpoint,
     /// The newest configuration, handed to the endpoint when it changes.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    /// The trust generation of the configuration (see [`amb_proto::drain_asked`]).
+    trust: watch::Receiver<u64>,
     limits: Limits,
     /// One task per connection; each ends when its connection closes.
     connections: TaskTracker,
@@ -34,10 +36,11 @@ pub struct QuicServer {
 impl QuicServer {
     /// Serves on an already bound UDP socket; `tls` must offer [`amb_proto::ALPN_QUIC`] and
     /// require client certificates. Each handshake takes the configuration `tls` holds at the
-    /// time.
+    /// time; when `trust` moves (after `tls`), the connections verified before drain.
     pub fn new(
         socket: std::net::UdpSocket,
         tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+        trust: watch::Receiver<u64>,
         limits: Limits,
     ) -> Result<Self, QuicError> {
         let addr = socket.local_addr().map_err(|source| QuicError::Socket {
@@ -56,6 +59,7 @@ impl QuicServer {
         Ok(QuicServer {
             endpoint,
             tls,
+            trust,
             limits,
             connections: TaskTracker::new(),
         })
@@ -95,10 +99,15 @@ where
     F: Future<Output = StreamEnd> + Send + 'static,
 {
     let mut tls = server.tls.clone();
+    // The trust generation of the configuration the endpoint has: read before the
+    // configuration, so one that moves in between drains connections for nothing, never lets
+    // them keep an old trust.
+    let mut verified_under = *server.trust.borrow();
     loop {
         let incoming = tokio::select! {
             incoming = server.endpoint.accept() => incoming,
             Ok(()) = tls.changed() => {
+                verified_under = *server.trust.borrow();
                 match server_config(tls.borrow_and_update().clone(), &server.limits) {
                     Ok(config) => server.endpoint.set_server_config(Some(config)),
                     Err(e) => warn!(transport = "quic", "new certificates not taken: {e}"),
@@ -119,6 +128,7 @@ where
         };
         let Some(incoming) = incoming else { return };
         let (handler, limits, mut stop) = (handler.clone(), server.limits, stop.clone());
+        let mut trust = server.trust.clone();
         server.connections.spawn(async move {
             let addr = incoming.remote_address();
             let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
@@ -156,8 +166,11 @@ where
             loop {
                 let accepted = tokio::select! {
                     accepted = conn.accept_bi() => accepted,
-                    _ = stop.wait_for(|s| *s), if !draining => {
+                    cause = drain_asked(&mut stop, &mut trust, verified_under), if !draining => {
                         draining = true;
+                        if cause == DrainCause::TrustChanged {
+                            info!(%peer, transport = "quic", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
+                        }
                         tokio::spawn(drain(ctx.clone()));
                         continue;
                     }

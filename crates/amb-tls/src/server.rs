@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget, ResetCode, RouteName,
-    StreamEnd, StreamError, StreamTally,
+    drain_asked, DrainCause, IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget,
+    ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::coalesce::{coalesce, Coalesce, Flusher};
 use crate::stream::{h2_error, H2Recv, H2Send};
@@ -33,21 +33,26 @@ pub struct TlsServer {
     listener: Option<TcpListener>,
     /// The newest configuration, for each new handshake.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    /// The trust generation of the configuration (see [`amb_proto::drain_asked`]).
+    trust: watch::Receiver<u64>,
     limits: Limits,
     connections: TaskTracker,
 }
 
 impl TlsServer {
     /// Serves on an already bound listener; `tls` must offer [`amb_proto::ALPN_H2`] and require
-    /// client certificates. Each handshake takes the configuration `tls` holds at the time.
+    /// client certificates. Each handshake takes the configuration `tls` holds at the time;
+    /// when `trust` moves (after `tls`), the connections verified before drain.
     pub fn new(
         listener: TcpListener,
         tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+        trust: watch::Receiver<u64>,
         limits: Limits,
     ) -> Self {
         TlsServer {
             listener: Some(listener),
             tls,
+            trust,
             limits,
             connections: TaskTracker::new(),
         }
@@ -86,9 +91,12 @@ where
                 continue;
             }
         };
+        // The generation before the configuration: one that moves in between drains the
+        // connection for nothing, never lets it keep an old trust.
+        let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
         let (limits, handler) = (server.limits, handler.clone());
-        let stop = stop.clone();
+        let drain = (stop.clone(), server.trust.clone(), verified_under);
         server.connections.spawn(async move {
             tune_tcp(&tcp);
             let timeout = limits.handshake_timeout;
@@ -102,7 +110,7 @@ where
             };
             let peer = Arc::new(Peer { identity, addr });
             let lingerer = flusher.lingerer();
-            flusher.run(pin!(serve_connection(conn, peer, stop, handler))).await;
+            flusher.run(pin!(serve_connection(conn, peer, drain, handler))).await;
             lingerer.linger(LINGER).await;
         });
     }
@@ -145,7 +153,7 @@ async fn handshake(
 async fn serve_connection<H, F>(
     mut conn: Connection,
     peer: Arc<Peer>,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, mut trust, verified_under): (watch::Receiver<bool>, watch::Receiver<u64>, u64),
     handler: H,
 ) where
     H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
@@ -171,9 +179,12 @@ async fn serve_connection<H, F>(
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 continue;
             }
-            _ = stop.wait_for(|s| *s), if !draining => {
+            cause = drain_asked(&mut stop, &mut trust, verified_under), if !draining => {
                 // No new streams; live ones finish, then the connection closes.
                 draining = true;
+                if cause == DrainCause::TrustChanged {
+                    info!(%peer, transport = "tls", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
+                }
                 conn.graceful_shutdown();
                 continue;
             }
