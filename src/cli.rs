@@ -145,7 +145,8 @@ struct LimitArgs {
     /// Concurrent streams per tunnel connection.
     #[arg(long, default_value_t = 32_768)]
     max_streams: u32,
-    /// After SIGINT/SIGTERM, how long live connections may finish.
+    /// After SIGINT/SIGTERM, how long live connections may finish; also how long a server's
+    /// tunnel connection drained by a change of the trusted CAs may run on.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     drain_timeout: Duration,
     /// Connections carried at once (client: app connections; server: streams); more are
@@ -159,6 +160,7 @@ impl LimitArgs {
         Limits {
             max_streams_per_connection: self.max_streams,
             handshake_timeout: self.handshake_timeout,
+            drain_timeout: self.drain_timeout,
             idle_timeout: self.idle_timeout,
             ..Limits::default()
         }
@@ -431,7 +433,7 @@ fn reload_on_hangup(reload: Reload) {
         Ok(hangups) => hangups,
         Err(e) => {
             tracing::warn!(
-                "SIGHUP cannot be caught ({e}): certificates reload only when their files change"
+                "SIGHUP cannot be caught ({e}): certificates reload only when a --reload-check finds their files changed"
             );
             return;
         }

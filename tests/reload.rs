@@ -17,6 +17,7 @@ per_transport!(
     files_that_do_not_load_leave_the_running_certificates,
     a_reloaded_client_certificate_renews_the_tunnel_connections,
     a_trust_change_drains_the_connections_verified_before,
+    a_client_that_no_longer_trusts_the_server_lets_its_connections_go,
 );
 
 /// The leaf certificate (DER) in `<name>.pem`.
@@ -159,8 +160,11 @@ async fn a_reloaded_client_certificate_renews_the_tunnel_connections(t: Transpor
 
 async fn a_trust_change_drains_the_connections_verified_before(t: Transport) {
     let pki = Pki::new();
-    let (upstream, server, addr, _) = served(&pki, &["--reload-check", "0s"]).await;
-    let client = Amb::client(&pki, "client", addr, t, &["--tunnel-wait", "1s"]);
+    let server_flags = ["--reload-check", "0s", "--drain-timeout", "3s"];
+    let (upstream, server, addr, _) = served(&pki, &server_flags).await;
+    // The client shares the CA file; it must not reload it and turn the server away first.
+    let client_flags = ["--tunnel-wait", "1s", "--reload-check", "0s"];
+    let client = Amb::client(&pki, "client", addr, t, &client_flags);
     client.wait_pool_up(t);
     let mut before = TcpStream::connect(client.listen_addr()).await.unwrap();
     echo_on(&mut before, b"before the change").await;
@@ -173,13 +177,67 @@ async fn a_trust_change_drains_the_connections_verified_before(t: Transport) {
     server
         .log
         .wait_for_nth(&["the trusted CAs changed: draining"], t.pool_size());
+    // A stream that was running goes on over its drained connection, for a while.
+    echo_on(&mut before, b"after the change").await;
     client.log.wait_for(&["tunnel connect failed"]);
     server
         .log
         .wait_for(&["handshake failed", t.flag(), "invalid peer certificate"]);
-    // A stream that was running finishes on its drained connection; no new one gets through.
+    let mut after = TcpStream::connect(client.listen_addr()).await.unwrap();
+    assert_reset(&mut after).await;
+    // Then the drained connection is closed, whatever its client does.
+    server.log.wait_for(&[
+        "closing tunnel connection",
+        "still open 3s after the trusted CAs changed",
+    ]);
+    assert_reset(&mut before).await;
+    assert_eq!(upstream.accepted(), 1, "only the stream before the change");
+}
+
+async fn a_client_that_no_longer_trusts_the_server_lets_its_connections_go(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--upstream", &upstream.addr.to_string()]);
+    // Its own CA file, so the server's stays as it is.
+    let client_ca = pki.path("client-ca.pem");
+    std::fs::copy(pki.path("ca.pem"), &client_ca).unwrap();
+    let peer = format!("localhost:{}", server.server_addr().port());
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let args = [
+        "client",
+        "--listen",
+        "0",
+        "--peer",
+        &peer,
+        "--transport",
+        t.flag(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--ca",
+        client_ca.to_str().unwrap(),
+        "--tunnel-wait",
+        "1s",
+        "--reload-check",
+        "0s",
+    ];
+    let client = Amb::spawn(&args.map(String::from));
+    client.wait_pool_up(t);
+    let mut before = TcpStream::connect(client.listen_addr()).await.unwrap();
+    echo_on(&mut before, b"before the change").await;
+
+    // The client now trusts only another CA: the server's certificate fails its check.
+    std::fs::copy(Pki::new().path("ca.pem"), &client_ca).unwrap();
+    client.signal("HUP");
+    client.log.wait_for_nth(&["leaves the pool"], t.pool_size());
+    // App connections on the old connections finish there; new ones find no tunnel.
     echo_on(&mut before, b"after the change").await;
     let mut after = TcpStream::connect(client.listen_addr()).await.unwrap();
     assert_reset(&mut after).await;
-    assert_eq!(upstream.accepted(), 1, "only the stream before the change");
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "only the app connection from before"
+    );
 }

@@ -147,7 +147,10 @@ impl Client {
             reload,
         } = self;
         let (stop_tx, stop) = watch::channel(false);
-        let config = certs.subscribe(alpn).expect("loaded for this ALPN");
+        let config = (
+            certs.subscribe(alpn).expect("loaded for this ALPN"),
+            certs.trust(),
+        );
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
             match dialer {
@@ -198,12 +201,13 @@ impl<T: Tunnel> Pool<T> {
 
 /// Keeps one pool slot connected: dial, serve until lost, back off, dial again. When the
 /// certificates are reloaded, a connection made with them replaces the slot's before it leaves
-/// the pool (its app connections finish on it); if that dial fails, the slot keeps the old one.
+/// the pool (its app connections finish on it). If that dial fails, the slot keeps the old one,
+/// unless the trusted CAs changed: a connection verified under CAs no longer trusted leaves.
 async fn supervise<D: Dialer>(
     slot: usize,
     dialer: Arc<D>,
     pool: Arc<Pool<D::Tunnel>>,
-    mut certs: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
+    (mut certs, mut trust): CertsWatch,
     mut stop: watch::Receiver<bool>,
     peer: String,
     transport: &'static str,
@@ -218,8 +222,16 @@ async fn supervise<D: Dialer>(
             draining: AtomicBool::new(false),
         })
     };
-    loop {
+    // One future per connection, kept across reloads: QUIC's reads the drain notice, which
+    // must not be cut off half read.
+    let retirement = |pooled: &Arc<Pooled<D::Tunnel>>| {
+        let pooled = pooled.clone();
+        Box::pin(async move { pooled.tunnel.retired().await })
+    };
+    'dial: loop {
         certs.borrow_and_update();
+        // The trust generation before the configuration the dial takes, as the server does.
+        let mut verified_under = *trust.borrow_and_update();
         let dialed = tokio::select! {
             d = dialer.dial() => d,
             _ = stop.wait_for(|s| *s) => return,
@@ -239,15 +251,19 @@ async fn supervise<D: Dialer>(
         backoff = FIRST_BACKOFF;
         info!(%peer, transport, slot, "tunnel connection up");
         pool.live.send_modify(|v| v.push((slot, current.clone())));
+        let mut retired = retirement(&current);
         let retired = loop {
             tokio::select! {
-                r = current.tunnel.retired() => break r,
+                r = &mut retired => break r,
                 Ok(()) = certs.changed() => {}
+                Ok(()) = trust.changed() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            let generation = *trust.borrow_and_update();
             certs.borrow_and_update();
             let renewed = tokio::select! {
                 d = dialer.dial() => d,
+                r = &mut retired => break r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match renewed {
@@ -257,9 +273,19 @@ async fn supervise<D: Dialer>(
                         v.retain(|(_, p)| !Arc::ptr_eq(p, &old));
                         v.push((slot, current.clone()));
                     });
+                    retired = retirement(&current);
+                    verified_under = generation;
                     old.draining.store(true, Ordering::Relaxed);
                     let app_connections = old.carried.cut_off();
                     info!(%peer, transport, slot, app_connections, "tunnel connection renewed with the reloaded certificates; the old one's app connections finish on it");
+                }
+                Err(e) if generation != verified_under => {
+                    pool.live
+                        .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, &current)));
+                    current.draining.store(true, Ordering::Relaxed);
+                    let app_connections = current.carried.cut_off();
+                    warn!(%peer, transport, slot, app_connections, "tunnel connect with the reloaded certificates failed: {e}; the connection verified under the CAs trusted before leaves the pool (its app connections finish on it); reconnecting");
+                    continue 'dial;
                 }
                 Err(e) => {
                     warn!(%peer, transport, slot, "tunnel connect with the reloaded certificates failed: {e}; keeping the connection made with the ones before")
@@ -283,9 +309,15 @@ async fn supervise<D: Dialer>(
     }
 }
 
+/// The client's configuration and trust generation, as the reloader keeps them.
+type CertsWatch = (
+    watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
+    watch::Receiver<u64>,
+);
+
 async fn run<D: Dialer>(
     dialer: D,
-    certs: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
+    certs: CertsWatch,
     listeners: Vec<(TcpListener, RouteName)>,
     settings: ClientSettings,
     shutdown: impl Future<Output = ()>,

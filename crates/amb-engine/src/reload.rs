@@ -79,22 +79,24 @@ impl<C> Certs<C> {
 
     /// Rebuilds every configuration from the files: all are replaced, or none.
     fn reload(&mut self) -> Result<(), PkiError> {
-        // Stamped and read before the build, so a change made meanwhile is seen at the next
-        // check, and the trust generation moves, late rather than never.
+        // Stamped before reading, so a change made during the reload is seen at the next check.
         self.loaded = self.files.stamp();
-        let trusted = read_ca(&self.files)?;
+        // The build reads the CA file itself: read before and after it, a CA replaced during
+        // the build counts as a change now, and again at the next reload.
+        let before = read_ca(&self.files)?;
         let fresh = self
             .configs
             .iter()
             .map(|(alpn, _)| (self.build)(&self.files, alpn))
             .collect::<Result<Vec<_>, _>>()?;
+        let after = read_ca(&self.files)?;
         for ((_, config), new) in self.configs.iter().zip(fresh) {
             config.send_replace(new);
         }
-        if trusted != self.trusted {
-            self.trusted = trusted;
+        if before != self.trusted || after != before {
             self.trust.send_modify(|generation| *generation += 1);
         }
+        self.trusted = before;
         Ok(())
     }
 
@@ -126,7 +128,7 @@ impl<C> Certs<C> {
                 Ok(()) => {
                     info!(files = %self.files, "{why}: certificates reloaded; new connections use them")
                 }
-                Err(e) => error!("{why}: {e}; the running certificates stay in use"),
+                Err(e) => error!("{why}: {e}; the running certificates stay in use (fix the files: their next change, or a SIGHUP, loads them again)"),
             }
         }
     }
@@ -162,7 +164,12 @@ mod tests {
     /// A stand-in build: the configuration is the cert file's text, and `bad` fails.
     fn build(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<String>, PkiError> {
         let text = std::fs::read_to_string(&files.cert).unwrap();
-        if text == "bad" {
+        if text == "swap the CA" {
+            // The CA file replaced while the configuration is built.
+            std::fs::write(files.ca.as_path(), "ca swapped").unwrap();
+        }
+        // Empty: a write caught between its truncation and its bytes, as a real build fails.
+        if text == "bad" || text.is_empty() {
             return Err(PkiError::BadPem {
                 path: files.cert.clone(),
                 what: "bad".into(),
@@ -263,6 +270,15 @@ mod tests {
         assert_eq!(*trust.borrow(), 1);
         certs.reload().unwrap();
         assert_eq!(*trust.borrow(), 1, "the same CA again");
+        // Which CA the build read is unknown: it moves now, and again at the next reload.
+        write(dir.path(), "swap the CA");
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 2);
+        write(dir.path(), "after the swap");
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 3);
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 3);
     }
 
     #[tokio::test]

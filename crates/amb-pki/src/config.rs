@@ -33,14 +33,19 @@ impl TlsFiles {
         }
     }
 
-    /// What the three files look like on disk (size, modification time and inode of each,
-    /// symlinks followed, so a swapped Kubernetes secret counts), to notice a change without
-    /// reading them.
+    /// What the three files look like on disk (size, modification and change times and inode
+    /// of each, symlinks followed, so a swapped Kubernetes secret and a `chmod` count), to
+    /// notice a change without reading them.
     pub fn stamp(&self) -> FilesStamp {
         use std::os::unix::fs::MetadataExt;
         FilesStamp([&self.cert, &self.key, &self.ca].map(|path| {
             let m = std::fs::metadata(path).ok()?;
-            Some(FileStamp(m.len(), m.modified().ok(), m.ino(), m.dev()))
+            Some(FileStamp {
+                len: m.len(),
+                modified: m.modified().ok(),
+                changed: (m.ctime(), m.ctime_nsec()),
+                inode: (m.dev(), m.ino()),
+            })
         }))
     }
 
@@ -72,9 +77,14 @@ impl std::fmt::Display for TlsFiles {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilesStamp([Option<FileStamp>; 3]);
 
-/// One file's size, modification time, inode and device.
+/// One file's size, modification time, change time (a `chmod` or `chown` moves it) and inode.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct FileStamp(u64, Option<std::time::SystemTime>, u64, u64);
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
 
 /// aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first (fastest with AES-NI).
 fn provider() -> Arc<CryptoProvider> {

@@ -21,7 +21,7 @@ pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
 pub use stream::{
-    drain_asked, Dialer, DrainCause, IncomingStream, Retirement, RunningStream, StreamEnd,
+    Dialer, DrainCause, DrainWatch, IncomingStream, Retirement, RunningStream, StreamEnd,
     StreamError, StreamRecv, StreamSend, StreamTally, Tunnel,
 };
 

@@ -13,6 +13,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A stream whose open header or CONNECT is not complete by then is refused.
     pub open_timeout: Duration,
+    /// A server's tunnel connection draining because the trusted CAs changed is closed this
+    /// long after, streams and all, so a client that ignores the drain is not served for good.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -22,6 +25,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             open_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }

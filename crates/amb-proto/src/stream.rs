@@ -232,16 +232,28 @@ pub enum DrainCause {
     TrustChanged,
 }
 
-/// Resolves when a server's tunnel connection should drain: `stop` turns true, or the trust
-/// generation moves past `verified_under`, the one the connection was verified under.
-pub async fn drain_asked(
-    stop: &mut watch::Receiver<bool>,
-    trust: &mut watch::Receiver<u64>,
-    verified_under: u64,
-) -> DrainCause {
-    tokio::select! {
-        _ = stop.wait_for(|stopping| *stopping) => DrainCause::Stopping,
-        Ok(_) = trust.wait_for(|generation| *generation != verified_under) => DrainCause::TrustChanged,
+/// What drains a server's tunnel connection: the server stopping, or the trust generation
+/// moving past the one the connection was verified under.
+#[derive(Clone, Debug)]
+pub struct DrainWatch {
+    /// Turns true when the server stops.
+    pub stop: watch::Receiver<bool>,
+    /// The trust generation: it moves when the trusted CAs change.
+    pub trust: watch::Receiver<u64>,
+    /// The generation the connection was verified under.
+    pub verified_under: u64,
+}
+
+impl DrainWatch {
+    /// Resolves when the connection should drain, with why.
+    pub async fn asked(&mut self) -> DrainCause {
+        let verified_under = self.verified_under;
+        tokio::select! {
+            _ = self.stop.wait_for(|stopping| *stopping) => DrainCause::Stopping,
+            Ok(_) = self.trust.wait_for(|generation| *generation != verified_under) => {
+                DrainCause::TrustChanged
+            }
+        }
     }
 }
 

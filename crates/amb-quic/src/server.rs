@@ -9,7 +9,7 @@ use std::sync::Arc;
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, drain_asked, DrainCause, IncomingStream, Limits, Peer, Refusal,
+    decode_open_header, DrainCause, DrainWatch, IncomingStream, Limits, Peer, Refusal,
     RefusalBudget, ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
 };
 use quinn::crypto::rustls::QuicServerConfig;
@@ -107,9 +107,12 @@ where
         let incoming = tokio::select! {
             incoming = server.endpoint.accept() => incoming,
             Ok(()) = tls.changed() => {
-                verified_under = *server.trust.borrow();
+                let generation = *server.trust.borrow();
                 match server_config(tls.borrow_and_update().clone(), &server.limits) {
-                    Ok(config) => server.endpoint.set_server_config(Some(config)),
+                    Ok(config) => {
+                        server.endpoint.set_server_config(Some(config));
+                        verified_under = generation;
+                    }
                     Err(e) => warn!(transport = "quic", "new certificates not taken: {e}"),
                 }
                 continue;
@@ -127,8 +130,12 @@ where
             }
         };
         let Some(incoming) = incoming else { return };
-        let (handler, limits, mut stop) = (handler.clone(), server.limits, stop.clone());
-        let mut trust = server.trust.clone();
+        let (handler, limits) = (handler.clone(), server.limits);
+        let mut drain_watch = DrainWatch {
+            stop: stop.clone(),
+            trust: server.trust.clone(),
+            verified_under,
+        };
         server.connections.spawn(async move {
             let addr = incoming.remote_address();
             let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
@@ -166,12 +173,13 @@ where
             loop {
                 let accepted = tokio::select! {
                     accepted = conn.accept_bi() => accepted,
-                    cause = drain_asked(&mut stop, &mut trust, verified_under), if !draining => {
+                    cause = drain_watch.asked(), if !draining => {
                         draining = true;
                         if cause == DrainCause::TrustChanged {
                             info!(%peer, transport = "quic", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
+                            tokio::spawn(cut_off_after(ctx.clone(), limits.drain_timeout));
                         }
-                        tokio::spawn(drain(ctx.clone()));
+                        tokio::spawn(drain(ctx.clone(), cause));
                         continue;
                     }
                 };
@@ -209,7 +217,7 @@ where
 /// Drains one connection: tells the client, serves the streams it opened before it knew, then
 /// closes once they are done. A stream opened later (a client that ignores the notice) is
 /// refused, so the drain always ends.
-async fn drain(ctx: Arc<ConnCtx>) {
+async fn drain(ctx: Arc<ConnCtx>, cause: DrainCause) {
     let notice = async {
         let uni = notify(&ctx.conn, crate::DRAIN_NOTICE).await?;
         // Acknowledged: the client has it. Streams it opened just before may still be on
@@ -223,7 +231,24 @@ async fn drain(ctx: Arc<ConnCtx>) {
     }
     ctx.refusing.store(true, Ordering::Relaxed);
     ctx.streams.settled().await;
-    ctx.conn.close(VarInt::from_u32(0), b"server shutting down");
+    let reason: &[u8] = match cause {
+        DrainCause::Stopping => b"server shutting down",
+        DrainCause::TrustChanged => b"trusted CAs changed",
+    };
+    ctx.conn.close(VarInt::from_u32(0), reason);
+}
+
+/// Closes a connection drained by a change of the trusted CAs if it is still open `after`,
+/// streams and all: its client may ignore the drain, and was verified under the old CAs.
+async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
+    tokio::time::sleep(after).await;
+    if ctx.conn.close_reason().is_none() {
+        warn!(peer = %ctx.peer, transport = "quic", "closing tunnel connection: still open {after:?} after the trusted CAs changed");
+        ctx.conn.close(
+            VarInt::from_u32(ResetCode::REFUSED.0),
+            b"trusted CAs changed",
+        );
+    }
 }
 
 /// One line for the connection's end, however many streams it cut off: a warning if it cut

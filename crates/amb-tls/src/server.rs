@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    drain_asked, DrainCause, IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget,
+    DrainCause, DrainWatch, IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget,
     ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
 };
 use bytes::Bytes;
@@ -96,7 +96,11 @@ where
         let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
         let (limits, handler) = (server.limits, handler.clone());
-        let drain = (stop.clone(), server.trust.clone(), verified_under);
+        let drain = DrainWatch {
+            stop: stop.clone(),
+            trust: server.trust.clone(),
+            verified_under,
+        };
         server.connections.spawn(async move {
             tune_tcp(&tcp);
             let timeout = limits.handshake_timeout;
@@ -110,7 +114,8 @@ where
             };
             let peer = Arc::new(Peer { identity, addr });
             let lingerer = flusher.lingerer();
-            flusher.run(pin!(serve_connection(conn, peer, drain, handler))).await;
+            let serving = serve_connection(conn, peer, drain, limits, handler);
+            flusher.run(pin!(serving)).await;
             lingerer.linger(LINGER).await;
         });
     }
@@ -153,7 +158,8 @@ async fn handshake(
 async fn serve_connection<H, F>(
     mut conn: Connection,
     peer: Arc<Peer>,
-    (mut stop, mut trust, verified_under): (watch::Receiver<bool>, watch::Receiver<u64>, u64),
+    mut drain: DrainWatch,
+    limits: Limits,
     handler: H,
 ) where
     H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
@@ -179,11 +185,12 @@ async fn serve_connection<H, F>(
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 continue;
             }
-            cause = drain_asked(&mut stop, &mut trust, verified_under), if !draining => {
+            cause = drain.asked(), if !draining => {
                 // No new streams; live ones finish, then the connection closes.
                 draining = true;
                 if cause == DrainCause::TrustChanged {
                     info!(%peer, transport = "tls", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
+                    tokio::spawn(cut_off_after(ctx.clone(), limits.drain_timeout));
                 }
                 conn.graceful_shutdown();
                 continue;
@@ -241,6 +248,16 @@ async fn serve_connection<H, F>(
 }
 
 /// Marks a connection as closing when its task ends.
+/// Closes a connection drained by a change of the trusted CAs if it is still open `after`,
+/// streams and all: its client may ignore the drain, and was verified under the old CAs.
+async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
+    tokio::time::sleep(after).await;
+    if !ctx.closing.swap(true, Ordering::Relaxed) {
+        warn!(peer = %ctx.peer, transport = "tls", "closing tunnel connection: still open {after:?} after the trusted CAs changed");
+        ctx.kill.notify_one();
+    }
+}
+
 struct CloseOnDrop(Arc<ConnCtx>);
 
 impl Drop for CloseOnDrop {
