@@ -156,7 +156,8 @@ impl Upstream {
 /// Connects to the first of `addrs` to answer, trying the next address beside a slow one after
 /// [`ATTEMPT_DELAY`]; the error names every address tried.
 async fn connect_any(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<TcpStream, String> {
-    let tcp = race(addrs, ATTEMPT_DELAY, TcpStream::connect)
+    // The dial's own timeout bounds it, and says which step ran out.
+    let tcp = race(addrs, ATTEMPT_DELAY, None, TcpStream::connect)
         .await
         .map_err(|failures| failures.to_string())?
         .value;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
 
 /// How long an attempt runs alone before the next address is tried beside it (RFC 8305's
 /// recommended Connection Attempt Delay). An address that drops packets costs a dial this long,
@@ -42,20 +43,29 @@ pub fn dial_order(addrs: &[SocketAddr], turn: usize) -> impl Iterator<Item = Soc
 
 /// Runs `attempt` on the addresses in order and returns the first success. Each attempt starts
 /// when the one before it fails or has run for `delay`, and goes on beside the later ones; once
-/// one succeeds the others are dropped (RFC 8305, section 5). When every one fails, the error
-/// holds each address with its failure.
+/// one succeeds the others are dropped (RFC 8305, section 5). When every one fails, or `limit`
+/// runs out first, the error holds each address with its failure, or as unanswered.
 pub async fn race<T, E, Fut>(
     addrs: impl IntoIterator<Item = SocketAddr>,
     delay: Duration,
+    limit: Option<Duration>,
     mut attempt: impl FnMut(SocketAddr) -> Fut,
 ) -> Result<Won<T, E>, Failures<E>>
 where
     Fut: Future<Output = Result<T, E>>,
 {
+    let deadline = limit.map(|limit| Instant::now() + limit);
     let mut addrs = addrs.into_iter().peekable();
     let mut running = FuturesUnordered::new();
     let mut started = Vec::new();
-    let mut failures = Vec::new();
+    let mut failed = Vec::new();
+    // The addresses started that neither failed nor won.
+    let unanswered =
+        |started: Vec<SocketAddr>, failed: &[(SocketAddr, E)], won: Option<SocketAddr>| {
+            let mut unanswered = started;
+            unanswered.retain(|a| Some(*a) != won && !failed.iter().any(|(f, _)| f == a));
+            unanswered
+        };
     loop {
         // The first address, the next after a failure, or the next after `delay`.
         if let Some(addr) = addrs.next() {
@@ -63,27 +73,38 @@ where
             let connecting = attempt(addr);
             running.push(async move { (addr, connecting.await) });
         }
-        let finished = if addrs.peek().is_some() {
-            match tokio::time::timeout(delay, running.next()).await {
+        let next_due = addrs.peek().is_some().then(|| Instant::now() + delay);
+        let wake = match (next_due, deadline) {
+            (Some(next), Some(deadline)) => Some(next.min(deadline)),
+            (next, deadline) => next.or(deadline),
+        };
+        let finished = match wake {
+            Some(at) => match tokio::time::timeout_at(at, running.next()).await {
                 Ok(finished) => finished,
+                Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    let unanswered = unanswered(started, &failed, None);
+                    return Err(Failures { failed, unanswered });
+                }
                 Err(_) => continue,
-            }
-        } else {
-            running.next().await
+            },
+            None => running.next().await,
         };
         match finished {
             Some((addr, Ok(value))) => {
-                let failed = Failures(failures);
-                started.retain(|a| *a != addr && !failed.0.iter().any(|(f, _)| f == a));
+                let unanswered = unanswered(started, &failed, Some(addr));
                 return Ok(Won {
                     value,
                     addr,
-                    failed,
-                    unanswered: started,
+                    passed_over: Failures { failed, unanswered },
                 });
             }
-            Some((addr, Err(e))) => failures.push((addr, e)),
-            None => return Err(Failures(failures)),
+            Some((addr, Err(e))) => failed.push((addr, e)),
+            None => {
+                return Err(Failures {
+                    failed,
+                    unanswered: Vec::new(),
+                })
+            }
         }
     }
 }
@@ -95,51 +116,38 @@ pub struct Won<T, E> {
     pub value: T,
     /// The address it was made to.
     pub addr: SocketAddr,
-    /// The attempts that failed before it answered.
-    pub failed: Failures<E>,
-    /// The attempts still running when it answered, now dropped.
+    /// The attempts that failed before it answered, and those still running then (dropped).
+    pub passed_over: Failures<E>,
+}
+
+/// The addresses a dial tried without success: those that failed, with their errors in the
+/// order they came, and those that had not answered when the dial ended.
+#[derive(Debug)]
+pub struct Failures<E> {
+    /// Each address that failed, with why.
+    pub failed: Vec<(SocketAddr, E)>,
+    /// Each address still without an answer.
     pub unanswered: Vec<SocketAddr>,
 }
 
-impl<T, E: fmt::Display> Won<T, E> {
-    /// What went wrong with the addresses tried before the winner, for a log line; `None` when
-    /// the winner was the only address tried.
-    pub fn passed_over(&self) -> Option<String> {
-        if self.failed.is_empty() && self.unanswered.is_empty() {
-            return None;
-        }
-        let failed = self.failed.0.iter().map(|(a, e)| format!("{a}: {e}"));
-        let unanswered = self
-            .unanswered
-            .iter()
-            .map(|a| format!("{a}: no answer yet"));
-        Some(failed.chain(unanswered).collect::<Vec<_>>().join("; "))
-    }
-}
-
-/// The addresses a dial tried, each with its error, in the order they failed.
-#[derive(Debug)]
-pub struct Failures<E>(pub Vec<(SocketAddr, E)>);
-
 impl<E> Failures<E> {
-    /// Whether no attempt failed.
+    /// Whether every address tried answered.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.failed.is_empty() && self.unanswered.is_empty()
     }
 }
 
 impl<E: fmt::Display> fmt::Display for Failures<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() {
+        if self.is_empty() {
             return f.write_str("no address to try");
         }
-        for (i, (addr, e)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{addr}: {e}")?;
-        }
-        Ok(())
+        let failed = self.failed.iter().map(|(addr, e)| format!("{addr}: {e}"));
+        let unanswered = self
+            .unanswered
+            .iter()
+            .map(|addr| format!("{addr}: no answer"));
+        f.write_str(&failed.chain(unanswered).collect::<Vec<_>>().join("; "))
     }
 }
 
@@ -149,7 +157,6 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for Failures<E> {}
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
-    use tokio::time::Instant;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
@@ -210,6 +217,7 @@ mod tests {
     /// time it took and the addresses attempted, in the order they started.
     async fn run(
         script: &[Outcome],
+        limit: Option<Duration>,
     ) -> (
         Result<Won<SocketAddr, &'static str>, Failures<&'static str>>,
         Duration,
@@ -220,7 +228,7 @@ mod tests {
             .collect();
         let started = Arc::new(Mutex::new(Vec::new()));
         let begin = Instant::now();
-        let result = race(list, ATTEMPT_DELAY, |addr| {
+        let result = race(list, ATTEMPT_DELAY, limit, |addr| {
             started.lock().unwrap().push(addr.port());
             let outcome = script[usize::from(addr.port()) - 1];
             async move {
@@ -248,20 +256,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_address_that_answers_is_the_only_one_tried() {
-        let (result, took, started) = run(&[Outcome::Connects(10), Outcome::Connects(0)]).await;
+        let (result, took, started) =
+            run(&[Outcome::Connects(10), Outcome::Connects(0)], None).await;
         let won = result.unwrap();
         assert_eq!((won.value.port(), won.addr.port()), (1, 1));
-        assert_eq!(won.passed_over(), None);
+        assert!(won.passed_over.is_empty());
         assert_eq!(took, ms(10));
         assert_eq!(started, [1]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refusal_starts_the_next_address_at_once() {
-        let (result, took, started) = run(&[Outcome::Fails(5), Outcome::Connects(10)]).await;
+        let (result, took, started) = run(&[Outcome::Fails(5), Outcome::Connects(10)], None).await;
         let won = result.unwrap();
         assert_eq!(won.addr.port(), 2);
-        assert_eq!(won.passed_over().unwrap(), "10.0.0.1:1: refused");
+        assert_eq!(won.passed_over.to_string(), "10.0.0.1:1: refused");
         assert_eq!(took, ms(15));
         assert_eq!(started, [1, 2]);
     }
@@ -269,12 +278,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_address_that_hangs_holds_the_dial_up_by_the_attempt_delay() {
         let script = [Outcome::Hangs, Outcome::Hangs, Outcome::Connects(10)];
-        let (result, took, started) = run(&script).await;
+        let (result, took, started) = run(&script, None).await;
         let won = result.unwrap();
         assert_eq!(won.addr.port(), 3);
-        assert!(
-            won.failed.is_empty(),
-            "the hung attempts were dropped, not failed"
+        assert_eq!(
+            won.passed_over.to_string(),
+            "10.0.0.1:1: no answer; 10.0.0.1:2: no answer"
         );
         assert_eq!(took, ATTEMPT_DELAY * 2 + ms(10));
         assert_eq!(started, [1, 2, 3]);
@@ -283,7 +292,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_attempt_that_answers_first_wins() {
         // The first answers at 300 ms; the second, started at 250 ms, would at 350.
-        let (result, took, _) = run(&[Outcome::Connects(300), Outcome::Connects(100)]).await;
+        let (result, took, _) = run(&[Outcome::Connects(300), Outcome::Connects(100)], None).await;
         assert_eq!(result.unwrap().addr.port(), 1);
         assert_eq!(took, ms(300));
     }
@@ -291,7 +300,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn every_failure_is_reported_in_the_order_they_came() {
         // The first fails at 400 ms, after the second (started at 250 ms) failed at 260.
-        let (result, _, _) = run(&[Outcome::Fails(400), Outcome::Fails(10)]).await;
+        let (result, _, _) = run(&[Outcome::Fails(400), Outcome::Fails(10)], None).await;
         let failures = result.unwrap_err();
         assert_eq!(
             failures.to_string(),
@@ -300,8 +309,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_limit_reports_what_failed_and_what_did_not_answer() {
+        // The second fails at 260 ms; the first never answers.
+        let script = [Outcome::Hangs, Outcome::Fails(10)];
+        let (result, took, _) = run(&script, Some(Duration::from_secs(10))).await;
+        let failures = result.unwrap_err();
+        assert_eq!(
+            failures.to_string(),
+            "10.0.0.1:2: refused; 10.0.0.1:1: no answer"
+        );
+        assert_eq!(took, Duration::from_secs(10));
+        // Within the limit, no different from no limit at all.
+        let (result, took, _) = run(&[Outcome::Hangs, Outcome::Connects(10)], Some(ms(300))).await;
+        assert_eq!(result.unwrap().addr.port(), 2);
+        assert_eq!(took, ATTEMPT_DELAY + ms(10));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn no_address_is_a_failure() {
-        let (result, took, started) = run(&[]).await;
+        let (result, took, started) = run(&[], None).await;
         let failures = result.unwrap_err();
         assert_eq!(failures.to_string(), "no address to try");
         assert_eq!(took, Duration::ZERO);

@@ -110,17 +110,16 @@ impl Dialer for QuicDialer {
         let addrs = self.resolve().await?;
         let peer = self.peer.clone();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let handshakes = race(dial_order(&addrs, turn), ATTEMPT_DELAY, |addr| {
+        let limit = Some(self.limits.handshake_timeout);
+        let handshakes = race(dial_order(&addrs, turn), ATTEMPT_DELAY, limit, |addr| {
             self.handshake(config.clone(), addr)
         });
-        let won = tokio::time::timeout(self.limits.handshake_timeout, handshakes)
-            .await
-            .map_err(|_| QuicError::Timeout { peer: peer.clone() })?
-            .map_err(|failures| QuicError::Handshake {
-                peer: peer.clone(),
-                failures,
-            })?;
-        if let Some(others) = won.passed_over() {
+        let won = handshakes.await.map_err(|failures| QuicError::Handshake {
+            peer: peer.clone(),
+            failures,
+        })?;
+        if !won.passed_over.is_empty() {
+            let others = &won.passed_over;
             warn!(%peer, transport = "quic", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
         }
         let (conn, endpoint) = won.value;

@@ -41,8 +41,8 @@ pub enum QuicError {
         /// Why.
         why: String,
     },
-    /// No address of the peer completed a handshake: certificate rejected, ALPN mismatch,
-    /// peer unreachable.
+    /// No address of the peer completed a handshake within the handshake timeout: certificate
+    /// rejected, ALPN mismatch, peer unreachable (no answer).
     #[error("QUIC handshake with {peer}: {failures}")]
     Handshake {
         /// The peer.
@@ -58,12 +58,6 @@ pub enum QuicError {
         peer: String,
         /// What the server said.
         why: String,
-    },
-    /// The handshake did not finish in time.
-    #[error("QUIC handshake with {peer} timed out")]
-    Timeout {
-        /// The peer.
-        peer: String,
     },
 }
 

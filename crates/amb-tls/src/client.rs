@@ -65,13 +65,19 @@ impl TlsDialer {
             })?
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let won = race(dial_order(&addrs, turn), ATTEMPT_DELAY, TcpStream::connect)
-            .await
-            .map_err(|failures| TlsError::Connect {
-                peer: peer.clone(),
-                failures,
-            })?;
-        if let Some(others) = won.passed_over() {
+        let won = race(
+            dial_order(&addrs, turn),
+            ATTEMPT_DELAY,
+            Some(self.limits.handshake_timeout),
+            TcpStream::connect,
+        )
+        .await
+        .map_err(|failures| TlsError::Connect {
+            peer: peer.clone(),
+            failures,
+        })?;
+        if !won.passed_over.is_empty() {
+            let others = &won.passed_over;
             warn!(%peer, transport = "tls", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
         }
         let tcp = won.value;
