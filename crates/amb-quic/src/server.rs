@@ -98,22 +98,35 @@ where
     H: Fn(QuicIncoming) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = StreamEnd> + Send + 'static,
 {
-    let mut tls = server.tls.clone();
-    // The trust generation of the configuration the endpoint has: read before the
-    // configuration, so one that moves in between drains connections for nothing, never lets
-    // them keep an old trust.
-    let mut verified_under = *server.trust.borrow();
+    let (mut tls, mut trust) = (server.tls.clone(), server.trust.clone());
+    // The trust generation of the configuration the endpoint has. The generation moves only
+    // after the configuration carrying it is out, so it is read before the configuration (one
+    // that moves in between drains connections for nothing, never lets them keep an old
+    // trust), and taken as it moves while the endpoint has the newest configuration.
+    let mut verified_under = *trust.borrow_and_update();
+    let mut configured = true;
     loop {
         let incoming = tokio::select! {
             incoming = server.endpoint.accept() => incoming,
             Ok(()) = tls.changed() => {
-                let generation = *server.trust.borrow();
+                let generation = *trust.borrow_and_update();
                 match server_config(tls.borrow_and_update().clone(), &server.limits) {
                     Ok(config) => {
                         server.endpoint.set_server_config(Some(config));
                         verified_under = generation;
+                        configured = true;
                     }
-                    Err(e) => warn!(transport = "quic", "new certificates not taken: {e}"),
+                    Err(e) => {
+                        configured = false;
+                        warn!(transport = "quic", "new certificates not taken: {e}");
+                    }
+                }
+                continue;
+            }
+            Ok(()) = trust.changed() => {
+                let generation = *trust.borrow_and_update();
+                if configured && !tls.has_changed().unwrap_or(true) {
+                    verified_under = generation;
                 }
                 continue;
             }
