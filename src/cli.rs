@@ -385,7 +385,6 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         routes: RouteTable::new(routes, allow),
         limits: args.limits.limits(),
         connect_timeout: args.connect_timeout,
-        drain_timeout: args.limits.drain_timeout,
         max_connections: args.limits.max_connections,
     };
     let server = Server::bind(settings)?;
@@ -416,7 +415,6 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
             ClientTransport::Tls => 2,
         }),
         tunnel_wait: args.tunnel_wait,
-        drain_timeout: args.limits.drain_timeout,
         max_connections: args.limits.max_connections,
     };
     let client = Client::bind(settings)?;

@@ -56,8 +56,6 @@ pub struct ClientSettings {
     pub tunnel_wait: Duration,
     /// App connections carried at once; more are reset at once.
     pub max_connections: usize,
-    /// How long live streams may run on after a shutdown signal.
-    pub drain_timeout: Duration,
     /// How often the certificate files are checked for a change; `None`: only on request.
     pub reload_check: Option<Duration>,
 }
@@ -181,6 +179,20 @@ struct Pool<T> {
 }
 
 impl<T: Tunnel> Pool<T> {
+    /// Takes `pooled` out of the pool: no new app connection goes to it.
+    fn remove(&self, pooled: &Arc<Pooled<T>>) {
+        self.live
+            .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, pooled)));
+    }
+
+    /// Takes `pooled` out of the pool and lets the app connections on it finish there (a loss
+    /// from now on is logged per app connection); returns how many there are.
+    fn let_go(&self, pooled: &Arc<Pooled<T>>) -> usize {
+        self.remove(pooled);
+        pooled.draining.store(true, Ordering::Relaxed);
+        pooled.carried.cut_off()
+    }
+
     /// A live tunnel other than those in `failed` (streams just failed to open on them), round
     /// robin; waits up to `wait` for one to come up.
     async fn get(&self, wait: Duration, failed: &[Arc<Pooled<T>>]) -> Option<Arc<Pooled<T>>> {
@@ -269,21 +281,14 @@ async fn supervise<D: Dialer>(
             match renewed {
                 Ok(tunnel) => {
                     let old = std::mem::replace(&mut current, pooled(tunnel));
-                    pool.live.send_modify(|v| {
-                        v.retain(|(_, p)| !Arc::ptr_eq(p, &old));
-                        v.push((slot, current.clone()));
-                    });
+                    pool.live.send_modify(|v| v.push((slot, current.clone())));
                     retired = retirement(&current);
                     verified_under = generation;
-                    old.draining.store(true, Ordering::Relaxed);
-                    let app_connections = old.carried.cut_off();
+                    let app_connections = pool.let_go(&old);
                     info!(%peer, transport, slot, app_connections, "tunnel connection renewed with the reloaded certificates; the old one's app connections finish on it");
                 }
                 Err(e) if generation != verified_under => {
-                    pool.live
-                        .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, &current)));
-                    current.draining.store(true, Ordering::Relaxed);
-                    let app_connections = current.carried.cut_off();
+                    let app_connections = pool.let_go(&current);
                     warn!(%peer, transport, slot, app_connections, "tunnel connect with the reloaded certificates failed: {e}; the connection verified under the CAs trusted before leaves the pool (its app connections finish on it); reconnecting");
                     continue 'dial;
                 }
@@ -292,16 +297,14 @@ async fn supervise<D: Dialer>(
                 }
             }
         };
-        pool.live
-            .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, &current)));
         // One line for the connection, however many app connections it carried.
         match retired {
             Retirement::Draining => {
-                current.draining.store(true, Ordering::Relaxed);
-                let app_connections = current.carried.cut_off();
+                let app_connections = pool.let_go(&current);
                 info!(%peer, transport, slot, app_connections, "{retired}: its app connections finish on it, new ones go to the next; reconnecting")
             }
             Retirement::Lost(_) => {
+                pool.remove(&current);
                 let app_connections_reset = current.carried.cut_off_once_settled().await;
                 warn!(%peer, transport, slot, app_connections_reset, "{retired}; reconnecting")
             }
@@ -394,8 +397,8 @@ async fn run<D: Dialer>(
     }
     let _ = stop_tx.send(true);
     live.close();
-    info!(live_connections = live.len(), drain = ?settings.drain_timeout, "shutting down: no new connections");
-    if tokio::time::timeout(settings.drain_timeout, live.wait())
+    info!(live_connections = live.len(), drain = ?settings.limits.drain_timeout, "shutting down: no new connections");
+    if tokio::time::timeout(settings.limits.drain_timeout, live.wait())
         .await
         .is_err()
     {

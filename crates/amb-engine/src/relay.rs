@@ -8,7 +8,7 @@
 //!   data loss is never disguised as a clean end.
 //! - A connection that carries small messages holds no read buffer: it reads into a scratch
 //!   buffer of its thread and copies each read out. It gets a buffer of its own (growing to
-//!   256 KiB) after a read of 4 KiB or more, and keeps it ([`ReadBuffer`]). The other direction
+//!   256 KiB) after a read of 4 KiB or more, and keeps it (`ReadBuffer`). The other direction
 //!   keeps the batch vector's capacity, at most 32 chunk handles (1 KiB).
 
 use std::cell::RefCell;

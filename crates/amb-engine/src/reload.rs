@@ -1,14 +1,14 @@
 //! Certificate reload. A side's TLS configurations are rebuilt from their files when asked
 //! ([`Reload::now`], which the binary calls on SIGHUP) and when the files change on disk, and
-//! the transports take the newest for each new handshake; connections already up keep the
-//! certificates they were made with. Files that do not load (a key that does not match its
-//! certificate, a file half written) leave the running configuration in place, with an error
-//! naming them; their next change is tried again.
+//! the transports take the newest for each new handshake. A change of the CA certificates moves
+//! the trust generation, by which a server drains the connections it verified before. Files
+//! that do not load (a key that does not match its certificate, a file half written) leave the
+//! running configuration in place, with an error naming them; their next change is tried again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_pki::{FilesStamp, PkiError, TlsFiles};
+use amb_pki::{CertificateDer, FilesStamp, PkiError, TlsFiles};
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info};
@@ -34,8 +34,8 @@ pub(crate) struct Certs<C> {
     configs: Vec<(&'static [u8], watch::Sender<Arc<C>>)>,
     /// The files as they were at the last load, good or not.
     loaded: FilesStamp,
-    /// The CA file's bytes at the last good load.
-    trusted: Vec<u8>,
+    /// The CA certificates at the last good load.
+    trusted: Vec<CertificateDer<'static>>,
     /// Counts the good loads that changed the CA file: the trust generation.
     trust: watch::Sender<u64>,
 }
@@ -134,17 +134,9 @@ impl<C> Certs<C> {
     }
 }
 
-/// The CA file's bytes, to tell a change of trust from a renewal of the certificate.
-fn read_ca(files: &TlsFiles) -> Result<Vec<u8>, PkiError> {
-    std::fs::read(&files.ca).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => PkiError::Missing {
-            path: files.ca.clone(),
-        },
-        _ => PkiError::Io {
-            path: files.ca.clone(),
-            source,
-        },
-    })
+/// The CA certificates, to tell a change of trust from a renewal of the certificate.
+fn read_ca(files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    amb_pki::load_certs(&files.ca)
 }
 
 /// Resolves at the next check; never, if there are none.
@@ -166,7 +158,7 @@ mod tests {
         let text = std::fs::read_to_string(&files.cert).unwrap();
         if text == "swap the CA" {
             // The CA file replaced while the configuration is built.
-            std::fs::write(files.ca.as_path(), "ca swapped").unwrap();
+            write_ca(files.ca.parent().unwrap(), "ca swapped");
         }
         // Empty: a write caught between its truncation and its bytes, as a real build fails.
         if text == "bad" || text.is_empty() {
@@ -211,8 +203,10 @@ mod tests {
         std::fs::write(dir.join("server.pem"), text).unwrap();
     }
 
-    fn write_ca(dir: &Path, text: &str) {
-        std::fs::write(dir.join("ca.pem"), text).unwrap();
+    /// Writes a new CA certificate named `name` (each call a new key, so a new CA).
+    fn write_ca(dir: &Path, name: &str) {
+        let ca = amb_pki::CertAuthority::generate(name).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem).unwrap();
     }
 
     /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
@@ -270,6 +264,11 @@ mod tests {
         assert_eq!(*trust.borrow(), 1);
         certs.reload().unwrap();
         assert_eq!(*trust.borrow(), 1, "the same CA again");
+        let ca = dir.path().join("ca.pem");
+        let rewritten = format!("# rewritten\n{}\n", std::fs::read_to_string(&ca).unwrap());
+        std::fs::write(&ca, rewritten).unwrap();
+        certs.reload().unwrap();
+        assert_eq!(*trust.borrow(), 1, "the same certificates, written anew");
         // Which CA the build read is unknown: it moves now, and again at the next reload.
         write(dir.path(), "swap the CA");
         certs.reload().unwrap();

@@ -47,8 +47,6 @@ pub struct ServerSettings {
     pub limits: Limits,
     /// How long an upstream dial may take.
     pub connect_timeout: Duration,
-    /// How long live streams may run on after a shutdown signal.
-    pub drain_timeout: Duration,
     /// Streams relayed at once across all tunnel connections; more are refused as unavailable.
     pub max_connections: usize,
     /// How often the certificate files are checked for a change; `None`: only on request.
@@ -136,7 +134,7 @@ impl Server {
             quic,
             tls,
             local_addr,
-            drain_timeout: settings.drain_timeout,
+            drain_timeout: limits.drain_timeout,
             certs,
             reload: Reload::default(),
             reload_check: settings.reload_check,

@@ -150,3 +150,31 @@ pub fn client_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientConfig>,
     config.enable_early_data = false;
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_stamp_moves_with_the_bytes_the_mode_and_a_swapped_file() {
+        let dir = std::env::temp_dir().join(format!("amb-pki-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles::in_dir(&dir, "server");
+        for path in [&files.cert, &files.key, &files.ca] {
+            std::fs::write(path, "x").unwrap();
+        }
+        let first = files.stamp();
+        assert_eq!(files.stamp(), first, "nothing changed");
+        // The fix a failed load asks for: the same bytes, another mode.
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let chmodded = files.stamp();
+        assert_ne!(chmodded, first);
+        // A new file renamed over the old one, same size, as deployment tools write.
+        let staged = dir.join("ca.pem.new");
+        std::fs::write(&staged, "y").unwrap();
+        std::fs::rename(&staged, &files.ca).unwrap();
+        assert_ne!(files.stamp(), chmodded);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -13,8 +13,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A stream whose open header or CONNECT is not complete by then is refused.
     pub open_timeout: Duration,
-    /// A server's tunnel connection draining because the trusted CAs changed is closed this
-    /// long after, streams and all, so a client that ignores the drain is not served for good.
+    /// How long live connections may run on after a shutdown signal; and how long after the
+    /// trusted CAs changed a server's tunnel connection still draining is closed, streams and
+    /// all, so a client that ignores the drain is not served for good.
     pub drain_timeout: Duration,
 }
 

@@ -26,7 +26,7 @@ pub struct QuicServer {
     endpoint: Endpoint,
     /// The newest configuration, handed to the endpoint when it changes.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    /// The trust generation of the configuration (see [`amb_proto::drain_asked`]).
+    /// The trust generation of the configuration (see [`amb_proto::DrainWatch`]).
     trust: watch::Receiver<u64>,
     limits: Limits,
     /// One task per connection; each ends when its connection closes.

@@ -33,7 +33,7 @@ pub struct TlsServer {
     listener: Option<TcpListener>,
     /// The newest configuration, for each new handshake.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    /// The trust generation of the configuration (see [`amb_proto::drain_asked`]).
+    /// The trust generation of the configuration (see [`amb_proto::DrainWatch`]).
     trust: watch::Receiver<u64>,
     limits: Limits,
     connections: TaskTracker,
@@ -247,7 +247,6 @@ async fn serve_connection<H, F>(
     }
 }
 
-/// Marks a connection as closing when its task ends.
 /// Closes a connection drained by a change of the trusted CAs if it is still open `after`,
 /// streams and all: its client may ignore the drain, and was verified under the old CAs.
 async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
@@ -258,6 +257,7 @@ async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
     }
 }
 
+/// Marks a connection as closing when its task ends.
 struct CloseOnDrop(Arc<ConnCtx>);
 
 impl Drop for CloseOnDrop {
