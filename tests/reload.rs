@@ -16,6 +16,7 @@ per_transport!(
     a_changed_client_ca_is_taken_without_a_signal,
     files_that_do_not_load_leave_the_running_certificates,
     a_reloaded_client_certificate_renews_the_tunnel_connections,
+    a_reload_of_unchanged_files_keeps_the_tunnel_connections,
     a_trust_change_drains_the_connections_verified_before,
     a_client_that_no_longer_trusts_the_server_lets_its_connections_go,
 );
@@ -156,6 +157,34 @@ async fn a_reloaded_client_certificate_renews_the_tunnel_connections(t: Transpor
     server
         .log
         .wait_for(&["stream done", "spiffe://amb/renewed at"]);
+}
+
+async fn a_reload_of_unchanged_files_keeps_the_tunnel_connections(t: Transport) {
+    let pki = Pki::new();
+    let (_upstream, server, addr, _) = served(&pki, &[]).await;
+    let client = Amb::client(&pki, "client", addr, t, &["--reload-check", "0s"]);
+    client.wait_pool_up(t);
+    let mut before = TcpStream::connect(client.listen_addr()).await.unwrap();
+    echo_on(&mut before, b"before the reload").await;
+
+    // Each file written again with the bytes it held (new times, as a config tool that
+    // renders on every sync leaves them), then a SIGHUP.
+    for name in ["client.pem", "client.key", "ca.pem"] {
+        let path = pki.path(name);
+        std::fs::write(&path, std::fs::read(&path).unwrap()).unwrap();
+    }
+    client.signal("HUP");
+    client
+        .log
+        .wait_for(&["reload requested", "nothing to reload"]);
+    echo_on(&mut before, b"after the reload").await;
+    assert!(echo_works(client.listen_addr()).await);
+    assert_eq!(client.log.count(&["tunnel connection renewed"]), 0);
+    assert_eq!(
+        server.log.count(&["tunnel connection up"]),
+        t.pool_size(),
+        "no handshake since the pool came up"
+    );
 }
 
 async fn a_trust_change_drains_the_connections_verified_before(t: Transport) {

@@ -1,14 +1,14 @@
 //! Certificate reload. A side's TLS configurations are rebuilt from their files when asked
 //! ([`Reload::now`], which the binary calls on SIGHUP) and when the files change on disk, and
-//! the transports take the newest for each new handshake. A change of the CA certificates moves
-//! the trust generation, by which a server drains the connections it verified before. Files
-//! that do not load (a key that does not match its certificate, a file half written) leave the
+//! the transports take the newest for each new handshake; a reload that finds the files as they
+//! were changes nothing. A change of the CA certificates moves the trust generation, by which a
+//! server drains the connections it verified before. Files that do not load (a key that does not match its certificate, a file half written) leave the
 //! running configuration in place, with an error naming them; their next change is tried again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_pki::{CertificateDer, FilesStamp, PkiError, TlsFiles};
+use amb_pki::{FilesContents, FilesStamp, PkiError, TlsFiles};
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info};
@@ -34,8 +34,8 @@ pub(crate) struct Certs<C> {
     configs: Vec<(&'static [u8], watch::Sender<Arc<C>>)>,
     /// The files as they were at the last load, good or not.
     loaded: FilesStamp,
-    /// The CA certificates at the last good load.
-    trusted: Vec<CertificateDer<'static>>,
+    /// What the files held at the last good load.
+    current: FilesContents,
     /// Counts the good loads that changed the CA file: the trust generation.
     trust: watch::Sender<u64>,
 }
@@ -52,13 +52,13 @@ impl<C> Certs<C> {
             .iter()
             .map(|alpn| Ok((*alpn, watch::Sender::new(build(&files, alpn)?))))
             .collect::<Result<_, PkiError>>()?;
-        let trusted = read_ca(&files)?;
+        let current = files.contents()?;
         Ok(Certs {
             files,
             build,
             configs,
             loaded,
-            trusted,
+            current,
             trust: watch::Sender::new(0),
         })
     }
@@ -77,27 +77,32 @@ impl<C> Certs<C> {
             .map(|(_, config)| config.subscribe())
     }
 
-    /// Rebuilds every configuration from the files: all are replaced, or none.
-    fn reload(&mut self) -> Result<(), PkiError> {
+    /// Rebuilds every configuration from the files: all are replaced, or none, and none if the
+    /// files hold what they held at the last good load (they are still checked: a key made
+    /// readable by others fails).
+    fn reload(&mut self) -> Result<Reloaded, PkiError> {
         // Stamped before reading, so a change made during the reload is seen at the next check.
         self.loaded = self.files.stamp();
-        // The build reads the CA file itself: read before and after it, a CA replaced during
+        // The build reads the files itself: read before and after it, a file replaced during
         // the build counts as a change now, and again at the next reload.
-        let before = read_ca(&self.files)?;
+        let before = self.files.contents()?;
         let fresh = self
             .configs
             .iter()
             .map(|(alpn, _)| (self.build)(&self.files, alpn))
             .collect::<Result<Vec<_>, _>>()?;
-        let after = read_ca(&self.files)?;
+        let after = self.files.contents()?;
+        if before == self.current && after == before {
+            return Ok(Reloaded::Unchanged);
+        }
         for ((_, config), new) in self.configs.iter().zip(fresh) {
             config.send_replace(new);
         }
-        if before != self.trusted || after != before {
+        if before.ca != self.current.ca || after.ca != before.ca {
             self.trust.send_modify(|generation| *generation += 1);
         }
-        self.trusted = before;
-        Ok(())
+        self.current = before;
+        Ok(Reloaded::Changed)
     }
 
     /// Reloads on each [`Reload::now`], and when a check (every `check_every`, if any) finds
@@ -125,8 +130,11 @@ impl<C> Certs<C> {
                 _ = stop.wait_for(|stopping| *stopping) => return,
             };
             match self.reload() {
-                Ok(()) => {
+                Ok(Reloaded::Changed) => {
                     info!(files = %self.files, "{why}: certificates reloaded; new connections use them")
+                }
+                Ok(Reloaded::Unchanged) => {
+                    info!(files = %self.files, "{why}: the certificate files hold what they held; nothing to reload")
                 }
                 Err(e) => error!("{why}: {e}; the running certificates stay in use (fix the files: their next change, or a SIGHUP, loads them again)"),
             }
@@ -134,9 +142,13 @@ impl<C> Certs<C> {
     }
 }
 
-/// The CA certificates, to tell a change of trust from a renewal of the certificate.
-fn read_ca(files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    amb_pki::load_certs(&files.ca)
+/// What a good reload did.
+#[derive(Debug, PartialEq, Eq)]
+enum Reloaded {
+    /// The files changed: the new configurations are out.
+    Changed,
+    /// The files hold what they held: the configurations stay as they are.
+    Unchanged,
 }
 
 /// Resolves at the next check; never, if there are none.
@@ -203,6 +215,11 @@ mod tests {
         std::fs::write(dir.join("server.pem"), text).unwrap();
     }
 
+    /// The stand-in build does not read the key, but a reload hashes it.
+    fn write_key(dir: &Path, text: &str) {
+        std::fs::write(dir.join("server.key"), text).unwrap();
+    }
+
     /// Writes a new CA certificate named `name` (each call a new key, so a new CA).
     fn write_ca(dir: &Path, name: &str) {
         let ca = amb_pki::CertAuthority::generate(name).unwrap();
@@ -212,6 +229,7 @@ mod tests {
     /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
     fn loaded(dir: &Dir) -> (Certs<String>, watch::Receiver<Arc<String>>) {
         write(dir.path(), "one");
+        write_key(dir.path(), "key one");
         write_ca(dir.path(), "ca one");
         let certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
         let config = certs.subscribe(b"h2").unwrap();
@@ -222,6 +240,7 @@ mod tests {
     fn a_reload_replaces_every_configuration_or_none() {
         let dir = Dir::new("all-or-none");
         write(dir.path(), "one");
+        write_key(dir.path(), "key one");
         write_ca(dir.path(), "ca one");
         let mut certs = Certs::load(files(dir.path()), build, &[b"h2", b"amb/1"]).unwrap();
         let (h2, quic) = (
@@ -262,12 +281,12 @@ mod tests {
         write(dir.path(), "good");
         certs.reload().unwrap();
         assert_eq!(*trust.borrow(), 1);
-        certs.reload().unwrap();
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
         assert_eq!(*trust.borrow(), 1, "the same CA again");
         let ca = dir.path().join("ca.pem");
         let rewritten = format!("# rewritten\n{}\n", std::fs::read_to_string(&ca).unwrap());
         std::fs::write(&ca, rewritten).unwrap();
-        certs.reload().unwrap();
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
         assert_eq!(*trust.borrow(), 1, "the same certificates, written anew");
         // Which CA the build read is unknown: it moves now, and again at the next reload.
         write(dir.path(), "swap the CA");
@@ -278,6 +297,29 @@ mod tests {
         assert_eq!(*trust.borrow(), 3);
         certs.reload().unwrap();
         assert_eq!(*trust.borrow(), 3);
+    }
+
+    #[test]
+    fn a_reload_of_files_holding_what_they_held_publishes_nothing() {
+        let dir = Dir::new("unchanged");
+        let (mut certs, config) = loaded(&dir);
+        let trust = certs.trust();
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
+        // Written again with the same bytes: a new stamp, the same contents.
+        write(dir.path(), "one");
+        write_key(dir.path(), "key one");
+        assert_ne!(certs.loaded, certs.files.stamp());
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
+        assert!(!config.has_changed().unwrap(), "nothing was published");
+        // Bytes moved from the end of one file to the start of the other are a change.
+        write(dir.path(), "on");
+        write_key(dir.path(), "ekey one");
+        assert_eq!(certs.reload().unwrap(), Reloaded::Changed);
+        // So is a new key alone.
+        write_key(dir.path(), "key two");
+        assert_eq!(certs.reload().unwrap(), Reloaded::Changed);
+        assert!(config.has_changed().unwrap());
+        assert_eq!(*trust.borrow(), 0, "the CA stayed");
     }
 
     #[tokio::test]
@@ -304,15 +346,16 @@ mod tests {
         let dir = Dir::new("requested");
         let (certs, mut config) = loaded(&dir);
         let reload = Reload::default();
-        // Asked before the reloader runs: not lost.
+        // No periodic check sees the change; asked before the reloader runs, it is not lost.
+        write(dir.path(), "two");
         reload.now();
         let (_stop, stopping) = watch::channel(false);
         tokio::spawn(certs.keep_current(reload.clone(), None, stopping));
         config.changed().await.unwrap();
-        assert_eq!(config.borrow_and_update().as_str(), "one/h2");
-        write(dir.path(), "two");
+        assert_eq!(config.borrow_and_update().as_str(), "two/h2");
+        write(dir.path(), "three");
         reload.now();
         config.changed().await.unwrap();
-        assert_eq!(config.borrow_and_update().as_str(), "two/h2");
+        assert_eq!(config.borrow_and_update().as_str(), "three/h2");
     }
 }

@@ -8,7 +8,9 @@ use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::CertificateDer;
 
+use crate::files::{parse_certs, read};
 use crate::verify::{StrictClientVerifier, StrictServerVerifier};
 use crate::{load_certs, load_key, PkiError};
 
@@ -49,6 +51,24 @@ impl TlsFiles {
         }))
     }
 
+    /// What the three files hold, each read once: a digest of the chain and the key, and the
+    /// CA certificates. Equal contents mean a reload would change nothing; a CA file rewritten
+    /// with the same certificates (other comments around them) counts as equal.
+    pub fn contents(&self) -> Result<FilesContents, PkiError> {
+        use sha2::{Digest, Sha256};
+        let mut chain_and_key = Sha256::new();
+        for path in [&self.cert, &self.key] {
+            let bytes = read(path)?;
+            // Length-prefixed, so bytes moved from one file to the other are a change.
+            chain_and_key.update((bytes.len() as u64).to_le_bytes());
+            chain_and_key.update(&bytes);
+        }
+        Ok(FilesContents {
+            chain_and_key: chain_and_key.finalize().into(),
+            ca: parse_certs(&read(&self.ca)?, &self.ca)?,
+        })
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
         let mut roots = RootCertStore::empty();
         for ca in load_certs(&self.ca)? {
@@ -76,6 +96,15 @@ impl std::fmt::Display for TlsFiles {
 /// A [`TlsFiles::stamp`]: equal stamps mean the files were, in all likelihood, not changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilesStamp([Option<FileStamp>; 3]);
+
+/// A [`TlsFiles::contents`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilesContents {
+    /// SHA-256 over the chain and key files (no copy of the key is kept).
+    chain_and_key: [u8; 32],
+    /// The CA certificates.
+    pub ca: Vec<CertificateDer<'static>>,
+}
 
 /// One file's size, modification time, change time (a `chmod` or `chown` moves it) and inode.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,8 +10,20 @@ use crate::PkiError;
 
 /// Reads every certificate in a PEM file; at least one must be there.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let pem = std::fs::read(path).map_err(|e| PkiError::io(path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    parse_certs(&read(path)?, path)
+}
+
+/// Reads a whole file, naming it if that fails.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
+    std::fs::read(path).map_err(|e| PkiError::io(path, e))
+}
+
+/// Every certificate in `pem`, read from `path`; at least one must be there.
+pub(crate) fn parse_certs(
+    pem: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PkiError::BadPem {
             path: path.to_owned(),
@@ -36,8 +48,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
             mode,
         });
     }
-    let pem = std::fs::read(path).map_err(|e| PkiError::io(path, e))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| PkiError::BadPem {
+    PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|e| PkiError::BadPem {
         path: path.to_owned(),
         what: format!("holds no usable private key: {e}"),
     })

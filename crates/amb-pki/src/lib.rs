@@ -9,7 +9,7 @@ mod identity;
 mod issue;
 mod verify;
 
-pub use config::{client_config, server_config, FilesStamp, TlsFiles};
+pub use config::{client_config, server_config, FilesContents, FilesStamp, TlsFiles};
 pub use error::PkiError;
 pub use files::{load_certs, load_key};
 pub use identity::peer_identity;
