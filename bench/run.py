@@ -466,7 +466,7 @@ class Bench:
             argv = [self.tools["haproxy"], "-db", "-f", conf]
         elif pair == "spiped":
             argv = [self.tools["spiped"], "-d", "-F", "-s", f"[{HOST}]:{srv_port}", "-t", f"[{HOST}]:{upstream}",
-                    "-k", c / "spiped.key", "-n", "40000"]
+                    "-k", c / "spiped.key", "-n", str(_two_socket_limit())]
         else:
             transport = pair.split("-")[1]
             argv = [self.amb, "server", "--listen", f"{HOST}:{srv_port}", "--upstream", f"{HOST}:{upstream}",
@@ -493,7 +493,7 @@ class Bench:
             argv = [self.tools["haproxy"], "-db", "-f", conf]
         elif pair == "spiped":
             argv = [self.tools["spiped"], "-e", "-F", "-s", f"[{HOST}]:{local}", "-t", f"[{HOST}]:{target}",
-                    "-k", c / "spiped.key", "-n", "40000"]
+                    "-k", c / "spiped.key", "-n", str(_two_socket_limit())]
         else:
             transport = pair.split("-")[1]
             argv = [self.amb, "client", "--listen", f"{HOST}:{local}", "--peer", f"localhost:{target}",
@@ -546,11 +546,16 @@ def _stunnel_conf(client: bool, accept: int, connect: int, c: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _haproxy_conf(client: bool, bind: int, connect: int, c: Path) -> str:
-    # Two sockets per connection; stay within the fd limit haproxy inherits (it cannot raise
-    # the hard limit without CAP_SYS_RESOURCE, and warns when maxconn would not fit).
+def _two_socket_limit() -> int:
+    """The connections a relay holding two sockets per connection in one process (haproxy,
+    spiped) can take within the fd limit it inherits: it cannot raise the hard limit without
+    CAP_SYS_RESOURCE. haproxy warns when its maxconn would not fit; spiped exits on EMFILE."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    maxconn = max(1000, min(40000, (soft - 200) // 2))
+    return max(1000, min(40000, (soft - 200) // 2))
+
+
+def _haproxy_conf(client: bool, bind: int, connect: int, c: Path) -> str:
+    maxconn = _two_socket_limit()
     head = f"""global
     maxconn {maxconn}
     ssl-default-bind-options ssl-min-ver TLSv1.3
