@@ -93,8 +93,8 @@ enum DialingClient {
 
 /// A server whose upstream's connects hang (until `gate` is released), and a client with
 /// [`DIALING`] streams the server accepted and is dialing for.
-async fn streams_dialing(t: Transport) -> (StalledUpstream, Pki, Amb, DialingClient) {
-    let gate = StalledUpstream::new().await;
+async fn streams_dialing(t: Transport) -> (Stalled, Pki, Amb, DialingClient) {
+    let gate = Stalled::new().await;
     let pki = Pki::new();
     let up = gate.addr.to_string();
     let args = [
@@ -217,66 +217,6 @@ async fn a_client_gone_while_the_server_dials_is_not_blamed(t: Transport) {
         "a client that went away was blamed:\n{}",
         server.log.text()
     );
-}
-
-/// An upstream whose connects hang until [`StalledUpstream::release`]: a listener with a
-/// backlog of 0 whose one queue slot is taken, so the kernel drops further SYNs (the client
-/// retries them after its SYN timeout, 1 s).
-struct StalledUpstream {
-    listener: Option<tokio::net::TcpListener>,
-    addr: SocketAddr,
-    _filler: tokio::net::TcpStream,
-}
-
-impl StalledUpstream {
-    async fn new() -> Self {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let filler = tokio::time::timeout(READY, tokio::net::TcpStream::connect(addr))
-            .await
-            .expect("the filler connection to the stalled listener")
-            .unwrap();
-        StalledUpstream {
-            listener: Some(listener),
-            addr,
-            _filler: filler,
-        }
-    }
-
-    /// Waits until `n` connects toward it are in progress (`SYN_SENT` in `/proc/net/tcp`).
-    fn wait_connecting(&self, n: usize) {
-        let port = format!(":{:04X}", self.addr.port());
-        let deadline = std::time::Instant::now() + READY;
-        loop {
-            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-            let connecting = table
-                .lines()
-                .filter_map(|l| {
-                    let fields: Vec<&str> = l.split_whitespace().collect();
-                    Some((*fields.get(2)?, *fields.get(3)?))
-                })
-                .filter(|(remote, state)| remote.ends_with(&port) && *state == "02")
-                .count();
-            if connecting >= n {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{connecting} of {n} upstream connects in progress"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Accepts (and drops) every connection from now on: with a backlog raised for all of
-    /// them at once, the hanging connects complete together at their next SYN retry.
-    fn release(&mut self) {
-        let listener = self.listener.take().unwrap();
-        socket2::SockRef::from(&listener).listen(4096).unwrap();
-        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

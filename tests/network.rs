@@ -1,6 +1,6 @@
 //! Broken networks between the ambassadors, emulated by a user-space relay (no netem here):
-//! loss, delay, jitter and reordering, rate limits, a blackhole, a QUIC path change, and a peer
-//! name whose first address is dead. Data stays byte-exact; the tunnel recovers, or the app gets
+//! loss, delay, jitter and reordering, rate limits, a blackhole, a QUIC path change, a peer
+//! name whose first address is dead, and a peer that never answers. Data stays byte-exact; the tunnel recovers, or the app gets
 //! a reset after a clear idle timeout.
 
 mod support;
@@ -19,6 +19,7 @@ per_transport!(
     lossy_jittery_link_keeps_data_exact,
     blackhole_resets_after_idle_timeout_then_recovers,
     a_peer_name_whose_first_address_is_dead_is_reached_at_the_next,
+    a_peer_that_never_answers_is_given_up_at_the_handshake_timeout,
 );
 
 /// A server for an echo upstream, a relay in front of it, and a client dialing the relay.
@@ -276,4 +277,29 @@ async fn a_peer_name_whose_first_address_is_dead_is_reached_at_the_next(t: Trans
         .log
         .wait_for(&["passed over [::1]:", "addr=127.0.0.1:"]);
     assert!(passed_over.contains(&peer), "{passed_over}");
+}
+
+/// A peer that drops every handshake packet (a TCP listener whose queue is full; a UDP socket
+/// that never reads): the client's dial gives up at `--handshake-timeout`, naming the address,
+/// instead of waiting out the kernel's SYN retries (about two minutes) or QUIC's idle timeout.
+async fn a_peer_that_never_answers_is_given_up_at_the_handshake_timeout(t: Transport) {
+    let pki = Pki::new();
+    let (_tcp, _udp, addr);
+    match t {
+        Transport::Tls => {
+            let stalled = Stalled::new().await;
+            addr = stalled.addr;
+            (_tcp, _udp) = (Some(stalled), None);
+        }
+        Transport::Quic => {
+            let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            addr = silent.local_addr().unwrap();
+            (_tcp, _udp) = (None, Some(silent));
+        }
+    }
+    let client = Amb::client(&pki, "client", addr, t, &["--handshake-timeout", "1s"]);
+    // Within the readiness wait (20 s), far short of what the kernel or QUIC would take.
+    client
+        .log
+        .wait_for(&["tunnel connect failed", &format!("{addr}: no answer")]);
 }

@@ -475,6 +475,67 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
         .then_some(text)
 }
 
+/// A TCP address whose connects hang until [`Stalled::release`]: a listener with a backlog of
+/// 0 whose one queue slot is taken, so the kernel drops further SYNs (the dialer retries them
+/// after its SYN timeout, 1 s, then 3, 7, ... until it gives up about two minutes later).
+pub struct Stalled {
+    listener: Option<tokio::net::TcpListener>,
+    pub addr: SocketAddr,
+    _filler: tokio::net::TcpStream,
+}
+
+impl Stalled {
+    pub async fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = tokio::time::timeout(READY, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("the filler connection to the stalled listener")
+            .unwrap();
+        Stalled {
+            listener: Some(listener),
+            addr,
+            _filler: filler,
+        }
+    }
+
+    /// Waits until `n` connects toward it are in progress (`SYN_SENT` in `/proc/net/tcp`).
+    pub fn wait_connecting(&self, n: usize) {
+        let port = format!(":{:04X}", self.addr.port());
+        let deadline = std::time::Instant::now() + READY;
+        loop {
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            let connecting = table
+                .lines()
+                .filter_map(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    Some((*fields.get(2)?, *fields.get(3)?))
+                })
+                .filter(|(remote, state)| remote.ends_with(&port) && *state == "02")
+                .count();
+            if connecting >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{connecting} of {n} connects toward {} in progress",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Accepts (and drops) every connection from now on: with a backlog raised for all of
+    /// them at once, the hanging connects complete together at their next SYN retry.
+    pub fn release(&mut self) {
+        let listener = self.listener.take().unwrap();
+        socket2::SockRef::from(&listener).listen(4096).unwrap();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
