@@ -5,7 +5,9 @@
 
 mod support;
 
-use amb_pki::LeafSpec;
+use std::sync::Arc;
+
+use amb_pki::{LeafSpec, TlsFiles};
 use support::raw::Resumer;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -268,5 +270,83 @@ async fn a_client_that_no_longer_trusts_the_server_lets_its_connections_go(t: Tr
         upstream.accepted(),
         1,
         "only the app connection from before"
+    );
+}
+
+/// Bytes waiting in the receive queue of the UDP socket bound to `port` on 127.0.0.1.
+fn udp_queued(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&local.as_str()))
+        .and_then(|f| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())
+        .unwrap_or_else(|| panic!("no UDP socket on {local} in /proc/net/udp"))
+}
+
+/// Yields to the runtime until `done`, failing after [`READY`].
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + READY;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "not in time: {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A QUIC client whose first packet reached the server before its CA was replaced, and whose
+/// connection is accepted after the server took the new CA: quinn keeps the configuration an
+/// endpoint had when a client's first packet came, so the server must accept with the newest
+/// one itself. Otherwise the client, verified by the old CA, would be labelled with the new
+/// trust and never drained. In process, with the amb-quic server and a quinn client, on one
+/// thread, so what the server's endpoint saw when is known.
+#[tokio::test]
+async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca() {
+    let pki = Pki::new();
+    let server_files = TlsFiles::in_dir(&pki.path(""), "server");
+    let config = |files: &TlsFiles| amb_pki::server_config(files, amb_proto::ALPN_QUIC).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+
+    // The client's first packet waits in the server socket's queue.
+    let client_tls = amb_pki::client_config(
+        &TlsFiles::in_dir(&pki.path(""), "client"),
+        amb_proto::ALPN_QUIC,
+    )
+    .unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connecting = endpoint.connect(addr, "localhost").unwrap();
+    until("the client's first packet", || udp_queued(addr.port()) > 0).await;
+
+    // The server's endpoint reads it with the configuration of the old CA...
+    let (tls, tls_rx) = tokio::sync::watch::channel(config(&server_files));
+    let (trust, trust_rx) = tokio::sync::watch::channel(0u64);
+    let server =
+        amb_quic::QuicServer::new(socket, tls_rx, trust_rx, amb_proto::Limits::default()).unwrap();
+    until("the server reading the client's first packet", || {
+        udp_queued(addr.port()) == 0
+    })
+    .await;
+
+    // ...then the CA file is replaced and reloaded (the configuration first, then the
+    // generation, as the reloader does), and only then does the server accept.
+    trust_only_a_new_ca(&pki);
+    tls.send_replace(config(&server_files));
+    trust.send_replace(1);
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let handler = |_stream: amb_quic::QuicIncoming| async { amb_proto::StreamEnd::Closed };
+    tokio::spawn(async move { amb_quic::serve(&server, stop, handler).await });
+
+    let closed = match connecting.await {
+        Err(e) => e,
+        Ok(conn) => tokio::time::timeout(READY, conn.closed())
+            .await
+            .expect("a client of the CA no longer trusted kept its connection"),
+    };
+    assert!(
+        closed.to_string().contains("invalid peer certificate"),
+        "closed with: {closed}"
     );
 }

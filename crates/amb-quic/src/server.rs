@@ -28,6 +28,8 @@ pub struct QuicServer {
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     /// The trust generation of the configuration (see [`amb_proto::DrainWatch`]).
     trust: watch::Receiver<u64>,
+    /// The configuration the endpoint started with, and the trust generation it carries.
+    first: (Arc<quinn::ServerConfig>, u64),
     limits: Limits,
     /// One task per connection; each ends when its connection closes.
     connections: TaskTracker,
@@ -47,11 +49,13 @@ impl QuicServer {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
+        // The generation before the configuration, as in `serve`.
+        let generation = *trust.borrow();
         let config = server_config(tls.borrow().clone(), &limits)?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
             crate::endpoint_config(),
-            Some(config),
+            Some(config.clone()),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
@@ -60,6 +64,7 @@ impl QuicServer {
             endpoint,
             tls,
             trust,
+            first: (Arc::new(config), generation),
             limits,
             connections: TaskTracker::new(),
         })
@@ -99,20 +104,36 @@ where
     F: Future<Output = StreamEnd> + Send + 'static,
 {
     let (mut tls, mut trust) = (server.tls.clone(), server.trust.clone());
-    // The trust generation of the configuration the endpoint has. The generation moves only
-    // after the configuration carrying it is out, so it is read before the configuration (one
-    // that moves in between drains connections for nothing, never lets them keep an old
-    // trust), and taken as it moves while the endpoint has the newest configuration.
-    let mut verified_under = *trust.borrow_and_update();
+    // The configuration each connection is accepted with, and the trust generation it carries.
+    // Accepted with it explicitly: quinn would take the one the endpoint had when the client's
+    // first packet came, which may be older than the generation the connection is labelled
+    // with, and let a client of a CA no longer trusted escape the drain. The generation moves
+    // only after the configuration carrying it is out, so it is read before the configuration
+    // (one that moves in between drains connections for nothing, never lets them keep an old
+    // trust), and taken as it moves while the loop has the newest configuration.
+    let (mut config, mut verified_under) = server.first.clone();
     let mut configured = true;
     loop {
         let incoming = tokio::select! {
-            incoming = server.endpoint.accept() => incoming,
+            // New certificates are taken before more connections are accepted.
+            biased;
+            _ = stop.wait_for(|s| *s) => {
+                // Draining: the socket stays for the live connections, and new ones are turned
+                // away at once, so a client redials elsewhere (or again) without a timeout.
+                let endpoint = server.endpoint.clone();
+                tokio::spawn(async move {
+                    while let Some(incoming) = endpoint.accept().await {
+                        incoming.refuse();
+                    }
+                });
+                return;
+            }
             Ok(()) = tls.changed() => {
                 let generation = *trust.borrow_and_update();
                 match server_config(tls.borrow_and_update().clone(), &server.limits) {
-                    Ok(config) => {
-                        server.endpoint.set_server_config(Some(config));
+                    Ok(new) => {
+                        server.endpoint.set_server_config(Some(new.clone()));
+                        config = Arc::new(new);
                         verified_under = generation;
                         configured = true;
                     }
@@ -130,20 +151,10 @@ where
                 }
                 continue;
             }
-            _ = stop.wait_for(|s| *s) => {
-                // Draining: the socket stays for the live connections, and new ones are turned
-                // away at once, so a client redials elsewhere (or again) without a timeout.
-                let endpoint = server.endpoint.clone();
-                tokio::spawn(async move {
-                    while let Some(incoming) = endpoint.accept().await {
-                        incoming.refuse();
-                    }
-                });
-                return;
-            }
+            incoming = server.endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        let (handler, limits) = (handler.clone(), server.limits);
+        let (handler, limits, config) = (handler.clone(), server.limits, config.clone());
         let mut drain_watch = DrainWatch {
             stop: stop.clone(),
             trust: server.trust.clone(),
@@ -151,7 +162,8 @@ where
         };
         server.connections.spawn(async move {
             let addr = incoming.remote_address();
-            let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
+            let handshake = async { incoming.accept_with(config)?.await };
+            let conn = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     warn!(peer = %addr, transport = "quic", "handshake failed: {e}");
