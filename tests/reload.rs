@@ -5,7 +5,9 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use amb_pki::{LeafSpec, TlsFiles};
 use support::raw::Resumer;
@@ -180,13 +182,35 @@ async fn a_reload_of_unchanged_files_keeps_the_tunnel_connections(t: Transport) 
         .log
         .wait_for(&["reload requested", "nothing to reload"]);
     echo_on(&mut before, b"after the reload").await;
+
+    // The files are still checked: a key made readable by others is refused, naming it, and
+    // once mended the same contents again change nothing.
+    let key = pki.path("client.key");
+    let mode = |bits| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(bits));
+    mode(0o644).unwrap();
+    client.signal("HUP");
+    client.log.wait_for(&[
+        "client.key: private key is readable by group or others",
+        "the running certificates stay in use",
+    ]);
+    mode(0o600).unwrap();
+    client.signal("HUP");
+    client
+        .log
+        .wait_for_nth(&["reload requested", "nothing to reload"], 2);
+
     assert!(echo_works(client.listen_addr()).await);
-    assert_eq!(client.log.count(&["tunnel connection renewed"]), 0);
+    echo_on(&mut before, b"at the end").await;
+    let handshakes = until_still(Duration::from_millis(200), || {
+        server.log.count(&["tunnel connection up"])
+    })
+    .await;
     assert_eq!(
-        server.log.count(&["tunnel connection up"]),
+        handshakes,
         t.pool_size(),
         "no handshake since the pool came up"
     );
+    assert_eq!(client.log.count(&["tunnel connection renewed"]), 0);
 }
 
 async fn a_trust_change_drains_the_connections_verified_before(t: Transport) {
@@ -273,27 +297,6 @@ async fn a_client_that_no_longer_trusts_the_server_lets_its_connections_go(t: Tr
     );
 }
 
-/// Bytes waiting in the receive queue of the UDP socket bound to `port` on 127.0.0.1.
-fn udp_queued(port: u16) -> u64 {
-    let local = format!("0100007F:{port:04X}");
-    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
-    table
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(1) == Some(&local.as_str()))
-        .and_then(|f| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())
-        .unwrap_or_else(|| panic!("no UDP socket on {local} in /proc/net/udp"))
-}
-
-/// Yields to the runtime until `done`, failing after [`READY`].
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + READY;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "not in time: {what}");
-        tokio::task::yield_now().await;
-    }
-}
-
 /// A QUIC client whose first packet reached the server before its CA was replaced, and whose
 /// connection is accepted after the server took the new CA: quinn keeps the configuration an
 /// endpoint had when a client's first packet came, so the server must accept with the newest
@@ -318,14 +321,14 @@ async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca(
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connecting = endpoint.connect(addr, "localhost").unwrap();
-    until("the client's first packet", || udp_queued(addr.port()) > 0).await;
+    yield_until("the client's first packet", || udp_queued(addr.port()) > 0).await;
 
     // The server's endpoint reads it with the configuration of the old CA...
     let (tls, tls_rx) = tokio::sync::watch::channel(config(&server_files));
     let (trust, trust_rx) = tokio::sync::watch::channel(0u64);
     let server =
         amb_quic::QuicServer::new(socket, tls_rx, trust_rx, amb_proto::Limits::default()).unwrap();
-    until("the server reading the client's first packet", || {
+    yield_until("the server reading the client's first packet", || {
         udp_queued(addr.port()) == 0
     })
     .await;

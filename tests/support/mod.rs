@@ -475,6 +475,27 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
         .then_some(text)
 }
 
+/// Bytes waiting in the receive queue of the UDP socket bound to `port` on 127.0.0.1.
+pub fn udp_queued(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&local.as_str()))
+        .and_then(|f| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())
+        .unwrap_or_else(|| panic!("no UDP socket on {local} in /proc/net/udp"))
+}
+
+/// Yields to the runtime until `done`, failing after [`READY`].
+pub async fn yield_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + READY;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "not in time: {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A TCP address whose connects hang until [`Stalled::release`]: a listener with a backlog of
 /// 0 whose one queue slot is taken, so the kernel drops further SYNs (the dialer retries them
 /// after its SYN timeout, 1 s, then 3, 7, ... until it gives up about two minutes later).

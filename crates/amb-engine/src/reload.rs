@@ -2,8 +2,9 @@
 //! ([`Reload::now`], which the binary calls on SIGHUP) and when the files change on disk, and
 //! the transports take the newest for each new handshake; a reload that finds the files as they
 //! were changes nothing. A change of the CA certificates moves the trust generation, by which a
-//! server drains the connections it verified before. Files that do not load (a key that does not match its certificate, a file half written) leave the
-//! running configuration in place, with an error naming them; their next change is tried again.
+//! server drains the connections it verified before. Files that do not load (a key that does
+//! not match its certificate, a file half written) leave the running configuration in place,
+//! with an error naming them; their next change is tried again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,9 @@ pub(crate) struct Certs<C> {
     configs: Vec<(&'static [u8], watch::Sender<Arc<C>>)>,
     /// The files as they were at the last load, good or not.
     loaded: FilesStamp,
-    /// What the files held at the last good load.
-    current: FilesContents,
+    /// What the files held at the last good load; `None` if they changed during it, so that
+    /// which contents the configurations were built from is unknown.
+    current: Option<FilesContents>,
     /// Counts the good loads that changed the CA file: the trust generation.
     trust: watch::Sender<u64>,
 }
@@ -48,11 +50,12 @@ impl<C> Certs<C> {
         alpns: &[&'static [u8]],
     ) -> Result<Self, PkiError> {
         let loaded = files.stamp();
+        let before = files.contents()?;
         let configs = alpns
             .iter()
             .map(|alpn| Ok((*alpn, watch::Sender::new(build(&files, alpn)?))))
             .collect::<Result<_, PkiError>>()?;
-        let current = files.contents()?;
+        let current = known(before, files.contents()?);
         Ok(Certs {
             files,
             build,
@@ -92,16 +95,17 @@ impl<C> Certs<C> {
             .map(|(alpn, _)| (self.build)(&self.files, alpn))
             .collect::<Result<Vec<_>, _>>()?;
         let after = self.files.contents()?;
-        if before == self.current && after == before {
+        if self.current.as_ref() == Some(&before) && after == before {
             return Ok(Reloaded::Unchanged);
         }
         for ((_, config), new) in self.configs.iter().zip(fresh) {
             config.send_replace(new);
         }
-        if before.ca != self.current.ca || after.ca != before.ca {
+        let trust_before = self.current.as_ref().map(|current| &current.ca);
+        if trust_before != Some(&before.ca) || after.ca != before.ca {
             self.trust.send_modify(|generation| *generation += 1);
         }
-        self.current = before;
+        self.current = known(before, after);
         Ok(Reloaded::Changed)
     }
 
@@ -142,6 +146,11 @@ impl<C> Certs<C> {
     }
 }
 
+/// The contents a build read, if the reads `before` and `after` it agree.
+fn known(before: FilesContents, after: FilesContents) -> Option<FilesContents> {
+    (before == after).then_some(before)
+}
+
 /// What a good reload did.
 #[derive(Debug, PartialEq, Eq)]
 enum Reloaded {
@@ -165,12 +174,13 @@ mod tests {
 
     use std::path::{Path, PathBuf};
 
-    /// A stand-in build: the configuration is the cert file's text, and `bad` fails.
+    /// A stand-in build: the configuration is the cert file's text, and `bad` fails. With a
+    /// file `swap-ca` beside them, it replaces the CA file while it builds (once).
     fn build(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<String>, PkiError> {
         let text = std::fs::read_to_string(&files.cert).unwrap();
-        if text == "swap the CA" {
-            // The CA file replaced while the configuration is built.
-            write_ca(files.ca.parent().unwrap(), "ca swapped");
+        let dir = files.ca.parent().unwrap();
+        if std::fs::remove_file(dir.join("swap-ca")).is_ok() {
+            write_ca(dir, "ca swapped");
         }
         // Empty: a write caught between its truncation and its bytes, as a real build fails.
         if text == "bad" || text.is_empty() {
@@ -224,6 +234,10 @@ mod tests {
     fn write_ca(dir: &Path, name: &str) {
         let ca = amb_pki::CertAuthority::generate(name).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.cert_pem).unwrap();
+    }
+
+    fn swap_ca_during_the_next_build(dir: &Path) {
+        std::fs::write(dir.join("swap-ca"), "").unwrap();
     }
 
     /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
@@ -288,15 +302,30 @@ mod tests {
         std::fs::write(&ca, rewritten).unwrap();
         assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
         assert_eq!(*trust.borrow(), 1, "the same certificates, written anew");
-        // Which CA the build read is unknown: it moves now, and again at the next reload.
-        write(dir.path(), "swap the CA");
-        certs.reload().unwrap();
+        // Which CA the build read is unknown: it moves now, and again at the next reload,
+        // though the files then hold what they held after the build.
+        swap_ca_during_the_next_build(dir.path());
+        assert_eq!(certs.reload().unwrap(), Reloaded::Changed);
         assert_eq!(*trust.borrow(), 2);
-        write(dir.path(), "after the swap");
-        certs.reload().unwrap();
+        assert_eq!(certs.reload().unwrap(), Reloaded::Changed);
         assert_eq!(*trust.borrow(), 3);
-        certs.reload().unwrap();
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
         assert_eq!(*trust.borrow(), 3);
+    }
+
+    #[test]
+    fn a_change_during_the_first_load_is_taken_at_the_next_reload() {
+        let dir = Dir::new("first-load");
+        write(dir.path(), "one");
+        write_key(dir.path(), "key one");
+        write_ca(dir.path(), "ca one");
+        swap_ca_during_the_next_build(dir.path());
+        let mut certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
+        let (config, trust) = (certs.subscribe(b"h2").unwrap(), certs.trust());
+        assert_eq!(certs.reload().unwrap(), Reloaded::Changed);
+        assert!(config.has_changed().unwrap());
+        assert_eq!(*trust.borrow(), 1, "the CA the first build read is unknown");
+        assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
     }
 
     #[test]
@@ -308,7 +337,6 @@ mod tests {
         // Written again with the same bytes: a new stamp, the same contents.
         write(dir.path(), "one");
         write_key(dir.path(), "key one");
-        assert_ne!(certs.loaded, certs.files.stamp());
         assert_eq!(certs.reload().unwrap(), Reloaded::Unchanged);
         assert!(!config.has_changed().unwrap(), "nothing was published");
         // Bytes moved from the end of one file to the start of the other are a change.
