@@ -240,11 +240,16 @@ mod tests {
         std::fs::write(dir.join("swap-ca"), "").unwrap();
     }
 
+    /// Writes the first stand-in files: a cert file saying `one`, a key, a CA.
+    fn write_first(dir: &Path) {
+        write(dir, "one");
+        write_key(dir, "key one");
+        write_ca(dir, "ca one");
+    }
+
     /// Stand-in certificates for `h2` from `dir`, whose cert file says `one`.
     fn loaded(dir: &Dir) -> (Certs<String>, watch::Receiver<Arc<String>>) {
-        write(dir.path(), "one");
-        write_key(dir.path(), "key one");
-        write_ca(dir.path(), "ca one");
+        write_first(dir.path());
         let certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
         let config = certs.subscribe(b"h2").unwrap();
         (certs, config)
@@ -253,9 +258,7 @@ mod tests {
     #[test]
     fn a_reload_replaces_every_configuration_or_none() {
         let dir = Dir::new("all-or-none");
-        write(dir.path(), "one");
-        write_key(dir.path(), "key one");
-        write_ca(dir.path(), "ca one");
+        write_first(dir.path());
         let mut certs = Certs::load(files(dir.path()), build, &[b"h2", b"amb/1"]).unwrap();
         let (h2, quic) = (
             certs.subscribe(b"h2").unwrap(),
@@ -316,9 +319,7 @@ mod tests {
     #[test]
     fn a_change_during_the_first_load_is_taken_at_the_next_reload() {
         let dir = Dir::new("first-load");
-        write(dir.path(), "one");
-        write_key(dir.path(), "key one");
-        write_ca(dir.path(), "ca one");
+        write_first(dir.path());
         swap_ca_during_the_next_build(dir.path());
         let mut certs = Certs::load(files(dir.path()), build, &[b"h2"]).unwrap();
         let (config, trust) = (certs.subscribe(b"h2").unwrap(), certs.trust());
