@@ -267,13 +267,10 @@ async fn drain(ctx: Arc<ConnCtx>, cause: DrainCause) {
 /// streams and all: its client may ignore the drain, and was verified under the old CAs.
 async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
     tokio::time::sleep(after).await;
-    if ctx.conn.close_reason().is_none() {
-        warn!(peer = %ctx.peer, transport = "quic", "closing tunnel connection: still open {after:?} after the trusted CAs changed");
-        ctx.conn.close(
-            VarInt::from_u32(ResetCode::REFUSED.0),
-            b"trusted CAs changed",
-        );
-    }
+    ctx.close(
+        format_args!("still open {after:?} after the trusted CAs changed"),
+        b"trusted CAs changed",
+    );
 }
 
 /// One line for the connection's end, however many streams it cut off: a warning if it cut
@@ -364,12 +361,21 @@ impl ConnCtx {
         if self.budget.spend() {
             return true;
         }
-        warn!(peer = %self.peer, transport = "quic", "closing tunnel connection: too many refused streams (last: {why})");
-        self.conn.close(
-            VarInt::from_u32(ResetCode::REFUSED.0),
+        self.close(
+            format_args!("too many refused streams (last: {why})"),
             b"too many refused streams",
         );
         false
+    }
+
+    /// Closes the connection, streams and all, telling the client `reason`, with one warning
+    /// saying why (none if it is closing already).
+    fn close(&self, why: std::fmt::Arguments<'_>, reason: &[u8]) {
+        if self.conn.close_reason().is_none() {
+            warn!(peer = %self.peer, transport = "quic", "closing tunnel connection: {why}");
+            self.conn
+                .close(VarInt::from_u32(ResetCode::REFUSED.0), reason);
+        }
     }
 }
 

@@ -251,10 +251,9 @@ async fn serve_connection<H, F>(
 /// streams and all: its client may ignore the drain, and was verified under the old CAs.
 async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
     tokio::time::sleep(after).await;
-    if !ctx.closing.swap(true, Ordering::Relaxed) {
-        warn!(peer = %ctx.peer, transport = "tls", "closing tunnel connection: still open {after:?} after the trusted CAs changed");
-        ctx.kill.notify_one();
-    }
+    ctx.close(format_args!(
+        "still open {after:?} after the trusted CAs changed"
+    ));
 }
 
 /// Marks a connection as closing when its task ends.
@@ -284,8 +283,14 @@ impl ConnCtx {
         if self.closing.load(Ordering::Relaxed) || self.budget.spend() {
             return;
         }
+        self.close(format_args!("too many refused streams (last: {why})"));
+    }
+
+    /// Closes the connection, streams and all, with one warning saying why (none if it is
+    /// closing already).
+    fn close(&self, why: std::fmt::Arguments<'_>) {
         if !self.closing.swap(true, Ordering::Relaxed) {
-            warn!(peer = %self.peer, transport = "tls", "closing tunnel connection: too many refused streams (last: {why})");
+            warn!(peer = %self.peer, transport = "tls", "closing tunnel connection: {why}");
             self.kill.notify_one();
         }
     }
