@@ -1264,7 +1264,22 @@ def machine_info(b: Bench) -> dict:
     }
     amb_bin = b.amb_binary
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(), "versions": versions,
-            "amb_binary": amb_bin, "loadavg_end": _loadavg()}
+            "cpu_idle": cpu_idle_info(), "amb_binary": amb_bin, "loadavg_end": _loadavg()}
+
+
+def cpu_idle_info() -> dict:
+    """How idle CPUs wait: it sets what waking a process on the other CPU costs, which every
+    relay pays once per hop (BENCHMARKS.md: with a VM's halt-polling off, about 23 µs a wake)."""
+    def read(path):
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+    return {
+        "driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "governor": read("/sys/devices/system/cpu/cpuidle/current_governor"),
+        "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -1417,7 +1432,9 @@ def main() -> int:
             print(f"  - {e}")
     for n in notes:
         print(f"\nnote: {n}")
-    print(f"\n{mach['nproc']} cpu, {mach['cpu_model']}, kernel {mach['kernel']}; {doc['elapsed_s']}s")
+    idle = mach["cpu_idle"]
+    print(f"\n{mach['nproc']} cpu, {mach['cpu_model']}, kernel {mach['kernel']}; cpuidle {idle['driver']}"
+          f" (guest_halt_poll_ns {idle['guest_halt_poll_ns']}); {doc['elapsed_s']}s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
