@@ -51,7 +51,7 @@ def parse_variant(spec: str) -> dict:
         raise argparse.ArgumentTypeError(f"{spec!r}: write NAME=BINARY")
     if not Path(binary).exists():
         raise argparse.ArgumentTypeError(f"{binary} not found")
-    return {"name": name, "binary": binary, "client": [], "server": []}
+    return {"name": name, "binary": binary, "client": [], "server": [], "unix_upstream": False}
 
 
 def named_arg(spec: str) -> tuple[str, str]:
@@ -95,6 +95,7 @@ def use(b: run.Bench, binary: Path, v: dict) -> None:
     """Makes the next pair `b` starts run this variant."""
     b.amb = binary
     b.args.amb_client_arg, b.args.amb_server_arg = v["client"], v["server"]
+    b.amb_unix_upstream = v["unix_upstream"]
 
 
 def main() -> int:
@@ -105,6 +106,8 @@ def main() -> int:
                     help="NAME=ARG: an extra amb client argument for variant NAME (repeatable)")
     ap.add_argument("--server-arg", action="append", type=named_arg, default=[],
                     help="NAME=ARG: an extra amb server argument for variant NAME (repeatable)")
+    ap.add_argument("--unix-upstream", action="append", default=[], metavar="NAME",
+                    help="variant NAME's server dials redis over its Unix socket (repeatable)")
     ap.add_argument("--transport", choices=["tls", "quic"], default="tls")
     ap.add_argument("--load", choices=[*LOADS, "iperf", "iperf-r", "idle-mem"], default="get")
     ap.add_argument("--rounds", type=int, default=5)
@@ -119,6 +122,10 @@ def main() -> int:
             if name not in by_name:
                 ap.error(f"--{side}-arg {name}={arg}: no variant named {name}")
             by_name[name][side].append(arg)
+    for name in args.unix_upstream:
+        if name not in by_name:
+            ap.error(f"--unix-upstream {name}: no variant named {name}")
+        by_name[name]["unix_upstream"] = True
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -360,6 +360,10 @@ class Bench:
         self.certs = self.work / "certs"
         self.amb = Path(args.amb)
         self.redis_port = 0
+        # redis also listens here; an amb server dials it instead of TCP while this is set
+        # (`bench/ab.py --unix-upstream`: a server ambassador beside its service).
+        self.redis_unix = self.work / "redis.sock"
+        self.amb_unix_upstream = False
         self.iperf_port = 0
         self.tools: dict[str, str] = {}
         self.n = 0
@@ -400,7 +404,8 @@ class Bench:
         self.redis_port = free_port()
         self.redis = spawn([self.tools["redis-server"], "--port", self.redis_port, "--bind", HOST,
                             "--save", "", "--appendonly", "no", "--maxclients", "40000",
-                            "--protected-mode", "no"], self.path("redis.log"))
+                            "--protected-mode", "no", "--unixsocket", self.redis_unix,
+                            "--unixsocketperm", "700"], self.path("redis.log"))
         wait_ping(self.redis_port, [self.redis])
         self.start_iperf()
 
@@ -469,7 +474,9 @@ class Bench:
                     "-k", c / "spiped.key", "-n", str(_two_socket_limit())]
         else:
             transport = pair.split("-")[1]
-            argv = [self.amb, "server", "--listen", f"{HOST}:{srv_port}", "--upstream", f"{HOST}:{upstream}",
+            dial = f"unix:{self.redis_unix}" if self.amb_unix_upstream and upstream == self.redis_port \
+                else f"{HOST}:{upstream}"
+            argv = [self.amb, "server", "--listen", f"{HOST}:{srv_port}", "--upstream", dial,
                     "--certs-dir", c, "--transport", transport, *self.args.amb_server_arg]
         server = spawn(argv, self.path(f"{tag}-server.log"))
         inst.procs.append(server)

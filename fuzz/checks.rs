@@ -105,14 +105,18 @@ pub fn listen_spec(data: &[u8]) {
     }
 }
 
-/// `--upstream` / `--route` addresses: accepted ones are HOST:PORT with a non-zero port and no
-/// whitespace or path, and print back unchanged.
+/// `--upstream` / `--route` addresses: accepted ones are `unix:` and a path with no NUL, or
+/// HOST:PORT with a non-zero port and no whitespace or path, and print back unchanged.
 pub fn upstream(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     if let Ok(up) = text.parse::<Upstream>() {
         assert_eq!(up.to_string(), text);
+        if let Some(path) = text.strip_prefix("unix:") {
+            assert!(!path.is_empty() && !path.contains('\0'));
+            return;
+        }
         let (host, port) = text.rsplit_once(':').expect("accepted without a port");
         assert!(port.parse::<u16>().is_ok_and(|p| p > 0));
         assert!(!host.is_empty() && !host.contains(char::is_whitespace) && !host.contains('/'));

@@ -172,11 +172,12 @@ struct ServerArgs {
     /// Address to listen on (TCP for TLS, UDP for QUIC).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: std::net::SocketAddr,
-    /// Upstream of the route named `default`. A name is looked up every 5 s, not per connection.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Upstream of the route named `default`: HOST:PORT, or unix:PATH for a service on this
+    /// host (no TCP handshake per connection). A name is looked up every 5 s, not per connection.
+    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
     upstream: Option<Upstream>,
-    /// A named route: NAME=HOST:PORT (repeatable).
-    #[arg(long = "route", value_name = "NAME=HOST:PORT", value_parser = parse_route)]
+    /// A named route: NAME=HOST:PORT or NAME=unix:PATH (repeatable).
+    #[arg(long = "route", value_name = "NAME=UPSTREAM", value_parser = parse_route)]
     routes: Vec<(RouteName, Upstream)>,
     /// Transports to serve.
     #[arg(long, value_enum, default_value = "both")]
@@ -247,9 +248,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_route(s: &str) -> Result<(RouteName, Upstream), String> {
-    let (name, upstream) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: write NAME=HOST:PORT, e.g. pg=db.internal:5432"))?;
+    let (name, upstream) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: write NAME=HOST:PORT or NAME=unix:PATH, e.g. pg=db.internal:5432")
+    })?;
     Ok((
         name.parse().map_err(|e| format!("{e}"))?,
         upstream.parse().map_err(|e| format!("{e}"))?,
@@ -469,6 +470,8 @@ mod tests {
         let (name, up) = parse_route("pg=db:5432").unwrap();
         assert_eq!((name.as_str(), up.to_string().as_str()), ("pg", "db:5432"));
         assert!(parse_route("pg").is_err() && parse_route("PG=db:1").is_err());
+        let (_, up) = parse_route("cache=unix:/run/redis/redis.sock").unwrap();
+        assert_eq!(up.to_string(), "unix:/run/redis/redis.sock");
         assert_eq!(peer_host("[::1]:7443").unwrap(), "::1");
         assert_eq!(peer_host("big-server:7443").unwrap(), "big-server");
     }

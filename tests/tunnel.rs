@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 per_transport!(
     redis_ping_set_get_and_10mb_value,
+    a_unix_socket_upstream_carries_redis_and_half_closes,
     two_hundred_concurrent_echo_connections,
     half_close_client_first,
     half_close_upstream_speaks_first,
@@ -113,6 +114,58 @@ async fn redis_ping_set_get_and_10mb_value(t: Transport) {
     let body = &got[5 + header.len()..got.len() - 2];
     assert!(body == &value[..], "10 MB value came back altered");
     server.log.wait_for(&["upstream resolved", &upstream]);
+}
+
+async fn a_unix_socket_upstream_carries_redis_and_half_closes(t: Transport) {
+    let pki = Pki::new();
+    let dir = TempDir::new("unix-upstream");
+    let socket = dir.0.join("redis.sock");
+    let redis = Redis::start_with(&["--unixsocket", socket.to_str().unwrap()]);
+    let (server, client) = pair(&pki, &format!("unix:{}", socket.display()), t, &[], &[]);
+    let port = client.listen_addr().port();
+    let cli = move |args: &'static [&'static str]| blocking(move || redis_cli(port, args));
+    assert_eq!(cli(&["set", "over", "unix"]).await.as_deref(), Some("OK"));
+    // Set through the tunnel, read back over redis's own TCP port: the same server.
+    assert_eq!(
+        redis_cli(redis.port, &["get", "over"]).as_deref(),
+        Some("unix")
+    );
+    drop((server, client));
+
+    // Half-close both ways over the Unix socket: the upstream greets and ends its side, and
+    // still reads what the app sends after that.
+    let greeter = dir.0.join("greeter.sock");
+    let listener = tokio::net::UnixListener::bind(&greeter).unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut unix, _) = listener.accept().await.unwrap();
+        unix.write_all(b"hello over unix").await.unwrap();
+        unix.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        unix.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let (_server, client) = pair(&pki, &format!("unix:{}", greeter.display()), t, &[], &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    let greeting = tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, b"hello over unix");
+    tcp.write_all(b"bye").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let got = tokio::time::timeout(READY, upstream)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"bye");
+
+    // A socket nobody listens on: the app connection is reset, and the server names the path.
+    let missing = dir.0.join("missing.sock");
+    let (server, client) = pair(&pki, &format!("unix:{}", missing.display()), t, &[], &[]);
+    assert_reset_after_write(client.listen_addr(), b"anyone there?").await;
+    server
+        .log
+        .wait_for(&["stream refused", &missing.display().to_string()]);
 }
 
 async fn two_hundred_concurrent_echo_connections(t: Transport) {

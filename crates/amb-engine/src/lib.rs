@@ -16,7 +16,7 @@ pub use client::{Client, ClientSettings, ClientTransport};
 pub use listen::{ListenSpec, ListenSpecError};
 pub use reload::Reload;
 pub use server::{Server, ServerSettings, ServerTransports};
-pub use upstream::{Upstream, UpstreamParseError};
+pub use upstream::{Upstream, UpstreamParseError, UpstreamStream};
 
 use std::net::SocketAddr;
 

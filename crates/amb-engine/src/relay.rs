@@ -1,25 +1,80 @@
-//! The copy loops between a TCP socket and a tunnel stream, written once for both transports.
+//! The copy loops between a socket (TCP, or Unix for a local upstream) and a tunnel stream,
+//! written once for both transports and both kinds of socket.
 //!
 //! - Half-close travels both ways: the socket's FIN finishes the stream, the stream's end
 //!   shuts the socket's write side.
 //! - Backpressure: one chunk in flight per direction; the transport's `send` waits for
 //!   flow-control credit and the socket write waits for the kernel.
-//! - Any failure resets both sides: the stream with a reset code, the socket with a TCP RST, so
-//!   data loss is never disguised as a clean end.
+//! - Any failure resets both sides: the stream with a reset code, a TCP socket with an RST, so
+//!   data loss is never disguised as a clean end (a Unix socket has no RST: it is closed).
 //! - A connection that carries small messages holds no read buffer: it reads into a scratch
 //!   buffer of its thread and copies each read out. It gets a buffer of its own (growing to
 //!   256 KiB) after a read of 4 KiB or more, and keeps it (`ReadBuffer`). The other direction
 //!   keeps the batch vector's capacity, at most 32 chunk handles (1 KiB).
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use amb_proto::{ResetCode, StreamError, StreamRecv, StreamSend};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+
+/// A connected stream socket the relay carries: a TCP connection, or a Unix socket to an
+/// upstream on the same host. The methods are tokio's own, named as there.
+pub trait Socket: AsFd + Send + Sync {
+    /// Waits until the socket may be read.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Waits until the socket may be written.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// One non-blocking read into `buf`'s spare capacity.
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// One non-blocking vectored write.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Runs `f`, clearing `interest`'s readiness if it returns `WouldBlock`.
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Closes the socket as an abort: a TCP RST. A Unix socket has none, so its peer sees a
+    /// plain end (or a reset, if it left data unread).
+    fn reset(self);
+}
+
+/// Implements [`Socket`] for one of tokio's stream sockets by calling its own methods, and
+/// `$abort` to reset it.
+macro_rules! socket_of_tokio {
+    ($type:ty, $abort:path) => {
+        impl Socket for $type {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$type>::readable(self)
+            }
+            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$type>::writable(self)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                <$type>::try_read_buf(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$type>::try_write_vectored(self, bufs)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$type>::try_io(self, interest, f)
+            }
+            fn reset(self) {
+                $abort(self)
+            }
+        }
+    };
+}
+
+socket_of_tokio!(TcpStream, reset_tcp);
+socket_of_tokio!(UnixStream, drop);
 
 /// First read buffer size; it doubles while reads fill it.
 const MIN_BUFFER: usize = 16 << 10;
@@ -30,8 +85,8 @@ const MAX_BUFFER: usize = 256 << 10;
 /// packet; one syscall per packet was most of the receive side's cost).
 const MAX_WRITE_BATCH: usize = 32;
 
-/// Writes every chunk of `batch` to `tcp` with as few `writev` calls as the kernel allows.
-async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<()> {
+/// Writes every chunk of `batch` to `socket` with as few `writev` calls as the kernel allows.
+async fn write_all_vectored(socket: &impl Socket, batch: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
     loop {
         // Empty chunks (an end-of-stream frame carries none) never cost a syscall.
@@ -41,8 +96,8 @@ async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<
         if first == batch.len() {
             return Ok(());
         }
-        tcp.writable().await?;
-        let mut written = match write_vectored_now(tcp, &batch[first..]) {
+        socket.writable().await?;
+        let mut written = match write_vectored_now(socket, &batch[first..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -63,13 +118,13 @@ async fn write_all_vectored(tcp: &TcpStream, batch: &mut [Bytes]) -> io::Result<
 
 /// One non-blocking `writev` of up to [`MAX_WRITE_BATCH`] chunks. Synchronous, so the slice
 /// array never becomes part of a connection's future.
-fn write_vectored_now(tcp: &TcpStream, chunks: &[Bytes]) -> io::Result<usize> {
+fn write_vectored_now(socket: &impl Socket, chunks: &[Bytes]) -> io::Result<usize> {
     let mut slices = [IoSlice::new(&[]); MAX_WRITE_BATCH];
     let count = chunks.len().min(MAX_WRITE_BATCH);
     for (slice, chunk) in slices.iter_mut().zip(chunks) {
         *slice = IoSlice::new(chunk);
     }
-    tcp.try_write_vectored(&slices[..count])
+    socket.try_write_vectored(&slices[..count])
 }
 
 /// Whether a short read proves the socket drained, so its readiness may be cleared without an
@@ -91,14 +146,14 @@ const SHORT_READ_DRAINS: bool = cfg!(any(
 /// spending a syscall to learn `EAGAIN`, one syscall saved per request on request/response
 /// traffic. The readiness is cleared only if no event arrived since it was observed before
 /// the read, so data that lands meanwhile is never missed.
-fn read_buf_now(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+fn read_buf_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
     if !SHORT_READ_DRAINS {
-        return tcp.try_read_buf(buf);
+        return socket.try_read_buf(buf);
     }
     let mut drained = None;
-    let read = tcp.try_io(Interest::READABLE, || {
+    let read = socket.try_io(Interest::READABLE, || {
         let spare = buf.capacity() - buf.len();
-        let n = tcp.try_read_buf(buf)?;
+        let n = socket.try_read_buf(buf)?;
         if n > 0 && n < spare {
             drained = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());
@@ -114,9 +169,9 @@ fn read_buf_now(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 /// How a relayed connection failed. Either way both sides were reset.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The TCP side (app or upstream) failed, e.g. it reset the connection.
-    #[error("TCP side: {0}")]
-    Tcp(#[source] io::Error),
+    /// The socket side (the app's or the upstream's) failed, e.g. it reset the connection.
+    #[error("socket side: {0}")]
+    Socket(#[source] io::Error),
     /// The tunnel stream failed: reset by the peer, refused, or the tunnel was lost.
     #[error("{0}")]
     Tunnel(#[from] StreamError),
@@ -125,28 +180,28 @@ pub enum RelayError {
 /// Bytes carried each way by a finished relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
-    /// From the TCP socket into the tunnel.
+    /// From the socket into the tunnel.
     pub to_tunnel: u64,
-    /// From the tunnel to the TCP socket.
+    /// From the tunnel to the socket.
     pub from_tunnel: u64,
 }
 
 /// Relays until both directions end cleanly, or resets both sides at the first failure.
-pub async fn relay<S: StreamSend, R: StreamRecv>(
-    tcp: TcpStream,
+pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
+    socket: T,
     mut send: S,
     mut recv: R,
 ) -> Result<RelayStats, RelayError> {
     let socket_ended = AtomicBool::new(false);
     let outcome = tokio::try_join!(
-        tcp_to_tunnel(&tcp, &mut send, &socket_ended),
-        tunnel_to_tcp(&tcp, &mut recv, &socket_ended)
+        socket_to_tunnel(&socket, &mut send, &socket_ended),
+        tunnel_to_socket(&socket, &mut recv, &socket_ended)
     );
     match outcome {
         Ok((to_tunnel, from_tunnel)) => {
             // Both directions are done: the close sends the socket's FIN (if the stream's end
             // did not already), without waiting for the tunnel peer's acknowledgement.
-            drop(tcp);
+            drop(socket);
             send.delivered().await;
             Ok(RelayStats {
                 to_tunnel,
@@ -155,12 +210,12 @@ pub async fn relay<S: StreamSend, R: StreamRecv>(
         }
         Err(e) => {
             let code = match &e {
-                RelayError::Tcp(_) => ResetCode::CANCEL,
+                RelayError::Socket(_) => ResetCode::CANCEL,
                 RelayError::Tunnel(_) => ResetCode::CONNECT_ERROR,
             };
             send.reset(code);
             recv.stop(code);
-            reset_tcp(tcp);
+            socket.reset();
             Err(e)
         }
     }
@@ -174,16 +229,16 @@ pub fn reset_tcp(tcp: TcpStream) {
 
 /// Copies the socket into the stream; sets `socket_ended` once the socket's FIN has finished
 /// the stream.
-async fn tcp_to_tunnel<S: StreamSend>(
-    tcp: &TcpStream,
+async fn socket_to_tunnel<S: StreamSend>(
+    socket: &impl Socket,
     send: &mut S,
     socket_ended: &AtomicBool,
 ) -> Result<u64, RelayError> {
     let mut total = 0u64;
     let mut reads = ReadBuffer::default();
     loop {
-        tcp.readable().await.map_err(RelayError::Tcp)?;
-        match reads.read(tcp) {
+        socket.readable().await.map_err(RelayError::Socket)?;
+        match reads.read(socket) {
             Ok((0, _)) => {
                 send.finish()?;
                 socket_ended.store(true, Ordering::Relaxed);
@@ -194,7 +249,7 @@ async fn tcp_to_tunnel<S: StreamSend>(
                 send.send(chunk).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(RelayError::Tcp(e)),
+            Err(e) => return Err(RelayError::Socket(e)),
         }
     }
 }
@@ -222,14 +277,14 @@ impl Default for ReadBuffer {
 
 impl ReadBuffer {
     /// One non-blocking read, as a chunk for the tunnel; `Ok((0, _))` at the socket's end.
-    fn read(&mut self, tcp: &TcpStream) -> io::Result<(usize, Bytes)> {
+    fn read(&mut self, socket: &impl Socket) -> io::Result<(usize, Bytes)> {
         let (n, chunk) = match &mut self.own {
             Some(buf) => {
                 make_room(buf, self.size);
-                let n = read_buf_now(tcp, buf)?;
+                let n = read_buf_now(socket, buf)?;
                 (n, take_chunk(buf, self.size))
             }
-            None => read_into_scratch(tcp)?,
+            None => read_into_scratch(socket)?,
         };
         self.note(n);
         Ok((n, chunk))
@@ -259,11 +314,11 @@ thread_local! {
 
 /// One non-blocking read of up to [`MIN_BUFFER`] bytes into the thread's scratch buffer,
 /// returned as its own chunk.
-fn read_into_scratch(tcp: &TcpStream) -> io::Result<(usize, Bytes)> {
+fn read_into_scratch(socket: &impl Socket) -> io::Result<(usize, Bytes)> {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
         make_room(scratch, MIN_BUFFER);
-        let n = read_buf_now(tcp, scratch)?;
+        let n = read_buf_now(socket, scratch)?;
         Ok((n, Bytes::copy_from_slice(&scratch[..n])))
     })
 }
@@ -293,8 +348,8 @@ fn take_chunk(buf: &mut BytesMut, size: usize) -> Bytes {
 /// Copies the stream into the socket; at the stream's end, shuts the socket's write side unless
 /// the socket already ended its own (then the caller's close sends the FIN, one syscall
 /// instead of two: the usual order for a client that closes after its last reply).
-async fn tunnel_to_tcp<R: StreamRecv>(
-    tcp: &TcpStream,
+async fn tunnel_to_socket<R: StreamRecv>(
+    socket: &impl Socket,
     recv: &mut R,
     socket_ended: &AtomicBool,
 ) -> Result<u64, RelayError> {
@@ -307,15 +362,15 @@ async fn tunnel_to_tcp<R: StreamRecv>(
             break;
         }
         total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
-        write_all_vectored(tcp, &mut batch)
+        write_all_vectored(socket, &mut batch)
             .await
-            .map_err(RelayError::Tcp)?;
+            .map_err(RelayError::Socket)?;
         batch.clear();
     }
     if socket_ended.load(Ordering::Relaxed) {
         return Ok(total);
     }
-    match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
+    match socket2::SockRef::from(socket).shutdown(Shutdown::Write) {
         // The socket may already be gone; its own error will surface on the other direction.
         Ok(()) | Err(_) => Ok(total),
     }

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::relay::{relay, RelayError};
 use crate::reload::{Certs, Reload};
 use crate::throttle::LogThrottle;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamStream};
 use crate::{bind_tcp, EngineError};
 
 /// Which transports the server listens with; `Both` shares one port number over TCP and UDP.
@@ -246,8 +246,8 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd 
             return StreamEnd::Closed;
         }
     };
-    let tcp = match upstream.dial(ctx.connect_timeout).await {
-        Ok(tcp) => tcp,
+    let socket = match upstream.dial(ctx.connect_timeout).await {
+        Ok(socket) => socket,
         Err(failure) => {
             warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
             incoming.refuse(failure.refusal).await;
@@ -267,7 +267,11 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd 
             return StreamEnd::Closed;
         }
     };
-    match relay(tcp, send, recv).await {
+    let relayed = match socket {
+        UpstreamStream::Tcp(tcp) => relay(tcp, send, recv).await,
+        UpstreamStream::Unix(unix) => relay(unix, send, recv).await,
+    };
+    match relayed {
         Ok(stats) => {
             debug!(%peer, %route, %upstream, up = stats.to_tunnel, down = stats.from_tunnel, "stream done");
             StreamEnd::Closed

@@ -1,5 +1,8 @@
 //! Dialing the configured upstream of a route. The server never dials anything else.
 //!
+//! An upstream is `host:port`, or `unix:PATH` for a service on the same host: a Unix socket
+//! spares the server ambassador the TCP handshake and teardown of every connection.
+//!
 //! An IP address is dialed as written. A name is looked up once per [`RESOLVE_EVERY`], and
 //! again when none of its addresses answer (at most once per [`RELOOKUP_AFTER_FAILURE`]), so
 //! DNS changes are followed without a lookup on every connection: a `getaddrinfo` on a
@@ -12,6 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::Refusal;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -34,7 +38,7 @@ pub const RELOOKUP_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// A lookup taking longer than this counts as failed (the addresses from before stay in use).
 pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 
-/// A route's upstream: `host:port`.
+/// A route's upstream: `host:port`, or `unix:PATH`.
 #[derive(Clone)]
 pub struct Upstream(Arc<Target>);
 
@@ -49,17 +53,37 @@ enum Host {
     Addr(SocketAddr),
     /// Looked up, with the last lookup kept.
     Name(Arc<Resolver>),
+    /// A Unix socket on this host.
+    Unix(PathBuf),
+}
+
+/// A connected upstream.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// Over TCP.
+    Tcp(TcpStream),
+    /// Over a Unix socket.
+    Unix(UnixStream),
 }
 
 /// Why an upstream address is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("upstream {0:?} is not HOST:PORT (e.g. redis:6379 or 10.0.0.5:5432)")]
+#[error("upstream {0:?} is not HOST:PORT or unix:PATH (e.g. redis:6379, 10.0.0.5:5432 or unix:/run/redis/redis.sock)")]
 pub struct UpstreamParseError(String);
 
 impl std::str::FromStr for Upstream {
     type Err = UpstreamParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || UpstreamParseError(s.to_owned());
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() || path.contains('\0') {
+                return Err(bad());
+            }
+            return Ok(Upstream(Arc::new(Target {
+                text: s.to_owned(),
+                host: Host::Unix(path.into()),
+            })));
+        }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let host = host
             .strip_prefix('[')
@@ -123,15 +147,25 @@ impl DialFailure {
 
 impl Upstream {
     /// Connects, trying each address in turn, all within `timeout`.
-    pub async fn dial(&self, timeout: Duration) -> Result<TcpStream, DialFailure> {
+    pub async fn dial(&self, timeout: Duration) -> Result<UpstreamStream, DialFailure> {
         let target = &*self.0;
         // Whether the dial was waiting for a lookup when time ran out, for the message.
         let waiting_for_lookup = AtomicBool::new(false);
         let attempt = async {
-            match &target.host {
+            let tcp = match &target.host {
                 Host::Addr(addr) => connect_any([*addr]).await.map_err(DialFailure::refused),
                 Host::Name(resolver) => resolver.connect(&waiting_for_lookup).await,
-            }
+                Host::Unix(path) => {
+                    return match UnixStream::connect(path).await {
+                        Ok(unix) => Ok(UpstreamStream::Unix(unix)),
+                        Err(e) => Err(DialFailure::refused(format!(
+                        "{}: {e}: is the service listening on that socket, and may amb open it?",
+                        target.text
+                    ))),
+                    }
+                }
+            };
+            tcp.map(UpstreamStream::Tcp)
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(dialed) => dialed,
@@ -406,7 +440,13 @@ mod tests {
 
     #[test]
     fn parses_host_port() {
-        for ok in ["redis:6379", "10.0.0.5:5432", "[::1]:6379", "db.internal:1"] {
+        for ok in [
+            "redis:6379",
+            "10.0.0.5:5432",
+            "[::1]:6379",
+            "db.internal:1",
+            "unix:/run/redis/redis.sock",
+        ] {
             assert!(ok.parse::<Upstream>().is_ok(), "{ok}");
         }
         for bad in [
@@ -417,6 +457,8 @@ mod tests {
             "redis:x",
             "a b:1",
             "http://x:1",
+            "unix:",
+            "unix:/run/a\0b",
         ] {
             assert!(bad.parse::<Upstream>().is_err(), "{bad}");
         }
@@ -426,7 +468,7 @@ mod tests {
     fn only_names_are_looked_up() {
         let host = |s: &str| match s.parse::<Upstream>().unwrap().0.host {
             Host::Addr(addr) => Some(addr),
-            Host::Name(_) => None,
+            Host::Name(_) | Host::Unix(_) => None,
         };
         assert_eq!(
             host("10.0.0.5:5432"),
@@ -672,7 +714,33 @@ mod tests {
     async fn a_real_name_is_dialed() {
         let (l, addr) = listener().await;
         let upstream: Upstream = format!("localhost:{}", addr.port()).parse().unwrap();
-        let (tcp, accepted) = tokio::join!(upstream.dial(Duration::from_secs(5)), l.accept());
-        assert_eq!(tcp.unwrap().local_addr().unwrap(), accepted.unwrap().1);
+        let (dialed, accepted) = tokio::join!(upstream.dial(Duration::from_secs(5)), l.accept());
+        let Ok(UpstreamStream::Tcp(tcp)) = dialed else {
+            panic!("a TCP dial: {dialed:?}");
+        };
+        assert_eq!(tcp.local_addr().unwrap(), accepted.unwrap().1);
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_is_dialed_and_a_missing_one_is_named() {
+        let path = std::env::temp_dir().join(format!("amb-upstream-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let upstream: Upstream = format!("unix:{}", path.display()).parse().unwrap();
+        assert_eq!(upstream.to_string(), format!("unix:{}", path.display()));
+
+        let failure = upstream.dial(Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(failure.refusal, Refusal::UpstreamRefused);
+        assert!(
+            failure.detail.contains(&path.display().to_string()),
+            "{}",
+            failure.detail
+        );
+
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (dialed, accepted) =
+            tokio::join!(upstream.dial(Duration::from_secs(5)), listener.accept());
+        assert!(matches!(dialed, Ok(UpstreamStream::Unix(_))), "{dialed:?}");
+        accepted.unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 }
