@@ -132,8 +132,8 @@ async fn a_unix_socket_upstream_carries_redis_and_half_closes(t: Transport) {
     );
     drop((server, client));
 
-    // Half-close both ways over the Unix socket: the upstream greets and ends its side, and
-    // still reads what the app sends after that.
+    // Half-close over the Unix socket: the upstream greets and ends its side, and still reads
+    // what the app sends after that.
     let greeter = dir.0.join("greeter.sock");
     let listener = tokio::net::UnixListener::bind(&greeter).unwrap();
     let upstream = tokio::spawn(async move {
@@ -158,6 +158,28 @@ async fn a_unix_socket_upstream_carries_redis_and_half_closes(t: Transport) {
         .unwrap()
         .unwrap();
     assert_eq!(got, b"bye");
+
+    // And the other order: the app ends its side first, and the upstream, reading to the end,
+    // answers only then (so amb must shut down the Unix socket's write side).
+    let counter = dir.0.join("counter.sock");
+    let listener = tokio::net::UnixListener::bind(&counter).unwrap();
+    tokio::spawn(async move {
+        let (mut unix, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        unix.read_to_end(&mut got).await.unwrap();
+        unix.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let (_server, client) = pair(&pki, &format!("unix:{}", counter.display()), t, &[], &[]);
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(&[7u8; 100_000]).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let answer = tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, b"got 100000 bytes");
 
     // A socket nobody listens on: the app connection is reset, and the server names the path.
     let missing = dir.0.join("missing.sock");

@@ -6,7 +6,8 @@
 //! - Backpressure: one chunk in flight per direction; the transport's `send` waits for
 //!   flow-control credit and the socket write waits for the kernel.
 //! - Any failure resets both sides: the stream with a reset code, a TCP socket with an RST, so
-//!   data loss is never disguised as a clean end (a Unix socket has no RST: it is closed).
+//!   data loss is never disguised as a clean end, except to a Unix-socket upstream, which has
+//!   no RST and sees a close.
 //! - A connection that carries small messages holds no read buffer: it reads into a scratch
 //!   buffer of its thread and copies each read out. It gets a buffer of its own (growing to
 //!   256 KiB) after a read of 4 KiB or more, and keeps it (`ReadBuffer`). The other direction
@@ -37,8 +38,8 @@ pub trait Socket: AsFd + Send + Sync {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Runs `f`, clearing `interest`'s readiness if it returns `WouldBlock`.
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    /// Closes the socket as an abort: a TCP RST. A Unix socket has none, so its peer sees a
-    /// plain end (or a reset, if it left data unread).
+    /// Closes the socket as an abort: a TCP RST. A Unix socket has none: its peer sees a plain
+    /// end, or a reset if amb leaves data of the peer's unread.
     fn reset(self);
 }
 
@@ -145,7 +146,9 @@ const SHORT_READ_DRAINS: bool = cfg!(any(
 /// tokio's own `poll_read` does): the next read waits for the kernel's next event instead of
 /// spending a syscall to learn `EAGAIN`, one syscall saved per request on request/response
 /// traffic. The readiness is cleared only if no event arrived since it was observed before
-/// the read, so data that lands meanwhile is never missed.
+/// the read, so data that lands meanwhile is never missed. A Linux Unix stream socket reads
+/// across queued buffers as TCP does; only passed descriptors (`SCM_RIGHTS`, which an upstream
+/// has no reason to send amb) would end a read early.
 fn read_buf_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
     if !SHORT_READ_DRAINS {
         return socket.try_read_buf(buf);
@@ -170,7 +173,7 @@ fn read_buf_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// The socket side (the app's or the upstream's) failed, e.g. it reset the connection.
-    #[error("socket side: {0}")]
+    #[error("app or upstream side: {0}")]
     Socket(#[source] io::Error),
     /// The tunnel stream failed: reset by the peer, refused, or the tunnel was lost.
     #[error("{0}")]

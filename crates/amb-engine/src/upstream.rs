@@ -15,7 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ pub enum UpstreamStream {
 
 /// Why an upstream address is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("upstream {0:?} is not HOST:PORT or unix:PATH (e.g. redis:6379, 10.0.0.5:5432 or unix:/run/redis/redis.sock)")]
+#[error("upstream {0:?} is not HOST:PORT, or unix:PATH with an absolute PATH of at most 107 bytes (e.g. redis:6379, 10.0.0.5:5432 or unix:/run/redis/redis.sock)")]
 pub struct UpstreamParseError(String);
 
 impl std::str::FromStr for Upstream {
@@ -76,7 +76,10 @@ impl std::str::FromStr for Upstream {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || UpstreamParseError(s.to_owned());
         if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() || path.contains('\0') {
+            // Absolute, so a dial does not depend on the working directory; and short enough
+            // for a socket address (no NUL, at most 107 bytes), so it fails here, not per dial.
+            let fits = std::os::unix::net::SocketAddr::from_pathname(path).is_ok();
+            if !path.starts_with('/') || !fits {
                 return Err(bad());
             }
             return Ok(Upstream(Arc::new(Target {
@@ -151,21 +154,23 @@ impl Upstream {
         let target = &*self.0;
         // Whether the dial was waiting for a lookup when time ran out, for the message.
         let waiting_for_lookup = AtomicBool::new(false);
+        // Whether a Unix socket's listen queue was full at the last try, for the message.
+        let queue_full = AtomicBool::new(false);
         let attempt = async {
-            let tcp = match &target.host {
-                Host::Addr(addr) => connect_any([*addr]).await.map_err(DialFailure::refused),
-                Host::Name(resolver) => resolver.connect(&waiting_for_lookup).await,
-                Host::Unix(path) => {
-                    return match UnixStream::connect(path).await {
-                        Ok(unix) => Ok(UpstreamStream::Unix(unix)),
-                        Err(e) => Err(DialFailure::refused(format!(
-                        "{}: {e}: is the service listening on that socket, and may amb open it?",
-                        target.text
-                    ))),
-                    }
-                }
-            };
-            tcp.map(UpstreamStream::Tcp)
+            match &target.host {
+                Host::Addr(addr) => connect_any([*addr])
+                    .await
+                    .map(UpstreamStream::Tcp)
+                    .map_err(DialFailure::refused),
+                Host::Name(resolver) => resolver
+                    .connect(&waiting_for_lookup)
+                    .await
+                    .map(UpstreamStream::Tcp),
+                Host::Unix(path) => connect_unix(path, &queue_full)
+                    .await
+                    .map(UpstreamStream::Unix)
+                    .map_err(DialFailure::refused),
+            }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(dialed) => dialed,
@@ -174,6 +179,11 @@ impl Upstream {
                 detail: if waiting_for_lookup.load(Ordering::Relaxed) {
                     format!(
                         "looking up {} took longer than {timeout:?}: check the resolver, or give an IP address",
+                        target.text
+                    )
+                } else if queue_full.load(Ordering::Relaxed) {
+                    format!(
+                        "{} kept its listen queue full for {timeout:?}: the service is not accepting connections as fast as they come",
                         target.text
                     )
                 } else {
@@ -197,6 +207,31 @@ async fn connect_any(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<TcpS
         .value;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
+}
+
+/// Longest pause between two tries of a Unix socket whose listen queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(50);
+
+/// Connects to a Unix socket. Its listen queue being full fails a non-blocking connect at once,
+/// where a TCP SYN would be retried, so that is tried again (pausing 1 ms, doubling up to
+/// [`QUEUE_FULL_PAUSE`]) until the dial's own timeout.
+async fn connect_unix(path: &Path, queue_full: &AtomicBool) -> Result<UnixStream, String> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(unix) => return Ok(unix),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                queue_full.store(true, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(QUEUE_FULL_PAUSE);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{e}: is the service listening on that socket, and may amb open it?"
+                ))
+            }
+        }
+    }
 }
 
 /// Whether two answers hold the same addresses, in whatever order.
@@ -459,9 +494,15 @@ mod tests {
             "http://x:1",
             "unix:",
             "unix:/run/a\0b",
+            "unix:relative.sock",
+            "unix:6379",
         ] {
             assert!(bad.parse::<Upstream>().is_err(), "{bad}");
         }
+        // A socket path holds at most 107 bytes.
+        let path = |len: usize| format!("unix:/{}", "a".repeat(len - 1));
+        assert!(path(107).parse::<Upstream>().is_ok());
+        assert!(path(108).parse::<Upstream>().is_err());
     }
 
     #[test]
@@ -731,7 +772,7 @@ mod tests {
         let failure = upstream.dial(Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(failure.refusal, Refusal::UpstreamRefused);
         assert!(
-            failure.detail.contains(&path.display().to_string()),
+            failure.detail.contains("listening on that socket"),
             "{}",
             failure.detail
         );
@@ -741,6 +782,56 @@ mod tests {
             tokio::join!(upstream.dial(Duration::from_secs(5)), listener.accept());
         assert!(matches!(dialed, Ok(UpstreamStream::Unix(_))), "{dialed:?}");
         accepted.unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_listen_queue_is_waited_out_within_the_timeout() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let path = std::env::temp_dir().join(format!("amb-queue-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let addr = SockAddr::unix(&path).unwrap();
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&addr).unwrap();
+        listener.listen(0).unwrap();
+        // Fill the queue: the next non-blocking connect fails at once.
+        let mut queued = Vec::new();
+        loop {
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            match socket.connect(&addr) {
+                Ok(()) => queued.push(socket),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the queue: {e}"),
+            }
+            assert!(queued.len() < 64, "the listen queue never filled");
+        }
+        let upstream: Upstream = format!("unix:{}", path.display()).parse().unwrap();
+
+        let failure = upstream.dial(Duration::from_millis(300)).await.unwrap_err();
+        assert_eq!(
+            failure.refusal,
+            Refusal::UpstreamTimeout,
+            "{}",
+            failure.detail
+        );
+        assert!(
+            failure.detail.contains("listen queue full"),
+            "{}",
+            failure.detail
+        );
+
+        // Once the service takes a connection off the queue, a waiting dial gets through.
+        let dial = tokio::spawn(async move { upstream.dial(Duration::from_secs(20)).await });
+        let (_listener, taken) = tokio::task::spawn_blocking(move || {
+            let taken = listener.accept();
+            (listener, taken)
+        })
+        .await
+        .unwrap();
+        taken.unwrap();
+        let dialed = dial.await.unwrap();
+        assert!(matches!(dialed, Ok(UpstreamStream::Unix(_))), "{dialed:?}");
         std::fs::remove_file(&path).unwrap();
     }
 }
