@@ -7,7 +7,7 @@ use std::time::Duration;
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 per_transport!(
@@ -132,54 +132,26 @@ async fn a_unix_socket_upstream_carries_redis_and_half_closes(t: Transport) {
     );
     drop((server, client));
 
-    // Half-close over the Unix socket: the upstream greets and ends its side, and still reads
-    // what the app sends after that.
+    // Half-close both ways over the Unix socket, as over TCP (half_close_* below).
     let greeter = dir.0.join("greeter.sock");
     let listener = tokio::net::UnixListener::bind(&greeter).unwrap();
-    let upstream = tokio::spawn(async move {
-        let (mut unix, _) = listener.accept().await.unwrap();
-        unix.write_all(b"hello over unix").await.unwrap();
-        unix.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        unix.read_to_end(&mut got).await.unwrap();
-        got
-    });
+    let upstream =
+        tokio::spawn(async move { greet_then_read(listener.accept().await.unwrap().0).await });
     let (_server, client) = pair(&pki, &format!("unix:{}", greeter.display()), t, &[], &[]);
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    let greeting = tokio::time::timeout(READY, read_all(&mut tcp))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(greeting, b"hello over unix");
-    tcp.write_all(b"bye").await.unwrap();
-    tcp.shutdown().await.unwrap();
+    assert_eq!(app_after_a_greeting(&client).await, b"hello from upstream");
     let got = tokio::time::timeout(READY, upstream)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(got, b"bye");
 
-    // And the other order: the app ends its side first, and the upstream, reading to the end,
-    // answers only then (so amb must shut down the Unix socket's write side).
+    // The app ends first; the upstream answers only after reading to the end, so amb must shut
+    // down the Unix socket's write side.
     let counter = dir.0.join("counter.sock");
     let listener = tokio::net::UnixListener::bind(&counter).unwrap();
-    tokio::spawn(async move {
-        let (mut unix, _) = listener.accept().await.unwrap();
-        let mut got = Vec::new();
-        unix.read_to_end(&mut got).await.unwrap();
-        unix.write_all(format!("got {} bytes", got.len()).as_bytes())
-            .await
-            .unwrap();
-    });
+    tokio::spawn(async move { count_then_answer(listener.accept().await.unwrap().0).await });
     let (_server, client) = pair(&pki, &format!("unix:{}", counter.display()), t, &[], &[]);
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    tcp.write_all(&[7u8; 100_000]).await.unwrap();
-    tcp.shutdown().await.unwrap();
-    let answer = tokio::time::timeout(READY, read_all(&mut tcp))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer, b"got 100000 bytes");
+    assert_eq!(app_ending_first(&client).await, b"got 100000 bytes");
 
     // A socket nobody listens on: the app connection is reset, and the server names the path.
     let missing = dir.0.join("missing.sock");
@@ -231,48 +203,70 @@ async fn two_hundred_concurrent_echo_connections(t: Transport) {
 }
 
 async fn half_close_client_first(t: Transport) {
-    // The upstream reads until the client's FIN, then answers with what it counted.
-    let upstream = Upstream::start(|mut tcp: TcpStream| async move {
-        let mut got = Vec::new();
-        tcp.read_to_end(&mut got).await.unwrap();
-        tcp.write_all(format!("got {} bytes", got.len()).as_bytes())
-            .await
-            .unwrap();
-    })
-    .await;
+    let upstream = Upstream::start(|tcp: TcpStream| count_then_answer(tcp)).await;
     let pki = Pki::new();
     let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
-    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
-    tcp.write_all(&[7u8; 100_000]).await.unwrap();
-    tcp.shutdown().await.unwrap();
-    let answer = tokio::time::timeout(READY, read_all(&mut tcp))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer, b"got 100000 bytes");
+    assert_eq!(app_ending_first(&client).await, b"got 100000 bytes");
 }
 
 async fn half_close_upstream_speaks_first(t: Transport) {
-    // The upstream greets, closes its write side, and still reads what the client sends.
-    let upstream = Upstream::start(|mut tcp: TcpStream| async move {
-        tcp.write_all(b"hello from upstream").await.unwrap();
-        tcp.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tcp.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"bye");
+    let (heard, mut what_it_heard) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Upstream::start(move |tcp: TcpStream| {
+        let heard = heard.clone();
+        async move {
+            let _ = heard.send(greet_then_read(tcp).await);
+        }
     })
     .await;
     let pki = Pki::new();
     let (_server, client) = pair(&pki, &upstream.addr.to_string(), t, &[], &[]);
+    assert_eq!(app_after_a_greeting(&client).await, b"hello from upstream");
+    let got = tokio::time::timeout(READY, what_it_heard.recv()).await;
+    assert_eq!(got.unwrap().unwrap(), b"bye");
+}
+
+/// Upstream of a half-close the app begins: reads to the app's FIN, then answers with the
+/// count.
+async fn count_then_answer(mut socket: impl AsyncRead + AsyncWrite + Unpin) {
+    let mut got = Vec::new();
+    socket.read_to_end(&mut got).await.unwrap();
+    socket
+        .write_all(format!("got {} bytes", got.len()).as_bytes())
+        .await
+        .unwrap();
+}
+
+/// App side of it: 100,000 bytes and its FIN, then the answer, read to the upstream's FIN.
+async fn app_ending_first(client: &Amb) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
+    tcp.write_all(&[7u8; 100_000]).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    tokio::time::timeout(READY, read_all(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Upstream of a half-close it begins: greets, ends its side, and returns what it still reads.
+async fn greet_then_read(mut socket: impl AsyncRead + AsyncWrite + Unpin) -> Vec<u8> {
+    socket.write_all(b"hello from upstream").await.unwrap();
+    socket.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    socket.read_to_end(&mut got).await.unwrap();
+    got
+}
+
+/// App side of it: the greeting, read to the upstream's FIN; then, its own side still open,
+/// `bye` and its FIN.
+async fn app_after_a_greeting(client: &Amb) -> Vec<u8> {
     let mut tcp = TcpStream::connect(client.listen_addr()).await.unwrap();
     let greeting = tokio::time::timeout(READY, read_all(&mut tcp))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(greeting, b"hello from upstream");
-    // Our side is still open for writing after the upstream's FIN.
     tcp.write_all(b"bye").await.unwrap();
     tcp.shutdown().await.unwrap();
+    greeting
 }
 
 async fn upstream_down_resets_then_recovers(t: Transport) {
