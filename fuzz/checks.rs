@@ -4,12 +4,12 @@
 //! `tests/fuzz_corpus.rs`, which replays the committed corpus through the same functions, so
 //! every interesting input found once stays a regression test in `cargo test`.
 
-use amb_engine::{ListenSpec, Upstream};
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::{
     decode_open_header, encode_open_header, AllowList, PeerIdentity, Refusal, RouteName,
     RouteTable, San,
 };
+use amb_spec::{ListenerSpec, UpstreamSpec};
 
 /// A property check over one input; it panics when the property fails.
 pub type Check = fn(&[u8]);
@@ -93,7 +93,7 @@ pub fn listen_spec(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(spec) = text.parse::<ListenSpec>() {
+    if let Ok(spec) = text.parse::<ListenerSpec>() {
         let addr = text.split_once('=').map_or(text, |(a, _)| a);
         if addr.parse::<u16>().is_ok() {
             assert!(spec.addr.ip().is_loopback(), "{text:?} bound {}", spec.addr);
@@ -111,7 +111,7 @@ pub fn upstream(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(up) = text.parse::<Upstream>() {
+    if let Ok(up) = text.parse::<UpstreamSpec>() {
         assert_eq!(up.to_string(), text);
         if let Some(path) = text.strip_prefix("unix:") {
             assert!(path.starts_with('/') && !path.contains('\0') && path.len() < 108);

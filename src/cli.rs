@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, ListenSpec, Reload, Server, ServerSettings,
-    ServerTransports, Upstream,
+    Client, ClientSettings, ClientTransport, Reload, Server, ServerSettings, ServerTransports,
 };
 use amb_pki::{InitOptions, LeafRole, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
+use amb_spec::{ListenerSpec, PeerSpec, RouteSpec, UpstreamSpec};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -175,10 +175,10 @@ struct ServerArgs {
     /// Upstream of the route named `default`: HOST:PORT, or unix:PATH for a service on this
     /// host (no TCP handshake per connection). A name is looked up every 5 s, not per connection.
     #[arg(long, value_name = "HOST:PORT|unix:PATH")]
-    upstream: Option<Upstream>,
+    upstream: Option<UpstreamSpec>,
     /// A named route: NAME=HOST:PORT or NAME=unix:PATH (repeatable).
-    #[arg(long = "route", value_name = "NAME=UPSTREAM", value_parser = parse_route)]
-    routes: Vec<(RouteName, Upstream)>,
+    #[arg(long = "route", value_name = "NAME=UPSTREAM")]
+    routes: Vec<RouteSpec>,
     /// Transports to serve.
     #[arg(long, value_enum, default_value = "both")]
     transport: ServerTransportArg,
@@ -211,10 +211,10 @@ enum ClientTransportArg {
 struct ClientArgs {
     /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
     #[arg(long, value_name = "HOST:PORT")]
-    peer: String,
+    peer: PeerSpec,
     /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
     #[arg(long = "listen", value_name = "[ADDR:]PORT[=ROUTE]", required = true)]
-    listens: Vec<ListenSpec>,
+    listens: Vec<ListenerSpec>,
     /// Tunnel transport.
     #[arg(long, value_enum, default_value = "quic")]
     transport: ClientTransportArg,
@@ -245,29 +245,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n * 3600),
         _ => return Err(bad()),
     })
-}
-
-fn parse_route(s: &str) -> Result<(RouteName, Upstream), String> {
-    let (name, upstream) = s.split_once('=').ok_or_else(|| {
-        format!("{s:?}: write NAME=HOST:PORT or NAME=unix:PATH, e.g. pg=db.internal:5432")
-    })?;
-    Ok((
-        name.parse().map_err(|e| format!("{e}"))?,
-        upstream.parse().map_err(|e| format!("{e}"))?,
-    ))
-}
-
-/// Host part of `host:port` (without IPv6 brackets).
-fn peer_host(peer: &str) -> anyhow::Result<String> {
-    let (host, port) = peer
-        .rsplit_once(':')
-        .with_context(|| format!("--peer {peer:?} is not HOST:PORT"))?;
-    port.parse::<u16>()
-        .with_context(|| format!("--peer {peer:?}: {port:?} is not a port"))?;
-    Ok(host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned())
 }
 
 /// Sets up `tracing`: `RUST_LOG` filters (default `info`), stderr output.
@@ -361,7 +338,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(upstream) = args.upstream {
         routes.insert(RouteName::default_route(), upstream);
     }
-    for (name, upstream) in args.routes {
+    for RouteSpec { name, upstream } in args.routes {
         if routes.insert(name.clone(), upstream).is_some() {
             bail!("route {name} is given twice (note: --upstream is the route named `default`)");
         }
@@ -395,10 +372,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
-    let server_name = match args.server_name {
-        Some(name) => name,
-        None => peer_host(&args.peer)?,
-    };
+    let server_name = args.server_name.unwrap_or_else(|| args.peer.host());
     let transport = match args.transport {
         ClientTransportArg::Quic => ClientTransport::Quic,
         ClientTransportArg::Tls => ClientTransport::Tls,
@@ -463,16 +437,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_routes_parse() {
+    fn durations_parse() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("10").is_err() && parse_duration("s").is_err());
-        let (name, up) = parse_route("pg=db:5432").unwrap();
-        assert_eq!((name.as_str(), up.to_string().as_str()), ("pg", "db:5432"));
-        assert!(parse_route("pg").is_err() && parse_route("PG=db:1").is_err());
-        let (_, up) = parse_route("cache=unix:/run/redis/redis.sock").unwrap();
-        assert_eq!(up.to_string(), "unix:/run/redis/redis.sock");
-        assert_eq!(peer_host("[::1]:7443").unwrap(), "::1");
-        assert_eq!(peer_host("big-server:7443").unwrap(), "big-server");
     }
 }

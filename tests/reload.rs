@@ -339,7 +339,11 @@ async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca(
     tls.send_replace(config(&server_files));
     trust.send_replace(1);
     let (_stop, stop) = tokio::sync::watch::channel(false);
-    let handler = |_stream: amb_quic::QuicIncoming| async { amb_proto::StreamEnd::Closed };
+    // Holds each connection it is given open, as the engine would.
+    let handler = |conn: amb_quic::QuicConnection, _verified_under| async move {
+        let _conn = conn;
+        std::future::pending::<()>().await
+    };
     tokio::spawn(async move { amb_quic::serve(&server, stop, handler).await });
 
     let closed = match connecting.await {

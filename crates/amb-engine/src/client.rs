@@ -8,11 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
-use amb_proto::{
-    Dialer, Limits, Retirement, RouteName, StreamEnd, StreamError, StreamTally, Tunnel, ALPN_H2,
-    ALPN_QUIC,
-};
+use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
+use amb_spec::{ListenerSpec, PeerSpec};
 use amb_tls::TlsDialer;
 use futures_util::future::join_all;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,9 +18,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::listen::ListenSpec;
+use crate::endpoints::{peer_source, Balancer, DialError, Endpoint};
 use crate::relay::{relay, reset_tcp, RelayError};
 use crate::reload::{Certs, Reload};
+use crate::tally::{StreamEnd, StreamTally};
 use crate::throttle::LogThrottle;
 use crate::{bind_tcp, EngineError};
 
@@ -38,8 +37,8 @@ pub enum ClientTransport {
 /// Everything the client needs.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
-    /// The server, `host:port`.
-    pub peer: String,
+    /// The server.
+    pub peer: PeerSpec,
     /// The name the server's certificate must be valid for.
     pub server_name: String,
     /// Which transport to use.
@@ -47,7 +46,7 @@ pub struct ClientSettings {
     /// Certificate, key and server CA.
     pub tls: TlsFiles,
     /// Local listeners.
-    pub listens: Vec<ListenSpec>,
+    pub listens: Vec<ListenerSpec>,
     /// Per-connection bounds.
     pub limits: Limits,
     /// Tunnel connections kept warm.
@@ -60,18 +59,12 @@ pub struct ClientSettings {
     pub reload_check: Option<Duration>,
 }
 
-enum AnyDialer {
-    Quic(QuicDialer),
-    Tls(TlsDialer),
-}
-
 /// A bound client, ready to run.
 pub struct Client {
     listeners: Vec<(TcpListener, RouteName)>,
-    dialer: AnyDialer,
+    link: Link,
     settings: ClientSettings,
     certs: Certs<amb_pki::rustls::ClientConfig>,
-    alpn: &'static [u8],
     reload: Reload,
 }
 
@@ -90,19 +83,20 @@ impl Client {
         };
         let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
         let tls = certs.subscribe(alpn).expect("loaded for this ALPN");
-        let dialer = match settings.transport {
-            ClientTransport::Quic => AnyDialer::Quic(QuicDialer::new(
-                tls,
-                settings.peer.clone(),
-                settings.server_name.clone(),
+        let peer = &settings.peer;
+        let link = match settings.transport {
+            ClientTransport::Quic => Link::Quic(PeerLink::new(
+                peer,
+                "quic",
+                QuicDialer::new(tls, settings.server_name.clone(), limits)?,
                 limits,
-            )?),
-            ClientTransport::Tls => AnyDialer::Tls(TlsDialer::new(
-                tls,
-                settings.peer.clone(),
-                &settings.server_name,
+            )),
+            ClientTransport::Tls => Link::Tls(PeerLink::new(
+                peer,
+                "tls",
+                TlsDialer::new(tls, &settings.server_name, limits)?,
                 limits,
-            )?),
+            )),
         };
         let listeners = settings
             .listens
@@ -111,10 +105,9 @@ impl Client {
             .collect::<Result<_, EngineError>>()?;
         Ok(Client {
             listeners,
-            dialer,
+            link,
             settings,
             certs,
-            alpn,
             reload: Reload::default(),
         })
     }
@@ -138,23 +131,19 @@ impl Client {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Client {
             listeners,
-            dialer,
+            link,
             settings,
             certs,
-            alpn,
             reload,
         } = self;
         let (stop_tx, stop) = watch::channel(false);
         let config = (
-            certs.subscribe(alpn).expect("loaded for this ALPN"),
+            certs.subscribe(link.alpn()).expect("loaded for this ALPN"),
             certs.trust(),
         );
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
-            match dialer {
-                AnyDialer::Quic(d) => run(d, config, listeners, settings, shutdown, "quic").await,
-                AnyDialer::Tls(d) => run(d, config, listeners, settings, shutdown, "tls").await,
-            }
+            run(link, config, listeners, settings, shutdown).await;
             let _ = stop_tx.send(true);
         };
         tokio::join!(certs, serving);
@@ -211,19 +200,131 @@ impl<T: Tunnel> Pool<T> {
     }
 }
 
+/// The tunnel connections to one peer over one transport: the dialer, the balancer over the
+/// peer's addresses, and the pool of warm connections.
+struct PeerLink<D: Dialer> {
+    /// The peer as configured, for logs.
+    name: String,
+    transport: &'static str,
+    dialer: D,
+    balancer: Balancer,
+    pool: Pool<D::Tunnel>,
+    limits: Limits,
+}
+
+impl<D: Dialer> PeerLink<D> {
+    fn new(peer: &PeerSpec, transport: &'static str, dialer: D, limits: Limits) -> Arc<Self> {
+        Arc::new(PeerLink {
+            name: peer.to_string(),
+            transport,
+            dialer,
+            balancer: Balancer::new(peer_source(peer)),
+            pool: Pool {
+                live: watch::Sender::new(Vec::new()),
+                next: AtomicUsize::new(0),
+            },
+            limits,
+        })
+    }
+
+    /// Dials a tunnel connection: the peer's addresses come from its source, in this dial's
+    /// turn, raced after Happy Eyeballs within the handshake timeout.
+    async fn dial(&self) -> Result<D::Tunnel, DialError<String>> {
+        let (peer, transport, dialer) = (&self.name, self.transport, &self.dialer);
+        let waiting = AtomicBool::new(false);
+        let limit = Some(self.limits.handshake_timeout);
+        let won = self
+            .balancer
+            .dial(limit, &waiting, |endpoint| async move {
+                match endpoint {
+                    Endpoint::Tcp(addr) => dialer.dial(addr).await.map_err(|e| e.to_string()),
+                    Endpoint::Unix(_) => Err("a peer is reached over the network".to_owned()),
+                }
+            })
+            .await?;
+        if !won.passed_over.is_empty() {
+            let others = &won.passed_over;
+            warn!(%peer, transport, addr = %won.addr, "dialed a later address of the peer; passed over {others}");
+        }
+        Ok(won.value)
+    }
+
+    /// Closes every pooled connection (at shutdown, after the drain).
+    async fn close(&self) {
+        let tunnels = self.pool.live.send_replace(Vec::new());
+        join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
+    }
+}
+
+/// A peer's link, whatever its transport: what listeners hold, so that they can route to
+/// several peers and transports. Dispatch is once per app connection.
+#[derive(Clone)]
+enum Link {
+    Quic(Arc<PeerLink<QuicDialer>>),
+    Tls(Arc<PeerLink<TlsDialer>>),
+}
+
+/// Calls `$body` with the link's typed [`PeerLink`] bound to `$link`.
+macro_rules! with_link {
+    ($self:expr, $link:ident => $body:expr) => {
+        match $self {
+            Link::Quic($link) => $body,
+            Link::Tls($link) => $body,
+        }
+    };
+}
+
+impl Link {
+    fn alpn(&self) -> &'static [u8] {
+        match self {
+            Link::Quic(_) => ALPN_QUIC,
+            Link::Tls(_) => ALPN_H2,
+        }
+    }
+
+    fn name(&self) -> &str {
+        with_link!(self, link => &link.name)
+    }
+
+    fn transport(&self) -> &'static str {
+        with_link!(self, link => link.transport)
+    }
+
+    /// Keeps `count` tunnel connections up until `stop`.
+    fn supervise(
+        &self,
+        count: usize,
+        certs: &CertsWatch,
+        stop: &watch::Receiver<bool>,
+        tasks: &TaskTracker,
+    ) {
+        for slot in 0..count {
+            let (certs, stop) = (certs.clone(), stop.clone());
+            with_link!(self, link => tasks.spawn(supervise(slot, link.clone(), certs, stop)));
+        }
+    }
+
+    /// Carries one app connection over a pooled tunnel connection.
+    async fn carry(&self, tcp: TcpStream, app: SocketAddr, route: RouteName, wait: Duration) {
+        with_link!(self, link => carry(tcp, app, route, link, wait).await)
+    }
+
+    async fn close(&self) {
+        with_link!(self, link => link.close().await)
+    }
+}
+
 /// Keeps one pool slot connected: dial, serve until lost, back off, dial again. When the
 /// certificates are reloaded, a connection made with them replaces the slot's before it leaves
 /// the pool (its app connections finish on it). If that dial fails, the slot keeps the old one,
 /// unless the trusted CAs changed: a connection verified under CAs no longer trusted leaves.
 async fn supervise<D: Dialer>(
     slot: usize,
-    dialer: Arc<D>,
-    pool: Arc<Pool<D::Tunnel>>,
+    link: Arc<PeerLink<D>>,
     (mut certs, mut trust): CertsWatch,
     mut stop: watch::Receiver<bool>,
-    peer: String,
-    transport: &'static str,
 ) {
+    let (peer, transport, pool) = (&link.name, link.transport, &link.pool);
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(2);
     let mut backoff = FIRST_BACKOFF;
@@ -245,7 +346,7 @@ async fn supervise<D: Dialer>(
         // The trust generation before the configuration the dial takes, as the server does.
         let mut verified_under = *trust.borrow_and_update();
         let dialed = tokio::select! {
-            d = dialer.dial() => d,
+            d = link.dial() => d,
             _ = stop.wait_for(|s| *s) => return,
         };
         let mut current = match dialed {
@@ -274,7 +375,7 @@ async fn supervise<D: Dialer>(
             let generation = *trust.borrow_and_update();
             certs.borrow_and_update();
             let renewed = tokio::select! {
-                d = dialer.dial() => d,
+                d = link.dial() => d,
                 r = &mut retired => break r,
                 _ = stop.wait_for(|s| *s) => return,
             };
@@ -318,34 +419,18 @@ type CertsWatch = (
     watch::Receiver<u64>,
 );
 
-async fn run<D: Dialer>(
-    dialer: D,
+async fn run(
+    link: Link,
     certs: CertsWatch,
     listeners: Vec<(TcpListener, RouteName)>,
     settings: ClientSettings,
     shutdown: impl Future<Output = ()>,
-    transport: &'static str,
 ) {
     let (stop_tx, stop) = watch::channel(false);
-    let dialer = Arc::new(dialer);
-    let pool = Arc::new(Pool {
-        live: watch::Sender::new(Vec::new()),
-        next: AtomicUsize::new(0),
-    });
     let live = TaskTracker::new();
-    let peer = settings.peer.clone();
+    let (peer, transport) = (link.name().to_owned(), link.transport());
     let supervisors = TaskTracker::new();
-    for slot in 0..settings.connections.max(1) {
-        supervisors.spawn(supervise(
-            slot,
-            dialer.clone(),
-            pool.clone(),
-            certs.clone(),
-            stop.clone(),
-            peer.clone(),
-            transport,
-        ));
-    }
+    link.supervise(settings.connections.max(1), &certs, &stop, &supervisors);
     for (listener, route) in &listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(listen = %addr, %route, %peer, transport, "amb client listening");
@@ -354,7 +439,7 @@ async fn run<D: Dialer>(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let throttle = Arc::new(LogThrottle::default());
     let accept_all = listeners.into_iter().map(|(listener, route)| {
-        let (pool, live, mut stop, peer) = (pool.clone(), live.clone(), stop.clone(), peer.clone());
+        let (link, live, mut stop) = (link.clone(), live.clone(), stop.clone());
         let (slots, throttle) = (slots.clone(), throttle.clone());
         let (wait, max) = (settings.tunnel_wait, settings.max_connections);
         async move {
@@ -372,9 +457,9 @@ async fn run<D: Dialer>(
                             reset_tcp(tcp);
                             continue;
                         };
-                        let (pool, route, peer) = (pool.clone(), route.clone(), peer.clone());
+                        let (link, route) = (link.clone(), route.clone());
                         live.spawn(async move {
-                            carry(tcp, app, route, pool, wait, peer).await;
+                            link.carry(tcp, app, route, wait).await;
                             drop(slot);
                         });
                     }
@@ -408,20 +493,19 @@ async fn run<D: Dialer>(
         );
     }
     supervisors.close();
-    let tunnels = pool.live.send_replace(Vec::new());
-    join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
+    link.close().await;
     info!("amb client stopped");
 }
 
 /// Carries one app connection: take a warm tunnel, open a stream, relay.
-async fn carry<T: Tunnel>(
+async fn carry<D: Dialer>(
     tcp: TcpStream,
     app: SocketAddr,
     route: RouteName,
-    pool: Arc<Pool<T>>,
+    link: &PeerLink<D>,
     wait: Duration,
-    peer: String,
 ) {
+    let (peer, pool) = (&link.name, &link.pool);
     // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
     #[cfg(not(target_os = "linux"))]
     let _ = tcp.set_nodelay(true);

@@ -1,22 +1,26 @@
 //! The amb engine: client listeners and tunnel supervision, the server's route decisions and
-//! upstream dials, the relay between sockets and tunnel streams, and graceful shutdown.
+//! upstream dials, the endpoints layer both sides dial through, the relay between sockets and
+//! tunnel streams, and graceful shutdown. Its settings hold specs ([`amb_spec`]), from which
+//! it builds its runtime objects.
 //!
 //! The transports are reached only through the traits of [`amb_proto::stream`], so every piece
 //! here serves QUIC and TLS alike.
 
 mod client;
-mod listen;
+pub mod endpoints;
+mod lifecycle;
 pub mod relay;
 mod reload;
 mod server;
+mod tally;
 mod throttle;
 mod upstream;
 
 pub use client::{Client, ClientSettings, ClientTransport};
-pub use listen::{ListenSpec, ListenSpecError};
+pub use endpoints::UpstreamStream;
 pub use reload::Reload;
 pub use server::{Server, ServerSettings, ServerTransports};
-pub use upstream::{Upstream, UpstreamParseError, UpstreamStream};
+pub use upstream::Upstream;
 
 use std::net::SocketAddr;
 

@@ -7,18 +7,22 @@ use std::time::Duration;
 
 use amb_pki::TlsFiles;
 use amb_proto::{
-    IncomingStream, Limits, Refusal, RouteTable, StreamEnd, StreamError, ALPN_H2, ALPN_QUIC,
+    IncomingStream, Limits, Refusal, RouteTable, ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
+use amb_spec::UpstreamSpec;
 use amb_tls::TlsServer;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::endpoints::UpstreamStream;
+use crate::lifecycle::{serve_connection, ConnCtx};
 use crate::relay::{relay, RelayError};
 use crate::reload::{Certs, Reload};
+use crate::tally::{DrainWatch, StreamEnd};
 use crate::throttle::LogThrottle;
-use crate::upstream::{Upstream, UpstreamStream};
+use crate::upstream::Upstream;
 use crate::{bind_tcp, EngineError};
 
 /// Which transports the server listens with; `Both` shares one port number over TCP and UDP.
@@ -42,7 +46,7 @@ pub struct ServerSettings {
     /// Certificate, key and client CA.
     pub tls: TlsFiles,
     /// Routes and the allow-list.
-    pub routes: RouteTable<Upstream>,
+    pub routes: RouteTable<UpstreamSpec>,
     /// Per-connection bounds.
     pub limits: Limits,
     /// How long an upstream dial may take.
@@ -54,6 +58,8 @@ pub struct ServerSettings {
 }
 
 struct Context {
+    limits: Limits,
+    trust: watch::Receiver<u64>,
     slots: Arc<Semaphore>,
     throttle: LogThrottle,
     routes: RouteTable<Upstream>,
@@ -121,9 +127,11 @@ impl Server {
         };
         let (stop, stopping) = watch::channel(false);
         let ctx = Arc::new(Context {
+            limits,
+            trust: certs.trust(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             throttle: LogThrottle::default(),
-            routes: settings.routes,
+            routes: settings.routes.map(Upstream::new),
             connect_timeout: settings.connect_timeout,
             stopping,
             live: TaskTracker::new(),
@@ -177,8 +185,8 @@ impl Server {
         let quic_serving = async {
             if let Some(server) = &quic {
                 let ctx = ctx.clone();
-                amb_quic::serve(server, ctx.stopping.clone(), move |s| {
-                    handle(ctx.clone(), s)
+                amb_quic::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
+                    serve(ctx.clone(), conn, verified_under)
                 })
                 .await;
             }
@@ -186,8 +194,8 @@ impl Server {
         let tls_serving = async {
             if let Some(server) = &mut tls_server {
                 let ctx = ctx.clone();
-                amb_tls::serve(server, ctx.stopping.clone(), move |s| {
-                    handle(ctx.clone(), s)
+                amb_tls::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
+                    serve(ctx.clone(), conn, verified_under)
                 })
                 .await;
             }
@@ -224,9 +232,40 @@ impl Server {
     }
 }
 
+/// One authenticated tunnel connection, verified under trust generation `verified_under`,
+/// through the lifecycle: it drains when the server stops or the trusted CAs move on.
+fn serve<C: ServerConnection>(
+    ctx: Arc<Context>,
+    conn: C,
+    verified_under: u64,
+) -> impl Future<Output = ()> + Send {
+    let drain = DrainWatch {
+        stop: ctx.stopping.clone(),
+        trust: ctx.trust.clone(),
+        verified_under,
+    };
+    let limits = ctx.limits;
+    serve_connection(conn, drain, limits, move |conn, incoming| {
+        handle(ctx.clone(), conn, incoming)
+    })
+}
+
+/// Answers a stream with a refusal. One the client caused counts against its refusal budget;
+/// past the budget its connection closes, with no answer to send.
+async fn refuse<I: IncomingStream>(conn: &ConnCtx, incoming: I, why: Refusal) -> StreamEnd {
+    if !why.is_client_fault() || conn.charge(why) {
+        incoming.refuse(why).await;
+    }
+    StreamEnd::Closed
+}
+
 /// One stream: decide, dial, answer, relay. Every refusal is one log line with the reason; a
 /// stream cut off by its tunnel connection's loss is left to that connection's one line.
-async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd {
+async fn handle<I: IncomingStream>(
+    ctx: Arc<Context>,
+    conn: Arc<ConnCtx>,
+    incoming: I,
+) -> StreamEnd {
     let _live = ctx.live.token();
     let peer = incoming.peer().clone();
     let route = incoming.route().clone();
@@ -235,23 +274,20 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd 
         if let Some(suppressed) = ctx.throttle.allow() {
             warn!(%peer, %route, suppressed, "stream refused: at --max-connections");
         }
-        incoming.refuse(Refusal::Unavailable).await;
-        return StreamEnd::Closed;
+        return refuse(&conn, incoming, Refusal::Unavailable).await;
     };
     let upstream = match ctx.routes.decide(&peer.identity, &route) {
         Ok(upstream) => upstream.clone(),
         Err(refusal) => {
             warn!(%peer, %route, "stream refused: {refusal}");
-            incoming.refuse(refusal).await;
-            return StreamEnd::Closed;
+            return refuse(&conn, incoming, refusal).await;
         }
     };
     let socket = match upstream.dial(ctx.connect_timeout).await {
         Ok(socket) => socket,
         Err(failure) => {
             warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
-            incoming.refuse(failure.refusal).await;
-            return StreamEnd::Closed;
+            return refuse(&conn, incoming, failure.refusal).await;
         }
     };
     let (send, recv) = match incoming.accept().await {
@@ -260,6 +296,10 @@ async fn handle<I: IncomingStream>(ctx: Arc<Context>, incoming: I) -> StreamEnd 
         // its own doing, and a lost connection would otherwise log once per pending stream.
         Err(e @ (StreamError::Reset(_) | StreamError::ConnectionLost(_))) => {
             debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
+            if matches!(e, StreamError::Reset(_)) {
+                // Rapid reset: cancelling streams while the server dials costs the budget.
+                conn.charge("stream cancelled before it opened");
+            }
             return StreamEnd::of(&e);
         }
         Err(e) => {

@@ -1,11 +1,10 @@
 //! The amb wire protocol, with no I/O: route names, the QUIC stream-open header, the status a
-//! server answers a stream with, reset codes, peer identities and the authorization decision,
-//! and the order and overlap of a dial's attempts over a name's addresses.
+//! server answers a stream with, reset codes, peer identities and the authorization decision.
 //!
 //! Both transports speak these same meanings; they only move bytes. Everything here is pure and
 //! unit-tested, in the manner of `quinn-proto`.
 
-pub mod dial;
+pub mod connection;
 pub mod header;
 pub mod identity;
 pub mod limits;
@@ -14,16 +13,16 @@ pub mod routes;
 pub mod status;
 pub mod stream;
 
+pub use connection::{
+    Close, Closer, ConnectionEnd, DrainCause, OpenFailure, OpeningStream, ServerConnection,
+};
 pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
 pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError};
 pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;
 pub use status::{Refusal, ResetCode};
-pub use stream::{
-    Dialer, DrainCause, DrainWatch, IncomingStream, Retirement, RunningStream, StreamEnd,
-    StreamError, StreamRecv, StreamSend, StreamTally, Tunnel,
-};
+pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, StreamSend, Tunnel};
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.
 pub const ALPN_QUIC: &[u8] = b"amb/1";

@@ -34,6 +34,15 @@ impl<U> RouteTable<U> {
         self.routes.get(route).ok_or(Refusal::UnknownRoute)
     }
 
+    /// The same table with each upstream turned into what `f` makes of it.
+    pub fn map<V>(&self, f: impl FnMut(&U) -> V) -> RouteTable<V> {
+        let mut f = f;
+        RouteTable {
+            routes: self.routes.iter().map(|(k, u)| (k.clone(), f(u))).collect(),
+            allow: self.allow.clone(),
+        }
+    }
+
     /// The configured routes, for start-up logs.
     pub fn iter(&self) -> impl Iterator<Item = (&RouteName, &U)> {
         self.routes.iter()

@@ -1,46 +1,36 @@
 //! The client side: dial the server, keep the connection, open one stream per app connection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ClientConfig, Endpoint, VarInt};
 use tokio::sync::watch;
-use tracing::warn;
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
-use crate::{transport_config, tune_udp, AttemptError, QuicError};
+use crate::{transport_config, tune_udp, QuicError};
 
-/// Dials QUIC tunnel connections to one server.
+/// Dials QUIC tunnel connections to one server, at the addresses the engine picks.
 pub struct QuicDialer {
     /// The newest configuration, for each new dial.
     tls: watch::Receiver<Arc<rustls::ClientConfig>>,
-    peer: String,
     server_name: String,
     limits: Limits,
-    /// Dials take turns over the peer's addresses.
-    turn: AtomicUsize,
 }
 
 impl QuicDialer {
-    /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
-    /// `tls` must offer the [`amb_proto::ALPN_QUIC`] ALPN; each dial takes the configuration it
-    /// holds at the time.
+    /// A dialer expecting a server certificate valid for `server_name`. `tls` must offer the
+    /// [`amb_proto::ALPN_QUIC`] ALPN; each dial takes the configuration it holds at the time.
     pub fn new(
         tls: watch::Receiver<Arc<rustls::ClientConfig>>,
-        peer: String,
         server_name: String,
         limits: Limits,
     ) -> Result<Self, QuicError> {
         let dialer = QuicDialer {
             tls,
-            peer,
             server_name,
             limits,
-            turn: AtomicUsize::new(0),
         };
         dialer.config()?;
         Ok(dialer)
@@ -55,22 +45,12 @@ impl QuicDialer {
         Ok(config)
     }
 
-    async fn resolve(&self) -> Result<Vec<SocketAddr>, QuicError> {
-        let addrs = tokio::net::lookup_host(&self.peer)
-            .await
-            .map_err(|e| QuicError::Resolve {
-                peer: self.peer.clone(),
-                why: e.to_string(),
-            })?;
-        Ok(addrs.collect())
-    }
-
     /// A handshake with `addr`, from a fresh endpoint on a socket of its family.
     async fn handshake(
         &self,
         config: ClientConfig,
         addr: SocketAddr,
-    ) -> Result<(quinn::Connection, Endpoint), AttemptError> {
+    ) -> Result<(quinn::Connection, Endpoint), QuicError> {
         let local: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {
@@ -78,7 +58,7 @@ impl QuicDialer {
         }
         .parse()
         .unwrap_or_else(|_| unreachable!("literal socket address"));
-        let socket = std::net::UdpSocket::bind(local).map_err(|source| AttemptError::Socket {
+        let socket = std::net::UdpSocket::bind(local).map_err(|source| QuicError::Socket {
             addr: local,
             source,
         })?;
@@ -89,14 +69,14 @@ impl QuicDialer {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| AttemptError::Socket {
+        .map_err(|source| QuicError::Socket {
             addr: local,
             source,
         })?;
         let connecting = endpoint
             .connect_with(config, addr, &self.server_name)
-            .map_err(AttemptError::Connect)?;
-        let conn = connecting.await.map_err(AttemptError::Handshake)?;
+            .map_err(QuicError::Connect)?;
+        let conn = connecting.await.map_err(QuicError::Handshake)?;
         Ok((conn, endpoint))
     }
 }
@@ -105,28 +85,10 @@ impl Dialer for QuicDialer {
     type Tunnel = QuicTunnel;
     type Error = QuicError;
 
-    async fn dial(&self) -> Result<QuicTunnel, QuicError> {
+    async fn dial(&self, addr: SocketAddr) -> Result<QuicTunnel, QuicError> {
         let config = self.config()?;
-        let addrs = self.resolve().await?;
-        let peer = self.peer.clone();
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let limit = Some(self.limits.handshake_timeout);
-        let handshakes = race(dial_order(&addrs, turn), ATTEMPT_DELAY, limit, |addr| {
-            self.handshake(config.clone(), addr)
-        });
-        let won = handshakes.await.map_err(|failures| QuicError::Handshake {
-            peer: peer.clone(),
-            failures,
-        })?;
-        if !won.passed_over.is_empty() {
-            let others = &won.passed_over;
-            warn!(%peer, transport = "quic", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
-        }
-        let (conn, endpoint) = won.value;
-        let rejected = |why: String| QuicError::Rejected {
-            peer: peer.clone(),
-            why,
-        };
+        let (conn, endpoint) = self.handshake(config, addr).await?;
+        let rejected = |why: String| QuicError::Rejected { why };
         let welcome = async {
             let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
             uni.read_to_end(16).await.map_err(|e| e.to_string())

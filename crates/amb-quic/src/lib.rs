@@ -9,17 +9,16 @@ mod server;
 mod stream;
 
 pub use client::{QuicDialer, QuicTunnel};
-pub use server::{serve, QuicIncoming, QuicServer};
+pub use server::{serve, QuicConnection, QuicIncoming, QuicOpening, QuicServer};
 pub use stream::{QuicRecv, QuicSend};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use amb_proto::dial::Failures;
 use amb_proto::Limits;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
-/// Errors setting up or dialing a QUIC tunnel. Messages name the address or peer.
+/// Errors setting up or dialing a QUIC tunnel. The engine names the peer and address.
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
     /// The UDP socket could not be set up.
@@ -33,51 +32,19 @@ pub enum QuicError {
     /// The TLS configuration does not suit QUIC.
     #[error("QUIC TLS configuration: {0}")]
     Tls(String),
-    /// The peer's name did not resolve.
-    #[error("resolving {peer}: {why}")]
-    Resolve {
-        /// The peer as given.
-        peer: String,
-        /// Why.
-        why: String,
-    },
-    /// No address of the peer completed a handshake within the handshake timeout: certificate
-    /// rejected, ALPN mismatch, peer unreachable (no answer).
-    #[error("QUIC handshake with {peer}: {failures}")]
-    Handshake {
-        /// The peer.
-        peer: String,
-        /// Each address tried, with why its handshake failed.
-        failures: Failures<AttemptError>,
-    },
+    /// The connection could not be started.
+    #[error("QUIC connect: {0}")]
+    Connect(quinn::ConnectError),
+    /// The handshake failed: certificate rejected, ALPN mismatch, no answer.
+    #[error("QUIC handshake: {0}")]
+    Handshake(quinn::ConnectionError),
     /// The server closed the connection right after the handshake (certificate rejected) or
     /// spoke another protocol.
-    #[error("server {peer} rejected the connection: {why}")]
+    #[error("the server rejected the connection: {why}")]
     Rejected {
-        /// The peer.
-        peer: String,
         /// What the server said.
         why: String,
     },
-}
-
-/// Why a handshake with one address of the peer failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AttemptError {
-    /// The UDP socket could not be set up.
-    #[error("QUIC socket on {addr}: {source}")]
-    Socket {
-        /// The local address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The connection could not be started.
-    #[error("{0}")]
-    Connect(quinn::ConnectError),
-    /// The handshake failed.
-    #[error("{0}")]
-    Handshake(quinn::ConnectionError),
 }
 
 /// What the server writes on its first unidirectional stream once it has verified the client:

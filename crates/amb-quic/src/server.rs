@@ -1,22 +1,21 @@
-//! The server side: accept connections without blocking on handshakes, read each stream's
-//! open header within a bound, and hand it to the engine.
+//! The server side: accept connections without blocking on handshakes, and hand each verified
+//! connection to the engine's lifecycle; read each stream's open header, announce a drain.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, DrainCause, DrainWatch, IncomingStream, Limits, Peer, Refusal,
-    RefusalBudget, ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
+    decode_open_header, Close, Closer, ConnectionEnd, DrainCause, IncomingStream, Limits,
+    OpenFailure, OpeningStream, Peer, Refusal, ResetCode, RouteName, ServerConnection, StreamError,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
 use crate::{transport_config, tune_udp, QuicError};
@@ -26,7 +25,7 @@ pub struct QuicServer {
     endpoint: Endpoint,
     /// The newest configuration, handed to the endpoint when it changes.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    /// The trust generation of the configuration (see [`amb_proto::DrainWatch`]).
+    /// The trust generation of the configuration (drains the connections verified under an earlier one).
     trust: watch::Receiver<u64>,
     /// The configuration the endpoint started with, and the trust generation it carries.
     first: (Arc<quinn::ServerConfig>, u64),
@@ -96,12 +95,13 @@ fn server_config(
     Ok(config)
 }
 
-/// Accepts connections until `stop` turns true, calling `handler` for each stream in a task of
-/// its own. Handshakes run in their own tasks, so a slow one never blocks the accept loop.
+/// Accepts connections until `stop` turns true. Each handshake runs in a task of its own, so a
+/// slow one never blocks the accept loop; each verified connection is handed to `handler`
+/// there, with the trust generation it was verified under.
 pub async fn serve<H, F>(server: &QuicServer, mut stop: watch::Receiver<bool>, handler: H)
 where
-    H: Fn(QuicIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = StreamEnd> + Send + 'static,
+    H: Fn(QuicConnection, u64) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let (mut tls, mut trust) = (server.tls.clone(), server.trust.clone());
     // The configuration each connection is accepted with, and the trust generation it carries.
@@ -155,11 +155,6 @@ where
         };
         let Some(incoming) = incoming else { return };
         let (handler, limits, config) = (handler.clone(), server.limits, config.clone());
-        let mut drain_watch = DrainWatch {
-            stop: stop.clone(),
-            trust: server.trust.clone(),
-            verified_under,
-        };
         server.connections.spawn(async move {
             let addr = incoming.remote_address();
             let handshake = async { incoming.accept_with(config)?.await };
@@ -183,105 +178,71 @@ where
                 .and_then(|chain| chain.first().map(amb_pki::peer_identity))
                 .unwrap_or_default();
             let peer = Arc::new(Peer { identity, addr });
-            let ctx = Arc::new(ConnCtx {
-                peer: peer.clone(),
-                conn: conn.clone(),
-                streams: StreamTally::default(),
-                refusing: AtomicBool::new(false),
-                budget: RefusalBudget::new(),
-            });
             if let Err(e) = notify(&conn, &crate::WELCOME).await {
                 return warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
             }
-            debug!(%peer, transport = "quic", "tunnel connection up");
-            let mut draining = false;
-            loop {
-                let accepted = tokio::select! {
-                    accepted = conn.accept_bi() => accepted,
-                    cause = drain_watch.asked(), if !draining => {
-                        draining = true;
-                        if cause == DrainCause::TrustChanged {
-                            info!(%peer, transport = "quic", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
-                            tokio::spawn(cut_off_after(ctx.clone(), limits.drain_timeout));
-                        }
-                        tokio::spawn(drain(ctx.clone(), cause));
-                        continue;
-                    }
-                };
-                let (send, recv) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => return log_end(&ctx, e).await,
-                };
-                let (handler, ctx, peer) = (handler.clone(), ctx.clone(), peer.clone());
-                tokio::spawn(async move {
-                    let header = read_header(send, recv, ctx.clone());
-                    match tokio::time::timeout(limits.open_timeout, header).await {
-                        Ok(Ok(incoming)) if ctx.refusing.load(Ordering::Relaxed) => {
-                            warn!(%peer, transport = "quic", route = %incoming.route, "stream refused: {} (opened after the drain notice)", Refusal::Unavailable);
-                            incoming.refuse(Refusal::Unavailable).await;
-                        }
-                        Ok(Ok(incoming)) => {
-                            let running = ctx.streams.start();
-                            running.ended(handler(incoming).await);
-                        }
-                        // The connection's end is logged once, not once per pending stream.
-                        Ok(Err(StreamError::ConnectionLost(e))) => {
-                            debug!(%peer, transport = "quic", "stream dropped before its header: connection lost: {e}")
-                        }
-                        Ok(Err(e)) => warn!(%peer, transport = "quic", "bad stream open: {e}"),
-                        Err(_) => {
-                            warn!(%peer, transport = "quic", "stream open header not received within {:?}", limits.open_timeout)
-                        }
-                    }
-                });
-            }
+            handler(QuicConnection { conn, peer }, verified_under).await;
         });
     }
 }
 
-/// Drains one connection: tells the client, serves the streams it opened before it knew, then
-/// closes once they are done. A stream opened later (a client that ignores the notice) is
-/// refused, so the drain always ends.
-async fn drain(ctx: Arc<ConnCtx>, cause: DrainCause) {
-    let notice = async {
-        let uni = notify(&ctx.conn, crate::DRAIN_NOTICE).await?;
-        // Acknowledged: the client has it. Streams it opened just before may still be on
-        // their way for a round trip.
-        uni.stopped().await.map_err(|e| e.to_string())?;
-        tokio::time::sleep(ctx.conn.rtt()).await;
-        Ok::<_, String>(())
-    };
-    if let Err(e) = notice.await {
-        debug!(peer = %ctx.peer, transport = "quic", "drain notice not delivered: {e}");
+/// One verified QUIC tunnel connection, driven by the engine's lifecycle.
+pub struct QuicConnection {
+    conn: quinn::Connection,
+    peer: Arc<Peer>,
+}
+
+impl ServerConnection for QuicConnection {
+    type Opening = QuicOpening;
+    const TRANSPORT: &'static str = "quic";
+
+    fn peer(&self) -> &Arc<Peer> {
+        &self.peer
     }
-    ctx.refusing.store(true, Ordering::Relaxed);
-    ctx.streams.settled().await;
-    let reason: &[u8] = match cause {
-        DrainCause::Stopping => b"server shutting down",
-        DrainCause::TrustChanged => b"trusted CAs changed",
-    };
-    ctx.conn.close(VarInt::from_u32(0), reason);
-}
 
-/// Closes a connection drained by a change of the trusted CAs if it is still open `after`,
-/// streams and all: its client may ignore the drain, and was verified under the old CAs.
-async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
-    tokio::time::sleep(after).await;
-    ctx.close(
-        format_args!("still open {after:?} after the trusted CAs changed"),
-        b"trusted CAs changed",
-    );
-}
-
-/// One line for the connection's end, however many streams it cut off: a warning if it cut
-/// any off and this side did not close it (a kill for the refusal budget was logged then).
-async fn log_end(ctx: &ConnCtx, end: quinn::ConnectionError) {
-    let peer = &ctx.peer;
-    match ctx.streams.cut_off_once_settled().await {
-        cut_off if cut_off > 0 && end != quinn::ConnectionError::LocallyClosed => {
-            warn!(%peer, transport = "quic", streams_cut_off = cut_off, "tunnel connection lost: {end}")
+    async fn next(&mut self) -> Result<QuicOpening, ConnectionEnd> {
+        match self.conn.accept_bi().await {
+            Ok((send, recv)) => Ok(QuicOpening {
+                send,
+                recv,
+                peer: self.peer.clone(),
+            }),
+            Err(e) => Err(ConnectionEnd {
+                why: e.to_string(),
+                peer_broke_protocol: false,
+                closed_here: e == quinn::ConnectionError::LocallyClosed,
+            }),
         }
-        _ => debug!(%peer, transport = "quic", "tunnel connection ended: {end}"),
+    }
+
+    /// QUIC has no GOAWAY: a notice on a stream of its own, acknowledged, then a round trip
+    /// for the streams the client opened just before it.
+    fn drain(&mut self, _cause: DrainCause) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let (conn, peer) = (self.conn.clone(), self.peer.clone());
+        Some(async move {
+            let notice = async {
+                let uni = notify(&conn, crate::DRAIN_NOTICE).await?;
+                uni.stopped().await.map_err(|e| e.to_string())?;
+                tokio::time::sleep(conn.rtt()).await;
+                Ok::<_, String>(())
+            };
+            if let Err(e) = notice.await {
+                debug!(%peer, transport = "quic", "drain notice not delivered: {e}");
+            }
+        })
+    }
+
+    fn closer(&self) -> Closer {
+        let conn = self.conn.clone();
+        Arc::new(move |why| {
+            let (code, reason): (u32, &[u8]) = match why {
+                Close::TooManyRefusals => (ResetCode::REFUSED.0, b"too many refused streams"),
+                Close::TrustChanged => (ResetCode::REFUSED.0, b"trusted CAs changed"),
+                Close::Drained(DrainCause::Stopping) => (0, b"server shutting down"),
+                Close::Drained(DrainCause::TrustChanged) => (0, b"trusted CAs changed"),
+            };
+            conn.close(VarInt::from_u32(code), reason);
+        })
     }
 }
 
@@ -294,87 +255,67 @@ async fn notify(conn: &quinn::Connection, message: &[u8]) -> Result<quinn::SendS
     Ok(uni)
 }
 
-/// Reads the open header: at most [`MAX_HEADER_LEN`] bytes, and never past it, so app bytes stay
-/// in the stream for the relay.
-async fn read_header(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    ctx: Arc<ConnCtx>,
-) -> Result<QuicIncoming, StreamError> {
-    let mut buf = [0u8; MAX_HEADER_LEN];
-    let mut have = 0;
-    let mut want = 2;
-    loop {
-        let read = recv.read_exact(&mut buf[have..want]).await;
-        if let Err(e) = read {
-            send.reset(VarInt::from_u32(amb_proto::ResetCode::PROTOCOL.0))
-                .ok();
-            // The client ended or reset the stream before its header (a lost connection is not
-            // the client's doing).
-            return Err(match e {
-                quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(lost)) => {
-                    StreamError::ConnectionLost(lost.to_string())
-                }
-                e => {
-                    ctx.charge("stream cancelled before its header");
-                    StreamError::Protocol(format!("reading stream header: {e}"))
-                }
-            });
-        }
-        have = want;
-        match decode_open_header(&buf[..have]) {
-            Ok(Some(header)) => {
-                return Ok(QuicIncoming {
-                    send,
-                    recv,
-                    route: header.route,
-                    ctx,
+/// A stream the client opened, its header not read yet.
+pub struct QuicOpening {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: Arc<Peer>,
+}
+
+impl OpeningStream for QuicOpening {
+    type Incoming = QuicIncoming;
+
+    /// Reads the open header: at most [`MAX_HEADER_LEN`] bytes, and never past it, so app bytes
+    /// stay in the stream for the relay.
+    async fn open(self) -> Result<QuicIncoming, OpenFailure> {
+        let QuicOpening {
+            mut send,
+            mut recv,
+            peer,
+        } = self;
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        let mut have = 0;
+        let mut want = 2;
+        loop {
+            let read = recv.read_exact(&mut buf[have..want]).await;
+            if let Err(e) = read {
+                send.reset(VarInt::from_u32(ResetCode::PROTOCOL.0)).ok();
+                // The client ended or reset the stream before its header (a lost connection is
+                // not the client's doing).
+                return Err(match e {
+                    quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(lost)) => {
+                        OpenFailure {
+                            error: StreamError::ConnectionLost(lost.to_string()),
+                            client_fault: false,
+                        }
+                    }
+                    e => OpenFailure {
+                        error: StreamError::Protocol(format!(
+                            "stream cancelled before its header: {e}"
+                        )),
+                        client_fault: true,
+                    },
                 });
             }
-            Ok(None) => want = 2 + usize::from(buf[1]),
-            Err(e) => {
-                send_refusal(&mut send, &mut recv, &ctx, Refusal::BadRequest).await;
-                return Err(StreamError::Protocol(e.to_string()));
+            have = want;
+            match decode_open_header(&buf[..have]) {
+                Ok(Some(header)) => {
+                    return Ok(QuicIncoming {
+                        send,
+                        recv,
+                        route: header.route,
+                        peer,
+                    });
+                }
+                Ok(None) => want = 2 + usize::from(buf[1]),
+                Err(e) => {
+                    send_refusal(&mut send, &mut recv, Refusal::BadRequest).await;
+                    return Err(OpenFailure {
+                        error: StreamError::Protocol(e.to_string()),
+                        client_fault: true,
+                    });
+                }
             }
-        }
-    }
-}
-
-/// What the streams of one tunnel connection share.
-struct ConnCtx {
-    peer: Arc<Peer>,
-    conn: quinn::Connection,
-    streams: StreamTally,
-    /// Draining, and the client has had the notice: new streams are refused.
-    refusing: AtomicBool,
-    budget: RefusalBudget,
-}
-
-impl ConnCtx {
-    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection.
-    /// Returns whether the connection stays.
-    fn charge(&self, why: impl std::fmt::Display) -> bool {
-        if self.conn.close_reason().is_some() {
-            // Already closing: streams failing because of it are not the client's doing.
-            return false;
-        }
-        if self.budget.spend() {
-            return true;
-        }
-        self.close(
-            format_args!("too many refused streams (last: {why})"),
-            b"too many refused streams",
-        );
-        false
-    }
-
-    /// Closes the connection, streams and all, telling the client `reason`, with one warning
-    /// saying why (none if it is closing already).
-    fn close(&self, why: std::fmt::Arguments<'_>, reason: &[u8]) {
-        if self.conn.close_reason().is_none() {
-            warn!(peer = %self.peer, transport = "quic", "closing tunnel connection: {why}");
-            self.conn
-                .close(VarInt::from_u32(ResetCode::REFUSED.0), reason);
         }
     }
 }
@@ -384,7 +325,7 @@ pub struct QuicIncoming {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     route: RouteName,
-    ctx: Arc<ConnCtx>,
+    peer: Arc<Peer>,
 }
 
 impl IncomingStream for QuicIncoming {
@@ -396,21 +337,15 @@ impl IncomingStream for QuicIncoming {
     }
 
     fn peer(&self) -> &Arc<Peer> {
-        &self.ctx.peer
+        &self.peer
     }
 
     async fn accept(mut self) -> Result<(QuicSend, QuicRecv), StreamError> {
-        if let Err(e) = self
-            .send
+        // Stopped by the client while the server dialed: a reset, which the engine charges.
+        self.send
             .write_chunk(bytes::Bytes::from_static(&[STATUS_OPEN]))
             .await
-        {
-            // Cancelled while the server dialed: rapid reset costs the client its budget.
-            if matches!(e, quinn::WriteError::Stopped(_)) {
-                self.ctx.charge("stream cancelled before it opened");
-            }
-            return Err(write_error(e));
-        }
+            .map_err(write_error)?;
         Ok((
             QuicSend(self.send),
             QuicRecv {
@@ -421,23 +356,14 @@ impl IncomingStream for QuicIncoming {
     }
 
     async fn refuse(mut self, why: Refusal) {
-        send_refusal(&mut self.send, &mut self.recv, &self.ctx, why).await;
+        send_refusal(&mut self.send, &mut self.recv, why).await;
     }
 }
 
 /// Answers a stream with a refusal status byte, ends it, and stops reading the client's bytes.
-/// A client that keeps causing refusals past its [`RefusalBudget`] loses the connection.
-async fn send_refusal(
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    ctx: &ConnCtx,
-    why: Refusal,
-) {
-    if why.is_client_fault() && !ctx.charge(why) {
-        return;
-    }
+async fn send_refusal(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, why: Refusal) {
     let status = bytes::Bytes::copy_from_slice(&[why.status_byte()]);
     let _ = send.write_chunk(status).await;
     let _ = send.finish();
-    let _ = recv.stop(VarInt::from_u32(amb_proto::ResetCode::REFUSED.0));
+    let _ = recv.stop(VarInt::from_u32(ResetCode::REFUSED.0));
 }

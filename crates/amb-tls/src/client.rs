@@ -3,12 +3,10 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use amb_proto::dial::{dial_order, race, ATTEMPT_DELAY};
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -17,30 +15,25 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::coalesce::coalesce;
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
-/// Dials TLS tunnel connections to one server.
+/// Dials TLS tunnel connections to one server, at the addresses the engine picks.
 pub struct TlsDialer {
     /// The newest configuration, for each new dial.
     tls: watch::Receiver<Arc<rustls::ClientConfig>>,
-    peer: String,
     server_name: ServerName<'static>,
     limits: Limits,
-    /// Dials take turns over the peer's addresses.
-    turn: AtomicUsize,
 }
 
 impl TlsDialer {
-    /// A dialer for `peer` (`host:port`), expecting a certificate valid for `server_name`.
-    /// `tls` must offer the [`amb_proto::ALPN_H2`] ALPN; each dial takes the configuration it
-    /// holds at the time.
+    /// A dialer expecting a server certificate valid for `server_name`. `tls` must offer the
+    /// [`amb_proto::ALPN_H2`] ALPN; each dial takes the configuration it holds at the time.
     pub fn new(
         tls: watch::Receiver<Arc<rustls::ClientConfig>>,
-        peer: String,
         server_name: &str,
         limits: Limits,
     ) -> Result<Self, TlsError> {
@@ -48,48 +41,19 @@ impl TlsDialer {
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
         Ok(TlsDialer {
             tls,
-            peer,
             server_name,
             limits,
-            turn: AtomicUsize::new(0),
         })
     }
 
-    async fn handshake(&self) -> Result<TlsTunnel, TlsError> {
-        let peer = &self.peer;
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(peer)
-            .await
-            .map_err(|e| TlsError::Resolve {
-                peer: peer.clone(),
-                why: e.to_string(),
-            })?
-            .collect();
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let won = race(
-            dial_order(&addrs, turn),
-            ATTEMPT_DELAY,
-            Some(self.limits.handshake_timeout),
-            TcpStream::connect,
-        )
-        .await
-        .map_err(|failures| TlsError::Connect {
-            peer: peer.clone(),
-            failures,
-        })?;
-        if !won.passed_over.is_empty() {
-            let others = &won.passed_over;
-            warn!(%peer, transport = "tls", addr = %won.addr, "dialed a later address of the peer; passed over {others}");
-        }
-        let tcp = won.value;
+    async fn connect(&self, addr: SocketAddr) -> Result<TlsTunnel, TlsError> {
+        let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
         tune_tcp(&tcp);
         let connector = TlsConnector::from(self.tls.borrow().clone());
         let tls = connector
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|source| TlsError::Handshake {
-                peer: peer.clone(),
-                source,
-            })?;
+            .map_err(TlsError::Handshake)?;
         let (io, flusher) = coalesce(tls);
         let (send_request, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -99,15 +63,11 @@ impl TlsDialer {
             .max_concurrent_streams(0)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| TlsError::H2 {
-                peer: peer.clone(),
-                source,
-            })?;
+            .map_err(TlsError::H2)?;
         // In TLS 1.3 the client finishes its handshake before the server has checked the client
         // certificate. A PING answered proves the server accepted us; a rejection arrives as a
         // TLS alert instead, and is reported as this dial's failure.
         let mut ping = connection.ping_pong().ok_or_else(|| TlsError::Rejected {
-            peer: peer.clone(),
             why: "HTTP/2 ping unavailable".into(),
         })?;
         let lingerer = flusher.lingerer();
@@ -116,7 +76,7 @@ impl TlsDialer {
             pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
             closed = &mut connection => closed.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
         }
-        .map_err(|e| TlsError::Rejected { peer: peer.clone(), why: e.to_string() })?;
+        .map_err(|e| TlsError::Rejected { why: e.to_string() })?;
 
         // The server's limit, from the SETTINGS that came before the PING's answer.
         let slots = send_request
@@ -126,7 +86,6 @@ impl TlsDialer {
         let (release_probe, tunnel_dropped) = oneshot::channel();
         let goaway_probe = send_request.clone();
         let limits = self.limits;
-        let peer = peer.clone();
         let task = tokio::spawn(async move {
             let keepalive = async {
                 loop {
@@ -154,7 +113,7 @@ impl TlsDialer {
                 },
                 why = keepalive => why,
             };
-            debug!(%peer, transport = "tls", "tunnel connection ended: {reason}");
+            debug!(peer = %addr, transport = "tls", "tunnel connection ended: {reason}");
             retired_tx.send_modify(|retired| {
                 retired.get_or_insert(Retirement::Lost(reason));
             });
@@ -175,13 +134,9 @@ impl Dialer for TlsDialer {
     type Tunnel = TlsTunnel;
     type Error = TlsError;
 
-    async fn dial(&self) -> Result<TlsTunnel, TlsError> {
-        tokio::time::timeout(self.limits.handshake_timeout, self.handshake())
-            .await
-            .map_err(|_| TlsError::Timeout {
-                peer: self.peer.clone(),
-                what: "TLS and HTTP/2 handshake",
-            })?
+    /// TCP, TLS and HTTP/2 handshakes, then a PING answered; the caller bounds the time.
+    async fn dial(&self, addr: SocketAddr) -> Result<TlsTunnel, TlsError> {
+        self.connect(addr).await
     }
 }
 

@@ -8,10 +8,8 @@ mod server;
 mod stream;
 
 pub use client::{TlsDialer, TlsTunnel};
-pub use server::{serve, TlsIncoming, TlsServer};
+pub use server::{serve, TlsConnection, TlsIncoming, TlsOpening, TlsServer};
 pub use stream::{H2Recv, H2Send};
-
-use amb_proto::dial::Failures;
 
 /// HTTP/2 stream window: bandwidth-delay product of a fast link.
 const STREAM_WINDOW: u32 = 4 << 20;
@@ -28,56 +26,23 @@ const SEND_BUFFER: usize = 1 << 20;
 /// client's `close` for that), so that closing never resets what is still in flight.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Errors setting up or dialing a TLS tunnel. Messages name the address or peer.
+/// Errors dialing a TLS tunnel. The engine names the peer and address.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The peer's name did not resolve.
-    #[error("resolving {peer}: {why}")]
-    Resolve {
-        /// The peer as given.
-        peer: String,
-        /// Why.
-        why: String,
-    },
-    /// No address of the peer took a TCP connection.
-    #[error("TCP connect to {peer}: {failures}")]
-    Connect {
-        /// The peer as given.
-        peer: String,
-        /// Each address tried, with the OS error.
-        failures: Failures<std::io::Error>,
-    },
+    /// The address took no TCP connection.
+    #[error("TCP connect: {0}")]
+    Connect(std::io::Error),
     /// The TLS handshake failed: certificate rejected, ALPN or version mismatch.
-    #[error("TLS handshake with {peer}: {source}")]
-    Handshake {
-        /// The peer.
-        peer: String,
-        /// What rustls said.
-        source: std::io::Error,
-    },
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
     /// The HTTP/2 preface exchange failed.
-    #[error("HTTP/2 handshake with {peer}: {source}")]
-    H2 {
-        /// The peer.
-        peer: String,
-        /// What h2 said.
-        source: h2::Error,
-    },
+    #[error("HTTP/2 handshake: {0}")]
+    H2(h2::Error),
     /// The server refused this client after the handshake (certificate rejected) or went away.
-    #[error("server {peer} rejected the connection: {why}")]
+    #[error("the server rejected the connection: {why}")]
     Rejected {
-        /// The peer.
-        peer: String,
         /// What the server or h2 said.
         why: String,
-    },
-    /// A step did not finish in time.
-    #[error("{what} with {peer} timed out")]
-    Timeout {
-        /// The peer.
-        peer: String,
-        /// Which step.
-        what: &'static str,
     },
     /// The server name is not a valid DNS name or IP address.
     #[error("{0:?} is not a valid server name")]

@@ -1,15 +1,14 @@
 //! The server side: accept TCP without waiting on handshakes, verify the client in TLS, and hand
-//! each CONNECT stream to the engine.
+//! each connection to the engine's lifecycle; read each CONNECT, drain by GOAWAY.
 
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    DrainCause, DrainWatch, IncomingStream, Limits, Peer, PeerIdentity, Refusal, RefusalBudget,
-    ResetCode, RouteName, StreamEnd, StreamError, StreamTally,
+    Close, Closer, ConnectionEnd, DrainCause, IncomingStream, Limits, OpenFailure, OpeningStream,
+    Peer, PeerIdentity, Refusal, ResetCode, RouteName, ServerConnection, StreamError,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -20,7 +19,7 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::coalesce::{coalesce, Coalesce, Flusher};
 use crate::stream::{h2_error, H2Recv, H2Send};
@@ -33,7 +32,7 @@ pub struct TlsServer {
     listener: Option<TcpListener>,
     /// The newest configuration, for each new handshake.
     tls: watch::Receiver<Arc<rustls::ServerConfig>>,
-    /// The trust generation of the configuration (see [`amb_proto::DrainWatch`]).
+    /// The trust generation of the configuration (drains the connections verified under an earlier one).
     trust: watch::Receiver<u64>,
     limits: Limits,
     connections: TaskTracker,
@@ -66,13 +65,13 @@ impl TlsServer {
     }
 }
 
-/// Accepts connections until `stop` turns true, then closes the listener; calls `handler` for
-/// each CONNECT stream in a task of its own. Each handshake runs in its own task under the
-/// handshake timeout.
+/// Accepts connections until `stop` turns true, then closes the listener. Each handshake runs
+/// in a task of its own under the handshake timeout; each verified connection is handed to
+/// `handler` there, with the trust generation it was verified under.
 pub async fn serve<H, F>(server: &mut TlsServer, mut stop: watch::Receiver<bool>, handler: H)
 where
-    H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = StreamEnd> + Send + 'static,
+    H: Fn(TlsConnection, u64) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let Some(listener) = server.listener.take() else {
         return;
@@ -96,11 +95,6 @@ where
         let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
         let (limits, handler) = (server.limits, handler.clone());
-        let drain = DrainWatch {
-            stop: stop.clone(),
-            trust: server.trust.clone(),
-            verified_under,
-        };
         server.connections.spawn(async move {
             tune_tcp(&tcp);
             let timeout = limits.handshake_timeout;
@@ -114,7 +108,8 @@ where
             };
             let peer = Arc::new(Peer { identity, addr });
             let lingerer = flusher.lingerer();
-            let serving = serve_connection(conn, peer, drain, limits, handler);
+            let kill = Arc::new(Notify::new());
+            let serving = handler(TlsConnection { conn, peer, kill }, verified_under);
             flusher.run(pin!(serving)).await;
             lingerer.linger(LINGER).await;
         });
@@ -153,145 +148,111 @@ async fn handshake(
     Ok((conn, flusher, identity))
 }
 
-/// Accepts the streams of one authenticated connection until it ends, each handled in a task
-/// of its own.
-async fn serve_connection<H, F>(
-    mut conn: Connection,
+/// One verified TLS tunnel connection (HTTP/2), driven by the engine's lifecycle.
+pub struct TlsConnection {
+    conn: Connection,
     peer: Arc<Peer>,
-    mut drain: DrainWatch,
-    limits: Limits,
-    handler: H,
-) where
-    H: Fn(TlsIncoming) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = StreamEnd> + Send + 'static,
-{
-    let ctx = Arc::new(ConnCtx {
-        peer: peer.clone(),
-        streams: StreamTally::default(),
-        budget: RefusalBudget::new(),
-        kill: Notify::new(),
-        closing: AtomicBool::new(false),
-    });
-    // However the loop below ends, streams still pending must not charge the budget.
-    let _closing = CloseOnDrop(ctx.clone());
-    debug!(%peer, transport = "tls", "tunnel connection up");
-    let mut draining = false;
-    let mut killed = false;
-    let end = loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            _ = ctx.kill.notified(), if !killed => {
-                killed = true;
-                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                continue;
-            }
-            cause = drain.asked(), if !draining => {
-                // No new streams; live ones finish, then the connection closes.
-                draining = true;
-                if cause == DrainCause::TrustChanged {
-                    info!(%peer, transport = "tls", "the trusted CAs changed: draining the connection, so the client connects and is verified again");
-                    tokio::spawn(cut_off_after(ctx.clone(), limits.drain_timeout));
+    /// Wakes [`ServerConnection::next`] to close the connection (h2's is driven there).
+    kill: Arc<Notify>,
+}
+
+impl ServerConnection for TlsConnection {
+    type Opening = TlsOpening;
+    const TRANSPORT: &'static str = "tls";
+
+    fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    async fn next(&mut self) -> Result<TlsOpening, ConnectionEnd> {
+        let next = loop {
+            tokio::select! {
+                next = self.conn.accept() => break next,
+                () = self.kill.notified() => {
+                    self.conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 }
-                conn.graceful_shutdown();
-                continue;
             }
         };
-        let (request, respond) = match next {
-            Some(Ok(r)) => r,
-            // This side's HTTP/2 layer ended it: the peer broke the protocol or its
-            // limits (e.g. rapid reset: streams cancelled before they are accepted).
-            // A kill for the refusal budget was logged when it was decided.
-            Some(Err(e)) if !killed && !e.is_remote() && !e.is_io() => {
-                return warn!(%peer, transport = "tls", "closing tunnel connection: {e}")
-            }
-            Some(Err(e)) => break e.to_string(),
+        match next {
+            Some(Ok((request, respond))) => Ok(TlsOpening {
+                request,
+                respond,
+                peer: self.peer.clone(),
+            }),
+            // Ended by this side's HTTP/2 layer: the peer broke the protocol or its limits
+            // (e.g. rapid reset: streams cancelled before they are accepted).
+            Some(Err(e)) => Err(ConnectionEnd {
+                peer_broke_protocol: !e.is_remote() && !e.is_io(),
+                why: e.to_string(),
+                closed_here: false,
+            }),
             // h2 ends quietly on the client's FIN too, even one that cut streams off.
-            None => break "closed by the client".to_owned(),
-        };
-        let (handler, ctx) = (handler.clone(), ctx.clone());
-        tokio::spawn(async move {
-            let (parts, body) = request.into_parts();
-            let route = (parts.method == Method::CONNECT)
-                .then(|| {
-                    parts
-                        .uri
-                        .authority()
-                        .map(|a| a.as_str().parse::<RouteName>())
-                })
-                .flatten();
-            let incoming = TlsIncoming {
+            None => Err(ConnectionEnd {
+                why: "closed by the client".to_owned(),
+                peer_broke_protocol: false,
+                closed_here: false,
+            }),
+        }
+    }
+
+    /// A GOAWAY: h2 refuses later streams and closes once the running ones end.
+    fn drain(&mut self, _cause: DrainCause) -> Option<impl Future<Output = ()> + Send + 'static> {
+        self.conn.graceful_shutdown();
+        None::<std::future::Ready<()>>
+    }
+
+    fn closer(&self) -> Closer {
+        let kill = self.kill.clone();
+        Arc::new(move |_why: Close| kill.notify_one())
+    }
+}
+
+/// A CONNECT stream the client opened, its request not read yet.
+pub struct TlsOpening {
+    request: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: Arc<Peer>,
+}
+
+impl OpeningStream for TlsOpening {
+    type Incoming = TlsIncoming;
+
+    async fn open(self) -> Result<TlsIncoming, OpenFailure> {
+        let TlsOpening {
+            request,
+            mut respond,
+            peer,
+        } = self;
+        let (parts, body) = request.into_parts();
+        let route = (parts.method == Method::CONNECT)
+            .then(|| {
+                parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().parse::<RouteName>())
+            })
+            .flatten();
+        match route {
+            Some(Ok(route)) => Ok(TlsIncoming {
                 respond,
                 body,
-                route: RouteName::default_route(),
-                ctx: ctx.clone(),
-            };
-            match route {
-                Some(Ok(route)) => {
-                    let running = ctx.streams.start();
-                    running.ended(handler(TlsIncoming { route, ..incoming }).await);
-                }
-                other => {
-                    warn!(peer = %incoming.ctx.peer, transport = "tls", "bad stream open: {} {:?}: {}", parts.method, parts.uri,
-                            match other { Some(Err(e)) => e.to_string(), _ => "not a CONNECT with an authority".into() });
-                    incoming.refuse(Refusal::BadRequest).await;
-                }
+                route,
+                peer,
+            }),
+            other => {
+                let why = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "not a CONNECT with an authority".into(),
+                };
+                let _ = respond.send_response(response(Refusal::BadRequest.http_status()), true);
+                Err(OpenFailure {
+                    error: StreamError::Protocol(format!(
+                        "{} {:?}: {why}",
+                        parts.method, parts.uri
+                    )),
+                    client_fault: true,
+                })
             }
-        });
-    };
-    // One line for the connection, however many streams it cut off.
-    match ctx.streams.cut_off_once_settled().await {
-        cut_off if cut_off > 0 && !killed => {
-            warn!(%peer, transport = "tls", streams_cut_off = cut_off, "tunnel connection lost: {end}")
-        }
-        _ => debug!(%peer, transport = "tls", "tunnel connection ended: {end}"),
-    }
-}
-
-/// Closes a connection drained by a change of the trusted CAs if it is still open `after`,
-/// streams and all: its client may ignore the drain, and was verified under the old CAs.
-async fn cut_off_after(ctx: Arc<ConnCtx>, after: std::time::Duration) {
-    tokio::time::sleep(after).await;
-    ctx.close(format_args!(
-        "still open {after:?} after the trusted CAs changed"
-    ));
-}
-
-/// Marks a connection as closing when its task ends.
-struct CloseOnDrop(Arc<ConnCtx>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.closing.store(true, Ordering::Relaxed);
-    }
-}
-
-/// What the streams of one tunnel connection share.
-struct ConnCtx {
-    peer: Arc<Peer>,
-    streams: StreamTally,
-    budget: RefusalBudget,
-    /// Wakes the connection task to close the connection.
-    kill: Notify,
-    /// The connection is closing or closed: its streams' failures are no longer the client's.
-    closing: AtomicBool,
-}
-
-impl ConnCtx {
-    /// Spends one unit of the [`RefusalBudget`]; a client past it loses the connection (logged
-    /// once, however many streams fail afterwards).
-    fn charge(&self, why: impl std::fmt::Display) {
-        if self.closing.load(Ordering::Relaxed) || self.budget.spend() {
-            return;
-        }
-        self.close(format_args!("too many refused streams (last: {why})"));
-    }
-
-    /// Closes the connection, streams and all, with one warning saying why (none if it is
-    /// closing already).
-    fn close(&self, why: std::fmt::Arguments<'_>) {
-        if !self.closing.swap(true, Ordering::Relaxed) {
-            warn!(peer = %self.peer, transport = "tls", "closing tunnel connection: {why}");
-            self.kill.notify_one();
         }
     }
 }
@@ -301,7 +262,7 @@ pub struct TlsIncoming {
     respond: SendResponse<Bytes>,
     body: RecvStream,
     route: RouteName,
-    ctx: Arc<ConnCtx>,
+    peer: Arc<Peer>,
 }
 
 fn response(status: u16) -> Response<()> {
@@ -319,17 +280,15 @@ impl IncomingStream for TlsIncoming {
     }
 
     fn peer(&self) -> &Arc<Peer> {
-        &self.ctx.peer
+        &self.peer
     }
 
     async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
         match self.respond.send_response(response(200), false) {
             Ok(send) => Ok((H2Send::new(send, None), H2Recv::Body(self.body))),
             Err(e) => {
-                // Cancelled while the server dialed: rapid reset costs the client its budget.
-                self.ctx.charge("stream cancelled before it opened");
                 // h2 reports only a misuse here; the stream's state says why it is gone (reset
-                // by the client, or its connection lost).
+                // by the client, which the engine charges, or its connection lost).
                 let gone = poll_fn(|cx| Poll::Ready(self.respond.poll_reset(cx))).await;
                 Err(match gone {
                     Poll::Ready(Ok(reason)) => StreamError::Reset(ResetCode(reason.into())),
@@ -346,8 +305,5 @@ impl IncomingStream for TlsIncoming {
         let _ = self
             .respond
             .send_response(response(why.http_status()), true);
-        if why.is_client_fault() {
-            self.ctx.charge(why);
-        }
     }
 }

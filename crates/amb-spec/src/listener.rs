@@ -8,7 +8,7 @@ use amb_proto::RouteName;
 
 /// One local listener and the route its connections ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenSpec {
+pub struct ListenerSpec {
     /// Where to listen.
     pub addr: SocketAddr,
     /// The route to open for each connection.
@@ -18,15 +18,15 @@ pub struct ListenSpec {
 /// Why a listener spec is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("--listen {input:?}: {why}; write PORT, ADDR:PORT, or either followed by =ROUTE (e.g. 6379=redis)")]
-pub struct ListenSpecError {
+pub struct ListenerSpecError {
     input: String,
     why: String,
 }
 
-impl FromStr for ListenSpec {
-    type Err = ListenSpecError;
+impl FromStr for ListenerSpec {
+    type Err = ListenerSpecError;
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |why: String| ListenSpecError {
+        let err = |why: String| ListenerSpecError {
             input: input.to_owned(),
             why,
         };
@@ -45,7 +45,7 @@ impl FromStr for ListenSpec {
                 .parse::<SocketAddr>()
                 .map_err(|_| err(format!("{addr:?} is neither a port nor an IP:PORT address")))?,
         };
-        Ok(ListenSpec { addr, route })
+        Ok(ListenerSpec { addr, route })
     }
 }
 
@@ -55,20 +55,20 @@ mod tests {
 
     #[test]
     fn bare_port_is_loopback_and_default_route() {
-        let s: ListenSpec = "6379".parse().unwrap();
+        let s: ListenerSpec = "6379".parse().unwrap();
         assert_eq!(s.addr, "127.0.0.1:6379".parse().unwrap());
         assert_eq!(s.route.as_str(), "default");
     }
 
     #[test]
     fn address_and_route() {
-        let s: ListenSpec = "0.0.0.0:5432=pg".parse().unwrap();
+        let s: ListenerSpec = "0.0.0.0:5432=pg".parse().unwrap();
         assert_eq!(s.addr, "0.0.0.0:5432".parse().unwrap());
         assert_eq!(s.route.as_str(), "pg");
-        let s: ListenSpec = "[::1]:1=a".parse().unwrap();
+        let s: ListenerSpec = "[::1]:1=a".parse().unwrap();
         assert_eq!(s.addr, "[::1]:1".parse().unwrap());
         for bad in ["", "x", "6379=", "6379=Bad", "70000", "localhost:1"] {
-            assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
+            assert!(bad.parse::<ListenerSpec>().is_err(), "{bad}");
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Property tests for the engine's parsers of operator input: `--listen` specs and upstreams.
+//! Property tests for the parsers of operator input: `--listen` specs, upstreams, peers.
 
-use amb_engine::{ListenSpec, Upstream};
+use amb_spec::{ListenerSpec, PeerSpec, UpstreamSpec};
 use proptest::prelude::*;
 
 proptest! {
@@ -8,7 +8,7 @@ proptest! {
 
     #[test]
     fn listen_parser_never_panics(input in ".{0,60}") {
-        let _ = input.parse::<ListenSpec>();
+        let _ = input.parse::<ListenerSpec>();
     }
 
     #[test]
@@ -17,7 +17,7 @@ proptest! {
             Some(r) => format!("{port}={r}"),
             None => port.to_string(),
         };
-        let spec: ListenSpec = input.parse().unwrap();
+        let spec: ListenerSpec = input.parse().unwrap();
         prop_assert!(spec.addr.ip().is_loopback());
         prop_assert_eq!(spec.addr.port(), port);
         prop_assert_eq!(spec.route.as_str(), route.as_deref().unwrap_or("default"));
@@ -25,8 +25,15 @@ proptest! {
 
     #[test]
     fn upstream_parser_never_panics(input in ".{0,60}") {
-        if let Ok(up) = input.parse::<Upstream>() {
+        if let Ok(up) = input.parse::<UpstreamSpec>() {
             prop_assert_eq!(up.to_string(), input);
+        }
+    }
+
+    #[test]
+    fn peer_parser_never_panics(input in ".{0,60}") {
+        if let Ok(peer) = input.parse::<PeerSpec>() {
+            prop_assert_eq!(peer.to_string(), input);
         }
     }
 }

@@ -1,14 +1,19 @@
-//! Which of a name's addresses a dial tries, in what order, and how the attempts overlap, after
-//! Happy Eyeballs (RFC 8305). Nothing here does I/O: the caller passes the attempt, a TCP
-//! connect for upstreams and TLS tunnels, a whole handshake for QUIC tunnels.
+//! The balancer: which of a source's endpoints a dial tries, in what order, and how the
+//! attempts overlap, after Happy Eyeballs (RFC 8305); and what a dial that none answered tells
+//! the source. The caller passes the attempt: a connector's connect for upstreams, a whole
+//! tunnel handshake for peers.
 
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
+
+use super::source::{EndpointSet, Source};
+use super::Endpoint;
 
 /// How long an attempt runs alone before the next address is tried beside it (RFC 8305's
 /// recommended Connection Attempt Delay). An address that drops packets costs a dial this long,
@@ -19,16 +24,16 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// (resolvers sort the preferred family first) take turns going first by `turn`, so dials
 /// spread over them; the other addresses alternate with them, so a family that is unreachable
 /// as a whole costs one [`ATTEMPT_DELAY`] (RFC 8305, section 4).
-pub fn dial_order(addrs: &[SocketAddr], turn: usize) -> impl Iterator<Item = SocketAddr> + '_ {
-    let preferred_is_v4 = addrs.first().is_some_and(SocketAddr::is_ipv4);
+pub fn dial_order(addrs: &[Endpoint], turn: usize) -> impl Iterator<Item = Endpoint> + '_ {
+    let preferred = addrs.first().map(Endpoint::family);
     let run = addrs
         .iter()
-        .take_while(|a| a.is_ipv4() == preferred_is_v4)
+        .take_while(|a| Some(a.family()) == preferred)
         .count();
     let (preferred, others) = addrs.split_at(run);
     let (before, after) = preferred.split_at(turn.checked_rem(run).unwrap_or(0));
-    let mut preferred = after.iter().chain(before).copied();
-    let mut others = others.iter().copied();
+    let mut preferred = after.iter().chain(before).cloned();
+    let mut others = others.iter().cloned();
     let mut preferred_next = true;
     std::iter::from_fn(move || {
         let next = if preferred_next {
@@ -45,13 +50,14 @@ pub fn dial_order(addrs: &[SocketAddr], turn: usize) -> impl Iterator<Item = Soc
 /// when the one before it fails or has run for `delay`, and goes on beside the later ones; once
 /// one succeeds the others are dropped (RFC 8305, section 5). When every one fails, or `limit`
 /// runs out first, the error holds each address with its failure, or as unanswered.
-pub async fn race<T, E, Fut>(
-    addrs: impl IntoIterator<Item = SocketAddr>,
+pub async fn race<A, T, E, Fut>(
+    addrs: impl IntoIterator<Item = A>,
     delay: Duration,
     limit: Option<Duration>,
-    mut attempt: impl FnMut(SocketAddr) -> Fut,
-) -> Result<Won<T, E>, Failures<E>>
+    mut attempt: impl FnMut(A) -> Fut,
+) -> Result<Won<A, T, E>, Failures<A, E>>
 where
+    A: Clone + PartialEq,
     Fut: Future<Output = Result<T, E>>,
 {
     let deadline = limit.map(|limit| Instant::now() + limit);
@@ -60,17 +66,16 @@ where
     let mut started = Vec::new();
     let mut failed = Vec::new();
     // The addresses started that neither failed nor won.
-    let unanswered =
-        |started: Vec<SocketAddr>, failed: &[(SocketAddr, E)], won: Option<SocketAddr>| {
-            let mut unanswered = started;
-            unanswered.retain(|a| Some(*a) != won && !failed.iter().any(|(f, _)| f == a));
-            unanswered
-        };
+    let unanswered = |started: Vec<A>, failed: &[(A, E)], won: Option<&A>| {
+        let mut unanswered = started;
+        unanswered.retain(|a| Some(a) != won && !failed.iter().any(|(f, _)| f == a));
+        unanswered
+    };
     loop {
         // The first address, the next after a failure, or the next after `delay`.
         if let Some(addr) = addrs.next() {
-            started.push(addr);
-            let connecting = attempt(addr);
+            started.push(addr.clone());
+            let connecting = attempt(addr.clone());
             running.push(async move { (addr, connecting.await) });
         }
         let next_due = addrs.peek().is_some().then(|| Instant::now() + delay);
@@ -91,7 +96,7 @@ where
         };
         match finished {
             Some((addr, Ok(value))) => {
-                let unanswered = unanswered(started, &failed, Some(addr));
+                let unanswered = unanswered(started, &failed, Some(&addr));
                 return Ok(Won {
                     value,
                     addr,
@@ -111,33 +116,33 @@ where
 
 /// A race's winner, and the addresses tried before it that did not win.
 #[derive(Debug)]
-pub struct Won<T, E> {
+pub struct Won<A, T, E> {
     /// What the winning attempt gave.
     pub value: T,
     /// The address it was made to.
-    pub addr: SocketAddr,
+    pub addr: A,
     /// The attempts that failed before it answered, and those still running then (dropped).
-    pub passed_over: Failures<E>,
+    pub passed_over: Failures<A, E>,
 }
 
 /// The addresses a dial tried without success: those that failed, with their errors in the
 /// order they came, and those that had not answered when the dial ended.
 #[derive(Debug)]
-pub struct Failures<E> {
+pub struct Failures<A, E> {
     /// Each address that failed, with why.
-    pub failed: Vec<(SocketAddr, E)>,
+    pub failed: Vec<(A, E)>,
     /// Each address still without an answer.
-    pub unanswered: Vec<SocketAddr>,
+    pub unanswered: Vec<A>,
 }
 
-impl<E> Failures<E> {
+impl<A, E> Failures<A, E> {
     /// Whether every address tried answered.
     pub fn is_empty(&self) -> bool {
         self.failed.is_empty() && self.unanswered.is_empty()
     }
 }
 
-impl<E: fmt::Display> fmt::Display for Failures<E> {
+impl<A: fmt::Display, E: fmt::Display> fmt::Display for Failures<A, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_empty() {
             return f.write_str("no address to try");
@@ -151,18 +156,127 @@ impl<E: fmt::Display> fmt::Display for Failures<E> {
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> std::error::Error for Failures<E> {}
+impl<A: fmt::Debug + fmt::Display, E: fmt::Debug + fmt::Display> std::error::Error
+    for Failures<A, E>
+{
+}
+
+/// Why a dial over a source's endpoints failed.
+#[derive(Debug)]
+pub enum DialError<E> {
+    /// The source has no endpoints to offer: its lookup failed, with why.
+    NoEndpoints(String),
+    /// Every endpoint tried failed or did not answer.
+    Failed(Failures<Endpoint, E>),
+}
+
+impl<E: fmt::Display> fmt::Display for DialError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DialError::NoEndpoints(why) => f.write_str(why),
+            DialError::Failed(failures) => failures.fmt(f),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for DialError<E> {}
+
+/// Picks the endpoints of a [`Source`] for each new connection: dials take turns over the set
+/// ([`dial_order`]) and race slow endpoints ([`race`]); a dial that none answered asks the
+/// source to look again (at most once per its failure period) and tries the new set.
+pub struct Balancer {
+    source: Arc<Source>,
+    turn: AtomicUsize,
+}
+
+impl Balancer {
+    /// A balancer over `source`'s endpoints.
+    pub fn new(source: Arc<Source>) -> Self {
+        Balancer {
+            source,
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// Where the endpoints come from.
+    pub fn source(&self) -> &Arc<Source> {
+        &self.source
+    }
+
+    /// Runs `attempt` over the endpoints, in this dial's turn, and returns the first success.
+    /// Each race is bounded by `limit`, if given. `waiting_for_source` is true while the dial
+    /// waits for the source, so a caller's timeout can say which step ran out.
+    pub async fn dial<T, E, Fut>(
+        &self,
+        limit: Option<Duration>,
+        waiting_for_source: &AtomicBool,
+        mut attempt: impl FnMut(Endpoint) -> Fut,
+    ) -> Result<Won<Endpoint, T, E>, DialError<E>>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let source = &self.source;
+        let started = Instant::now();
+        waiting_for_source.store(true, Ordering::Relaxed);
+        let first = source.current(started).await;
+        waiting_for_source.store(false, Ordering::Relaxed);
+        let (first_at, first) = endpoints(first)?;
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let order = |set: &[Endpoint]| dial_order(set, turn).collect::<Vec<_>>();
+        let failed = match race(order(&first), ATTEMPT_DELAY, limit, &mut attempt).await {
+            Ok(won) => return Ok(won),
+            Err(failures) => failures,
+        };
+        if !source.worth_looking_again(first_at, started) {
+            // Looked up for this very dial, or too recently to ask again.
+            return Err(DialError::Failed(failed));
+        }
+        // The name may have moved: look again, or take the lookup another dial started since.
+        waiting_for_source.store(true, Ordering::Relaxed);
+        let again = source.newer_than(first_at).await;
+        waiting_for_source.store(false, Ordering::Relaxed);
+        let (_, again) = endpoints(again)?;
+        if same_endpoints(&again, &first) {
+            return Err(DialError::Failed(failed));
+        }
+        race(order(&again), ATTEMPT_DELAY, limit, &mut attempt)
+            .await
+            .map_err(DialError::Failed)
+    }
+}
+
+/// A set's endpoints and when they came, or why there are none.
+fn endpoints<E>(set: EndpointSet) -> Result<(Instant, Arc<[Endpoint]>), DialError<E>> {
+    match set.answer {
+        Ok(endpoints) => Ok((set.at, endpoints)),
+        Err(why) => Err(DialError::NoEndpoints(why)),
+    }
+}
+
+/// Whether two answers hold the same endpoints, in whatever order.
+pub(crate) fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
+    let sorted = |x: &[Endpoint]| {
+        let mut v = x.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    sorted(a) == sorted(b)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
 
-    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
+    fn addrs(list: &[&str]) -> Vec<Endpoint> {
+        list.iter()
+            .map(|a| Endpoint::Tcp(a.parse().unwrap()))
+            .collect()
     }
 
-    fn order(list: &[SocketAddr], turn: usize) -> Vec<SocketAddr> {
+    fn order(list: &[Endpoint], turn: usize) -> Vec<Endpoint> {
         dial_order(list, turn).collect()
     }
 
@@ -219,7 +333,7 @@ mod tests {
         script: &[Outcome],
         limit: Option<Duration>,
     ) -> (
-        Result<Won<SocketAddr, &'static str>, Failures<&'static str>>,
+        Result<Won<SocketAddr, SocketAddr, &'static str>, Failures<SocketAddr, &'static str>>,
         Duration,
         Vec<u16>,
     ) {

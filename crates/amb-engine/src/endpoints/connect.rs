@@ -1,0 +1,117 @@
+//! The connector: turns an upstream endpoint into a connected stream. TCP or a Unix socket
+//! today; the place where TLS, credentials and PROXY headers hook in.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpStream, UnixStream};
+
+use super::Endpoint;
+
+/// A connected upstream.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// Over TCP.
+    Tcp(TcpStream),
+    /// Over a Unix socket.
+    Unix(UnixStream),
+}
+
+/// How far one dial got, so a timeout can say which step ran out.
+#[derive(Debug, Default)]
+pub struct DialProgress {
+    /// Waiting for the source's endpoints.
+    pub waiting_for_source: AtomicBool,
+    /// A Unix socket's listen queue was full at the last try.
+    pub queue_full: AtomicBool,
+}
+
+/// Longest pause between two tries of a Unix socket whose listen queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(50);
+
+/// Connects to upstream endpoints.
+#[derive(Debug, Default)]
+pub struct Connector;
+
+impl Connector {
+    /// Connects to `endpoint`. The caller bounds the time.
+    pub async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        progress: &DialProgress,
+    ) -> Result<UpstreamStream, String> {
+        match endpoint {
+            Endpoint::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                Ok(UpstreamStream::Tcp(tcp))
+            }
+            Endpoint::Unix(path) => connect_unix(path, &progress.queue_full)
+                .await
+                .map(UpstreamStream::Unix),
+        }
+    }
+}
+
+/// Connects to a Unix socket. Its listen queue being full fails a non-blocking connect at once,
+/// where a TCP SYN would be retried, so that is tried again (pausing 1 ms, doubling up to
+/// [`QUEUE_FULL_PAUSE`]) until the dial's own timeout.
+async fn connect_unix(path: &Path, queue_full: &AtomicBool) -> Result<UnixStream, String> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(unix) => return Ok(unix),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                queue_full.store(true, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(QUEUE_FULL_PAUSE);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{e}: is the service listening on that socket, and may amb open it?"
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_tcp_endpoint_is_connected_with_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint::Tcp(listener.local_addr().unwrap());
+        let progress = DialProgress::default();
+        let (dialed, accepted) =
+            tokio::join!(Connector.connect(&endpoint, &progress), listener.accept());
+        let Ok(UpstreamStream::Tcp(tcp)) = dialed else {
+            panic!("a TCP stream: {dialed:?}");
+        };
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(tcp.local_addr().unwrap(), accepted.unwrap().1);
+        drop(listener);
+        assert!(Connector.connect(&endpoint, &progress).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_unix_endpoint_is_connected_and_a_missing_one_is_named() {
+        let path = std::env::temp_dir().join(format!("amb-connector-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let endpoint = Endpoint::Unix(Arc::from(path.as_path()));
+        let progress = DialProgress::default();
+        let missing = Connector.connect(&endpoint, &progress).await.unwrap_err();
+        assert!(missing.contains("listening on that socket"), "{missing}");
+
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (dialed, accepted) =
+            tokio::join!(Connector.connect(&endpoint, &progress), listener.accept());
+        assert!(matches!(dialed, Ok(UpstreamStream::Unix(_))), "{dialed:?}");
+        accepted.unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+}

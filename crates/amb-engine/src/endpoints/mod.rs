@@ -1,0 +1,88 @@
+//! The endpoints layer, shared by upstreams (server) and peers (client): a [`Source`] yields
+//! the set of endpoints a configured name stands for and its changes, a [`Balancer`] picks the
+//! order each new connection tries them in and feeds "none of these answered" back to the
+//! source, and a [`Connector`] turns an upstream endpoint into a connected stream. Transports
+//! never resolve names: they are handed an address and give back a tunnel.
+
+mod balance;
+mod connect;
+mod source;
+
+pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_DELAY};
+pub use connect::{Connector, DialProgress, UpstreamStream};
+#[cfg(test)]
+pub(crate) use source::Periods;
+pub use source::{EndpointSet, Role, Source, LOOKUP_LIMIT, RELOOKUP_AFTER_FAILURE, RESOLVE_EVERY};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use amb_spec::{HostPort, PeerSpec, UpstreamSpec, UpstreamTarget};
+
+/// Where one instance of a service is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    /// A TCP address (or UDP, for a QUIC peer).
+    Tcp(SocketAddr),
+    /// A Unix socket on this host.
+    Unix(Arc<Path>),
+}
+
+/// Address families, which a dial alternates between (Happy Eyeballs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+    /// A Unix socket.
+    Unix,
+}
+
+impl Endpoint {
+    /// Its address family.
+    pub fn family(&self) -> Family {
+        match self {
+            Endpoint::Tcp(addr) if addr.is_ipv4() => Family::V4,
+            Endpoint::Tcp(_) => Family::V6,
+            Endpoint::Unix(_) => Family::Unix,
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => addr.fmt(f),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The source of a `host:port`: the address itself, or the name looked up.
+fn host_port_source(text: &str, role: Role, addr: &HostPort) -> Arc<Source> {
+    match addr {
+        HostPort::Addr(addr) => Source::fixed(text, role, vec![Endpoint::Tcp(*addr)]),
+        HostPort::Name { .. } => Source::dns(text, role),
+    }
+}
+
+/// The source of an upstream's endpoints.
+pub fn upstream_source(spec: &UpstreamSpec) -> Arc<Source> {
+    let text = spec.to_string();
+    match spec.target() {
+        UpstreamTarget::Tcp(addr) => host_port_source(&text, Role::Upstream, addr),
+        UpstreamTarget::Unix(path) => Source::fixed(
+            &text,
+            Role::Upstream,
+            vec![Endpoint::Unix(Arc::from(path.as_path()))],
+        ),
+    }
+}
+
+/// The source of a peer's addresses.
+pub fn peer_source(spec: &PeerSpec) -> Arc<Source> {
+    host_port_source(&spec.to_string(), Role::Peer, spec.addr())
+}

@@ -1,0 +1,15 @@
+//! What the user configured, parsed and validated once: routes and their upstreams, peers,
+//! listeners. Specs are plain data (`Eq`, no I/O, no live resolvers), so a configuration can be
+//! compared with the next one; the engine builds its runtime objects from them.
+
+mod host_port;
+mod listener;
+mod peer;
+mod route;
+mod upstream;
+
+pub use host_port::HostPort;
+pub use listener::{ListenerSpec, ListenerSpecError};
+pub use peer::{PeerSpec, PeerSpecError};
+pub use route::{RouteSpec, RouteSpecError};
+pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
