@@ -1,5 +1,6 @@
 //! The copy loops between a socket (TCP, or Unix for a local upstream) and a tunnel stream,
-//! written once for both transports and both kinds of socket.
+//! written once for both transports and both kinds of socket; and the same over any byte
+//! stream ([`relay_io`]), for upstreams that are not a bare socket.
 //!
 //! - Half-close travels both ways: the socket's FIN finishes the stream, the stream's end
 //!   shuts the socket's write side.
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use amb_proto::{ResetCode, StreamError, StreamRecv, StreamSend};
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 
 /// A connected stream socket the relay carries: a TCP connection, or a Unix socket to an
@@ -222,6 +223,87 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
             Err(e)
         }
     }
+}
+
+/// Relays over any byte stream (`AsyncRead + AsyncWrite`: a TLS connection to the upstream,
+/// say) as [`relay`] does over a socket: half-close both ways, one chunk in flight per
+/// direction, both sides aborted at the first failure (the stream is dropped unflushed: a
+/// stream has no RST of its own). Sockets keep [`relay`], whose non-blocking reads and
+/// vectored writes measured faster.
+pub async fn relay_io<IO, S, R>(io: IO, mut send: S, mut recv: R) -> Result<RelayStats, RelayError>
+where
+    IO: AsyncRead + AsyncWrite + Send,
+    S: StreamSend,
+    R: StreamRecv,
+{
+    let (reader, writer) = tokio::io::split(io);
+    let outcome = tokio::try_join!(
+        io_to_tunnel(reader, &mut send),
+        tunnel_to_io(writer, &mut recv)
+    );
+    match outcome {
+        Ok((to_tunnel, from_tunnel)) => {
+            send.delivered().await;
+            Ok(RelayStats {
+                to_tunnel,
+                from_tunnel,
+            })
+        }
+        Err(e) => {
+            let code = match &e {
+                RelayError::Socket(_) => ResetCode::CANCEL,
+                RelayError::Tunnel(_) => ResetCode::CONNECT_ERROR,
+            };
+            send.reset(code);
+            recv.stop(code);
+            Err(e)
+        }
+    }
+}
+
+/// Copies a byte stream into the tunnel stream, reading into a buffer that grows toward
+/// [`MAX_BUFFER`] while reads fill it; its end finishes the tunnel stream.
+async fn io_to_tunnel<S: StreamSend>(
+    mut reader: impl AsyncRead + Unpin,
+    send: &mut S,
+) -> Result<u64, RelayError> {
+    let mut total = 0u64;
+    let mut size = MIN_BUFFER;
+    let mut buf = BytesMut::new();
+    loop {
+        make_room(&mut buf, size);
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(RelayError::Socket)?;
+        if n == 0 {
+            send.finish()?;
+            return Ok(total);
+        }
+        total += n as u64;
+        if n >= size && size < MAX_BUFFER {
+            size *= 2;
+        }
+        send.send(take_chunk(&mut buf, size)).await?;
+    }
+}
+
+/// Copies the tunnel stream into a byte stream; the stream's clean end shuts its write side.
+async fn tunnel_to_io<R: StreamRecv>(
+    mut writer: impl AsyncWrite + Unpin,
+    recv: &mut R,
+) -> Result<u64, RelayError> {
+    let mut total = 0u64;
+    let mut batch = Vec::with_capacity(MAX_WRITE_BATCH);
+    while recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await? {
+        for chunk in batch.drain(..) {
+            total += chunk.len() as u64;
+            writer.write_all(&chunk).await.map_err(RelayError::Socket)?;
+        }
+        writer.flush().await.map_err(RelayError::Socket)?;
+    }
+    writer.shutdown().await.map_err(RelayError::Socket)?;
+    Ok(total)
 }
 
 /// Closes a socket with a TCP RST instead of a FIN, so the other end sees an abort.
@@ -460,5 +542,95 @@ mod tests {
         assert_eq!(chunk.as_ptr(), buffer);
         assert_eq!(chunk.len(), MIN_BUFFER / 4);
         assert!(buf.is_empty());
+    }
+
+    /// One direction of a tunnel stream as an in-memory channel; `None` is a clean end.
+    struct ChanSend(tokio::sync::mpsc::UnboundedSender<Option<Bytes>>);
+    struct ChanRecv(tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>);
+
+    impl StreamSend for ChanSend {
+        async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
+            self.0
+                .send(Some(data))
+                .map_err(|_| StreamError::ConnectionLost("gone".into()))
+        }
+        fn finish(&mut self) -> Result<(), StreamError> {
+            let _ = self.0.send(None);
+            Ok(())
+        }
+        fn reset(&mut self, _code: ResetCode) {}
+        async fn delivered(&mut self) {}
+    }
+
+    impl StreamRecv for ChanRecv {
+        async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+            match self.0.recv().await {
+                Some(chunk) => Ok(chunk),
+                None => Err(StreamError::ConnectionLost("gone".into())),
+            }
+        }
+        fn stop(&mut self, _code: ResetCode) {}
+    }
+
+    #[tokio::test]
+    async fn a_byte_stream_is_relayed_exactly_with_half_close_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::mpsc::unbounded_channel;
+        let (ours, mut upstream) = tokio::io::duplex(64 << 10);
+        let (to_relay, from_tunnel) = unbounded_channel();
+        let (to_tunnel, mut tunnel_gets) = unbounded_channel();
+        let relayed = tokio::spawn(relay_io(ours, ChanSend(to_tunnel), ChanRecv(from_tunnel)));
+
+        let down: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in down.chunks(10_000) {
+            to_relay.send(Some(Bytes::copy_from_slice(piece))).unwrap();
+        }
+        to_relay.send(None).unwrap();
+        let up: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let upstream_side = async {
+            // Reads to the end first: the tunnel's half-close must arrive on its own.
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            upstream.write_all(&up).await.unwrap();
+            upstream.shutdown().await.unwrap();
+            got
+        };
+        let tunnel_side = async {
+            let mut got = Vec::new();
+            while let Some(Some(chunk)) = tunnel_gets.recv().await {
+                got.extend_from_slice(&chunk);
+            }
+            got
+        };
+        let (upstream_got, tunnel_got) = tokio::join!(upstream_side, tunnel_side);
+        assert_eq!(
+            upstream_got, down,
+            "the tunnel's end reached the upstream as EOF"
+        );
+        assert_eq!(
+            tunnel_got, up,
+            "the upstream's end finished the tunnel stream"
+        );
+        let stats = relayed.await.unwrap().unwrap();
+        assert_eq!(
+            (stats.to_tunnel, stats.from_tunnel),
+            (up.len() as u64, down.len() as u64)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_tunnel_fails_the_byte_stream_relay() {
+        let (ours, _upstream) = tokio::io::duplex(1024);
+        let (to_relay, from_tunnel) = tokio::sync::mpsc::unbounded_channel();
+        let (to_tunnel, _tunnel_gets) = tokio::sync::mpsc::unbounded_channel();
+        drop(to_relay);
+        let relayed = relay_io(ours, ChanSend(to_tunnel), ChanRecv(from_tunnel)).await;
+        assert!(
+            matches!(
+                relayed,
+                Err(RelayError::Tunnel(StreamError::ConnectionLost(_)))
+            ),
+            "{relayed:?}"
+        );
     }
 }
