@@ -201,11 +201,25 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
         socket_to_tunnel(&socket, &mut send, &socket_ended),
         tunnel_to_socket(&socket, &mut recv, &socket_ended)
     );
+    if outcome.is_err() {
+        socket.reset();
+    } else {
+        // Both directions are done: the close sends the socket's FIN (if the stream's end did
+        // not already), without waiting for the tunnel peer's acknowledgement.
+        drop(socket);
+    }
+    settle(outcome, &mut send, &mut recv).await
+}
+
+/// After both directions: waits for the tunnel peer to have everything sent, or on a failure
+/// resets both halves of the tunnel stream.
+async fn settle<S: StreamSend, R: StreamRecv>(
+    outcome: Result<(u64, u64), RelayError>,
+    send: &mut S,
+    recv: &mut R,
+) -> Result<RelayStats, RelayError> {
     match outcome {
         Ok((to_tunnel, from_tunnel)) => {
-            // Both directions are done: the close sends the socket's FIN (if the stream's end
-            // did not already), without waiting for the tunnel peer's acknowledgement.
-            drop(socket);
             send.delivered().await;
             Ok(RelayStats {
                 to_tunnel,
@@ -219,7 +233,6 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
             };
             send.reset(code);
             recv.stop(code);
-            socket.reset();
             Err(e)
         }
     }
@@ -241,24 +254,7 @@ where
         io_to_tunnel(reader, &mut send),
         tunnel_to_io(writer, &mut recv)
     );
-    match outcome {
-        Ok((to_tunnel, from_tunnel)) => {
-            send.delivered().await;
-            Ok(RelayStats {
-                to_tunnel,
-                from_tunnel,
-            })
-        }
-        Err(e) => {
-            let code = match &e {
-                RelayError::Socket(_) => ResetCode::CANCEL,
-                RelayError::Tunnel(_) => ResetCode::CONNECT_ERROR,
-            };
-            send.reset(code);
-            recv.stop(code);
-            Err(e)
-        }
-    }
+    settle(outcome, &mut send, &mut recv).await
 }
 
 /// Copies a byte stream into the tunnel stream, reading into a buffer that grows toward
