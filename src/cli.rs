@@ -10,7 +10,7 @@ use amb_pki::{InitOptions, LeafRole, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{ListenerSpec, PeerSpec, RouteSpec, UpstreamSpec};
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// mTLS ambassador tunnel pair: apps talk plaintext to localhost, amb carries each connection
 /// over one warm QUIC or TLS 1.3 tunnel to the server, which forwards it to the real service.
@@ -18,13 +18,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "amb", version)]
 pub struct Args {
     /// Log line format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "AMB_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Worker threads for client and server. 1 runs everything on one thread. Default: 1 on
     /// machines with at most two CPUs, where the ambassador shares them with the app and the
     /// upstream and a second worker costs more in cross-thread wake-ups than it adds (see
     /// BENCHMARKS.md); else one per CPU.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "AMB_THREADS")]
     pub threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -48,6 +54,15 @@ enum Command {
     Server(ServerArgs),
     /// Run the client ambassador: listen locally and carry connections through the tunnel.
     Client(ClientArgs),
+    /// Print a completion script for SHELL to stdout (e.g. `amb completions bash >
+    /// /etc/bash_completion.d/amb`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (e.g. `amb man > /usr/local/share/man/man1/amb.1`).
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,20 +114,20 @@ enum CertsCommand {
 #[derive(clap::Args, Debug)]
 struct CertArgs {
     /// Directory with ca.pem and <role>.pem/.key (role: server or client).
-    #[arg(long, default_value = "certs")]
+    #[arg(long, default_value = "certs", env = "AMB_CERTS_DIR")]
     certs_dir: PathBuf,
     /// Certificate chain (PEM); overrides the certs directory.
-    #[arg(long, requires_all = ["key", "ca"])]
+    #[arg(long, requires_all = ["key", "ca"], env = "AMB_CERT")]
     cert: Option<PathBuf>,
     /// Private key (PEM, mode 0600).
-    #[arg(long, requires_all = ["cert", "ca"])]
+    #[arg(long, requires_all = ["cert", "ca"], env = "AMB_KEY")]
     key: Option<PathBuf>,
     /// CA certificate(s) the peer must chain to (PEM).
-    #[arg(long, requires_all = ["cert", "key"])]
+    #[arg(long, requires_all = ["cert", "key"], env = "AMB_CA")]
     ca: Option<PathBuf>,
     /// How often the certificate files are checked for changes, which are then loaded for new
     /// connections (as on SIGHUP); 0s checks only on SIGHUP.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "AMB_RELOAD_CHECK")]
     reload_check: Duration,
 }
 
@@ -137,21 +152,21 @@ impl CertArgs {
 #[derive(clap::Args, Debug)]
 struct LimitArgs {
     /// A tunnel connection silent this long (keep-alives included) is dropped, e.g. 30s.
-    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = parse_duration, default_value = "30s", env = "AMB_IDLE_TIMEOUT")]
     idle_timeout: Duration,
     /// Handshake deadline for tunnel connections.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "AMB_HANDSHAKE_TIMEOUT")]
     handshake_timeout: Duration,
     /// Concurrent streams per tunnel connection.
-    #[arg(long, default_value_t = 32_768)]
+    #[arg(long, default_value_t = 32_768, env = "AMB_MAX_STREAMS")]
     max_streams: u32,
     /// After SIGINT/SIGTERM, how long live connections may finish; also how long a server's
     /// tunnel connection drained by a change of the trusted CAs may run on.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration, default_value = "10s", env = "AMB_DRAIN_TIMEOUT")]
     drain_timeout: Duration,
     /// Connections carried at once (client: app connections; server: streams); more are
     /// refused at once.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, env = "AMB_MAX_CONNECTIONS")]
     max_connections: usize,
 }
 
@@ -170,23 +185,28 @@ impl LimitArgs {
 #[derive(clap::Args, Debug)]
 struct ServerArgs {
     /// Address to listen on (TCP for TLS, UDP for QUIC).
-    #[arg(long, default_value = "0.0.0.0:7443")]
+    #[arg(long, default_value = "0.0.0.0:7443", env = "AMB_LISTEN")]
     listen: std::net::SocketAddr,
     /// Upstream of the route named `default`: HOST:PORT, or unix:PATH for a service on this
     /// host (no TCP handshake per connection). A name is looked up every 5 s, not per connection.
-    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", env = "AMB_UPSTREAM")]
     upstream: Option<UpstreamSpec>,
     /// A named route: NAME=HOST:PORT or NAME=unix:PATH (repeatable).
-    #[arg(long = "route", value_name = "NAME=UPSTREAM")]
+    #[arg(long = "route", value_name = "NAME=UPSTREAM", env = "AMB_ROUTE")]
     routes: Vec<RouteSpec>,
     /// Transports to serve.
-    #[arg(long, value_enum, default_value = "both")]
+    #[arg(long, value_enum, default_value = "both", env = "AMB_TRANSPORT")]
     transport: ServerTransportArg,
     /// Only peers with one of these SANs may open streams: dns:X, uri:Y or ip:Z (exact match).
-    #[arg(long = "allow", value_name = "SAN")]
+    #[arg(
+        long = "allow",
+        value_name = "SAN",
+        env = "AMB_ALLOW",
+        value_delimiter = ','
+    )]
     allow: Vec<San>,
     /// Upstream connect timeout.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "AMB_CONNECT_TIMEOUT")]
     connect_timeout: Duration,
     #[command(flatten)]
     certs: CertArgs,
@@ -210,22 +230,28 @@ enum ClientTransportArg {
 #[derive(clap::Args, Debug)]
 struct ClientArgs {
     /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
     peer: PeerSpec,
     /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
-    #[arg(long = "listen", value_name = "[ADDR:]PORT[=ROUTE]", required = true)]
+    #[arg(
+        long = "listen",
+        value_name = "[ADDR:]PORT[=ROUTE]",
+        required = true,
+        env = "AMB_LISTEN",
+        value_delimiter = ','
+    )]
     listens: Vec<ListenerSpec>,
     /// Tunnel transport.
-    #[arg(long, value_enum, default_value = "quic")]
+    #[arg(long, value_enum, default_value = "quic", env = "AMB_TRANSPORT")]
     transport: ClientTransportArg,
     /// Name the server certificate must be valid for (default: HOST of --peer).
-    #[arg(long)]
+    #[arg(long, env = "AMB_SERVER_NAME")]
     server_name: Option<String>,
     /// Tunnel connections kept warm (default: 1 for QUIC, 2 for TLS).
-    #[arg(long)]
+    #[arg(long, env = "AMB_CONNECTIONS")]
     connections: Option<usize>,
     /// How long an app connection waits for a tunnel before it is reset.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "5s", env = "AMB_TUNNEL_WAIT")]
     tunnel_wait: Duration,
     #[command(flatten)]
     certs: CertArgs,
@@ -268,6 +294,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Certs(certs) => run_certs(certs),
         Command::Server(server) => runtime(args.threads)?.block_on(run_server(server)),
         Command::Client(client) => runtime(args.threads)?.block_on(run_client(client)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "amb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Args::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
     }
 }
 

@@ -219,3 +219,71 @@ fn unparsable_values_are_named() {
         );
     }
 }
+
+#[test]
+fn every_setting_can_come_from_amb_variables_and_a_flag_wins() {
+    let dir = TempDir::new("cli-env");
+    let certs = dir.0.join("certs");
+    let certs = certs.to_str().unwrap();
+    let (ok, err) = run(&["certs", "init", "--dir", certs]);
+    assert!(ok, "{err}");
+    let redis = Redis::start();
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    // The server serves TLS only, so the client gets through only if its --transport flag
+    // (tls) wins over its AMB_TRANSPORT (quic).
+    let server = Amb::spawn_env(
+        &["server"],
+        &[
+            ("AMB_LISTEN", "127.0.0.1:0"),
+            ("AMB_UPSTREAM", &upstream),
+            ("AMB_TRANSPORT", "tls"),
+            ("AMB_CERTS_DIR", certs),
+        ],
+    );
+    let peer = format!("localhost:{}", server.server_addr().port());
+    let client = Amb::spawn_env(
+        &["client", "--transport", "tls"],
+        &[
+            ("AMB_PEER", &peer),
+            ("AMB_LISTEN", "0"),
+            ("AMB_TRANSPORT", "quic"),
+            ("AMB_CERTS_DIR", certs),
+            ("AMB_TUNNEL_WAIT", "20s"),
+        ],
+    );
+    let port = client.listen_addr().port();
+    assert_eq!(redis_cli(port, &["ping"]).as_deref(), Some("PONG"));
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    let output = |args: &[&str]| {
+        let out = Command::new(AMB).args(args).output().unwrap();
+        assert!(out.status.success(), "amb {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = output(&["completions", shell]);
+        assert!(
+            script.contains("--peer"),
+            "{shell}: no --peer in the script"
+        );
+    }
+    let dir = TempDir::new("cli-completions");
+    let bash = dir.0.join("amb.bash");
+    std::fs::write(&bash, output(&["completions", "bash"])).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
+    assert!(
+        syntax.success(),
+        "the bash completion script does not parse"
+    );
+    let man = output(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH amb"),
+        "not roff:\n{man}"
+    );
+    assert!(
+        man.contains("completions"),
+        "the man page lists the subcommands"
+    );
+}

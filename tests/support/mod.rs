@@ -221,6 +221,13 @@ impl Amb {
         Self::spawn_command(cmd)
     }
 
+    /// Starts `amb` with `args` and the environment variables `env` (`AMB_*` settings).
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(AMB);
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
     /// Runs `script` with `sh -c` (e.g. to set a `ulimit` first); it must `exec` amb.
     pub fn spawn_shell(script: &str) -> Self {
         let mut cmd = Command::new("sh");
