@@ -10,7 +10,11 @@ use amb_pki::{InitOptions, LeafRole, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{ListenerSpec, PeerSpec, RouteSpec, UpstreamSpec};
 use anyhow::{bail, Context as _};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use std::collections::BTreeMap;
+
+use amb_config::{self as config, ClientFile, ConfigFile, ListenerFile, ServerFile};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// mTLS ambassador tunnel pair: apps talk plaintext to localhost, amb carries each connection
 /// over one warm QUIC or TLS 1.3 tunnel to the server, which forwards it to the real service.
@@ -117,13 +121,13 @@ struct CertArgs {
     #[arg(long, default_value = "certs", env = "AMB_CERTS_DIR")]
     certs_dir: PathBuf,
     /// Certificate chain (PEM); overrides the certs directory.
-    #[arg(long, requires_all = ["key", "ca"], env = "AMB_CERT")]
+    #[arg(long, env = "AMB_CERT")]
     cert: Option<PathBuf>,
     /// Private key (PEM, mode 0600).
-    #[arg(long, requires_all = ["cert", "ca"], env = "AMB_KEY")]
+    #[arg(long, env = "AMB_KEY")]
     key: Option<PathBuf>,
     /// CA certificate(s) the peer must chain to (PEM).
-    #[arg(long, requires_all = ["cert", "key"], env = "AMB_CA")]
+    #[arg(long, env = "AMB_CA")]
     ca: Option<PathBuf>,
     /// How often the certificate files are checked for changes, which are then loaded for new
     /// connections (as on SIGHUP); 0s checks only on SIGHUP.
@@ -132,19 +136,94 @@ struct CertArgs {
 }
 
 impl CertArgs {
-    fn files(&self, role: &str) -> TlsFiles {
-        match (&self.cert, &self.key, &self.ca) {
-            (Some(cert), Some(key), Some(ca)) => TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
+    /// The files and the reload period: flags (or variables) given, else the file's values,
+    /// else the defaults.
+    fn resolve(
+        &self,
+        given: &Given<'_>,
+        role: &str,
+        file: FileCerts,
+    ) -> anyhow::Result<(TlsFiles, Option<Duration>)> {
+        let certs_dir = given.pick("certs_dir", self.certs_dir.clone(), file.certs_dir);
+        let one = |id: &str, flag: &Option<PathBuf>, file: Option<PathBuf>| {
+            given.pick(id, flag.clone(), file.map(Some))
+        };
+        let files = match (
+            one("cert", &self.cert, file.cert),
+            one("key", &self.key, file.key),
+            one("ca", &self.ca, file.ca),
+        ) {
+            (Some(cert), Some(key), Some(ca)) => TlsFiles { cert, key, ca },
+            (None, None, None) => TlsFiles::in_dir(&certs_dir, role),
+            _ => bail!(
+                "give --cert, --key and --ca together (or none, for the files in --certs-dir)"
+            ),
+        };
+        let reload_check = given.pick("reload_check", self.reload_check, file.reload_check);
+        Ok((files, Some(reload_check).filter(|d| !d.is_zero())))
+    }
+}
+
+/// The certificate keys of a config file's part.
+#[derive(Default)]
+struct FileCerts {
+    certs_dir: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    reload_check: Option<Duration>,
+}
+
+/// The bounds of a config file's part.
+#[derive(Default)]
+struct FileLimits {
+    idle_timeout: Option<Duration>,
+    handshake_timeout: Option<Duration>,
+    max_streams: Option<u32>,
+    drain_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+}
+
+/// The certificate keys and bounds of a config file's part: the [server] and [client] parts
+/// spell them alike, in types of their own.
+macro_rules! certs_and_limits {
+    ($file:expr) => {
+        (
+            FileCerts {
+                certs_dir: $file.certs_dir,
+                cert: $file.cert,
+                key: $file.key,
+                ca: $file.ca,
+                reload_check: $file.reload_check.map(|d| d.get()),
             },
-            _ => TlsFiles::in_dir(&self.certs_dir, role),
+            FileLimits {
+                idle_timeout: $file.idle_timeout.map(|d| d.get()),
+                handshake_timeout: $file.handshake_timeout.map(|d| d.get()),
+                max_streams: $file.max_streams,
+                drain_timeout: $file.drain_timeout.map(|d| d.get()),
+                max_connections: $file.max_connections,
+            },
+        )
+    };
+}
+
+/// Picks each setting: a flag or variable that was given, else the config file's value, else
+/// the flag's default.
+struct Given<'a>(Option<&'a ArgMatches>);
+
+impl Given<'_> {
+    fn pick<T>(&self, id: &str, flag: T, file: Option<T>) -> T {
+        match file {
+            Some(value) if !self.given(id) => value,
+            _ => flag,
         }
     }
 
-    fn reload_check(&self) -> Option<Duration> {
-        Some(self.reload_check).filter(|d| !d.is_zero())
+    /// Whether the flag `id` was given on the command line or as its variable.
+    fn given(&self, id: &str) -> bool {
+        self.0
+            .and_then(|m| m.value_source(id))
+            .is_some_and(|source| source != ValueSource::DefaultValue)
     }
 }
 
@@ -171,19 +250,38 @@ struct LimitArgs {
 }
 
 impl LimitArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            max_streams_per_connection: self.max_streams,
-            handshake_timeout: self.handshake_timeout,
-            drain_timeout: self.drain_timeout,
-            idle_timeout: self.idle_timeout,
+    /// The bounds and the connection cap: flags (or variables) given, else the file's values,
+    /// else the defaults.
+    fn resolve(&self, given: &Given<'_>, file: FileLimits) -> (Limits, usize) {
+        let limits = Limits {
+            max_streams_per_connection: given.pick(
+                "max_streams",
+                self.max_streams,
+                file.max_streams,
+            ),
+            handshake_timeout: given.pick(
+                "handshake_timeout",
+                self.handshake_timeout,
+                file.handshake_timeout,
+            ),
+            drain_timeout: given.pick("drain_timeout", self.drain_timeout, file.drain_timeout),
+            idle_timeout: given.pick("idle_timeout", self.idle_timeout, file.idle_timeout),
             ..Limits::default()
-        }
+        };
+        let max_connections = given.pick(
+            "max_connections",
+            self.max_connections,
+            file.max_connections,
+        );
+        (limits, max_connections)
     }
 }
 
 #[derive(clap::Args, Debug)]
 struct ServerArgs {
+    /// Config file (TOML) whose [server] part sets what no flag or variable sets.
+    #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on (TCP for TLS, UDP for QUIC).
     #[arg(long, default_value = "0.0.0.0:7443", env = "AMB_LISTEN")]
     listen: std::net::SocketAddr,
@@ -229,14 +327,16 @@ enum ClientTransportArg {
 
 #[derive(clap::Args, Debug)]
 struct ClientArgs {
+    /// Config file (TOML) whose [client] part sets what no flag or variable sets.
+    #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
+    config: Option<PathBuf>,
     /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
     #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
-    peer: PeerSpec,
+    peer: Option<PeerSpec>,
     /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
     #[arg(
         long = "listen",
         value_name = "[ADDR:]PORT[=ROUTE]",
-        required = true,
         env = "AMB_LISTEN",
         value_delimiter = ','
     )]
@@ -273,6 +373,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// Parses the command line, keeping where each value came from (flag, variable or default),
+/// which decides whether a config file's value is taken.
+pub fn parse() -> (Args, ArgMatches) {
+    let matches = Args::command().get_matches();
+    match Args::from_arg_matches(&matches) {
+        Ok(args) => (args, matches),
+        Err(e) => e.exit(),
+    }
+}
+
 /// Sets up `tracing`: `RUST_LOG` filters (default `info`), stderr output.
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -289,11 +399,19 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 /// Runs the chosen subcommand.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
     match args.command {
         Command::Certs(certs) => run_certs(certs),
-        Command::Server(server) => runtime(args.threads)?.block_on(run_server(server)),
-        Command::Client(client) => runtime(args.threads)?.block_on(run_client(client)),
+        Command::Server(server) => {
+            let given = Given(matches.subcommand_matches("server"));
+            let settings = server_settings(server, &given)?;
+            runtime(args.threads)?.block_on(run_server(settings))
+        }
+        Command::Client(client) => {
+            let given = Given(matches.subcommand_matches("client"));
+            let settings = client_settings(client, &given)?;
+            runtime(args.threads)?.block_on(run_client(settings))
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "amb", &mut std::io::stdout());
             Ok(())
@@ -366,65 +484,147 @@ fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let mut routes = std::collections::BTreeMap::new();
+/// The server's settings: its flags and variables over its config file's [server] part.
+fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<ServerSettings> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?
+            .server
+            .with_context(|| format!("{}: no [server] part", path.display()))?,
+        None => ServerFile::default(),
+    };
+    // The file's routes, then the flags': a flag's route replaces the file's of that name
+    // (keeping its allow-list, if it has one).
+    let mut routes = BTreeMap::new();
+    let mut restricted = Vec::new();
+    if let Some(upstream) = file.upstream {
+        routes.insert(RouteName::default_route(), upstream.0);
+    }
+    for route in file.routes {
+        let name = route.name.into_inner().0;
+        if let Some(allow) = &route.allow {
+            restricted.push((name.clone(), config::allow_list(allow)?));
+        }
+        routes.insert(name, route.upstream.0);
+    }
+    let mut from_flags = BTreeMap::new();
     if let Some(upstream) = args.upstream {
-        routes.insert(RouteName::default_route(), upstream);
+        from_flags.insert(RouteName::default_route(), upstream);
     }
     for RouteSpec { name, upstream } in args.routes {
-        if routes.insert(name.clone(), upstream).is_some() {
+        if from_flags.insert(name.clone(), upstream).is_some() {
             bail!("route {name} is given twice (note: --upstream is the route named `default`)");
         }
     }
+    routes.extend(from_flags);
     if routes.is_empty() {
-        bail!("no upstream: give --upstream HOST:PORT or --route NAME=HOST:PORT");
+        bail!("no upstream: give --upstream HOST:PORT or --route NAME=HOST:PORT (or routes in --config)");
     }
-    let allow = if args.allow.is_empty() {
+    let file_allow = file.allow.map(|list| {
+        let entries = list.into_inner().into_iter();
+        entries.map(|san| san.0).collect()
+    });
+    let allow = given.pick("allow", args.allow, file_allow);
+    let allow = if allow.is_empty() {
         None
     } else {
-        Some(AllowList::new(args.allow)?)
+        Some(AllowList::new(allow)?)
     };
-    let settings = ServerSettings {
-        listen: args.listen,
-        transports: match args.transport {
+    let mut table = RouteTable::new(routes, allow);
+    for (name, allow) in restricted {
+        table.restrict(&name, allow);
+    }
+    let file_transport = file.transport.map(|t| match t {
+        config::ServerTransport::Quic => ServerTransportArg::Quic,
+        config::ServerTransport::Tls => ServerTransportArg::Tls,
+        config::ServerTransport::Both => ServerTransportArg::Both,
+    });
+    let (certs, limits) = certs_and_limits!(file);
+    let (tls, reload_check) = args.certs.resolve(given, "server", certs)?;
+    let (limits, max_connections) = args.limits.resolve(given, limits);
+    Ok(ServerSettings {
+        listen: given.pick("listen", args.listen, file.listen.map(|l| l.0)),
+        transports: match given.pick("transport", args.transport, file_transport) {
             ServerTransportArg::Quic => ServerTransports::Quic,
             ServerTransportArg::Tls => ServerTransports::Tls,
             ServerTransportArg::Both => ServerTransports::Both,
         },
-        tls: args.certs.files("server"),
-        reload_check: args.certs.reload_check(),
-        routes: RouteTable::new(routes, allow),
-        limits: args.limits.limits(),
-        connect_timeout: args.connect_timeout,
-        max_connections: args.limits.max_connections,
-    };
+        tls,
+        reload_check,
+        routes: table,
+        limits,
+        connect_timeout: given.pick(
+            "connect_timeout",
+            args.connect_timeout,
+            file.connect_timeout.map(|d| d.get()),
+        ),
+        max_connections,
+    })
+}
+
+async fn run_server(settings: ServerSettings) -> anyhow::Result<()> {
     let server = Server::bind(settings)?;
     reload_on_hangup(server.reload());
     server.run(shutdown_signal()).await;
     Ok(())
 }
 
-async fn run_client(args: ClientArgs) -> anyhow::Result<()> {
-    let server_name = args.server_name.unwrap_or_else(|| args.peer.host());
-    let transport = match args.transport {
+/// The client's settings: its flags and variables over its config file's [client] part.
+fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<ClientSettings> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?
+            .client
+            .with_context(|| format!("{}: no [client] part", path.display()))?,
+        None => ClientFile::default(),
+    };
+    let file_transport = file.transport.map(|t| match t {
+        config::ClientTransport::Quic => ClientTransportArg::Quic,
+        config::ClientTransport::Tls => ClientTransportArg::Tls,
+    });
+    let transport = match given.pick("transport", args.transport, file_transport) {
         ClientTransportArg::Quic => ClientTransport::Quic,
         ClientTransportArg::Tls => ClientTransport::Tls,
     };
-    let settings = ClientSettings {
-        peer: args.peer,
-        server_name,
+    let file_listens = file
+        .listeners
+        .iter()
+        .map(ListenerFile::spec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let listens = given.pick(
+        "listens",
+        args.listens,
+        Some(file_listens).filter(|l| !l.is_empty()),
+    );
+    let peer = given.pick("peer", args.peer, file.peer.map(|p| Some(p.0)));
+    if peer.is_none() && listens.iter().any(|l| l.peer.is_none()) {
+        bail!("no peer: give --peer HOST:PORT (or `peer` in the [client] part of --config)");
+    }
+    let (certs, limits) = certs_and_limits!(file);
+    let (tls, reload_check) = args.certs.resolve(given, "client", certs)?;
+    let (limits, max_connections) = args.limits.resolve(given, limits);
+    let connections = given.pick("connections", args.connections, file.connections.map(Some));
+    Ok(ClientSettings {
+        peer,
+        server_name: given.pick("server_name", args.server_name, file.server_name.map(Some)),
         transport,
-        tls: args.certs.files("client"),
-        reload_check: args.certs.reload_check(),
-        listens: args.listens,
-        limits: args.limits.limits(),
-        connections: args.connections.unwrap_or(match transport {
+        tls,
+        reload_check,
+        listens,
+        limits,
+        connections: connections.unwrap_or(match transport {
             ClientTransport::Quic => 1,
             ClientTransport::Tls => 2,
         }),
-        tunnel_wait: args.tunnel_wait,
-        max_connections: args.limits.max_connections,
-    };
+        tunnel_wait: given.pick(
+            "tunnel_wait",
+            args.tunnel_wait,
+            file.tunnel_wait.map(|d| d.get()),
+        ),
+        max_connections,
+    })
+}
+
+async fn run_client(settings: ClientSettings) -> anyhow::Result<()> {
     let client = Client::bind(settings)?;
     reload_on_hangup(client.reload());
     client.run(shutdown_signal()).await;

@@ -5,8 +5,6 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// Keeps glibc's malloc from handing freed relay and HTTP/2 frame buffers back to the kernel
 /// only to fault them in again: 12–15% of a TLS receiver's samples were page faults. With
 /// freed memory kept up to 8 MiB per arena and buffers below 1 MiB taken from the heap, amb-tls
@@ -28,9 +26,9 @@ fn tune_malloc() {}
 
 fn main() -> ExitCode {
     tune_malloc();
-    let args = cli::Args::parse();
+    let (args, matches) = cli::parse();
     cli::init_tracing(args.log_format);
-    match cli::run(args) {
+    match cli::run(args, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("amb: {e:#}");

@@ -37,10 +37,10 @@ pub enum ClientTransport {
 /// Everything the client needs.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
-    /// The server.
-    pub peer: PeerSpec,
-    /// The name the server's certificate must be valid for.
-    pub server_name: String,
+    /// The server of every listener without a peer of its own.
+    pub peer: Option<PeerSpec>,
+    /// The name every server's certificate must be valid for; `None`: each peer's host.
+    pub server_name: Option<String>,
     /// Which transport to use.
     pub transport: ClientTransport,
     /// Certificate, key and server CA.
@@ -61,11 +61,20 @@ pub struct ClientSettings {
 
 /// A bound client, ready to run.
 pub struct Client {
-    listeners: Vec<(TcpListener, RouteName)>,
-    link: Link,
+    listeners: Vec<Listener>,
+    links: Vec<Link>,
     settings: ClientSettings,
     certs: Certs<amb_pki::rustls::ClientConfig>,
+    alpn: &'static [u8],
     reload: Reload,
+}
+
+/// A bound listener, the route its connections ask for, and the link (in
+/// [`Client`]'s `links`) they go over.
+struct Listener {
+    socket: TcpListener,
+    route: RouteName,
+    link: usize,
 }
 
 impl Client {
@@ -83,31 +92,49 @@ impl Client {
         };
         let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
         let tls = certs.subscribe(alpn).expect("loaded for this ALPN");
-        let peer = &settings.peer;
-        let link = match settings.transport {
-            ClientTransport::Quic => Link::Quic(PeerLink::new(
-                peer,
-                "quic",
-                QuicDialer::new(tls, settings.server_name.clone(), limits)?,
-                limits,
-            )),
-            ClientTransport::Tls => Link::Tls(PeerLink::new(
-                peer,
-                "tls",
-                TlsDialer::new(tls, &settings.server_name, limits)?,
-                limits,
-            )),
-        };
-        let listeners = settings
-            .listens
-            .iter()
-            .map(|spec| Ok((bind_tcp(spec.addr)?, spec.route.clone())))
-            .collect::<Result<_, EngineError>>()?;
+        let mut links: Vec<Link> = Vec::new();
+        let mut listeners = Vec::new();
+        for spec in &settings.listens {
+            let Some(peer) = spec.peer.as_ref().or(settings.peer.as_ref()) else {
+                return Err(EngineError::Config(format!(
+                    "listener {} has no peer: give --peer HOST:PORT (or `peer` in the config file)",
+                    spec.addr
+                )));
+            };
+            let link = match links.iter().position(|l| l.peer() == peer) {
+                Some(i) => i,
+                None => {
+                    let server_name = settings.server_name.clone().unwrap_or_else(|| peer.host());
+                    let tls = tls.clone();
+                    links.push(match settings.transport {
+                        ClientTransport::Quic => Link::Quic(PeerLink::new(
+                            peer,
+                            "quic",
+                            QuicDialer::new(tls, server_name, limits)?,
+                            limits,
+                        )),
+                        ClientTransport::Tls => Link::Tls(PeerLink::new(
+                            peer,
+                            "tls",
+                            TlsDialer::new(tls, &server_name, limits)?,
+                            limits,
+                        )),
+                    });
+                    links.len() - 1
+                }
+            };
+            listeners.push(Listener {
+                socket: bind_tcp(spec.addr)?,
+                route: spec.route.clone(),
+                link,
+            });
+        }
         Ok(Client {
             listeners,
-            link,
+            links,
             settings,
             certs,
+            alpn,
             reload: Reload::default(),
         })
     }
@@ -122,7 +149,7 @@ impl Client {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|l| l.socket.local_addr().ok())
             .collect()
     }
 
@@ -131,19 +158,20 @@ impl Client {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Client {
             listeners,
-            link,
+            links,
             settings,
             certs,
+            alpn,
             reload,
         } = self;
         let (stop_tx, stop) = watch::channel(false);
         let config = (
-            certs.subscribe(link.alpn()).expect("loaded for this ALPN"),
+            certs.subscribe(alpn).expect("loaded for this ALPN"),
             certs.trust(),
         );
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
-            run(link, config, listeners, settings, shutdown).await;
+            run(links, config, listeners, settings, shutdown).await;
             let _ = stop_tx.send(true);
         };
         tokio::join!(certs, serving);
@@ -203,6 +231,7 @@ impl<T: Tunnel> Pool<T> {
 /// The tunnel connections to one peer over one transport: the dialer, the balancer over the
 /// peer's addresses, and the pool of warm connections.
 struct PeerLink<D: Dialer> {
+    peer: PeerSpec,
     /// The peer as configured, for logs.
     name: String,
     transport: &'static str,
@@ -215,6 +244,7 @@ struct PeerLink<D: Dialer> {
 impl<D: Dialer> PeerLink<D> {
     fn new(peer: &PeerSpec, transport: &'static str, dialer: D, limits: Limits) -> Arc<Self> {
         Arc::new(PeerLink {
+            peer: peer.clone(),
             name: peer.to_string(),
             transport,
             dialer,
@@ -275,11 +305,8 @@ macro_rules! with_link {
 }
 
 impl Link {
-    fn alpn(&self) -> &'static [u8] {
-        match self {
-            Link::Quic(_) => ALPN_QUIC,
-            Link::Tls(_) => ALPN_H2,
-        }
+    fn peer(&self) -> &PeerSpec {
+        with_link!(self, link => &link.peer)
     }
 
     fn name(&self) -> &str {
@@ -420,26 +447,38 @@ type CertsWatch = (
 );
 
 async fn run(
-    link: Link,
+    links: Vec<Link>,
     certs: CertsWatch,
-    listeners: Vec<(TcpListener, RouteName)>,
+    listeners: Vec<Listener>,
     settings: ClientSettings,
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop_tx, stop) = watch::channel(false);
     let live = TaskTracker::new();
-    let (peer, transport) = (link.name().to_owned(), link.transport());
     let supervisors = TaskTracker::new();
-    link.supervise(settings.connections.max(1), &certs, &stop, &supervisors);
-    for (listener, route) in &listeners {
-        if let Ok(addr) = listener.local_addr() {
+    for link in &links {
+        link.supervise(settings.connections.max(1), &certs, &stop, &supervisors);
+    }
+    for Listener {
+        socket,
+        route,
+        link,
+    } in &listeners
+    {
+        let (peer, transport) = (links[*link].name(), links[*link].transport());
+        if let Ok(addr) = socket.local_addr() {
             info!(listen = %addr, %route, %peer, transport, "amb client listening");
         }
     }
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let throttle = Arc::new(LogThrottle::default());
-    let accept_all = listeners.into_iter().map(|(listener, route)| {
-        let (link, live, mut stop) = (link.clone(), live.clone(), stop.clone());
+    let accept_all = listeners.into_iter().map(|listener| {
+        let Listener {
+            socket: listener,
+            route,
+            link,
+        } = listener;
+        let (link, live, mut stop) = (links[link].clone(), live.clone(), stop.clone());
         let (slots, throttle) = (slots.clone(), throttle.clone());
         let (wait, max) = (settings.tunnel_wait, settings.max_connections);
         async move {
@@ -493,7 +532,7 @@ async fn run(
         );
     }
     supervisors.close();
-    link.close().await;
+    join_all(links.iter().map(Link::close)).await;
     info!("amb client stopped");
 }
 

@@ -17,7 +17,7 @@ pub use connection::{
     Close, Closer, ConnectionEnd, DrainCause, OpenFailure, OpeningStream, ServerConnection,
 };
 pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
-pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError};
+pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError, WildcardError};
 pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::RouteTable;

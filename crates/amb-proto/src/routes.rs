@@ -6,46 +6,100 @@ use crate::identity::{AllowList, PeerIdentity};
 use crate::route::RouteName;
 use crate::status::Refusal;
 
-/// Maps route names to upstreams, with an optional allow-list guarding every route.
+/// Maps route names to upstreams, with an optional allow-list guarding every route and one of
+/// its own on any route.
 ///
 /// `U` is whatever the engine dials (an address list); this type only decides.
 #[derive(Clone, Debug)]
 pub struct RouteTable<U> {
-    routes: BTreeMap<RouteName, U>,
+    routes: BTreeMap<RouteName, Route<U>>,
+    allow: Option<AllowList>,
+    /// Whether some route has an allow-list of its own: then an unknown route is answered as
+    /// a forbidden one, so that no peer can tell which routes exist.
+    any_restricted: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Route<U> {
+    upstream: U,
     allow: Option<AllowList>,
 }
 
 impl<U> RouteTable<U> {
     /// A table; `allow: None` admits every peer whose certificate verified.
     pub fn new(routes: BTreeMap<RouteName, U>, allow: Option<AllowList>) -> Self {
-        RouteTable { routes, allow }
+        let routes = routes
+            .into_iter()
+            .map(|(name, upstream)| {
+                (
+                    name,
+                    Route {
+                        upstream,
+                        allow: None,
+                    },
+                )
+            })
+            .collect();
+        RouteTable {
+            routes,
+            allow,
+            any_restricted: false,
+        }
+    }
+
+    /// Admits to `route` only the peers `allow` permits (besides the table's own list).
+    /// Returns false if there is no such route.
+    pub fn restrict(&mut self, route: &RouteName, allow: AllowList) -> bool {
+        let Some(entry) = self.routes.get_mut(route) else {
+            return false;
+        };
+        entry.allow = Some(allow);
+        self.any_restricted = true;
+        true
     }
 
     /// Decides whether `peer` may open `route`, and if so which upstream to dial.
     ///
     /// Authorization is checked first, so an unauthorized peer learns nothing about which
-    /// routes exist.
+    /// routes exist; once any route has a list of its own, an unknown route is refused as
+    /// forbidden too, since a 404 there would tell a peer that a 403 route exists.
     pub fn decide(&self, peer: &PeerIdentity, route: &RouteName) -> Result<&U, Refusal> {
         if let Some(allow) = &self.allow {
             if !allow.permits(peer) {
                 return Err(Refusal::Forbidden);
             }
         }
-        self.routes.get(route).ok_or(Refusal::UnknownRoute)
+        match self.routes.get(route) {
+            Some(Route {
+                allow: Some(allow), ..
+            }) if !allow.permits(peer) => Err(Refusal::Forbidden),
+            Some(route) => Ok(&route.upstream),
+            None if self.any_restricted => Err(Refusal::Forbidden),
+            None => Err(Refusal::UnknownRoute),
+        }
     }
 
     /// The same table with each upstream turned into what `f` makes of it.
-    pub fn map<V>(&self, f: impl FnMut(&U) -> V) -> RouteTable<V> {
-        let mut f = f;
+    pub fn map<V>(&self, mut f: impl FnMut(&U) -> V) -> RouteTable<V> {
+        let routes = self.routes.iter().map(|(name, route)| {
+            let mapped = Route {
+                upstream: f(&route.upstream),
+                allow: route.allow.clone(),
+            };
+            (name.clone(), mapped)
+        });
         RouteTable {
-            routes: self.routes.iter().map(|(k, u)| (k.clone(), f(u))).collect(),
+            routes: routes.collect(),
             allow: self.allow.clone(),
+            any_restricted: self.any_restricted,
         }
     }
 
     /// The configured routes, for start-up logs.
     pub fn iter(&self) -> impl Iterator<Item = (&RouteName, &U)> {
-        self.routes.iter()
+        self.routes
+            .iter()
+            .map(|(name, route)| (name, &route.upstream))
     }
 }
 
@@ -78,6 +132,40 @@ mod tests {
         assert_eq!(
             t.decide(&peer("dns:x"), &"pg".parse().unwrap()),
             Err(Refusal::UnknownRoute)
+        );
+    }
+
+    #[test]
+    fn a_route_of_its_own_list_admits_only_those_and_hides_the_others() {
+        let mut t: RouteTable<&str> = RouteTable::new(
+            [
+                ("redis".parse().unwrap(), "r:1"),
+                ("pg".parse().unwrap(), "p:1"),
+            ]
+            .into_iter()
+            .collect(),
+            None,
+        );
+        let web = AllowList::new(vec!["uri:spiffe://amb/web".parse().unwrap()]).unwrap();
+        assert!(t.restrict(&"redis".parse().unwrap(), web.clone()));
+        assert!(!t.restrict(&"nope".parse().unwrap(), web));
+        let (web, worker) = (
+            peer("uri:spiffe://amb/web"),
+            peer("uri:spiffe://amb/worker"),
+        );
+        let route = |s: &str| s.parse::<RouteName>().unwrap();
+        assert_eq!(t.decide(&web, &route("redis")), Ok(&"r:1"));
+        assert_eq!(t.decide(&worker, &route("redis")), Err(Refusal::Forbidden));
+        assert_eq!(t.decide(&worker, &route("pg")), Ok(&"p:1"), "an open route");
+        assert_eq!(
+            t.decide(&worker, &route("nope")),
+            Err(Refusal::Forbidden),
+            "unknown and forbidden routes answer alike"
+        );
+        let mapped = t.map(|u| u.len());
+        assert_eq!(
+            mapped.decide(&worker, &route("redis")),
+            Err(Refusal::Forbidden)
         );
     }
 

@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use amb_proto::RouteName;
 
+use crate::PeerSpec;
+
 /// One local listener and the route its connections ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerSpec {
@@ -13,6 +15,8 @@ pub struct ListenerSpec {
     pub addr: SocketAddr,
     /// The route to open for each connection.
     pub route: RouteName,
+    /// The server its connections go to, when not the client's own `--peer`.
+    pub peer: Option<PeerSpec>,
 }
 
 /// Why a listener spec is not usable.
@@ -45,7 +49,11 @@ impl FromStr for ListenerSpec {
                 .parse::<SocketAddr>()
                 .map_err(|_| err(format!("{addr:?} is neither a port nor an IP:PORT address")))?,
         };
-        Ok(ListenerSpec { addr, route })
+        Ok(ListenerSpec {
+            addr,
+            route,
+            peer: None,
+        })
     }
 }
 

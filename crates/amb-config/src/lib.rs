@@ -1,0 +1,320 @@
+//! The config file: TOML with a `[server]` part, a `[client]` part, or both. Keys are the
+//! flags' own names (`connect-timeout`, `certs-dir`), values are written as the flags take
+//! them, and each is parsed by the same parser as its flag, so the file accepts exactly what the
+//! command line does. Unknown keys, wrong types and duplicates are errors naming the file, the
+//! line and the key; nothing here does I/O but reading the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use amb_proto::{AllowList, RouteName, San, WildcardError};
+use amb_spec::{ListenerSpec, PeerSpec, UpstreamSpec};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A value written as text and parsed by its type's own parser (as its flag is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Parsed).map_err(de::Error::custom)
+    }
+}
+
+/// A duration as written: `500ms`, `10s`, `2m`.
+pub type Duration = Parsed<humantime::Duration>;
+
+impl Parsed<humantime::Duration> {
+    /// As a standard duration.
+    pub fn get(&self) -> std::time::Duration {
+        *self.0
+    }
+}
+
+/// The transports a server serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerTransport {
+    /// UDP only.
+    Quic,
+    /// TCP only.
+    Tls,
+    /// Both, on the same port.
+    Both,
+}
+
+/// The transport a client dials with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTransport {
+    /// QUIC over UDP.
+    Quic,
+    /// HTTP/2 over TLS 1.3.
+    Tls,
+}
+
+/// The `[server]` part. (The certificate keys and bounds are spelled out in both parts: serde
+/// cannot flatten a shared struct into one that denies unknown keys.)
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerFile {
+    /// `listen`: the tunnel endpoint, ADDR:PORT.
+    pub listen: Option<Parsed<SocketAddr>>,
+    /// `transport`.
+    pub transport: Option<ServerTransport>,
+    /// `upstream`: the route named `default`, as `--upstream`.
+    pub upstream: Option<Parsed<UpstreamSpec>>,
+    /// `allow`: the server-wide allow-list.
+    pub allow: Option<Spanned<Vec<Parsed<San>>>>,
+    /// `connect-timeout`.
+    pub connect_timeout: Option<Duration>,
+    /// `certs-dir`.
+    pub certs_dir: Option<PathBuf>,
+    /// `cert`.
+    pub cert: Option<PathBuf>,
+    /// `key`.
+    pub key: Option<PathBuf>,
+    /// `ca`.
+    pub ca: Option<PathBuf>,
+    /// `reload-check`.
+    pub reload_check: Option<Duration>,
+    /// `idle-timeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `handshake-timeout`.
+    pub handshake_timeout: Option<Duration>,
+    /// `max-streams`.
+    pub max_streams: Option<u32>,
+    /// `drain-timeout`.
+    pub drain_timeout: Option<Duration>,
+    /// `max-connections`.
+    pub max_connections: Option<usize>,
+    /// `[[server.route]]` tables.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteFile>,
+}
+
+/// One `[[server.route]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RouteFile {
+    /// `name`: what clients ask for.
+    pub name: Spanned<Parsed<RouteName>>,
+    /// `upstream`.
+    pub upstream: Parsed<UpstreamSpec>,
+    /// `allow`: this route's own allow-list.
+    pub allow: Option<Spanned<Vec<Parsed<San>>>>,
+}
+
+/// The `[client]` part.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClientFile {
+    /// `peer`: the server every listener without a peer of its own dials.
+    pub peer: Option<Parsed<PeerSpec>>,
+    /// `transport`.
+    pub transport: Option<ClientTransport>,
+    /// `server-name`.
+    pub server_name: Option<String>,
+    /// `connections`.
+    pub connections: Option<usize>,
+    /// `tunnel-wait`.
+    pub tunnel_wait: Option<Duration>,
+    /// `certs-dir`.
+    pub certs_dir: Option<PathBuf>,
+    /// `cert`.
+    pub cert: Option<PathBuf>,
+    /// `key`.
+    pub key: Option<PathBuf>,
+    /// `ca`.
+    pub ca: Option<PathBuf>,
+    /// `reload-check`.
+    pub reload_check: Option<Duration>,
+    /// `idle-timeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `handshake-timeout`.
+    pub handshake_timeout: Option<Duration>,
+    /// `max-streams`.
+    pub max_streams: Option<u32>,
+    /// `drain-timeout`.
+    pub drain_timeout: Option<Duration>,
+    /// `max-connections`.
+    pub max_connections: Option<usize>,
+    /// `[[client.listen]]` tables.
+    #[serde(default, rename = "listen")]
+    pub listeners: Vec<ListenerFile>,
+}
+
+/// One `[[client.listen]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ListenerFile {
+    /// `listen`: `[ADDR:]PORT`, loopback when no address (as `--listen`).
+    pub listen: Spanned<String>,
+    /// `route`: default `default`.
+    pub route: Option<Parsed<RouteName>>,
+    /// `peer`: a server of its own.
+    pub peer: Option<Parsed<PeerSpec>>,
+}
+
+/// A whole config file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `[server]`.
+    pub server: Option<ServerFile>,
+    /// `[client]`.
+    pub client: Option<ClientFile>,
+}
+
+/// A config file that cannot be used; the message names the file, and the line and key where
+/// there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid here: a syntax error, an unknown key, a wrong value, a duplicate.
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based); 0 when the problem is the file as a whole.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+impl ConfigFile {
+    /// Reads, parses and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks `text`, the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |at: Option<usize>, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: at.map_or(0, |offset| line_of(text, offset)),
+            message,
+        };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| span.start);
+            // The whole line, so the key is named even when the error points at its value.
+            let context = at
+                .map(|offset| {
+                    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+                    text[start..].lines().next().unwrap_or_default()
+                })
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!(" (at `{}`)", l.trim()))
+                .unwrap_or_default();
+            invalid(at, format!("{}{context}", e.message().trim()))
+        })?;
+        if let Some(server) = &file.server {
+            let lists = server
+                .allow
+                .iter()
+                .chain(server.routes.iter().flat_map(|r| &r.allow));
+            for list in lists {
+                if let Err(e) = allow_list(list) {
+                    return Err(invalid(Some(list.span().start), format!("allow: {e}")));
+                }
+            }
+            let mut seen = BTreeMap::new();
+            if server.upstream.is_some() {
+                seen.insert(RouteName::default_route(), 0);
+            }
+            for route in &server.routes {
+                let name = &route.name.get_ref().0;
+                if seen.insert(name.clone(), route.name.span().start).is_some() {
+                    return Err(invalid(
+                        Some(route.name.span().start),
+                        format!("route {name} is given twice (note: `upstream` is the route named `default`)"),
+                    ));
+                }
+            }
+        }
+        if let Some(client) = &file.client {
+            let mut seen = BTreeMap::new();
+            for listener in &client.listeners {
+                let at = Some(listener.listen.span().start);
+                let spec = listener
+                    .spec()
+                    .map_err(|e| invalid(at, format!("listen: {e}")))?;
+                // Port 0 asks for any free port: two of them never collide.
+                if spec.addr.port() != 0 && seen.insert(spec.addr, ()).is_some() {
+                    return Err(invalid(at, format!("listen {} is given twice", spec.addr)));
+                }
+                let routes = file.server.as_ref().map(|s| s.route_names());
+                if routes.is_some_and(|r| !r.contains(&spec.route)) {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "listen {} asks for route {}, which the [server] part of this file does not have",
+                            spec.addr, spec.route
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(file)
+    }
+}
+
+impl ServerFile {
+    /// The names of the routes this part defines.
+    pub fn route_names(&self) -> Vec<RouteName> {
+        let default = self.upstream.as_ref().map(|_| RouteName::default_route());
+        let named = self.routes.iter().map(|r| r.name.get_ref().0.clone());
+        default.into_iter().chain(named).collect()
+    }
+}
+
+impl ListenerFile {
+    /// The listener as a spec: the address as `--listen` reads it, the route, the peer.
+    pub fn spec(&self) -> Result<ListenerSpec, String> {
+        let mut spec: ListenerSpec = self.listen.get_ref().parse().map_err(|e| format!("{e}"))?;
+        if let Some(route) = &self.route {
+            spec.route = route.0.clone();
+        }
+        spec.peer = self.peer.as_ref().map(|p| p.0.clone());
+        Ok(spec)
+    }
+}
+
+/// An `allow` value as the allow-list it stands for.
+pub fn allow_list(list: &Spanned<Vec<Parsed<San>>>) -> Result<AllowList, WildcardError> {
+    AllowList::new(list.get_ref().iter().map(|san| san.0.clone()).collect())
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests;

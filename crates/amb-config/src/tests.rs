@@ -1,0 +1,139 @@
+use super::*;
+
+fn parse(text: &str) -> Result<ConfigFile, String> {
+    ConfigFile::parse(Path::new("amb.toml"), text).map_err(|e| e.to_string())
+}
+
+const EXAMPLE: &str = r#"
+[server]
+listen = "0.0.0.0:7443"
+transport = "both"
+certs-dir = "/etc/amb/certs"
+allow = ["uri:spiffe://amb/web", "uri:spiffe://amb/worker"]
+connect-timeout = "2s"
+
+[[server.route]]
+name = "redis"
+upstream = "10.0.0.5:6379"
+allow = ["uri:spiffe://amb/web"]
+
+[[server.route]]
+name = "pg"
+upstream = "unix:/var/run/postgresql/.s.PGSQL.5432"
+
+[client]
+peer = "big-server:7443"
+transport = "quic"
+
+[[client.listen]]
+listen = "6379"
+route = "redis"
+
+[[client.listen]]
+listen = "5432"
+route = "pg"
+peer = "db-host:7443"
+"#;
+
+#[test]
+fn the_documented_shape_parses_into_specs() {
+    let file = parse(EXAMPLE).unwrap();
+    let server = file.server.unwrap();
+    assert_eq!(server.transport, Some(ServerTransport::Both));
+    assert_eq!(
+        server.connect_timeout.unwrap().get(),
+        std::time::Duration::from_secs(2)
+    );
+    assert_eq!(server.routes.len(), 2);
+    assert_eq!(server.routes[0].upstream.0.to_string(), "10.0.0.5:6379");
+    assert_eq!(server.routes[0].allow.as_ref().unwrap().get_ref().len(), 1);
+    let client = file.client.unwrap();
+    let specs: Vec<_> = client.listeners.iter().map(|l| l.spec().unwrap()).collect();
+    assert_eq!(
+        specs[0].addr,
+        "127.0.0.1:6379".parse().unwrap(),
+        "loopback by default"
+    );
+    assert_eq!(specs[0].route.as_str(), "redis");
+    assert_eq!(specs[0].peer, None);
+    assert_eq!(specs[1].peer.as_ref().unwrap().to_string(), "db-host:7443");
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let err = parse("[server]\nlisten = \"0.0.0.0:1\"\nupstreams = [\"a:1\"]\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:3: "), "{err}");
+    assert!(err.contains("unknown field `upstreams`"), "{err}");
+    let err = parse("[sever]\n").unwrap_err();
+    assert!(err.contains("unknown field `sever`"), "{err}");
+}
+
+#[test]
+fn a_wrong_type_or_value_is_named_with_its_line() {
+    let err = parse("[server]\nmax-streams = \"many\"\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:2: "), "{err}");
+    assert!(err.contains("max-streams"), "{err}");
+    let err =
+        parse("[server]\n\n[[server.route]]\nname = \"r\"\nupstream = \"redis\"\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:5: "), "{err}");
+    assert!(err.contains("not HOST:PORT"), "{err}");
+    let err = parse("[client]\ntunnel-wait = \"soon\"\n").unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:2: ") && err.contains("tunnel-wait"),
+        "{err}"
+    );
+    let err = parse("[server]\nallow = [\"dns:*.x\"]\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:2: "), "{err}");
+}
+
+#[test]
+fn duplicates_are_refused() {
+    let twice = "[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\n[[server.route]]\nname = \"r\"\nupstream = \"b:1\"\n";
+    let err = parse(twice).unwrap_err();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("amb.toml:6: route r is given twice"),
+        "{err}"
+    );
+    let default_twice =
+        "[server]\nupstream = \"a:1\"\n[[server.route]]\nname = \"default\"\nupstream = \"b:1\"\n";
+    assert!(parse(default_twice)
+        .unwrap_err()
+        .contains("route default is given twice"));
+    let ports = "[client]\n[[client.listen]]\nlisten = \"6379\"\n[[client.listen]]\nlisten = \"127.0.0.1:6379\"\n";
+    let err = parse(ports).unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:5: listen 127.0.0.1:6379 is given twice"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_listener_must_name_a_route_the_same_file_serves() {
+    let text = "[server]\nupstream = \"a:1\"\n[client]\n[[client.listen]]\nlisten = \"1\"\nroute = \"pg\"\n";
+    let err = parse(text).unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:5: listen 127.0.0.1:1 asks for route pg"),
+        "{err}"
+    );
+    // A client-only file may name any route: its server is elsewhere.
+    parse("[client]\n[[client.listen]]\nlisten = \"1\"\nroute = \"pg\"\n").unwrap();
+}
+
+#[test]
+fn malformed_addresses_are_refused() {
+    let err = parse("[client]\n[[client.listen]]\nlisten = \"localhost:1\"\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:3: listen: "), "{err}");
+    let err = parse("[server]\nlisten = \"7443\"\n").unwrap_err();
+    assert!(err.starts_with("amb.toml:2: "), "{err}");
+    let err = parse("[client]\npeer = \"big-server\"\n").unwrap_err();
+    assert!(err.contains("not HOST:PORT"), "{err}");
+}
+
+#[test]
+fn the_commented_reference_in_examples_parses() {
+    let text = include_str!("../../../examples/amb.toml");
+    let file = parse(text).unwrap();
+    assert_eq!(file.server.unwrap().routes.len(), 2);
+    assert_eq!(file.client.unwrap().listeners.len(), 2);
+}

@@ -1,0 +1,143 @@
+//! The config file, end to end: routes with allow-lists of their own, a client's listeners from
+//! its file, and a bad file refused with one line naming the file and line, before anything is
+//! bound. Tunnel cases run over QUIC and over TLS.
+
+mod support;
+
+use std::process::Command;
+
+use amb_pki::LeafSpec;
+use support::*;
+
+per_transport!(
+    each_identity_reaches_exactly_the_routes_it_is_allowed_on,
+    a_client_configured_by_its_file_carries_its_listeners,
+);
+
+/// `[server]` with explicit certificate paths, listening on a free loopback port.
+fn server_part(pki: &Pki) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("ca.pem").display()
+    )
+}
+
+async fn each_identity_reaches_exactly_the_routes_it_is_allowed_on(t: Transport) {
+    let pki = Pki::new();
+    for name in ["web", "worker"] {
+        pki.write_leaf(name, &pki.ca.issue(&LeafSpec::client(name, 30)).unwrap());
+    }
+    let (cache, jobs, open) = (
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+    );
+    let config = format!(
+        "{}\n[[server.route]]\nname = \"cache\"\nupstream = \"{}\"\nallow = [\"uri:spiffe://amb/web\"]\n\n\
+         [[server.route]]\nname = \"jobs\"\nupstream = \"{}\"\nallow = [\"uri:spiffe://amb/worker\"]\n\n\
+         [[server.route]]\nname = \"open\"\nupstream = \"{}\"\n",
+        server_part(&pki),
+        cache.addr,
+        jobs.addr,
+        open.addr
+    );
+    std::fs::write(pki.path("amb.toml"), config).unwrap();
+    let path = pki.path("amb.toml").display().to_string();
+    let server = Amb::spawn(&["server".into(), "--config".into(), path]);
+    let addr = server.server_addr();
+    let listens = [
+        "--listen", "0=cache", "--listen", "0=jobs", "--listen", "0=open", "--listen", "0=nope",
+    ];
+    for (identity, allowed) in [("web", "cache"), ("worker", "jobs")] {
+        let client = Amb::client(&pki, identity, addr, t, &listens);
+        client.wait_tunnel_up();
+        for route in ["cache", "jobs", "open", "nope"] {
+            let listen = client.listen_addr_for(route);
+            if route == allowed || route == "open" {
+                assert!(echo_works(listen).await, "{identity} on {route}");
+            } else {
+                // 403, for a route of another identity and an unknown one alike.
+                assert_reset_after_write(listen, b"hi").await;
+            }
+        }
+    }
+    assert_eq!(
+        (cache.accepted(), jobs.accepted(), open.accepted()),
+        (1, 1, 2),
+        "each upstream was dialed only for the identities allowed on it"
+    );
+}
+
+async fn a_client_configured_by_its_file_carries_its_listeners(t: Transport) {
+    let pki = Pki::new();
+    let (one, two) = (Upstream::echo().await, Upstream::echo().await);
+    let server = Amb::server(
+        &pki,
+        0,
+        &[
+            "--route",
+            &format!("one={}", one.addr),
+            "--route",
+            &format!("two={}", two.addr),
+        ],
+    );
+    let config = format!(
+        "[client]\npeer = \"localhost:{}\"\ntransport = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n\
+         [[client.listen]]\nlisten = \"0\"\nroute = \"one\"\n\n\
+         [[client.listen]]\nlisten = \"127.0.0.1:0\"\nroute = \"two\"\n",
+        server.server_addr().port(),
+        t.flag(),
+        pki.path("client.pem").display(),
+        pki.path("client.key").display(),
+        pki.path("ca.pem").display()
+    );
+    std::fs::write(pki.path("client.toml"), config).unwrap();
+    let path = pki.path("client.toml").display().to_string();
+    let client = Amb::spawn(&["client".into(), "--config".into(), path]);
+    for route in ["one", "two"] {
+        assert!(echo_works(client.listen_addr_for(route)).await, "{route}");
+    }
+    assert_eq!((one.accepted(), two.accepted()), (1, 1));
+}
+
+#[test]
+fn a_bad_file_is_one_line_naming_file_and_line_and_nothing_is_bound() {
+    let dir = TempDir::new("config-bad");
+    let port = free_port();
+    let cases = [
+        (
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"a:1\"]\n"),
+            ":3: ",
+            "unknown field `upstreams`",
+        ),
+        (
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"a:1\"\n[[server.route]]\nname = \"default\"\nupstream = \"b:1\"\n"),
+            ":5: ",
+            "route default is given twice",
+        ),
+        (
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax-streams = \"many\"\n"),
+            ":3: ",
+            "max-streams",
+        ),
+    ];
+    for (i, (text, line, needle)) in cases.iter().enumerate() {
+        let path = dir.0.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(AMB)
+            .args(["server", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        let at = format!("{}{line}", path.display());
+        assert!(stderr.contains(&at) && stderr.contains(needle), "{stderr}");
+    }
+    // Nothing was bound: the port is still free.
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port was left free");
+}
