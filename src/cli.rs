@@ -58,6 +58,12 @@ enum Command {
     Server(ServerArgs),
     /// Run the client ambassador: listen locally and carry connections through the tunnel.
     Client(ClientArgs),
+    /// Run what a config file holds: its [server] and [client] parts, in one process.
+    Run {
+        /// The config file (TOML).
+        #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
+        config: PathBuf,
+    },
     /// Print a completion script for SHELL to stdout (e.g. `amb completions bash >
     /// /etc/bash_completion.d/amb`).
     Completions {
@@ -412,6 +418,36 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             let settings = client_settings(client, &given)?;
             runtime(args.threads)?.block_on(run_client(settings))
         }
+        Command::Run { config } => {
+            let file = ConfigFile::load(&config)?;
+            let path = config.display().to_string();
+            let server = match file.server {
+                Some(_) => Some(server_settings(part_args("server", &path)?, &Given(None))?),
+                None => None,
+            };
+            let client = match file.client {
+                Some(_) => Some(client_settings(part_args("client", &path)?, &Given(None))?),
+                None => None,
+            };
+            if server.is_none() && client.is_none() {
+                bail!("{path}: neither a [server] nor a [client] part: nothing to run");
+            }
+            runtime(args.threads)?.block_on(async {
+                let server = async {
+                    match server {
+                        Some(settings) => run_server(settings).await,
+                        None => Ok(()),
+                    }
+                };
+                let client = async {
+                    match client {
+                        Some(settings) => run_client(settings).await,
+                        None => Ok(()),
+                    }
+                };
+                tokio::try_join!(server, client).map(drop)
+            })
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "amb", &mut std::io::stdout());
             Ok(())
@@ -482,6 +518,16 @@ fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The arguments of `amb SUBCOMMAND --config FILE` with nothing else given, for `amb run`: the
+/// file's values win (no flag was given), the flags' defaults fill in the rest.
+fn part_args<T: FromArgMatches>(subcommand: &str, config: &str) -> anyhow::Result<T> {
+    let matches = Args::command().try_get_matches_from(["amb", subcommand, "--config", config])?;
+    let part = matches
+        .subcommand_matches(subcommand)
+        .with_context(|| format!("amb {subcommand}: no arguments"))?;
+    Ok(T::from_arg_matches(part)?)
 }
 
 /// The server's settings: its flags and variables over its config file's [server] part.

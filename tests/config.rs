@@ -141,3 +141,28 @@ fn a_bad_file_is_one_line_naming_file_and_line_and_nothing_is_bound() {
     // Nothing was bound: the port is still free.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port was left free");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amb_run_serves_both_parts_of_one_file_in_one_process() {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let port = free_port();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ntransport = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{ca}\"\n\n\
+         [[server.route]]\nname = \"echo\"\nupstream = \"{}\"\n\n\
+         [client]\npeer = \"localhost:{port}\"\ntransport = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{ca}\"\n\n\
+         [[client.listen]]\nlisten = \"0\"\nroute = \"echo\"\n",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        upstream.addr,
+        pki.path("client.pem").display(),
+        pki.path("client.key").display(),
+        ca = pki.path("ca.pem").display(),
+    );
+    std::fs::write(pki.path("both.toml"), config).unwrap();
+    let path = pki.path("both.toml").display().to_string();
+    let both = Amb::spawn(&["run".into(), "--config".into(), path]);
+    both.log.wait_for(&["amb server listening"]);
+    assert!(echo_works(both.listen_addr_for("echo")).await);
+    assert_eq!(upstream.accepted(), 1);
+}
