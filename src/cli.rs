@@ -1,12 +1,12 @@
 //! Command-line parsing and wiring: each subcommand turns flags into engine settings.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amb_engine::{
     Client, ClientSettings, ClientTransport, Reload, Server, ServerSettings, ServerTransports,
 };
-use amb_pki::{InitOptions, LeafRole, TlsFiles};
+use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{ListenerSpec, PeerSpec, RouteSpec, UpstreamSpec};
 use anyhow::{bail, Context as _};
@@ -58,6 +58,13 @@ enum Command {
     Server(ServerArgs),
     /// Run the client ambassador: listen locally and carry connections through the tunnel.
     Client(ClientArgs),
+    /// Check a config file and the certificate files it names without starting anything: one
+    /// line per problem, exit 1 on any error.
+    Check {
+        /// The config file (TOML).
+        #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
+        config: PathBuf,
+    },
     /// Run what a config file holds: its [server] and [client] parts, in one process.
     Run {
         /// The config file (TOML).
@@ -418,6 +425,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             let settings = client_settings(client, &given)?;
             runtime(args.threads)?.block_on(run_client(settings))
         }
+        Command::Check { config } => check(&config),
         Command::Run { config } => {
             let file = ConfigFile::load(&config)?;
             let path = config.display().to_string();
@@ -517,6 +525,51 @@ fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
     for path in written {
         println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// `amb check`: the file as `amb run` would read it, then each part's certificate files as a
+/// handshake would verify them. Findings go to stdout, one line each.
+fn check(config: &Path) -> anyhow::Result<()> {
+    let file = ConfigFile::load(config)?;
+    let path = config.display().to_string();
+    let mut findings = Vec::new();
+    if file.server.is_some() {
+        match server_settings(part_args("server", &path)?, &Given(None)) {
+            Ok(settings) => {
+                findings.extend(amb_pki::check_files(&settings.tls, LeafRole::Server, &[]))
+            }
+            Err(e) => findings.push(Finding {
+                severity: Severity::Error,
+                message: format!("[server]: {e:#}"),
+            }),
+        }
+    }
+    if file.client.is_some() {
+        match client_settings(part_args("client", &path)?, &Given(None)) {
+            Ok(settings) => {
+                findings.extend(amb_pki::check_files(&settings.tls, LeafRole::Client, &[]))
+            }
+            Err(e) => findings.push(Finding {
+                severity: Severity::Error,
+                message: format!("[client]: {e:#}"),
+            }),
+        }
+    }
+    if file.server.is_none() && file.client.is_none() {
+        bail!("{path}: neither a [server] nor a [client] part: nothing to check");
+    }
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        bail!("{path}: {errors} error(s)");
+    }
+    println!("ok: {path} ({} warning(s))", findings.len());
     Ok(())
 }
 

@@ -166,3 +166,78 @@ async fn amb_run_serves_both_parts_of_one_file_in_one_process() {
     assert!(echo_works(both.listen_addr_for("echo")).await);
     assert_eq!(upstream.accepted(), 1);
 }
+
+/// Runs `amb check --config FILE`; returns (success, stdout and stderr).
+fn check(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(AMB)
+        .args(["check", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn amb_check_passes_a_good_pki_and_names_each_broken_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let file = |server: &str, client: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:7443\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{ca}\"\nupstream = \"127.0.0.1:6379\"\n\n\
+             [client]\npeer = \"localhost:7443\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{ca}\"\n[[client.listen]]\nlisten = \"6379\"\n",
+            pki.path(&format!("{server}.pem")).display(),
+            pki.path(&format!("{server}.key")).display(),
+            pki.path(&format!("{client}.pem")).display(),
+            pki.path(&format!("{client}.key")).display(),
+            ca = pki.path("ca.pem").display(),
+        )
+    };
+    let path = pki.path("check.toml");
+    std::fs::write(&path, file("server", "client")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(
+        ok && out.contains("ok: ") && !out.contains("warning:"),
+        "{out}"
+    );
+
+    // A client certificate three days from its end: a warning, still a pass.
+    pki.write_leaf("soon", &pki.ca.issue(&LeafSpec::client("soon", 3)).unwrap());
+    std::fs::write(&path, file("server", "soon")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: ") && out.contains("soon.pem expires in "),
+        "{out}"
+    );
+
+    // The client's certificate as the server's: the wrong EKU for the role.
+    std::fs::write(&path, file("client", "client")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("error: ") && out.contains("as a server certificate"),
+        "{out}"
+    );
+
+    // A key others may read, and a missing file.
+    std::fs::set_permissions(
+        pki.path("client.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(&path, file("server", "client")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(
+        !ok && out.contains("error: ") && out.contains("client.key"),
+        "{out}"
+    );
+    std::fs::write(&path, file("nothing", "soon")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(
+        !ok && out.contains("error: ") && out.contains("nothing.pem"),
+        "{out}"
+    );
+}

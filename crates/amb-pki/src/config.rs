@@ -69,7 +69,7 @@ impl TlsFiles {
         })
     }
 
-    fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
+    pub(crate) fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
         let mut roots = RootCertStore::empty();
         for ca in load_certs(&self.ca)? {
             roots.add(ca).map_err(|e| PkiError::Trust {
@@ -116,7 +116,7 @@ struct FileStamp {
 }
 
 /// aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first (fastest with AES-NI).
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     let mut provider = aws_lc_rs::default_provider();
     provider.cipher_suites = vec![
         aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,

@@ -2,6 +2,7 @@
 //! whose verifiers are strict about chains, validity and extended key usage, reading a peer's
 //! typed identity, and issuing a development CA and leaves with rcgen.
 
+mod check;
 mod config;
 mod error;
 mod files;
@@ -9,6 +10,7 @@ mod identity;
 mod issue;
 mod verify;
 
+pub use check::{check_files, Finding, Severity, EXPIRY_WARNING_DAYS};
 pub use config::{client_config, server_config, FilesContents, FilesStamp, TlsFiles};
 pub use error::PkiError;
 pub use files::{load_certs, load_key};
