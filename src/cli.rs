@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, Reload, Server, ServerSettings, ServerTransports,
+    Client, ClientSettings, ClientTransport, Reload, Routes, Server, ServerSettings,
+    ServerTransports,
 };
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
@@ -128,7 +129,7 @@ enum CertsCommand {
 }
 
 /// Certificate flags shared by client and server.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 struct CertArgs {
     /// Directory with ca.pem and <role>.pem/.key (role: server or client).
     #[arg(long, default_value = "certs", env = "AMB_CERTS_DIR")]
@@ -241,7 +242,7 @@ impl Given<'_> {
 }
 
 /// Bounds shared by client and server.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 struct LimitArgs {
     /// A tunnel connection silent this long (keep-alives included) is dropped, e.g. 30s.
     #[arg(long, value_parser = parse_duration, default_value = "30s", env = "AMB_IDLE_TIMEOUT")]
@@ -290,7 +291,7 @@ impl LimitArgs {
     }
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 struct ServerArgs {
     /// Config file (TOML) whose [server] part sets what no flag or variable sets.
     #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
@@ -338,7 +339,7 @@ enum ClientTransportArg {
     Tls,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 struct ClientArgs {
     /// Config file (TOML) whose [client] part sets what no flag or variable sets.
     #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
@@ -416,9 +417,12 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
     match args.command {
         Command::Certs(certs) => run_certs(certs),
         Command::Server(server) => {
-            let given = Given(matches.subcommand_matches("server"));
-            let settings = server_settings(server, &given)?;
-            runtime(args.threads)?.block_on(run_server(settings))
+            let part = matches.subcommand_matches("server").cloned();
+            let settings = server_settings(server.clone(), &Given(part.as_ref()))?;
+            let reroute = server.config.is_some().then(|| -> RouteBuilder {
+                Box::new(move || Ok(server_settings(server.clone(), &Given(part.as_ref()))?.routes))
+            });
+            runtime(args.threads)?.block_on(run_server(settings, reroute))
         }
         Command::Client(client) => {
             let given = Given(matches.subcommand_matches("client"));
@@ -442,8 +446,11 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             }
             runtime(args.threads)?.block_on(async {
                 let server = async {
+                    let reroute = move || -> anyhow::Result<_> {
+                        Ok(server_settings(part_args("server", &path)?, &Given(None))?.routes)
+                    };
                     match server {
-                        Some(settings) => run_server(settings).await,
+                        Some(settings) => run_server(settings, Some(Box::new(reroute))).await,
                         None => Ok(()),
                     }
                 };
@@ -660,9 +667,12 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     })
 }
 
-async fn run_server(settings: ServerSettings) -> anyhow::Result<()> {
+async fn run_server(settings: ServerSettings, reroute: Option<RouteBuilder>) -> anyhow::Result<()> {
     let server = Server::bind(settings)?;
-    reload_on_hangup(server.reload());
+    reload_on_hangup(
+        server.reload(),
+        reroute.map(|build| (build, server.routes())),
+    );
     server.run(shutdown_signal()).await;
     Ok(())
 }
@@ -725,14 +735,18 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
 
 async fn run_client(settings: ClientSettings) -> anyhow::Result<()> {
     let client = Client::bind(settings)?;
-    reload_on_hangup(client.reload());
+    reload_on_hangup(client.reload(), None);
     client.run(shutdown_signal()).await;
     Ok(())
 }
 
-/// Reloads the certificates at each SIGHUP. The handler is in place when this returns, so a
+/// How a server rebuilds its routes from its config file, and the server's routes to replace.
+type Reroute = (RouteBuilder, Routes);
+type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync>;
+
+/// Reloads the certificates at each SIGHUP, and with a config file the routes and allow-lists. The handler is in place when this returns, so a
 /// SIGHUP sent once the process reports listening reloads rather than ends it.
-fn reload_on_hangup(reload: Reload) {
+fn reload_on_hangup(reload: Reload, reroute: Option<Reroute>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
@@ -746,6 +760,17 @@ fn reload_on_hangup(reload: Reload) {
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             reload.now();
+            if let Some((build, routes)) = &reroute {
+                match build() {
+                    Ok(table) => {
+                        let changes = routes.replace(table);
+                        tracing::info!(changes, "config file reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!("config file not reloaded, the running routes stay: {e:#}")
+                    }
+                }
+            }
         }
     });
 }

@@ -12,6 +12,7 @@ use support::*;
 per_transport!(
     each_identity_reaches_exactly_the_routes_it_is_allowed_on,
     a_client_configured_by_its_file_carries_its_listeners,
+    a_sighup_swaps_in_the_routes_of_the_rewritten_file,
 );
 
 /// `[server]` with explicit certificate paths, listening on a free loopback port.
@@ -240,4 +241,56 @@ fn amb_check_passes_a_good_pki_and_names_each_broken_one() {
         !ok && out.contains("error: ") && out.contains("nothing.pem"),
         "{out}"
     );
+}
+
+async fn a_sighup_swaps_in_the_routes_of_the_rewritten_file(t: Transport) {
+    let pki = Pki::new();
+    let (first, second) = (Upstream::echo().await, Upstream::echo().await);
+    let route = |name: &str, up: &Upstream| {
+        format!(
+            "[[server.route]]\nname = \"{name}\"\nupstream = \"{}\"\n",
+            up.addr
+        )
+    };
+    let path = pki.path("amb.toml");
+    std::fs::write(&path, server_part(&pki) + &route("one", &first)).unwrap();
+    let server = Amb::spawn(&[
+        "server".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ]);
+    let listens = ["--listen", "0=one", "--listen", "0=two"];
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &listens);
+    client.wait_tunnel_up();
+    let (one, two) = (client.listen_addr_for("one"), client.listen_addr_for("two"));
+    // A stream that lives across the reloads.
+    let mut live = tokio::net::TcpStream::connect(one).await.unwrap();
+    echo_on(&mut live, b"before").await;
+    assert_reset_after_write(two, b"hi").await;
+
+    // Route two added, route one removed: new streams follow the file at once.
+    std::fs::write(&path, server_part(&pki) + &route("two", &second)).unwrap();
+    server.signal("HUP");
+    server
+        .log
+        .wait_for_nth(&["config file reloaded", "changes=2"], 1);
+    assert!(echo_works(two).await, "the added route");
+    assert_reset_after_write(one, b"hi").await;
+    echo_on(&mut live, b"after").await;
+
+    // A broken file changes nothing.
+    std::fs::write(&path, "[server]\nlisten = 7443\n").unwrap();
+    server.signal("HUP");
+    server.log.wait_for(&["config file not reloaded"]);
+    assert!(echo_works(two).await, "still served after a broken file");
+    assert_eq!((first.accepted(), second.accepted()), (1, 2));
+}
+
+/// Writes `bytes` on `tcp` and expects them echoed.
+async fn echo_on(tcp: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(bytes).await.unwrap();
+    let mut back = vec![0; bytes.len()];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, bytes);
 }

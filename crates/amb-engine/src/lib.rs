@@ -19,7 +19,7 @@ mod upstream;
 pub use client::{Client, ClientSettings, ClientTransport};
 pub use endpoints::UpstreamStream;
 pub use reload::Reload;
-pub use server::{Server, ServerSettings, ServerTransports};
+pub use server::{Routes, Server, ServerSettings, ServerTransports};
 pub use upstream::Upstream;
 
 use std::net::SocketAddr;

@@ -2,16 +2,18 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amb_pki::TlsFiles;
 use amb_proto::{
-    IncomingStream, Limits, Refusal, RouteTable, ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
+    IncomingStream, Limits, Refusal, RouteChange, RouteTable, ServerConnection, StreamError,
+    ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
 use amb_spec::UpstreamSpec;
 use amb_tls::TlsServer;
+use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -62,7 +64,10 @@ struct Context {
     trust: watch::Receiver<u64>,
     slots: Arc<Semaphore>,
     throttle: LogThrottle,
-    routes: RouteTable<Upstream>,
+    /// The routes streams are decided by; swapped whole by [`Routes::replace`].
+    routes: ArcSwap<RouteTable<Upstream>>,
+    /// What the running routes were built from, for the next replacement's diff.
+    specs: Mutex<RouteTable<UpstreamSpec>>,
     connect_timeout: Duration,
     stopping: watch::Receiver<bool>,
     live: TaskTracker,
@@ -131,7 +136,8 @@ impl Server {
             trust: certs.trust(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             throttle: LogThrottle::default(),
-            routes: settings.routes.map(Upstream::new),
+            routes: ArcSwap::from_pointee(settings.routes.map(|_, spec| Upstream::new(spec))),
+            specs: Mutex::new(settings.routes),
             connect_timeout: settings.connect_timeout,
             stopping,
             live: TaskTracker::new(),
@@ -147,6 +153,11 @@ impl Server {
             reload: Reload::default(),
             reload_check: settings.reload_check,
         })
+    }
+
+    /// Replaces the routes of the running server (a reloaded config file).
+    pub fn routes(&self) -> Routes {
+        Routes(self.ctx.clone())
     }
 
     /// Reloads the certificates on request (e.g. on SIGHUP); new connections use them.
@@ -173,7 +184,7 @@ impl Server {
             reload,
             reload_check,
         } = self;
-        for (route, upstream) in ctx.routes.iter() {
+        for (route, upstream) in ctx.routes.load().iter() {
             info!(%route, %upstream, "route");
         }
         info!(
@@ -232,6 +243,50 @@ impl Server {
     }
 }
 
+/// Replaces a running server's routes and allow-lists.
+#[derive(Clone)]
+pub struct Routes(Arc<Context>);
+
+impl Routes {
+    /// Swaps in `new` at once: streams opened from now on are decided by it, streams running
+    /// go on. An unchanged route keeps its upstream (and what its source has looked up).
+    /// Logs each route added, removed or changed; returns how many changed, counting a
+    /// changed server-wide allow-list as one.
+    pub fn replace(&self, new: RouteTable<UpstreamSpec>) -> usize {
+        let ctx = &self.0;
+        let Ok(mut specs) = ctx.specs.lock() else {
+            return 0;
+        };
+        let changes = specs.diff(&new);
+        let running = ctx.routes.load();
+        let built = new.map(|route, spec| {
+            // An unchanged upstream keeps its runtime object.
+            match running.upstream(route) {
+                Some(up) if up.spec() == spec => up.clone(),
+                _ => Upstream::new(spec),
+            }
+        });
+        for (route, change) in &changes {
+            let upstream = new
+                .upstream(route)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            info!(%route, %upstream, "route {}", match change {
+                RouteChange::Added => "added",
+                RouteChange::Removed => "removed",
+                RouteChange::Changed => "changed",
+            });
+        }
+        let allow_changed = !specs.same_allow(&new);
+        if allow_changed {
+            info!("server-wide allow-list changed");
+        }
+        ctx.routes.store(Arc::new(built));
+        *specs = new;
+        changes.len() + usize::from(allow_changed)
+    }
+}
+
 /// One authenticated tunnel connection, verified under trust generation `verified_under`,
 /// through the lifecycle: it drains when the server stops or the trusted CAs move on.
 fn serve<C: ServerConnection>(
@@ -276,8 +331,9 @@ async fn handle<I: IncomingStream>(
         }
         return refuse(&conn, incoming, Refusal::Unavailable).await;
     };
-    let upstream = match ctx.routes.decide(&peer.identity, &route) {
-        Ok(upstream) => upstream.clone(),
+    let decided = ctx.routes.load().decide(&peer.identity, &route).cloned();
+    let upstream = match decided {
+        Ok(upstream) => upstream,
         Err(refusal) => {
             warn!(%peer, %route, "stream refused: {refusal}");
             return refuse(&conn, incoming, refusal).await;

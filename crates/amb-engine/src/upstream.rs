@@ -57,6 +57,11 @@ impl Upstream {
         Upstream::with_source(spec.clone(), upstream_source(spec))
     }
 
+    /// What it was built from.
+    pub fn spec(&self) -> &UpstreamSpec {
+        &self.0.spec
+    }
+
     fn with_source(spec: UpstreamSpec, source: Arc<Source>) -> Self {
         Upstream(Arc::new(Inner {
             spec,

@@ -20,7 +20,7 @@ pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader
 pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError, WildcardError};
 pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
-pub use routes::RouteTable;
+pub use routes::{RouteChange, RouteTable};
 pub use status::{Refusal, ResetCode};
 pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, StreamSend, Tunnel};
 

@@ -19,6 +19,17 @@ pub struct RouteTable<U> {
     any_restricted: bool,
 }
 
+/// How a route differs between two tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteChange {
+    /// Only in the new table.
+    Added,
+    /// Only in the old table.
+    Removed,
+    /// In both, with another upstream or allow-list.
+    Changed,
+}
+
 #[derive(Clone, Debug)]
 struct Route<U> {
     upstream: U,
@@ -79,11 +90,11 @@ impl<U> RouteTable<U> {
         }
     }
 
-    /// The same table with each upstream turned into what `f` makes of it.
-    pub fn map<V>(&self, mut f: impl FnMut(&U) -> V) -> RouteTable<V> {
+    /// The same table with each upstream turned into what `f` makes of it (and its route name).
+    pub fn map<V>(&self, mut f: impl FnMut(&RouteName, &U) -> V) -> RouteTable<V> {
         let routes = self.routes.iter().map(|(name, route)| {
             let mapped = Route {
-                upstream: f(&route.upstream),
+                upstream: f(name, &route.upstream),
                 allow: route.allow.clone(),
             };
             (name.clone(), mapped)
@@ -93,6 +104,40 @@ impl<U> RouteTable<U> {
             allow: self.allow.clone(),
             any_restricted: self.any_restricted,
         }
+    }
+
+    /// What changed from `self` to `new`, route by route, in name order: a route whose
+    /// upstream or own allow-list differs is changed. (The table-wide list is compared by the
+    /// caller: it touches every route.)
+    pub fn diff(&self, new: &RouteTable<U>) -> Vec<(RouteName, RouteChange)>
+    where
+        U: PartialEq,
+    {
+        let mut changes = Vec::new();
+        for (name, old) in &self.routes {
+            match new.routes.get(name) {
+                None => changes.push((name.clone(), RouteChange::Removed)),
+                Some(now) if now.upstream != old.upstream || now.allow != old.allow => {
+                    changes.push((name.clone(), RouteChange::Changed))
+                }
+                Some(_) => {}
+            }
+        }
+        for name in new.routes.keys().filter(|n| !self.routes.contains_key(*n)) {
+            changes.push((name.clone(), RouteChange::Added));
+        }
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        changes
+    }
+
+    /// Whether the table-wide allow-lists of `self` and `other` are the same.
+    pub fn same_allow(&self, other: &RouteTable<U>) -> bool {
+        self.allow == other.allow
+    }
+
+    /// The upstream of `route`, whoever asks.
+    pub fn upstream(&self, route: &RouteName) -> Option<&U> {
+        self.routes.get(route).map(|r| &r.upstream)
     }
 
     /// The configured routes, for start-up logs.
@@ -162,11 +207,44 @@ mod tests {
             Err(Refusal::Forbidden),
             "unknown and forbidden routes answer alike"
         );
-        let mapped = t.map(|u| u.len());
+        let mapped = t.map(|_, u| u.len());
         assert_eq!(
             mapped.decide(&worker, &route("redis")),
             Err(Refusal::Forbidden)
         );
+    }
+
+    #[test]
+    fn a_diff_names_routes_added_removed_and_changed() {
+        let table = |routes: &[(&str, &'static str)]| -> RouteTable<&'static str> {
+            let map = routes
+                .iter()
+                .map(|(n, u)| (n.parse().unwrap(), *u))
+                .collect();
+            RouteTable::new(map, None)
+        };
+        let old = table(&[("a", "a:1"), ("b", "b:1"), ("c", "c:1")]);
+        let mut new = table(&[("a", "a:1"), ("b", "b:2"), ("d", "d:1"), ("c", "c:1")]);
+        let list = AllowList::new(vec!["dns:x".parse().unwrap()]).unwrap();
+        new.restrict(&"c".parse().unwrap(), list);
+        let named: Vec<_> = old
+            .diff(&new)
+            .into_iter()
+            .map(|(n, c)| (n.as_str().to_owned(), c))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("b".to_owned(), RouteChange::Changed),
+                ("c".to_owned(), RouteChange::Changed),
+                ("d".to_owned(), RouteChange::Added),
+            ]
+        );
+        assert_eq!(
+            new.diff(&old)[2],
+            ("d".parse().unwrap(), RouteChange::Removed)
+        );
+        assert!(old.diff(&old).is_empty() && old.same_allow(&new));
     }
 
     #[test]
