@@ -39,15 +39,15 @@ pub trait Socket: AsFd + Send + Sync {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Runs `f`, clearing `interest`'s readiness if it returns `WouldBlock`.
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    /// Closes the socket as an abort: a TCP RST. A Unix socket has none: its peer sees a plain
-    /// end, or a reset if amb leaves data of the peer's unread.
-    fn reset(self);
+    /// Makes the socket's close an abort: a TCP RST. A Unix socket has none: its peer sees a
+    /// plain end, or a reset if amb leaves data of the peer's unread.
+    fn abort_on_close(&self);
 }
 
 /// Implements [`Socket`] for one of tokio's stream sockets by calling its own methods, and
-/// `$abort` to reset it.
+/// `$abort` to make its close an abort.
 macro_rules! socket_of_tokio {
-    ($type:ty, $abort:path) => {
+    ($type:ty, $abort:expr) => {
         impl Socket for $type {
             fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::readable(self)
@@ -68,15 +68,15 @@ macro_rules! socket_of_tokio {
             ) -> io::Result<R> {
                 <$type>::try_io(self, interest, f)
             }
-            fn reset(self) {
-                $abort(self)
+            fn abort_on_close(&self) {
+                ($abort)(self)
             }
         }
     };
 }
 
-socket_of_tokio!(TcpStream, reset_tcp);
-socket_of_tokio!(UnixStream, drop);
+socket_of_tokio!(TcpStream, abort_tcp_on_close);
+socket_of_tokio!(UnixStream, |_: &UnixStream| ());
 
 /// First read buffer size; it doubles while reads fill it.
 const MIN_BUFFER: usize = 16 << 10;
@@ -191,24 +191,70 @@ pub struct RelayStats {
 }
 
 /// Relays until both directions end cleanly, or resets both sides at the first failure.
+///
+/// A relay dropped before both directions ended (its task cut off from outside) resets both
+/// sides too, rather than letting them end as if the data were complete.
 pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
     socket: T,
-    mut send: S,
-    mut recv: R,
+    send: S,
+    recv: R,
 ) -> Result<RelayStats, RelayError> {
+    let socket = ResetOnDrop {
+        socket,
+        clean: false,
+    };
+    let mut tunnel = TunnelHalves {
+        send,
+        recv,
+        running: true,
+    };
     let socket_ended = AtomicBool::new(false);
     let outcome = tokio::try_join!(
-        socket_to_tunnel(&socket, &mut send, &socket_ended),
-        tunnel_to_socket(&socket, &mut recv, &socket_ended)
+        socket_to_tunnel(&socket.socket, &mut tunnel.send, &socket_ended),
+        tunnel_to_socket(&socket.socket, &mut tunnel.recv, &socket_ended)
     );
-    if outcome.is_err() {
-        socket.reset();
-    } else {
-        // Both directions are done: the close sends the socket's FIN (if the stream's end did
-        // not already), without waiting for the tunnel peer's acknowledgement.
-        drop(socket);
+    tunnel.running = false;
+    // Both directions done: the close sends the socket's FIN (if the stream's end did not
+    // already), without waiting for the tunnel peer's acknowledgement. On a failure, an RST.
+    socket.close(outcome.is_ok());
+    settle(outcome, &mut tunnel.send, &mut tunnel.recv).await
+}
+
+/// A socket that is reset, not closed, if dropped before [`close`](Self::close) says it ended
+/// cleanly.
+struct ResetOnDrop<T: Socket> {
+    socket: T,
+    clean: bool,
+}
+
+impl<T: Socket> ResetOnDrop<T> {
+    fn close(mut self, clean: bool) {
+        self.clean = clean;
     }
-    settle(outcome, &mut send, &mut recv).await
+}
+
+impl<T: Socket> Drop for ResetOnDrop<T> {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.socket.abort_on_close();
+        }
+    }
+}
+
+/// A tunnel stream's halves, reset if dropped while the relay still runs.
+struct TunnelHalves<S: StreamSend, R: StreamRecv> {
+    send: S,
+    recv: R,
+    running: bool,
+}
+
+impl<S: StreamSend, R: StreamRecv> Drop for TunnelHalves<S, R> {
+    fn drop(&mut self) {
+        if self.running {
+            self.send.reset(ResetCode::CANCEL);
+            self.recv.stop(ResetCode::CANCEL);
+        }
+    }
 }
 
 /// After both directions: waits for the tunnel peer to have everything sent, or on a failure
@@ -243,18 +289,24 @@ async fn settle<S: StreamSend, R: StreamRecv>(
 /// direction, both sides aborted at the first failure (the stream is dropped unflushed: a
 /// stream has no RST of its own). Sockets keep [`relay`], whose non-blocking reads and
 /// vectored writes measured faster.
-pub async fn relay_io<IO, S, R>(io: IO, mut send: S, mut recv: R) -> Result<RelayStats, RelayError>
+pub async fn relay_io<IO, S, R>(io: IO, send: S, recv: R) -> Result<RelayStats, RelayError>
 where
     IO: AsyncRead + AsyncWrite + Send,
     S: StreamSend,
     R: StreamRecv,
 {
+    let mut tunnel = TunnelHalves {
+        send,
+        recv,
+        running: true,
+    };
     let (reader, writer) = tokio::io::split(io);
     let outcome = tokio::try_join!(
-        io_to_tunnel(reader, &mut send),
-        tunnel_to_io(writer, &mut recv)
+        io_to_tunnel(reader, &mut tunnel.send),
+        tunnel_to_io(writer, &mut tunnel.recv)
     );
-    settle(outcome, &mut send, &mut recv).await
+    tunnel.running = false;
+    settle(outcome, &mut tunnel.send, &mut tunnel.recv).await
 }
 
 /// Copies a byte stream into the tunnel stream, reading into a buffer that grows toward
@@ -304,8 +356,12 @@ async fn tunnel_to_io<R: StreamRecv>(
 
 /// Closes a socket with a TCP RST instead of a FIN, so the other end sees an abort.
 pub fn reset_tcp(tcp: TcpStream) {
+    abort_tcp_on_close(&tcp);
+}
+
+/// Makes the socket's close send a TCP RST instead of a FIN.
+fn abort_tcp_on_close(tcp: &TcpStream) {
     let _ = tcp.set_zero_linger();
-    drop(tcp);
 }
 
 /// Copies the socket into the stream; sets `socket_ended` once the socket's FIN has finished
@@ -541,8 +597,13 @@ mod tests {
     }
 
     /// One direction of a tunnel stream as an in-memory channel; `None` is a clean end.
-    struct ChanSend(tokio::sync::mpsc::UnboundedSender<Option<Bytes>>);
-    struct ChanRecv(tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>);
+    struct ChanSend(tokio::sync::mpsc::UnboundedSender<Option<Bytes>>, ResetSeen);
+    struct ChanRecv(
+        tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>,
+        ResetSeen,
+    );
+    /// Set once the relay reset (or stopped) the half that holds it.
+    type ResetSeen = std::sync::Arc<AtomicBool>;
 
     impl StreamSend for ChanSend {
         async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
@@ -554,7 +615,9 @@ mod tests {
             let _ = self.0.send(None);
             Ok(())
         }
-        fn reset(&mut self, _code: ResetCode) {}
+        fn reset(&mut self, _code: ResetCode) {
+            self.1.store(true, Ordering::Relaxed);
+        }
         async fn delivered(&mut self) {}
     }
 
@@ -565,7 +628,9 @@ mod tests {
                 None => Err(StreamError::ConnectionLost("gone".into())),
             }
         }
-        fn stop(&mut self, _code: ResetCode) {}
+        fn stop(&mut self, _code: ResetCode) {
+            self.1.store(true, Ordering::Relaxed);
+        }
     }
 
     #[tokio::test]
@@ -575,7 +640,11 @@ mod tests {
         let (ours, mut upstream) = tokio::io::duplex(64 << 10);
         let (to_relay, from_tunnel) = unbounded_channel();
         let (to_tunnel, mut tunnel_gets) = unbounded_channel();
-        let relayed = tokio::spawn(relay_io(ours, ChanSend(to_tunnel), ChanRecv(from_tunnel)));
+        let relayed = tokio::spawn(relay_io(
+            ours,
+            ChanSend(to_tunnel, ResetSeen::default()),
+            ChanRecv(from_tunnel, ResetSeen::default()),
+        ));
 
         let down: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         for piece in down.chunks(10_000) {
@@ -620,7 +689,12 @@ mod tests {
         let (to_relay, from_tunnel) = tokio::sync::mpsc::unbounded_channel();
         let (to_tunnel, _tunnel_gets) = tokio::sync::mpsc::unbounded_channel();
         drop(to_relay);
-        let relayed = relay_io(ours, ChanSend(to_tunnel), ChanRecv(from_tunnel)).await;
+        let relayed = relay_io(
+            ours,
+            ChanSend(to_tunnel, ResetSeen::default()),
+            ChanRecv(from_tunnel, ResetSeen::default()),
+        )
+        .await;
         assert!(
             matches!(
                 relayed,
@@ -628,5 +702,37 @@ mod tests {
             ),
             "{relayed:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_relay_dropped_midway_resets_both_sides() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut upstream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let (to_relay, from_tunnel) = tokio::sync::mpsc::unbounded_channel();
+        let (to_tunnel, _tunnel_gets) = tokio::sync::mpsc::unbounded_channel();
+        let (send_reset, recv_stopped) = (ResetSeen::default(), ResetSeen::default());
+        let relayed = tokio::spawn(relay(
+            ours,
+            ChanSend(to_tunnel, send_reset.clone()),
+            ChanRecv(from_tunnel, recv_stopped.clone()),
+        ));
+        to_relay.send(Some(Bytes::from_static(b"PING"))).unwrap();
+        let mut got = [0u8; 4];
+        upstream.read_exact(&mut got).await.unwrap();
+        relayed.abort();
+        assert!(relayed.await.unwrap_err().is_cancelled());
+        let mut rest = Vec::new();
+        let read = upstream.read_to_end(&mut rest).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the upstream saw an abort, not a clean end"
+        );
+        assert!(send_reset.load(Ordering::Relaxed), "the stream was reset");
+        assert!(recv_stopped.load(Ordering::Relaxed), "and told to stop");
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use amb_pki::TlsFiles;
 use amb_proto::{
-    IncomingStream, Limits, Refusal, RouteChange, RouteTable, ServerConnection, StreamError,
-    ALPN_H2, ALPN_QUIC,
+    IncomingStream, Limits, PeerIdentity, Refusal, RouteChange, RouteName, RouteTable,
+    ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
 use amb_spec::UpstreamSpec;
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::endpoints::UpstreamStream;
-use crate::lifecycle::{serve_connection, ConnCtx};
+use crate::lifecycle::{serve_connection, Admission, ConnCtx};
 use crate::relay::{relay, RelayError};
 use crate::reload::{Certs, Reload};
 use crate::tally::{DrainWatch, StreamEnd};
@@ -68,6 +68,8 @@ struct Context {
     routes: ArcSwap<RouteTable<Upstream>>,
     /// What the running routes were built from, for the next replacement's diff.
     specs: Mutex<RouteTable<UpstreamSpec>>,
+    /// Moves after each replacement of the routes: connections check their streams.
+    reconfigured: watch::Sender<u64>,
     connect_timeout: Duration,
     stopping: watch::Receiver<bool>,
     live: TaskTracker,
@@ -138,6 +140,7 @@ impl Server {
             throttle: LogThrottle::default(),
             routes: ArcSwap::from_pointee(settings.routes.map(|_, spec| Upstream::new(spec))),
             specs: Mutex::new(settings.routes),
+            reconfigured: watch::Sender::new(0),
             connect_timeout: settings.connect_timeout,
             stopping,
             live: TaskTracker::new(),
@@ -248,8 +251,10 @@ impl Server {
 pub struct Routes(Arc<Context>);
 
 impl Routes {
-    /// Swaps in `new` at once: streams opened from now on are decided by it, streams running
-    /// go on. An unchanged route keeps its upstream (and what its source has looked up).
+    /// Swaps in `new` at once: streams opened from now on are decided by it; running streams
+    /// it no longer admits (a route removed, a peer no longer allowed) end within the drain
+    /// timeout, the others go on. An unchanged route keeps its upstream (and what its source
+    /// has looked up).
     /// Logs each route added, removed or changed; returns how many changed, counting a
     /// changed server-wide allow-list as one.
     pub fn replace(&self, new: RouteTable<UpstreamSpec>) -> usize {
@@ -283,6 +288,7 @@ impl Routes {
         }
         ctx.routes.store(Arc::new(built));
         *specs = new;
+        ctx.reconfigured.send_modify(|generation| *generation += 1);
         changes.len() + usize::from(allow_changed)
     }
 }
@@ -298,11 +304,22 @@ fn serve<C: ServerConnection>(
         stop: ctx.stopping.clone(),
         trust: ctx.trust.clone(),
         verified_under,
+        reconfigured: ctx.reconfigured.subscribe(),
     };
     let limits = ctx.limits;
-    serve_connection(conn, drain, limits, move |conn, incoming| {
+    serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
         handle(ctx.clone(), conn, incoming)
     })
+}
+
+impl Admission for Context {
+    fn admits_peer(&self, peer: &PeerIdentity) -> bool {
+        self.routes.load().admits_peer(peer)
+    }
+
+    fn admits(&self, peer: &PeerIdentity, route: &RouteName) -> bool {
+        self.routes.load().decide(peer, route).is_ok()
+    }
 }
 
 /// Answers a stream with a refusal. One the client caused counts against its refusal budget;

@@ -110,6 +110,8 @@ pub struct DrainWatch {
     pub trust: watch::Receiver<u64>,
     /// The generation the connection was verified under.
     pub verified_under: u64,
+    /// Moves when a new configuration is in place: live streams are checked against it.
+    pub reconfigured: watch::Receiver<u64>,
 }
 
 impl DrainWatch {

@@ -15,6 +15,19 @@ pub enum DrainCause {
     /// The CAs the server trusts changed since it verified the client, which must connect and
     /// be verified again.
     TrustChanged,
+    /// A new configuration no longer admits the client.
+    AccessRevoked,
+}
+
+impl DrainCause {
+    /// Why, in a few words: the reason a closing connection carries.
+    pub fn reason(self) -> &'static str {
+        match self {
+            DrainCause::Stopping => "server shutting down",
+            DrainCause::TrustChanged => "trusted CAs changed",
+            DrainCause::AccessRevoked => "access revoked",
+        }
+    }
 }
 
 /// Why the server closes a tunnel connection, streams and all.
@@ -22,8 +35,9 @@ pub enum DrainCause {
 pub enum Close {
     /// The peer spent its refusal budget.
     TooManyRefusals,
-    /// Still open `drain-timeout` after the trusted CAs changed.
-    TrustChanged,
+    /// Still open `drain-timeout` after a drain the peer cannot be left to finish: the trusted
+    /// CAs changed, or its access was revoked.
+    DrainTimedOut(DrainCause),
     /// Drained: the peer had the notice and every stream it opened before is done.
     Drained(DrainCause),
 }

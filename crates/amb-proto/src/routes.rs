@@ -75,10 +75,8 @@ impl<U> RouteTable<U> {
     /// routes exist; once any route has a list of its own, an unknown route is refused as
     /// forbidden too, since a 404 there would tell a peer that a 403 route exists.
     pub fn decide(&self, peer: &PeerIdentity, route: &RouteName) -> Result<&U, Refusal> {
-        if let Some(allow) = &self.allow {
-            if !allow.permits(peer) {
-                return Err(Refusal::Forbidden);
-            }
+        if !self.admits_peer(peer) {
+            return Err(Refusal::Forbidden);
         }
         match self.routes.get(route) {
             Some(Route {
@@ -88,6 +86,12 @@ impl<U> RouteTable<U> {
             None if self.any_restricted => Err(Refusal::Forbidden),
             None => Err(Refusal::UnknownRoute),
         }
+    }
+
+    /// Whether the table-wide allow-list (if any) admits `peer`: a peer it does not is refused
+    /// every route.
+    pub fn admits_peer(&self, peer: &PeerIdentity) -> bool {
+        self.allow.as_ref().is_none_or(|allow| allow.permits(peer))
     }
 
     /// The same table with each upstream turned into what `f` makes of it (and its route name).

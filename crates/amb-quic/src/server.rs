@@ -235,13 +235,12 @@ impl ServerConnection for QuicConnection {
     fn closer(&self) -> Closer {
         let conn = self.conn.clone();
         Arc::new(move |why| {
-            let (code, reason): (u32, &[u8]) = match why {
-                Close::TooManyRefusals => (ResetCode::REFUSED.0, b"too many refused streams"),
-                Close::TrustChanged => (ResetCode::REFUSED.0, b"trusted CAs changed"),
-                Close::Drained(DrainCause::Stopping) => (0, b"server shutting down"),
-                Close::Drained(DrainCause::TrustChanged) => (0, b"trusted CAs changed"),
+            let (code, reason) = match why {
+                Close::TooManyRefusals => (ResetCode::REFUSED.0, "too many refused streams"),
+                Close::DrainTimedOut(cause) => (ResetCode::REFUSED.0, cause.reason()),
+                Close::Drained(cause) => (0, cause.reason()),
             };
-            conn.close(VarInt::from_u32(code), reason);
+            conn.close(VarInt::from_u32(code), reason.as_bytes());
         })
     }
 }
