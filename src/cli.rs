@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, Reload, Routes, Server, ServerSettings,
-    ServerTransports,
+    Client, ClientSettings, ClientTransport, Server, ServerSettings, ServerTransports,
 };
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
@@ -14,6 +13,8 @@ use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
 
 use amb_config::{self as config, ClientFile, ConfigFile, ListenerFile, ServerFile};
+
+use crate::reconfigure::{keep_current, Reconfigure, RouteBuilder};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
@@ -143,8 +144,8 @@ struct CertArgs {
     /// CA certificate(s) the peer must chain to (PEM).
     #[arg(long, env = "AMB_CA")]
     ca: Option<PathBuf>,
-    /// How often the certificate files are checked for changes, which are then loaded for new
-    /// connections (as on SIGHUP); 0s checks only on SIGHUP.
+    /// How often the certificate files (and a server's --config file) are checked for changes,
+    /// which are then loaded (as on SIGHUP); 0s checks only on SIGHUP.
     #[arg(long, value_parser = parse_duration, default_value = "10s", env = "AMB_RELOAD_CHECK")]
     reload_check: Duration,
 }
@@ -419,10 +420,15 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Server(server) => {
             let part = matches.subcommand_matches("server").cloned();
             let settings = server_settings(server.clone(), &Given(part.as_ref()))?;
-            let reroute = server.config.is_some().then(|| -> RouteBuilder {
-                Box::new(move || Ok(server_settings(server.clone(), &Given(part.as_ref()))?.routes))
-            });
-            runtime(args.threads)?.block_on(run_server(settings, reroute))
+            let config = server
+                .config
+                .clone()
+                .map(|path| -> (PathBuf, RouteBuilder) {
+                    let build =
+                        move || Ok(server_settings(server.clone(), &Given(part.as_ref()))?.routes);
+                    (path, Box::new(build))
+                });
+            runtime(args.threads)?.block_on(run_server(settings, config))
         }
         Command::Client(client) => {
             let given = Given(matches.subcommand_matches("client"));
@@ -446,11 +452,13 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             }
             runtime(args.threads)?.block_on(async {
                 let server = async {
-                    let reroute = move || -> anyhow::Result<_> {
+                    let build = move || -> anyhow::Result<_> {
                         Ok(server_settings(part_args("server", &path)?, &Given(None))?.routes)
                     };
                     match server {
-                        Some(settings) => run_server(settings, Some(Box::new(reroute))).await,
+                        Some(settings) => {
+                            run_server(settings, Some((config, Box::new(build)))).await
+                        }
                         None => Ok(()),
                     }
                 };
@@ -667,12 +675,20 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     })
 }
 
-async fn run_server(settings: ServerSettings, reroute: Option<RouteBuilder>) -> anyhow::Result<()> {
+/// Runs a server; with `config` (its file, and how to build routes from it) the routes follow
+/// the file.
+async fn run_server(
+    settings: ServerSettings,
+    config: Option<(PathBuf, RouteBuilder)>,
+) -> anyhow::Result<()> {
+    let check_every = settings.reload_check;
     let server = Server::bind(settings)?;
-    reload_on_hangup(
-        server.reload(),
-        reroute.map(|build| (build, server.routes())),
-    );
+    let config = config.map(|(path, build)| Reconfigure {
+        path,
+        build,
+        routes: server.routes(),
+    });
+    keep_current(server.reload(), config, check_every);
     server.run(shutdown_signal()).await;
     Ok(())
 }
@@ -735,44 +751,9 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
 
 async fn run_client(settings: ClientSettings) -> anyhow::Result<()> {
     let client = Client::bind(settings)?;
-    reload_on_hangup(client.reload(), None);
+    keep_current(client.reload(), None, None);
     client.run(shutdown_signal()).await;
     Ok(())
-}
-
-/// How a server rebuilds its routes from its config file, and the server's routes to replace.
-type Reroute = (RouteBuilder, Routes);
-type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync>;
-
-/// Reloads the certificates at each SIGHUP, and with a config file the routes and allow-lists. The handler is in place when this returns, so a
-/// SIGHUP sent once the process reports listening reloads rather than ends it.
-fn reload_on_hangup(reload: Reload, reroute: Option<Reroute>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(e) => {
-            tracing::warn!(
-                "SIGHUP cannot be caught ({e}): certificates reload only when a --reload-check finds their files changed"
-            );
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            reload.now();
-            if let Some((build, routes)) = &reroute {
-                match build() {
-                    Ok(table) => {
-                        let changes = routes.replace(table);
-                        tracing::info!(changes, "config file reloaded");
-                    }
-                    Err(e) => {
-                        tracing::error!("config file not reloaded, the running routes stay: {e:#}")
-                    }
-                }
-            }
-        }
-    });
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

@@ -2,6 +2,7 @@
 //! to the engine; all logic lives in the `crates/` libraries.
 
 mod cli;
+mod reconfigure;
 
 use std::process::ExitCode;
 

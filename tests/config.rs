@@ -5,6 +5,11 @@
 mod support;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
 
 use amb_pki::LeafSpec;
 use support::*;
@@ -13,6 +18,7 @@ per_transport!(
     each_identity_reaches_exactly_the_routes_it_is_allowed_on,
     a_client_configured_by_its_file_carries_its_listeners,
     a_sighup_swaps_in_the_routes_of_the_rewritten_file,
+    reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revoked,
 );
 
 /// `[server]` with explicit certificate paths, listening on a free loopback port.
@@ -293,4 +299,185 @@ async fn echo_on(tcp: &mut tokio::net::TcpStream, bytes: &[u8]) {
     let mut back = vec![0; bytes.len()];
     tcp.read_exact(&mut back).await.unwrap();
     assert_eq!(back, bytes);
+}
+
+/// Replaces `path` with `text` in one step, as a config management tool does.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revoked(t: Transport) {
+    let pki = Pki::new();
+    for name in ["web", "worker"] {
+        pki.write_leaf(name, &pki.ca.issue(&LeafSpec::client(name, 30)).unwrap());
+    }
+    let [stable, moved_a, moved_b, doomed, guarded, extra] = [
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+    ];
+    let drain = Duration::from_secs(3);
+    // Rewrite `n` of the file: `moving` alternates between two upstreams, `extra-N` routes come
+    // and go, `doomed` is removed from rewrite 10 on, and `worker` loses `guarded` from rewrite 5.
+    let config = |n: usize| {
+        let mut text = server_part(&pki)
+            + &format!(
+                "drain-timeout = \"{}s\"\nreload-check = \"50ms\"\n",
+                drain.as_secs()
+            );
+        let mut route = |name: &str, up: &Upstream, allow: &str| {
+            text += &format!(
+                "\n[[server.route]]\nname = \"{name}\"\nupstream = \"{}\"\n{allow}",
+                up.addr
+            );
+        };
+        route("stable", &stable, "");
+        route("moving", if n % 2 == 0 { &moved_a } else { &moved_b }, "");
+        if n < 10 {
+            route("doomed", &doomed, "");
+        }
+        let allowed = if n < 5 {
+            "\"uri:spiffe://amb/web\", \"uri:spiffe://amb/worker\""
+        } else {
+            "\"uri:spiffe://amb/web\""
+        };
+        route("guarded", &guarded, &format!("allow = [{allowed}]\n"));
+        for i in 0..n % 4 {
+            route(&format!("extra-{i}"), &extra, "");
+        }
+        text
+    };
+    let path = pki.path("amb.toml");
+    replace_file(&path, &config(0));
+    let server = Amb::spawn(&[
+        "server".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ]);
+    let addr = server.server_addr();
+    let web = Amb::client(
+        &pki,
+        "web",
+        addr,
+        t,
+        &[
+            "--listen",
+            "0=stable",
+            "--listen",
+            "0=moving",
+            "--listen",
+            "0=doomed",
+            "--listen",
+            "0=guarded",
+        ],
+    );
+    let worker = Amb::client(&pki, "worker", addr, t, &["--listen", "0=guarded"]);
+    web.wait_tunnel_up();
+    worker.wait_tunnel_up();
+
+    // Long-lived streams: one on each route that a rewrite touches, one on the unchanged route.
+    let connect = |addr| tokio::net::TcpStream::connect(addr);
+    let mut live_stable = connect(web.listen_addr_for("stable")).await.unwrap();
+    let mut live_doomed = connect(web.listen_addr_for("doomed")).await.unwrap();
+    let mut live_kept = connect(web.listen_addr_for("guarded")).await.unwrap();
+    let mut live_revoked = connect(worker.listen_addr_for("guarded")).await.unwrap();
+    for live in [
+        &mut live_stable,
+        &mut live_doomed,
+        &mut live_kept,
+        &mut live_revoked,
+    ] {
+        echo_on(live, b"before").await;
+    }
+
+    // Fresh connections on the unchanged route and the moving one, all through the rewrites.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = |route: &str| {
+        let (listen, stop) = (web.listen_addr_for(route), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                if echo_works(listen).await {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let (stable_load, moving_load) = (load("stable"), load("moving"));
+
+    let (mut reloads, mut revoked_at) = (0, None);
+    for n in 1..=20 {
+        if n == 15 {
+            // A broken file: refused whole, everything keeps running.
+            replace_file(
+                &path,
+                &(config(n)
+                    + "\n[[server.route]]\nname = \"stable\"\nupstream = \"127.0.0.1:1\"\n"),
+            );
+            server.log.wait_for(&["config file not reloaded", "stable"]);
+            continue;
+        }
+        replace_file(&path, &config(n));
+        reloads += 1;
+        server
+            .log
+            .wait_for_nth(&["config file changed: config file reloaded"], reloads);
+        echo_on(&mut live_stable, b"during").await;
+        if n == 5 {
+            // Revoked, but not cut before the drain timeout.
+            revoked_at = Some(Instant::now());
+            echo_on(&mut live_revoked, b"grace").await;
+        }
+        if n == 10 {
+            // The removed route's stream finishes: within the drain timeout it carries on and
+            // ends cleanly.
+            echo_on(&mut live_doomed, b"last words").await;
+            live_doomed.shutdown().await.unwrap();
+            assert_eq!(read_all(&mut live_doomed).await.unwrap(), b"");
+            assert_reset_after_write(web.listen_addr_for("doomed"), b"hi").await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (stable_load, moving_load) = (stable_load.await.unwrap(), moving_load.await.unwrap());
+    assert_eq!(
+        stable_load.1, 0,
+        "fresh connections on the unchanged route: {stable_load:?}"
+    );
+    assert_eq!(
+        moving_load.1, 0,
+        "fresh connections on the changed route: {moving_load:?}"
+    );
+    assert!(
+        stable_load.0 > 20 && moving_load.0 > 20,
+        "{stable_load:?} {moving_load:?}"
+    );
+    assert!(
+        moved_a.accepted() > 1 && moved_b.accepted() > 0,
+        "new streams followed `moving`"
+    );
+
+    // The revoked client's stream is cut once the drain timeout has passed; the peer still
+    // allowed on the route keeps its own, and new streams of the revoked one are refused.
+    assert_reset(&mut live_revoked).await;
+    let revoked_for = revoked_at.unwrap().elapsed();
+    assert!(
+        revoked_for < drain * 2,
+        "cut {revoked_for:?} after the reload"
+    );
+    assert_reset_after_write(worker.listen_addr_for("guarded"), b"hi").await;
+    echo_on(&mut live_kept, b"still here").await;
+    echo_on(&mut live_stable, b"after").await;
+    assert_eq!(
+        stable.accepted(),
+        stable_load.0 + 1,
+        "every connection on the unchanged route reached its upstream once"
+    );
 }
