@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use amb_config::{self as config, ClientFile, ConfigFile, ListenerFile, ServerFile};
 
-use crate::reconfigure::{keep_current, Reconfigure, RouteBuilder};
+use crate::reconfigure::{self, keep_current};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
@@ -431,9 +431,19 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             runtime(args.threads)?.block_on(run_server(settings, config))
         }
         Command::Client(client) => {
-            let given = Given(matches.subcommand_matches("client"));
-            let settings = client_settings(client, &given)?;
-            runtime(args.threads)?.block_on(run_client(settings))
+            let part = matches.subcommand_matches("client").cloned();
+            let settings = client_settings(client.clone(), &Given(part.as_ref()))?;
+            let config = client
+                .config
+                .clone()
+                .map(|path| -> (PathBuf, ListenerBuilder) {
+                    let build = move || {
+                        let settings = client_settings(client.clone(), &Given(part.as_ref()))?;
+                        Ok((settings.listens, settings.peer))
+                    };
+                    (path, Box::new(build))
+                });
+            runtime(args.threads)?.block_on(run_client(settings, config))
         }
         Command::Check { config } => check(&config),
         Command::Run { config } => {
@@ -450,21 +460,32 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             if server.is_none() && client.is_none() {
                 bail!("{path}: neither a [server] nor a [client] part: nothing to run");
             }
+            let server_build = {
+                let path = path.clone();
+                move || -> anyhow::Result<_> {
+                    Ok(server_settings(part_args("server", &path)?, &Given(None))?.routes)
+                }
+            };
+            let client_build = move || -> anyhow::Result<_> {
+                let settings = client_settings(part_args("client", &path)?, &Given(None))?;
+                Ok((settings.listens, settings.peer))
+            };
             runtime(args.threads)?.block_on(async {
                 let server = async {
-                    let build = move || -> anyhow::Result<_> {
-                        Ok(server_settings(part_args("server", &path)?, &Given(None))?.routes)
-                    };
                     match server {
                         Some(settings) => {
-                            run_server(settings, Some((config, Box::new(build)))).await
+                            let build: RouteBuilder = Box::new(server_build);
+                            run_server(settings, Some((config.clone(), build))).await
                         }
                         None => Ok(()),
                     }
                 };
                 let client = async {
                     match client {
-                        Some(settings) => run_client(settings).await,
+                        Some(settings) => {
+                            let build: ListenerBuilder = Box::new(client_build);
+                            run_client(settings, Some((config.clone(), build))).await
+                        }
                         None => Ok(()),
                     }
                 };
@@ -675,6 +696,12 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     })
 }
 
+/// Builds a server's routes again from its config file.
+type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync>;
+/// Builds a client's listeners and default peer again from its config file.
+type ListenerBuilder =
+    Box<dyn Fn() -> anyhow::Result<(Vec<ListenerSpec>, Option<PeerSpec>)> + Send + Sync>;
+
 /// Runs a server; with `config` (its file, and how to build routes from it) the routes follow
 /// the file.
 async fn run_server(
@@ -683,11 +710,8 @@ async fn run_server(
 ) -> anyhow::Result<()> {
     let check_every = settings.reload_check;
     let server = Server::bind(settings)?;
-    let config = config.map(|(path, build)| Reconfigure {
-        path,
-        build,
-        routes: server.routes(),
-    });
+    let config =
+        config.map(|(path, build)| reconfigure::server_routes(path, build, server.routes()));
     keep_current(server.reload(), config, check_every);
     server.run(shutdown_signal()).await;
     Ok(())
@@ -749,9 +773,17 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
     })
 }
 
-async fn run_client(settings: ClientSettings) -> anyhow::Result<()> {
+/// Runs a client; with `config` (its file, and how to build listeners from it) the listeners
+/// follow the file.
+async fn run_client(
+    settings: ClientSettings,
+    config: Option<(PathBuf, ListenerBuilder)>,
+) -> anyhow::Result<()> {
+    let check_every = settings.reload_check;
     let client = Client::bind(settings)?;
-    keep_current(client.reload(), None, None);
+    let config =
+        config.map(|(path, build)| reconfigure::client_listeners(path, build, client.listeners()));
+    keep_current(client.reload(), config, check_every);
     client.run(shutdown_signal()).await;
     Ok(())
 }

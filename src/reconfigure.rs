@@ -1,29 +1,76 @@
 //! Keeping a running process on its files: each SIGHUP reloads the certificates and, with a
-//! config file, the routes and allow-lists; a check every `--reload-check` reloads the routes
-//! when the config file changed (the engine watches the certificate files itself). A file that
-//! does not load or validate changes nothing: one error line, and the running routes stay.
+//! config file, a server's routes and allow-lists or a client's listeners; a check every
+//! `--reload-check` reloads them when the config file changed (the engine watches the
+//! certificate files itself). A file that does not load or validate changes nothing: one error
+//! line, and the running configuration stays.
 
+use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use amb_engine::{Reload, Routes};
+use amb_engine::{Listeners, Reload, Routes};
 use amb_proto::RouteTable;
-use amb_spec::UpstreamSpec;
+use amb_spec::{ListenerSpec, PeerSpec, UpstreamSpec};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
 
-/// Builds a server's routes from its config file (merged with its flags, as at the start).
-pub type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync>;
+/// Reads the config file again and applies what it says to the running part; returns how
+/// many routes or listeners changed.
+pub type Apply =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = anyhow::Result<usize>> + Send>> + Send + Sync>;
 
-/// A server's config file, how to build routes from it, and the routes to replace.
+/// One part's config file, and how to apply it.
 pub struct Reconfigure {
     /// The config file.
     pub path: PathBuf,
-    /// Reads it again.
-    pub build: RouteBuilder,
-    /// The running server's routes.
-    pub routes: Routes,
+    /// `server` or `client`, for the log.
+    pub part: &'static str,
+    /// Reads and applies it.
+    pub apply: Apply,
+}
+
+/// A server's routes follow the file: `build` reads them (with the flags given at start).
+/// Reading and swapping in a large file runs off the runtime's workers, so the streams they
+/// carry do not wait for it.
+pub fn server_routes(
+    path: PathBuf,
+    build: impl Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync + 'static,
+    routes: Routes,
+) -> Reconfigure {
+    let build = Arc::new(build);
+    Reconfigure {
+        path,
+        part: "server",
+        apply: Box::new(move || {
+            let (build, routes) = (build.clone(), routes.clone());
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || Ok(routes.replace(build()?))).await?
+            })
+        }),
+    }
+}
+
+/// A client's listeners follow the file: `build` reads them and the default peer.
+pub fn client_listeners(
+    path: PathBuf,
+    build: impl Fn() -> anyhow::Result<(Vec<ListenerSpec>, Option<PeerSpec>)> + Send + Sync + 'static,
+    listeners: Listeners,
+) -> Reconfigure {
+    let build = Arc::new(build);
+    Reconfigure {
+        path,
+        part: "client",
+        apply: Box::new(move || {
+            let (built, listeners) = (build(), listeners.clone());
+            Box::pin(async move {
+                let (listens, peer) = built?;
+                Ok(listeners.replace(listens, peer).await?)
+            })
+        }),
+    }
 }
 
 /// What identifies a version of a file without reading it: a rewrite in place changes its
@@ -36,16 +83,15 @@ fn stamp(path: &std::path::Path) -> Stamp {
 }
 
 impl Reconfigure {
-    /// Builds the routes from the file and swaps them in, or says why not.
-    fn apply(&self, why: &str) {
-        match (self.build)() {
-            Ok(table) => {
-                let changes = self.routes.replace(table);
-                tracing::info!(file = %self.path.display(), changes, "{why}: config file reloaded");
-            }
+    /// Applies the file, or says why not.
+    async fn apply(&self, why: &str) {
+        let (file, part) = (self.path.display(), self.part);
+        match (self.apply)().await {
+            Ok(changes) => tracing::info!(%file, part, changes, "{why}: config file reloaded"),
             Err(e) => tracing::error!(
-                file = %self.path.display(),
-                "{why}: config file not reloaded, the running routes stay: {e:#}"
+                %file,
+                part,
+                "{why}: config file not reloaded, the running configuration stays: {e:#}"
             ),
         }
     }
@@ -89,7 +135,7 @@ pub fn keep_current(reload: Reload, config: Option<Reconfigure>, check_every: Op
             };
             if let Some(config) = &config {
                 loaded = Some(stamp(&config.path));
-                config.apply(why);
+                config.apply(why).await;
             }
         }
     });

@@ -19,6 +19,7 @@ per_transport!(
     a_client_configured_by_its_file_carries_its_listeners,
     a_sighup_swaps_in_the_routes_of_the_rewritten_file,
     reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revoked,
+    a_client_follows_its_file_as_listeners_come_go_and_change,
 );
 
 /// `[server]` with explicit certificate paths, listening on a free loopback port.
@@ -479,5 +480,88 @@ async fn reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revok
         stable.accepted(),
         stable_load.0 + 1,
         "every connection on the unchanged route reached its upstream once"
+    );
+}
+
+async fn a_client_follows_its_file_as_listeners_come_go_and_change(t: Transport) {
+    let pki = Pki::new();
+    let ups = [
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+    ];
+    let routes = ["one", "two", "three", "four"];
+    let mut flags = Vec::new();
+    for (route, up) in routes.iter().zip(&ups) {
+        flags.push("--route".to_owned());
+        flags.push(format!("{route}={}", up.addr));
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Amb::server(&pki, 0, &flags);
+    let fixed = free_port();
+    let file = |listeners: &[(String, &str)]| {
+        let mut text = format!(
+            "[client]\npeer = \"localhost:{}\"\ntransport = \"{}\"\nreload-check = \"50ms\"\n\
+             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            server.server_addr().port(),
+            t.flag(),
+            pki.path("client.pem").display(),
+            pki.path("client.key").display(),
+            pki.path("ca.pem").display()
+        );
+        for (listen, route) in listeners {
+            text += &format!("\n[[client.listen]]\nlisten = \"{listen}\"\nroute = \"{route}\"\n");
+        }
+        text
+    };
+    let path = pki.path("client.toml");
+    replace_file(
+        &path,
+        &file(&[("0".into(), "one"), (fixed.to_string(), "two")]),
+    );
+    let client = Amb::spawn(&[
+        "client".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ]);
+    let removed = client.listen_addr_for("one");
+    let retargeted: std::net::SocketAddr = format!("127.0.0.1:{fixed}").parse().unwrap();
+    assert!(echo_works(retargeted).await, "before: two");
+    let mut live = tokio::net::TcpStream::connect(removed).await.unwrap();
+    echo_on(&mut live, b"before").await;
+
+    // `one` removed, the fixed port moved from `two` to `three`, `four` added.
+    replace_file(
+        &path,
+        &file(&[(fixed.to_string(), "three"), ("0".into(), "four")]),
+    );
+    client.log.wait_for(&["config file reloaded", "changes=3"]);
+    assert!(
+        echo_works(client.listen_addr_for("four")).await,
+        "the added listener"
+    );
+    assert!(echo_works(retargeted).await, "the changed listener");
+    echo_on(&mut live, b"after").await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        while tokio::net::TcpStream::connect(removed).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    });
+    refused.await.expect("the removed listener stops accepting");
+
+    // A listener that cannot be bound fails the whole file: nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    replace_file(
+        &path,
+        &file(&[(fixed.to_string(), "one"), (taken_port, "two")]),
+    );
+    client.log.wait_for(&["config file not reloaded"]);
+    assert!(echo_works(retargeted).await, "still on three");
+    assert_eq!(
+        ups.iter().map(Upstream::accepted).collect::<Vec<_>>(),
+        [1, 1, 2, 1],
+        "each connection reached the upstream its listener named at the time"
     );
 }

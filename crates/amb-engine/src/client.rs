@@ -10,11 +10,12 @@ use std::time::Duration;
 use amb_pki::TlsFiles;
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
-use amb_spec::{ListenerSpec, PeerSpec};
+use amb_spec::{diff_listeners, ListenerChange, ListenerSpec, PeerSpec};
 use amb_tls::TlsDialer;
+use arc_swap::ArcSwap;
 use futures_util::future::join_all;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
@@ -65,67 +66,106 @@ pub struct Client {
     links: Vec<Link>,
     settings: ClientSettings,
     certs: Certs<amb_pki::rustls::ClientConfig>,
-    alpn: &'static [u8],
+    makes: LinkMaker,
     reload: Reload,
+    relisten: (
+        mpsc::UnboundedSender<Relisten>,
+        mpsc::UnboundedReceiver<Relisten>,
+    ),
 }
 
-/// A bound listener, the route its connections ask for, and the link (in
-/// [`Client`]'s `links`) they go over.
+/// A bound listener, as configured (its peer filled in), and the link (in [`Client`]'s
+/// `links`) its connections go over.
 struct Listener {
     socket: TcpListener,
-    route: RouteName,
+    spec: ListenerSpec,
     link: usize,
+}
+
+/// Makes the link to a peer, as the client's settings say.
+struct LinkMaker {
+    transport: ClientTransport,
+    server_name: Option<String>,
+    tls: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
+    limits: Limits,
+}
+
+impl LinkMaker {
+    fn make(&self, peer: &PeerSpec) -> Result<Link, EngineError> {
+        let server_name = self.server_name.clone().unwrap_or_else(|| peer.host());
+        let (tls, limits) = (self.tls.clone(), self.limits);
+        Ok(match self.transport {
+            ClientTransport::Quic => Link::Quic(PeerLink::new(
+                peer,
+                "quic",
+                QuicDialer::new(tls, server_name, limits)?,
+                limits,
+            )),
+            ClientTransport::Tls => Link::Tls(PeerLink::new(
+                peer,
+                "tls",
+                TlsDialer::new(tls, &server_name, limits)?,
+                limits,
+            )),
+        })
+    }
+}
+
+/// Each listener with its peer: its own, else the client's. An error names a listener that
+/// has neither.
+fn with_peers(
+    listens: Vec<ListenerSpec>,
+    peer: Option<&PeerSpec>,
+) -> Result<Vec<ListenerSpec>, EngineError> {
+    if listens.is_empty() {
+        return Err(EngineError::Config(
+            "no --listen given: nothing to carry".into(),
+        ));
+    }
+    listens
+        .into_iter()
+        .map(|mut spec| {
+            spec.peer = spec.peer.or_else(|| peer.cloned());
+            match spec.peer {
+                Some(_) => Ok(spec),
+                None => Err(EngineError::Config(format!(
+                    "listener {} has no peer: give --peer HOST:PORT (or `peer` in the config file)",
+                    spec.addr
+                ))),
+            }
+        })
+        .collect()
 }
 
 impl Client {
     /// Loads certificates, then binds the listeners. Must be called within a Tokio runtime.
     pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
-        if settings.listens.is_empty() {
-            return Err(EngineError::Config(
-                "no --listen given: nothing to carry".into(),
-            ));
-        }
-        let limits = settings.limits;
+        let listens = with_peers(settings.listens.clone(), settings.peer.as_ref())?;
         let alpn = match settings.transport {
             ClientTransport::Quic => ALPN_QUIC,
             ClientTransport::Tls => ALPN_H2,
         };
         let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
-        let tls = certs.subscribe(alpn).expect("loaded for this ALPN");
+        let makes = LinkMaker {
+            transport: settings.transport,
+            server_name: settings.server_name.clone(),
+            tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
+            limits: settings.limits,
+        };
         let mut links: Vec<Link> = Vec::new();
         let mut listeners = Vec::new();
-        for spec in &settings.listens {
-            let Some(peer) = spec.peer.as_ref().or(settings.peer.as_ref()) else {
-                return Err(EngineError::Config(format!(
-                    "listener {} has no peer: give --peer HOST:PORT (or `peer` in the config file)",
-                    spec.addr
-                )));
-            };
+        for spec in listens {
+            let peer = spec.peer.as_ref().expect("filled in by with_peers");
             let link = match links.iter().position(|l| l.peer() == peer) {
                 Some(i) => i,
                 None => {
-                    let server_name = settings.server_name.clone().unwrap_or_else(|| peer.host());
-                    let tls = tls.clone();
-                    links.push(match settings.transport {
-                        ClientTransport::Quic => Link::Quic(PeerLink::new(
-                            peer,
-                            "quic",
-                            QuicDialer::new(tls, server_name, limits)?,
-                            limits,
-                        )),
-                        ClientTransport::Tls => Link::Tls(PeerLink::new(
-                            peer,
-                            "tls",
-                            TlsDialer::new(tls, &server_name, limits)?,
-                            limits,
-                        )),
-                    });
+                    links.push(makes.make(peer)?);
                     links.len() - 1
                 }
             };
             listeners.push(Listener {
                 socket: bind_tcp(spec.addr)?,
-                route: spec.route.clone(),
+                spec,
                 link,
             });
         }
@@ -134,8 +174,9 @@ impl Client {
             links,
             settings,
             certs,
-            alpn,
+            makes,
             reload: Reload::default(),
+            relisten: mpsc::unbounded_channel(),
         })
     }
 
@@ -143,6 +184,11 @@ impl Client {
     /// then on use them.
     pub fn reload(&self) -> Reload {
         self.reload.clone()
+    }
+
+    /// Replaces the listeners of the running client (a reloaded config file).
+    pub fn listeners(&self) -> Listeners {
+        Listeners(self.relisten.0.clone())
     }
 
     /// The bound listener addresses, in `--listen` order.
@@ -161,20 +207,54 @@ impl Client {
             links,
             settings,
             certs,
-            alpn,
+            makes,
             reload,
+            relisten: (_, relisten),
         } = self;
         let (stop_tx, stop) = watch::channel(false);
-        let config = (
-            certs.subscribe(alpn).expect("loaded for this ALPN"),
-            certs.trust(),
-        );
+        let watch = (makes.tls.clone(), certs.trust());
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
-            run(links, config, listeners, settings, shutdown).await;
+            run(links, watch, listeners, makes, settings, relisten, shutdown).await;
             let _ = stop_tx.send(true);
         };
         tokio::join!(certs, serving);
+    }
+}
+
+/// Replaces a running client's listeners.
+#[derive(Clone)]
+pub struct Listeners(mpsc::UnboundedSender<Relisten>);
+
+/// A replacement of the listeners, and where its outcome goes.
+struct Relisten {
+    listens: Vec<ListenerSpec>,
+    peer: Option<PeerSpec>,
+    done: oneshot::Sender<Result<usize, EngineError>>,
+}
+
+impl Listeners {
+    /// Swaps in `listens` (`peer` serving those without one of their own): new listeners are
+    /// bound, removed ones stop accepting (their app connections go on), and one whose route
+    /// or peer changed keeps its socket and sends new connections to the new target. All or
+    /// nothing: if a new listener cannot be bound, nothing changes. A peer no listener uses
+    /// any more is let go once its app connections end (within the drain timeout). Logs each
+    /// listener added, removed or changed; returns how many.
+    pub async fn replace(
+        &self,
+        listens: Vec<ListenerSpec>,
+        peer: Option<PeerSpec>,
+    ) -> Result<usize, EngineError> {
+        let (done, outcome) = oneshot::channel();
+        let stopped = || EngineError::Config("the client has stopped".into());
+        self.0
+            .send(Relisten {
+                listens,
+                peer,
+                done,
+            })
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 }
 
@@ -284,6 +364,15 @@ impl<D: Dialer> PeerLink<D> {
         let tunnels = self.pool.live.send_replace(Vec::new());
         join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
     }
+
+    /// Once its supervisors stopped: closes every pooled connection when the app connections
+    /// on it have ended, or at `drain_timeout`.
+    async fn retire(&self, drain_timeout: Duration) {
+        let tunnels = self.pool.live.borrow().clone();
+        let carried = join_all(tunnels.iter().map(|(_, pooled)| pooled.carried.settled()));
+        let _ = tokio::time::timeout(drain_timeout, carried).await;
+        self.close().await;
+    }
 }
 
 /// A peer's link, whatever its transport: what listeners hold, so that they can route to
@@ -338,6 +427,11 @@ impl Link {
 
     async fn close(&self) {
         with_link!(self, link => link.close().await)
+    }
+
+    /// Lets the peer go (see [`PeerLink::retire`]).
+    async fn retire(self, drain_timeout: Duration) {
+        with_link!(self, link => link.retire(drain_timeout).await)
     }
 }
 
@@ -446,80 +540,256 @@ type CertsWatch = (
     watch::Receiver<u64>,
 );
 
-async fn run(
-    links: Vec<Link>,
+/// Where a listener's new connections go: the route they ask for, over which link.
+struct Target {
+    route: RouteName,
+    link: Link,
+}
+
+/// What every listener's accept loop shares.
+struct Accepting {
+    live: TaskTracker,
+    slots: Arc<Semaphore>,
+    throttle: LogThrottle,
+    tunnel_wait: Duration,
+    max_connections: usize,
+}
+
+/// A link in service, and what stops its supervisors.
+struct RunningLink {
+    link: Link,
+    stop: watch::Sender<bool>,
+}
+
+/// A listener in service: what it was configured as, where its connections go, and what stops
+/// its accept loop.
+struct RunningListener {
+    spec: ListenerSpec,
+    target: Arc<ArcSwap<Target>>,
+    stop: watch::Sender<bool>,
+}
+
+/// The links and listeners in service, changed by a [`Relisten`].
+struct Running {
+    links: Vec<RunningLink>,
+    listeners: Vec<RunningListener>,
+    accepting: Arc<Accepting>,
     certs: CertsWatch,
-    listeners: Vec<Listener>,
-    settings: ClientSettings,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop_tx, stop) = watch::channel(false);
-    let live = TaskTracker::new();
-    let supervisors = TaskTracker::new();
-    for link in &links {
-        link.supervise(settings.connections.max(1), &certs, &stop, &supervisors);
+    connections: usize,
+    drain_timeout: Duration,
+    supervisors: TaskTracker,
+}
+
+impl Running {
+    fn start_link(&mut self, link: Link) {
+        let (stop, stopped) = watch::channel(false);
+        link.supervise(self.connections, &self.certs, &stopped, &self.supervisors);
+        self.links.push(RunningLink { link, stop });
     }
-    for Listener {
-        socket,
-        route,
-        link,
-    } in &listeners
-    {
-        let (peer, transport) = (links[*link].name(), links[*link].transport());
+
+    fn start_listener(&mut self, socket: TcpListener, spec: ListenerSpec, link: Link) {
+        let (stop, stopped) = watch::channel(false);
         if let Ok(addr) = socket.local_addr() {
-            info!(listen = %addr, %route, %peer, transport, "amb client listening");
+            info!(listen = %addr, route = %spec.route, peer = %link.name(), transport = link.transport(), "amb client listening");
         }
-    }
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let throttle = Arc::new(LogThrottle::default());
-    let accept_all = listeners.into_iter().map(|listener| {
-        let Listener {
-            socket: listener,
-            route,
+        let target = Arc::new(ArcSwap::from_pointee(Target {
+            route: spec.route.clone(),
             link,
-        } = listener;
-        let (link, live, mut stop) = (links[link].clone(), live.clone(), stop.clone());
-        let (slots, throttle) = (slots.clone(), throttle.clone());
-        let (wait, max) = (settings.tunnel_wait, settings.max_connections);
-        async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = stop.wait_for(|s| *s) => return,
-                };
-                match accepted {
-                    Ok((tcp, app)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            if let Some(suppressed) = throttle.allow() {
-                                warn!(%app, %route, suppressed, "at --max-connections {max}: resetting the new app connection");
-                            }
-                            reset_tcp(tcp);
-                            continue;
-                        };
-                        let (link, route) = (link.clone(), route.clone());
-                        live.spawn(async move {
-                            link.carry(tcp, app, route, wait).await;
-                            drop(slot);
-                        });
+        }));
+        tokio::spawn(accept(
+            socket,
+            target.clone(),
+            stopped,
+            self.accepting.clone(),
+        ));
+        self.listeners.push(RunningListener { spec, target, stop });
+    }
+
+    fn link_to(&self, peer: &PeerSpec) -> Option<&Link> {
+        self.links
+            .iter()
+            .map(|l| &l.link)
+            .find(|l| l.peer() == peer)
+    }
+
+    /// Applies a replacement of the listeners (see [`Listeners::replace`]).
+    fn relisten(
+        &mut self,
+        makes: &LinkMaker,
+        listens: Vec<ListenerSpec>,
+        peer: Option<&PeerSpec>,
+    ) -> Result<usize, EngineError> {
+        let listens = with_peers(listens, peer)?;
+        let running: Vec<ListenerSpec> = self.listeners.iter().map(|l| l.spec.clone()).collect();
+        let changes = diff_listeners(&running, &listens);
+        // Everything that can fail first: the links to new peers, the new sockets.
+        let mut new_links: Vec<Link> = Vec::new();
+        let mut sockets = Vec::new();
+        for change in &changes {
+            let spec = match change {
+                ListenerChange::Added(spec) => {
+                    sockets.push(bind_tcp(spec.addr)?);
+                    spec
+                }
+                ListenerChange::Changed { new, .. } => new,
+                ListenerChange::Removed(_) => continue,
+            };
+            let peer = spec.peer.as_ref().expect("filled in by with_peers");
+            if self.link_to(peer).is_none() && !new_links.iter().any(|l| l.peer() == peer) {
+                new_links.push(makes.make(peer)?);
+            }
+        }
+        for link in new_links {
+            info!(peer = %link.name(), transport = link.transport(), "new peer: connecting");
+            self.start_link(link);
+        }
+        let mut sockets = sockets.into_iter();
+        for change in &changes {
+            match change {
+                ListenerChange::Added(spec) => {
+                    let peer = spec.peer.as_ref().expect("filled in by with_peers");
+                    let link = self.link_to(peer).expect("started above").clone();
+                    let socket = sockets.next().expect("bound above");
+                    self.start_listener(socket, spec.clone(), link);
+                }
+                ListenerChange::Removed(spec) => {
+                    if let Some(i) = self.listeners.iter().position(|l| l.spec == *spec) {
+                        let gone = self.listeners.swap_remove(i);
+                        let _ = gone.stop.send(true);
+                        info!(listen = %spec.addr, route = %spec.route, "listener removed; its app connections go on");
                     }
-                    Err(e) => {
-                        // Typically out of descriptors: log at a limited rate and back off
-                        // instead of spinning on an accept that keeps failing.
-                        if let Some(suppressed) = throttle.allow() {
-                            warn!(listen = ?listener.local_addr().ok(), suppressed, "accept failed: {e}");
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                ListenerChange::Changed { old, new } => {
+                    let peer = new.peer.as_ref().expect("filled in by with_peers");
+                    let link = self.link_to(peer).expect("started above").clone();
+                    if let Some(running) = self.listeners.iter_mut().find(|l| l.spec == *old) {
+                        info!(listen = %new.addr, route = %new.route, peer = %link.name(), "listener changed; new app connections follow it");
+                        running.target.store(Arc::new(Target {
+                            route: new.route.clone(),
+                            link,
+                        }));
+                        running.spec = new.clone();
                     }
                 }
             }
         }
-    });
-    let accept_all = join_all(accept_all);
-    tokio::select! {
-        _ = accept_all => {}
-        _ = shutdown => {}
+        self.retire_unused_links();
+        Ok(changes.len())
     }
-    let _ = stop_tx.send(true);
+
+    /// Stops the links no listener uses: no more dials; their tunnel connections close once
+    /// the app connections on them end, or at the drain timeout.
+    fn retire_unused_links(&mut self) {
+        let listeners = &self.listeners;
+        let (used, unused): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|running| {
+                listeners
+                    .iter()
+                    .any(|l| l.spec.peer.as_ref() == Some(running.link.peer()))
+            });
+        self.links = used;
+        for RunningLink { link, stop } in unused {
+            let _ = stop.send(true);
+            info!(peer = %link.name(), transport = link.transport(), "no listener uses the peer any more: letting it go once its app connections end");
+            tokio::spawn(link.retire(self.drain_timeout));
+        }
+    }
+
+    /// Stops every accept loop and supervisor.
+    fn stop(&self) {
+        for listener in &self.listeners {
+            let _ = listener.stop.send(true);
+        }
+        for link in &self.links {
+            let _ = link.stop.send(true);
+        }
+    }
+}
+
+/// One listener's accept loop, until `stop`.
+async fn accept(
+    listener: TcpListener,
+    target: Arc<ArcSwap<Target>>,
+    mut stop: watch::Receiver<bool>,
+    shared: Arc<Accepting>,
+) {
+    let (wait, max) = (shared.tunnel_wait, shared.max_connections);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((tcp, app)) => {
+                let target = target.load();
+                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+                    if let Some(suppressed) = shared.throttle.allow() {
+                        warn!(%app, route = %target.route, suppressed, "at --max-connections {max}: resetting the new app connection");
+                    }
+                    reset_tcp(tcp);
+                    continue;
+                };
+                let (link, route) = (target.link.clone(), target.route.clone());
+                shared.live.spawn(async move {
+                    link.carry(tcp, app, route, wait).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                // Typically out of descriptors: log at a limited rate and back off instead of
+                // spinning on an accept that keeps failing.
+                if let Some(suppressed) = shared.throttle.allow() {
+                    warn!(listen = ?listener.local_addr().ok(), suppressed, "accept failed: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn run(
+    links: Vec<Link>,
+    certs: CertsWatch,
+    listeners: Vec<Listener>,
+    makes: LinkMaker,
+    settings: ClientSettings,
+    mut relisten: mpsc::UnboundedReceiver<Relisten>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let accepting = Arc::new(Accepting {
+        live: TaskTracker::new(),
+        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        throttle: LogThrottle::default(),
+        tunnel_wait: settings.tunnel_wait,
+        max_connections: settings.max_connections,
+    });
+    let mut running = Running {
+        links: Vec::new(),
+        listeners: Vec::new(),
+        accepting: accepting.clone(),
+        certs,
+        connections: settings.connections.max(1),
+        drain_timeout: settings.limits.drain_timeout,
+        supervisors: TaskTracker::new(),
+    };
+    for link in &links {
+        running.start_link(link.clone());
+    }
+    for Listener { socket, spec, link } in listeners {
+        running.start_listener(socket, spec, links[link].clone());
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(Relisten { listens, peer, done }) = relisten.recv() => {
+                let _ = done.send(running.relisten(&makes, listens, peer.as_ref()));
+            }
+        }
+    }
+    running.stop();
+    let live = &accepting.live;
     live.close();
     info!(live_connections = live.len(), drain = ?settings.limits.drain_timeout, "shutting down: no new connections");
     if tokio::time::timeout(settings.limits.drain_timeout, live.wait())
@@ -531,8 +801,8 @@ async fn run(
             "drain timeout reached; closing live connections"
         );
     }
-    supervisors.close();
-    join_all(links.iter().map(Link::close)).await;
+    running.supervisors.close();
+    join_all(running.links.iter().map(|l| l.link.close())).await;
     info!("amb client stopped");
 }
 

@@ -16,7 +16,7 @@ mod tally;
 mod throttle;
 mod upstream;
 
-pub use client::{Client, ClientSettings, ClientTransport};
+pub use client::{Client, ClientSettings, ClientTransport, Listeners};
 pub use endpoints::UpstreamStream;
 pub use reload::Reload;
 pub use server::{Routes, Server, ServerSettings, ServerTransports};

@@ -341,9 +341,13 @@ async fn finish_drain(ctx: Arc<ConnCtx>, announced: impl Future<Output = ()>, ca
 /// admitted under what no longer holds.
 async fn cut_off_after(ctx: Arc<ConnCtx>, cause: DrainCause, after: Duration) {
     tokio::time::sleep(after).await;
+    let what = match cause {
+        DrainCause::TrustChanged => "the trusted CAs changed",
+        _ => "a new configuration revoked the peer's access",
+    };
     ctx.close(
         Close::DrainTimedOut(cause),
-        format_args!("still open {after:?} after the drain: {}", cause.reason()),
+        format_args!("still open {after:?} after {what}"),
     );
 }
 

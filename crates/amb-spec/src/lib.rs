@@ -9,7 +9,7 @@ mod route;
 mod upstream;
 
 pub use host_port::HostPort;
-pub use listener::{ListenerSpec, ListenerSpecError};
+pub use listener::{diff_listeners, ListenerChange, ListenerSpec, ListenerSpecError};
 pub use peer::{PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};

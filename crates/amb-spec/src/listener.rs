@@ -57,9 +57,102 @@ impl FromStr for ListenerSpec {
     }
 }
 
+/// How a client's listeners differ between two configurations ([`diff_listeners`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerChange {
+    /// Only in the new configuration: bind it.
+    Added(ListenerSpec),
+    /// Only in the old: stop accepting there.
+    Removed(ListenerSpec),
+    /// The same address, now with another route or peer: the socket stays, new connections
+    /// take the new target.
+    Changed {
+        /// As it was.
+        old: ListenerSpec,
+        /// As it is to be.
+        new: ListenerSpec,
+    },
+}
+
+/// What changes from `old` to `new`. A listener on a fixed port is the same listener while
+/// its address is; one on port 0 (a port the system picks) is matched only by an equal spec,
+/// since nothing else names it.
+pub fn diff_listeners(old: &[ListenerSpec], new: &[ListenerSpec]) -> Vec<ListenerChange> {
+    let mut unmatched: Vec<&ListenerSpec> = new.iter().collect();
+    let mut changes = Vec::new();
+    for was in old {
+        let same = |now: &&ListenerSpec| {
+            if was.addr.port() == 0 {
+                *now == was
+            } else {
+                now.addr == was.addr
+            }
+        };
+        match unmatched.iter().position(same) {
+            Some(i) => {
+                let now = unmatched.swap_remove(i);
+                if now != was {
+                    changes.push(ListenerChange::Changed {
+                        old: was.clone(),
+                        new: now.clone(),
+                    });
+                }
+            }
+            None => changes.push(ListenerChange::Removed(was.clone())),
+        }
+    }
+    // In the order the new configuration gives them.
+    let added = new
+        .iter()
+        .filter(|spec| unmatched.iter().any(|u| std::ptr::eq(*u, *spec)));
+    changes.extend(added.cloned().map(ListenerChange::Added));
+    changes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listener(spec: &str, peer: Option<&str>) -> ListenerSpec {
+        ListenerSpec {
+            peer: peer.map(|p| p.parse().unwrap()),
+            ..spec.parse().unwrap()
+        }
+    }
+
+    #[test]
+    fn listeners_are_matched_by_address_and_port_zero_ones_by_all_they_say() {
+        let old = [
+            listener("6379=redis", None),
+            listener("5432=pg", None),
+            listener("8080=web", None),
+            listener("0=a", None),
+            listener("0=a", None),
+            listener("0=b", None),
+        ];
+        let new = [
+            listener("6379=redis", None),
+            listener("5432=pg", Some("db:7443")),
+            listener("9000=api", None),
+            listener("0=a", None),
+            listener("0=c", None),
+        ];
+        assert_eq!(
+            diff_listeners(&old, &new),
+            [
+                ListenerChange::Changed {
+                    old: old[1].clone(),
+                    new: new[1].clone()
+                },
+                ListenerChange::Removed(old[2].clone()),
+                ListenerChange::Removed(old[4].clone()),
+                ListenerChange::Removed(old[5].clone()),
+                ListenerChange::Added(new[2].clone()),
+                ListenerChange::Added(new[4].clone()),
+            ]
+        );
+        assert!(diff_listeners(&new, &new).is_empty());
+    }
 
     #[test]
     fn bare_port_is_loopback_and_default_route() {
