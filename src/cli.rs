@@ -1,6 +1,6 @@
 //! Command-line parsing and wiring: each subcommand turns flags into engine settings.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use amb_engine::{
@@ -60,13 +60,9 @@ enum Command {
     Server(ServerArgs),
     /// Run the client ambassador: listen locally and carry connections through the tunnel.
     Client(ClientArgs),
-    /// Check a config file and the certificate files it names without starting anything: one
-    /// line per problem, exit 1 on any error.
-    Check {
-        /// The config file (TOML).
-        #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
-        config: PathBuf,
-    },
+    /// Check a config file (or the flags of `amb check server|client ...`) and the certificate
+    /// files it names without starting anything: one line per problem, exit 1 on any error.
+    Check(CheckArgs),
     /// Run what a config file holds: its [server] and [client] parts, in one process.
     Run {
         /// The config file (TOML).
@@ -127,6 +123,35 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// What `amb check` checks.
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The config file (TOML): each part it holds.
+    #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Also dial each configured peer once (a real handshake, reporting what the peer
+    /// presented) and each route's upstream.
+    #[arg(long, global = true)]
+    connect: bool,
+    #[command(subcommand)]
+    part: Option<CheckPart>,
+}
+
+/// One part, configured by the flags (and `--config`) its own command takes.
+#[derive(Subcommand, Debug)]
+enum CheckPart {
+    /// What `amb server` with these flags would run.
+    Server(ServerArgs),
+    /// What `amb client` with these flags would run.
+    Client(ClientArgs),
+}
+
+/// The settings of one part, resolved as its command resolves them.
+enum PartSettings {
+    Server(ServerSettings),
+    Client(ClientSettings),
 }
 
 /// Certificate flags shared by client and server.
@@ -445,7 +470,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 });
             runtime(args.threads)?.block_on(run_client(settings, config))
         }
-        Command::Check { config } => check(&config),
+        Command::Check(check_args) => check(check_args, matches),
         Command::Run { config } => {
             let file = ConfigFile::load(&config)?;
             let path = config.display().to_string();
@@ -566,34 +591,77 @@ fn run_certs(cmd: CertsCommand) -> anyhow::Result<()> {
 
 /// `amb check`: the file as `amb run` would read it, then each part's certificate files as a
 /// handshake would verify them. Findings go to stdout, one line each.
-fn check(config: &Path) -> anyhow::Result<()> {
-    let file = ConfigFile::load(config)?;
-    let path = config.display().to_string();
+/// `amb check`: the parts a config file holds, or the one its subcommand's flags describe.
+fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let flags = matches.subcommand_matches("check");
+    let given = |part: &str| Given(flags.and_then(|m| m.subcommand_matches(part)));
+    let config_flag =
+        flags.and_then(|m| m.value_source("config")) == Some(ValueSource::CommandLine);
+    if args.part.is_some() && config_flag {
+        bail!(
+            "--config goes after `server` or `client` there (amb check client --config FILE ...)"
+        );
+    }
+    let (what, parts) = match args.part {
+        Some(CheckPart::Server(server)) => (
+            "amb server".to_owned(),
+            vec![(
+                "server",
+                server_settings(server, &given("server")).map(PartSettings::Server),
+            )],
+        ),
+        Some(CheckPart::Client(client)) => (
+            "amb client".to_owned(),
+            vec![(
+                "client",
+                client_settings(client, &given("client")).map(PartSettings::Client),
+            )],
+        ),
+        None => {
+            let Some(config) = args.config else {
+                bail!("give --config FILE, or `amb check server|client` with that command's flags");
+            };
+            let file = ConfigFile::load(&config)?;
+            let path = config.display().to_string();
+            let mut parts = Vec::new();
+            if file.server.is_some() {
+                let settings = server_settings(part_args("server", &path)?, &Given(None));
+                parts.push(("server", settings.map(PartSettings::Server)));
+            }
+            if file.client.is_some() {
+                let settings = client_settings(part_args("client", &path)?, &Given(None));
+                parts.push(("client", settings.map(PartSettings::Client)));
+            }
+            if parts.is_empty() {
+                bail!("{path}: neither a [server] nor a [client] part: nothing to check");
+            }
+            (path, parts)
+        }
+    };
     let mut findings = Vec::new();
-    if file.server.is_some() {
-        match server_settings(part_args("server", &path)?, &Given(None)) {
-            Ok(settings) => {
-                findings.extend(amb_pki::check_files(&settings.tls, LeafRole::Server, &[]))
+    let mut settings = Vec::new();
+    for (part, resolved) in parts {
+        match resolved {
+            Ok(PartSettings::Server(s)) => {
+                findings.extend(amb_pki::check_files(&s.tls, LeafRole::Server, &[]));
+                settings.push(PartSettings::Server(s));
+            }
+            Ok(PartSettings::Client(c)) => {
+                findings.extend(amb_pki::check_files(&c.tls, LeafRole::Client, &[]));
+                settings.push(PartSettings::Client(c));
             }
             Err(e) => findings.push(Finding {
                 severity: Severity::Error,
-                message: format!("[server]: {e:#}"),
+                message: format!("[{part}]: {e:#}"),
             }),
         }
     }
-    if file.client.is_some() {
-        match client_settings(part_args("client", &path)?, &Given(None)) {
-            Ok(settings) => {
-                findings.extend(amb_pki::check_files(&settings.tls, LeafRole::Client, &[]))
-            }
-            Err(e) => findings.push(Finding {
-                severity: Severity::Error,
-                message: format!("[client]: {e:#}"),
-            }),
+    let files_ok = findings.iter().all(|f| f.severity != Severity::Error);
+    if args.connect && files_ok {
+        let runtime = runtime(None)?;
+        for part in &settings {
+            findings.extend(runtime.block_on(connect(part))?);
         }
-    }
-    if file.server.is_none() && file.client.is_none() {
-        bail!("{path}: neither a [server] nor a [client] part: nothing to check");
     }
     for finding in &findings {
         println!("{finding}");
@@ -603,10 +671,54 @@ fn check(config: &Path) -> anyhow::Result<()> {
         .filter(|f| f.severity == Severity::Error)
         .count();
     if errors > 0 {
-        bail!("{path}: {errors} error(s)");
+        bail!("{what}: {errors} error(s)");
     }
-    println!("ok: {path} ({} warning(s))", findings.len());
+    println!("ok: {what} ({} warning(s))", findings.len());
     Ok(())
+}
+
+/// `amb check --connect` for one part: a client's peers, each dialed once (what answered is
+/// printed); a server's upstreams, each dialed once. Returns a finding per failure.
+async fn connect(part: &PartSettings) -> anyhow::Result<Vec<Finding>> {
+    let failed = |message: String| Finding {
+        severity: Severity::Error,
+        message,
+    };
+    let mut findings = Vec::new();
+    match part {
+        PartSettings::Client(settings) => {
+            for probe in amb_engine::probe_peers(settings).await? {
+                let (peer, transport) = (&probe.peer, probe.transport);
+                match probe.outcome {
+                    Ok((addr, presented)) => {
+                        let presented = presented
+                            .as_ref()
+                            .map(amb_pki::describe_certificate)
+                            .unwrap_or_else(|| "no certificate".to_owned());
+                        println!("ok: peer {peer} ({transport}) at {addr}: handshake passed; presented {presented}");
+                    }
+                    Err(why) => findings.push(failed(format!(
+                        "peer {peer} ({transport}): no handshake passed: {why}"
+                    ))),
+                }
+            }
+        }
+        PartSettings::Server(settings) => {
+            let probes = amb_engine::probe_upstreams(&settings.routes, settings.connect_timeout);
+            for probe in probes.await {
+                let (route, upstream) = (&probe.route, &probe.upstream);
+                match probe.outcome {
+                    Ok(()) => {
+                        println!("ok: route {route}: upstream {upstream} accepted a connection")
+                    }
+                    Err(why) => findings.push(failed(format!(
+                        "route {route}: upstream {upstream} did not accept a connection: {why}"
+                    ))),
+                }
+            }
+        }
+    }
+    Ok(findings)
 }
 
 /// The arguments of `amb SUBCOMMAND --config FILE` with nothing else given, for `amb run`: the

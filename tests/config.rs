@@ -20,6 +20,7 @@ per_transport!(
     a_sighup_swaps_in_the_routes_of_the_rewritten_file,
     reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revoked,
     a_client_follows_its_file_as_listeners_come_go_and_change,
+    amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered,
 );
 
 /// `[server]` with explicit certificate paths, listening on a free loopback port.
@@ -177,9 +178,14 @@ async fn amb_run_serves_both_parts_of_one_file_in_one_process() {
 
 /// Runs `amb check --config FILE`; returns (success, stdout and stderr).
 fn check(path: &std::path::Path) -> (bool, String) {
+    check_with(vec!["--config".into(), path.display().to_string()])
+}
+
+/// Runs `amb check ARGS`; returns (success, stdout and stderr).
+fn check_with(args: Vec<String>) -> (bool, String) {
     let out = Command::new(AMB)
-        .args(["check", "--config"])
-        .arg(path)
+        .arg("check")
+        .args(args)
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
@@ -564,4 +570,124 @@ async fn a_client_follows_its_file_as_listeners_come_go_and_change(t: Transport)
         [1, 1, 2, 1],
         "each connection reached the upstream its listener named at the time"
     );
+}
+
+async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t: Transport) {
+    let pki = Pki::new();
+    let up = Upstream::echo().await;
+    let server = Amb::server(&pki, 0, &["--upstream", &up.addr.to_string()]);
+    let (port, dead) = (server.server_addr().port(), free_port());
+    let certs = |pki: &Pki, leaf: &str| {
+        format!(
+            "cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            pki.path(&format!("{leaf}.pem")).display(),
+            pki.path(&format!("{leaf}.key")).display(),
+            pki.path("ca.pem").display()
+        )
+    };
+    // One listener to the live server, one to a port nothing answers on.
+    let file = pki.path("client.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[client]\npeer = \"localhost:{port}\"\ntransport = \"{}\"\nhandshake-timeout = \"2s\"\n{}\n\
+             [[client.listen]]\nlisten = \"0\"\n\n\
+             [[client.listen]]\nlisten = \"0\"\nroute = \"x\"\npeer = \"localhost:{dead}\"\n",
+            t.flag(),
+            certs(&pki, "client")
+        ),
+    )
+    .unwrap();
+    let args = vec![
+        "--config".into(),
+        file.display().to_string(),
+        "--connect".into(),
+    ];
+    let (ok, out) = blocking(move || check_with(args)).await;
+    assert!(!ok, "{out}");
+    let live = format!("ok: peer localhost:{port} ({}) at 127.0.0.1:{port}: handshake passed; presented dns:localhost", t.flag());
+    assert!(out.contains(&live), "{out}");
+    assert!(
+        out.contains(&format!(
+            "error: peer localhost:{dead} ({}): no handshake passed",
+            t.flag()
+        )),
+        "{out}"
+    );
+
+    // The same through `amb check client` and its flags: the live peer alone passes.
+    let mut flags: Vec<String> = [
+        "client",
+        "--listen",
+        "0",
+        "--transport",
+        t.flag(),
+        "--connect",
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.extend(["--peer".into(), format!("localhost:{port}")]);
+    flags.extend(pki.cert_flags("client"));
+    let (ok, out) = blocking(move || check_with(flags)).await;
+    assert!(ok && out.contains(&live), "{out}");
+
+    // A client certificate of another CA (which the client trusts too, so its files check
+    // out): the server turns it away at the handshake, and the check says so.
+    let stranger = Pki::new();
+    let both_cas = std::fs::read_to_string(pki.path("ca.pem")).unwrap()
+        + &std::fs::read_to_string(stranger.path("ca.pem")).unwrap();
+    std::fs::write(stranger.path("both-cas.pem"), both_cas).unwrap();
+    let mut flags: Vec<String> = [
+        "client",
+        "--listen",
+        "0",
+        "--transport",
+        t.flag(),
+        "--connect",
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.extend([
+        "--peer".into(),
+        format!("localhost:{port}"),
+        "--handshake-timeout".into(),
+        "2s".into(),
+    ]);
+    flags.extend(
+        ["--cert", "--key"]
+            .into_iter()
+            .zip(["client.pem", "client.key"])
+            .flat_map(|(flag, leaf)| [flag.to_owned(), stranger.path(leaf).display().to_string()]),
+    );
+    flags.extend([
+        "--ca".into(),
+        stranger.path("both-cas.pem").display().to_string(),
+    ]);
+    let (ok, out) = blocking(move || check_with(flags)).await;
+    assert!(!ok && out.contains("no handshake passed"), "{out}");
+
+    // A server's upstreams: each dialed once.
+    let mut flags: Vec<String> = vec!["server".into(), "--upstream".into(), up.addr.to_string()];
+    flags.extend([
+        "--route".into(),
+        format!("gone=127.0.0.1:{dead}"),
+        "--connect".into(),
+    ]);
+    flags.extend(pki.cert_flags("server"));
+    let (ok, out) = blocking(move || check_with(flags)).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "ok: route default: upstream {} accepted a connection",
+            up.addr
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "error: route gone: upstream 127.0.0.1:{dead} did not accept a connection"
+        )),
+        "{out}"
+    );
+    assert_eq!(up.accepted(), 1, "the upstream was dialed once");
 }

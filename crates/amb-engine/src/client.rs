@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_pki::TlsFiles;
+use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
 use amb_spec::{diff_listeners, ListenerChange, ListenerSpec, PeerSpec};
@@ -222,6 +222,53 @@ impl Client {
     }
 }
 
+/// One handshake with a configured peer, as `amb check --connect` reports it.
+#[derive(Debug)]
+pub struct PeerProbe {
+    /// The peer as configured.
+    pub peer: String,
+    /// The transport dialed.
+    pub transport: &'static str,
+    /// The address that answered and the certificate it presented, or why none did.
+    pub outcome: Result<(String, Option<CertificateDer<'static>>), String>,
+}
+
+/// Dials each peer `settings` name once, with its certificates, transport and server names,
+/// and closes again; binds nothing. A handshake passed means the peer's certificate verified
+/// and the peer accepted this client's. Must be called within a Tokio runtime.
+pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, EngineError> {
+    let listens = with_peers(settings.listens.clone(), settings.peer.as_ref())?;
+    let alpn = match settings.transport {
+        ClientTransport::Quic => ALPN_QUIC,
+        ClientTransport::Tls => ALPN_H2,
+    };
+    let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
+    let makes = LinkMaker {
+        transport: settings.transport,
+        server_name: settings.server_name.clone(),
+        tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
+        limits: settings.limits,
+    };
+    let mut peers: Vec<&PeerSpec> = Vec::new();
+    for peer in listens.iter().filter_map(|l| l.peer.as_ref()) {
+        if !peers.contains(&peer) {
+            peers.push(peer);
+        }
+    }
+    let links = peers
+        .into_iter()
+        .map(|peer| makes.make(peer))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(join_all(links.iter().map(|link| async move {
+        PeerProbe {
+            peer: link.name().to_owned(),
+            transport: link.transport(),
+            outcome: link.probe().await,
+        }
+    }))
+    .await)
+}
+
 /// Replaces a running client's listeners.
 #[derive(Clone)]
 pub struct Listeners(mpsc::UnboundedSender<Relisten>);
@@ -340,6 +387,11 @@ impl<D: Dialer> PeerLink<D> {
     /// Dials a tunnel connection: the peer's addresses come from its source, in this dial's
     /// turn, raced after Happy Eyeballs within the handshake timeout.
     async fn dial(&self) -> Result<D::Tunnel, DialError<String>> {
+        self.dial_at().await.map(|(tunnel, _)| tunnel)
+    }
+
+    /// [`dial`](Self::dial), also saying which address answered.
+    async fn dial_at(&self) -> Result<(D::Tunnel, Endpoint), DialError<String>> {
         let (peer, transport, dialer) = (&self.name, self.transport, &self.dialer);
         let waiting = AtomicBool::new(false);
         let limit = Some(self.limits.handshake_timeout);
@@ -356,7 +408,7 @@ impl<D: Dialer> PeerLink<D> {
             let others = &won.passed_over;
             warn!(%peer, transport, addr = %won.addr, "dialed a later address of the peer; passed over {others}");
         }
-        Ok(won.value)
+        Ok((won.value, won.addr))
     }
 
     /// Closes every pooled connection (at shutdown, after the drain).
@@ -427,6 +479,16 @@ impl Link {
 
     async fn close(&self) {
         with_link!(self, link => link.close().await)
+    }
+
+    /// One tunnel connection, dialed and closed again: what answered and what it presented.
+    async fn probe(&self) -> Result<(String, Option<CertificateDer<'static>>), String> {
+        with_link!(self, link => {
+            let (tunnel, addr) = link.dial_at().await.map_err(|e| e.to_string())?;
+            let presented = tunnel.peer_certificate();
+            tunnel.close().await;
+            Ok((addr.to_string(), presented))
+        })
     }
 
     /// Lets the peer go (see [`PeerLink::retire`]).

@@ -16,10 +16,12 @@ mod tally;
 mod throttle;
 mod upstream;
 
-pub use client::{Client, ClientSettings, ClientTransport, Listeners};
+pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners, PeerProbe};
 pub use endpoints::UpstreamStream;
 pub use reload::Reload;
-pub use server::{Routes, Server, ServerSettings, ServerTransports};
+pub use server::{
+    probe_upstreams, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,
+};
 pub use upstream::Upstream;
 
 use std::net::SocketAddr;

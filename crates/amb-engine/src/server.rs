@@ -246,6 +246,38 @@ impl Server {
     }
 }
 
+/// One dial of a route's upstream, as `amb check --connect` reports it.
+#[derive(Debug)]
+pub struct UpstreamProbe {
+    /// The route.
+    pub route: RouteName,
+    /// Its upstream as configured.
+    pub upstream: String,
+    /// `Err` with why the dial failed.
+    pub outcome: Result<(), String>,
+}
+
+/// Dials each route's upstream once (64 at a time, each within `timeout`) and closes again.
+/// Must be called within a Tokio runtime.
+pub async fn probe_upstreams(
+    routes: &RouteTable<UpstreamSpec>,
+    timeout: Duration,
+) -> Vec<UpstreamProbe> {
+    use futures_util::stream::{self, StreamExt};
+    let probes = routes.iter().map(|(route, spec)| async move {
+        let outcome = match Upstream::new(spec).dial(timeout).await {
+            Ok(_) => Ok(()),
+            Err(failure) => Err(format!("{}: {}", failure.refusal, failure.detail)),
+        };
+        UpstreamProbe {
+            route: route.clone(),
+            upstream: spec.to_string(),
+            outcome,
+        }
+    });
+    stream::iter(probes).buffered(64).collect().await
+}
+
 /// Replaces a running server's routes and allow-lists.
 #[derive(Clone)]
 pub struct Routes(Arc<Context>);

@@ -151,6 +151,21 @@ fn role_name(role: LeafRole) -> &'static str {
     }
 }
 
+/// What a certificate says of itself, for a report: its typed SANs and its expiry, e.g.
+/// `dns:big-server, uri:spiffe://amb/server; expires in 364 day(s)`.
+pub fn describe_certificate(cert: &CertificateDer<'_>) -> String {
+    let identity = crate::peer_identity(cert);
+    let names = match identity.to_string() {
+        none if none.is_empty() => "no SANs".to_owned(),
+        names => names,
+    };
+    match days_left(cert) {
+        Some(days) if days < 0 => format!("{names}; expired {} day(s) ago", -days),
+        Some(days) => format!("{names}; expires in {days} day(s)"),
+        None => format!("{names}; not a parsable X.509 certificate"),
+    }
+}
+
 /// Whole days until `cert` expires (negative once expired).
 fn days_left(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = X509Certificate::from_der(cert).ok()?;

@@ -111,6 +111,17 @@ pub struct QuicTunnel {
     endpoint: Endpoint,
 }
 
+impl QuicTunnel {
+    /// The certificate the server presented (and that verified).
+    pub fn peer_certificate(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        let chain = self.conn.peer_identity()?;
+        let chain = chain
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        chain.into_iter().next()
+    }
+}
+
 impl Tunnel for QuicTunnel {
     type Send = QuicSend;
     type Recv = QuicRecv;

@@ -54,6 +54,12 @@ impl TlsDialer {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(TlsError::Handshake)?;
+        let peer_certificate = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| leaf.clone().into_owned());
         let (io, flusher) = coalesce(tls);
         let (send_request, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -126,6 +132,7 @@ impl TlsDialer {
                 task,
             })),
             retired: retired_rx,
+            peer_certificate,
         })
     }
 }
@@ -185,6 +192,14 @@ pub struct TlsTunnel {
     /// Taken by [`Tunnel::close`]: no new streams from then on.
     handles: Mutex<Option<Handles>>,
     retired: watch::Receiver<Option<Retirement>>,
+    peer_certificate: Option<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl TlsTunnel {
+    /// The certificate the server presented (and that verified).
+    pub fn peer_certificate(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        self.peer_certificate.clone()
+    }
 }
 
 /// What keeps the connection open for new streams.
