@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use amb_proto::{
     PeerIdentity, Refusal, RefusalBudget, RouteName, ServerConnection, StreamError,
 };
 use futures_util::future::{AbortHandle, Abortable};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::tally::{DrainWatch, StreamEnd, StreamTally};
@@ -119,13 +121,12 @@ impl ConnCtx {
 
     /// Runs `stream` (a stream of `route`) until it ends, or until [`recheck`] cuts it: then
     /// `None`, and the stream is dropped where it stands (its relay resets both sides).
-    async fn run_revocable<F: Future>(&self, route: &RouteName, stream: F) -> Option<F::Output> {
+    async fn run_revocable<F: Future>(&self, route: RouteName, stream: F) -> Option<F::Output> {
         let (cut, registration) = AbortHandle::new_pair();
         let id = {
             let mut live = self.live();
             let id = live.next_id;
             live.next_id += 1;
-            let route = route.clone();
             live.by_id.insert(
                 id,
                 LiveStream {
@@ -226,16 +227,20 @@ pub(crate) async fn serve_connection<C, A, H, F>(
     let _closing = ClosingOnDrop(ctx.clone());
     debug!(%peer, transport, "tunnel connection up");
     let mut draining = false;
-    let mut reconfigured = drain.reconfigured.clone();
+    // Made once, not once per stream: each would register with (and leave) a channel every
+    // connection shares.
+    let mut reconfigured = Box::pin(next_change(drain.reconfigured.clone()));
+    let mut asked = pin!(drain.asked());
     let end = loop {
         let next = tokio::select! {
             next = conn.next() => next,
-            cause = drain.asked(), if !draining => {
+            cause = &mut asked, if !draining => {
                 draining = true;
                 begin_drain(&mut conn, &ctx, cause, limits.drain_timeout);
                 continue;
             }
-            Ok(()) = reconfigured.changed() => {
+            watch = &mut reconfigured => {
+                reconfigured = Box::pin(next_change(watch));
                 recheck(&ctx, &admission, limits.drain_timeout);
                 if !draining && !admission.admits_peer(&peer.identity) {
                     draining = true;
@@ -261,7 +266,7 @@ pub(crate) async fn serve_connection<C, A, H, F>(
                     let route = incoming.route().clone();
                     let stream = handler(ctx.clone(), incoming);
                     // A stream cut after a reconfiguration is logged by the cut.
-                    if let Some(end) = ctx.run_revocable(&route, stream).await {
+                    if let Some(end) = ctx.run_revocable(route, stream).await {
                         running.ended(end);
                     }
                 }
@@ -298,6 +303,14 @@ pub(crate) async fn serve_connection<C, A, H, F>(
         }
         _ => debug!(%peer, transport, "tunnel connection ended: {}", end.why),
     }
+}
+
+/// Resolves with `watch` at its next change (never, once its sender is gone).
+async fn next_change(mut watch: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if watch.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    watch
 }
 
 /// Tells the peer to open no new streams, and closes the connection once the running ones are
