@@ -7,8 +7,8 @@
         --variant c4=target/release/amb --client-arg c4=--connections=4 --load get
 
 A variant is NAME=BINARY, with extra client and server arguments given per variant
-(--client-arg NAME=ARG, --server-arg NAME=ARG), so two builds, or one build with two settings,
-can be compared. The variants measured in BENCHMARKS.md are patches in `bench/variants/`. Every variant's
+(--client-arg NAME=ARG, --server-arg NAME=ARG, --unix-upstream NAME, --two-upstreams NAME), so
+two builds, or one build with two settings, can be compared. The variants measured in BENCHMARKS.md are patches in `bench/variants/`. Every variant's
 pair is up at once on the same redis-server and iperf3 server; each round runs the load once
 per variant, the order rotated every round, and reads the CPU seconds of both ambassadors
 around each run. The whole-run figures for `bench/run.py` are noisier than a change is large,
@@ -51,7 +51,8 @@ def parse_variant(spec: str) -> dict:
         raise argparse.ArgumentTypeError(f"{spec!r}: write NAME=BINARY")
     if not Path(binary).exists():
         raise argparse.ArgumentTypeError(f"{binary} not found")
-    return {"name": name, "binary": binary, "client": [], "server": [], "unix_upstream": False}
+    return {"name": name, "binary": binary, "client": [], "server": [], "unix_upstream": False,
+            "two_upstreams": False}
 
 
 def named_arg(spec: str) -> tuple[str, str]:
@@ -96,6 +97,7 @@ def use(b: run.Bench, binary: Path, v: dict) -> None:
     b.amb = binary
     b.args.amb_client_arg, b.args.amb_server_arg = v["client"], v["server"]
     b.amb_unix_upstream = v["unix_upstream"]
+    b.amb_two_upstreams = v["two_upstreams"]
 
 
 def main() -> int:
@@ -108,6 +110,8 @@ def main() -> int:
                     help="NAME=ARG: an extra amb server argument for variant NAME (repeatable)")
     ap.add_argument("--unix-upstream", action="append", default=[], metavar="NAME",
                     help="variant NAME's server dials redis over its Unix socket (repeatable)")
+    ap.add_argument("--two-upstreams", action="append", default=[], metavar="NAME",
+                    help="variant NAME's route has two upstreams, redis at 127.0.0.1 and 127.0.0.2 (repeatable)")
     ap.add_argument("--transport", choices=["tls", "quic"], default="tls")
     ap.add_argument("--load", choices=[*LOADS, "iperf", "iperf-r", "idle-mem"], default="get")
     ap.add_argument("--rounds", type=int, default=5)
@@ -122,6 +126,10 @@ def main() -> int:
             if name not in by_name:
                 ap.error(f"--{side}-arg {name}={arg}: no variant named {name}")
             by_name[name][side].append(arg)
+    for name in args.two_upstreams:
+        if name not in by_name:
+            ap.error(f"--two-upstreams {name}: no variant named {name}")
+        by_name[name]["two_upstreams"] = True
     for name in args.unix_upstream:
         if name not in by_name:
             ap.error(f"--unix-upstream {name}: no variant named {name}")

@@ -364,6 +364,9 @@ class Bench:
         # (`bench/ab.py --unix-upstream`: a server ambassador beside its service).
         self.redis_unix = self.work / "redis.sock"
         self.amb_unix_upstream = False
+        # redis also answers on 127.0.0.2; an amb server given both addresses as two upstreams
+        # of one route while this is set (`bench/ab.py --two-upstreams`: balancing's cost).
+        self.amb_two_upstreams = False
         self.iperf_port = 0
         self.tools: dict[str, str] = {}
         self.n = 0
@@ -402,7 +405,7 @@ class Bench:
         key.chmod(0o600)
 
         self.redis_port = free_port()
-        self.redis = spawn([self.tools["redis-server"], "--port", self.redis_port, "--bind", HOST,
+        self.redis = spawn([self.tools["redis-server"], "--port", self.redis_port, "--bind", HOST, "127.0.0.2",
                             "--save", "", "--appendonly", "no", "--maxclients", "40000",
                             "--protected-mode", "no", "--unixsocket", self.redis_unix,
                             "--unixsocketperm", "700"], self.path("redis.log"))
@@ -476,6 +479,8 @@ class Bench:
             transport = pair.split("-")[1]
             dial = f"unix:{self.redis_unix}" if self.amb_unix_upstream and upstream == self.redis_port \
                 else f"{HOST}:{upstream}"
+            if self.amb_two_upstreams and upstream == self.redis_port:
+                dial = f"{HOST}:{upstream},127.0.0.2:{upstream}"
             argv = [self.amb, "server", "--listen", f"{HOST}:{srv_port}", "--upstream", dial,
                     "--certs-dir", c, "--transport", transport, *self.args.amb_server_arg]
         server = spawn(argv, self.path(f"{tag}-server.log"))

@@ -8,7 +8,7 @@ use amb_engine::{
 };
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
-use amb_spec::{ListenerSpec, PeerSpec, RouteSpec, UpstreamSpec};
+use amb_spec::{Balance, ListenerSpec, PeerSpec, RouteSpec, UpstreamSetSpec};
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
 
@@ -325,13 +325,24 @@ struct ServerArgs {
     /// Address to listen on (TCP for TLS, UDP for QUIC).
     #[arg(long, default_value = "0.0.0.0:7443", env = "AMB_LISTEN")]
     listen: std::net::SocketAddr,
-    /// Upstream of the route named `default`: HOST:PORT, or unix:PATH for a service on this
-    /// host (no TCP handshake per connection). A name is looked up every 5 s, not per connection.
-    #[arg(long, value_name = "HOST:PORT|unix:PATH", env = "AMB_UPSTREAM")]
-    upstream: Option<UpstreamSpec>,
-    /// A named route: NAME=HOST:PORT or NAME=unix:PATH (repeatable).
-    #[arg(long = "route", value_name = "NAME=UPSTREAM", env = "AMB_ROUTE")]
+    /// Upstream(s) of the route named `default`: HOST:PORT, or unix:PATH for a service on this
+    /// host (no TCP handshake per connection); several separated by commas, each optionally
+    /// followed by ` weight=N`. A name is looked up every 5 s, not per connection.
+    #[arg(long, value_name = "UPSTREAM[,UPSTREAM...]", env = "AMB_UPSTREAM")]
+    upstream: Option<UpstreamSetSpec>,
+    /// A named route: NAME=UPSTREAM[,UPSTREAM...], each HOST:PORT or unix:PATH (repeatable).
+    #[arg(long = "route", value_name = "NAME=UPSTREAMS", env = "AMB_ROUTE")]
     routes: Vec<RouteSpec>,
+    /// How a route of several upstreams spreads new connections over those up: least-conn
+    /// (the less loaded of two picked by weight), round-robin (by weight), or failover (the
+    /// first up, in the order given). A route's own `balance` in --config wins.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "least-conn",
+        env = "AMB_BALANCE"
+    )]
+    balance: Balance,
     /// Transports to serve.
     #[arg(long, value_enum, default_value = "both", env = "AMB_TRANSPORT")]
     transport: ServerTransportArg,
@@ -741,24 +752,30 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     };
     // The file's routes, then the flags': a flag's route replaces the file's of that name
     // (keeping its allow-list, if it has one).
+    let balance = given.pick("balance", args.balance, file.balance.map(|b| b.0));
+    let spread = |mut set: UpstreamSetSpec| {
+        set.balance = balance;
+        set
+    };
     let mut routes = BTreeMap::new();
     let mut restricted = Vec::new();
     if let Some(upstream) = file.upstream {
-        routes.insert(RouteName::default_route(), upstream.0);
+        routes.insert(RouteName::default_route(), spread(upstream.0));
     }
     for route in file.routes {
+        let set = route.upstream_set(balance).map_err(anyhow::Error::msg)?;
         let name = route.name.into_inner().0;
         if let Some(allow) = &route.allow {
             restricted.push((name.clone(), config::allow_list(allow)?));
         }
-        routes.insert(name, route.upstream.0);
+        routes.insert(name, set);
     }
     let mut from_flags = BTreeMap::new();
     if let Some(upstream) = args.upstream {
-        from_flags.insert(RouteName::default_route(), upstream);
+        from_flags.insert(RouteName::default_route(), spread(upstream));
     }
     for RouteSpec { name, upstream } in args.routes {
-        if from_flags.insert(name.clone(), upstream).is_some() {
+        if from_flags.insert(name.clone(), spread(upstream)).is_some() {
             bail!("route {name} is given twice (note: --upstream is the route named `default`)");
         }
     }
@@ -809,7 +826,7 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
 }
 
 /// Builds a server's routes again from its config file.
-type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync>;
+type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync>;
 /// Builds a client's listeners and default peer again from its config file.
 type ListenerBuilder =
     Box<dyn Fn() -> anyhow::Result<(Vec<ListenerSpec>, Option<PeerSpec>)> + Send + Sync>;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use amb_engine::{Listeners, Reload, Routes};
 use amb_proto::RouteTable;
-use amb_spec::{ListenerSpec, PeerSpec, UpstreamSpec};
+use amb_spec::{ListenerSpec, PeerSpec, UpstreamSetSpec};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -37,7 +37,7 @@ pub struct Reconfigure {
 /// carry do not wait for it.
 pub fn server_routes(
     path: PathBuf,
-    build: impl Fn() -> anyhow::Result<RouteTable<UpstreamSpec>> + Send + Sync + 'static,
+    build: impl Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync + 'static,
     routes: Routes,
 ) -> Reconfigure {
     let build = Arc::new(build);

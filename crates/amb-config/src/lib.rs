@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use amb_proto::{AllowList, RouteName, San, WildcardError};
-use amb_spec::{ListenerSpec, PeerSpec, UpstreamSpec};
+use amb_spec::{Balance, ListenerSpec, PeerSpec, UpstreamSetSpec, WeightedUpstream};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
@@ -72,8 +72,11 @@ pub struct ServerFile {
     pub listen: Option<Parsed<SocketAddr>>,
     /// `transport`.
     pub transport: Option<ServerTransport>,
-    /// `upstream`: the route named `default`, as `--upstream`.
-    pub upstream: Option<Parsed<UpstreamSpec>>,
+    /// `upstream`: the route named `default`, as `--upstream` (one, or several separated by
+    /// commas).
+    pub upstream: Option<Parsed<UpstreamSetSpec>>,
+    /// `balance`: how routes without a `balance` of their own spread new connections.
+    pub balance: Option<Parsed<Balance>>,
     /// `allow`: the server-wide allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `connect-timeout`.
@@ -109,8 +112,13 @@ pub struct ServerFile {
 pub struct RouteFile {
     /// `name`: what clients ask for.
     pub name: Spanned<Parsed<RouteName>>,
-    /// `upstream`.
-    pub upstream: Parsed<UpstreamSpec>,
+    /// `upstream`: one upstream, or several separated by commas.
+    pub upstream: Option<Parsed<UpstreamSetSpec>>,
+    /// `upstreams`: the upstreams as a list, each `HOST:PORT` or `unix:PATH`, optionally followed
+    /// by ` weight=N`.
+    pub upstreams: Option<Vec<Parsed<WeightedUpstream>>>,
+    /// `balance`: how new connections are spread over the upstreams.
+    pub balance: Option<Parsed<Balance>>,
     /// `allow`: this route's own allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
 }
@@ -246,6 +254,12 @@ impl ConfigFile {
             }
             for route in &server.routes {
                 let name = &route.name.get_ref().0;
+                if let Err(e) = route.upstream_set(Balance::default()) {
+                    return Err(invalid(
+                        Some(route.name.span().start),
+                        format!("route {name}: {e}"),
+                    ));
+                }
                 if seen.insert(name.clone(), route.name.span().start).is_some() {
                     return Err(invalid(
                         Some(route.name.span().start),
@@ -287,6 +301,24 @@ impl ServerFile {
         let default = self.upstream.as_ref().map(|_| RouteName::default_route());
         let named = self.routes.iter().map(|r| r.name.get_ref().0.clone());
         default.into_iter().chain(named).collect()
+    }
+}
+
+impl RouteFile {
+    /// The route's upstreams: from `upstream` or `upstreams` (exactly one of them), spread as
+    /// its `balance` says, else as `default_balance`.
+    pub fn upstream_set(&self, default_balance: Balance) -> Result<UpstreamSetSpec, String> {
+        let mut set = match (&self.upstream, &self.upstreams) {
+            (Some(one), None) => one.0.clone(),
+            (None, Some(list)) => {
+                let members = list.iter().map(|m| m.0.clone()).collect();
+                UpstreamSetSpec::new(members, default_balance).map_err(|e| e.to_string())?
+            }
+            (None, None) => return Err("give `upstream` or `upstreams`".into()),
+            (Some(_), Some(_)) => return Err("give `upstream` or `upstreams`, not both".into()),
+        };
+        set.balance = self.balance.as_ref().map_or(default_balance, |b| b.0);
+        Ok(set)
     }
 }
 

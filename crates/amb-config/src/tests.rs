@@ -45,7 +45,8 @@ fn the_documented_shape_parses_into_specs() {
         std::time::Duration::from_secs(2)
     );
     assert_eq!(server.routes.len(), 2);
-    assert_eq!(server.routes[0].upstream.0.to_string(), "10.0.0.5:6379");
+    let redis = server.routes[0].upstream_set(Default::default()).unwrap();
+    assert_eq!(redis.to_string(), "10.0.0.5:6379");
     assert_eq!(server.routes[0].allow.as_ref().unwrap().get_ref().len(), 1);
     let client = file.client.unwrap();
     let specs: Vec<_> = client.listeners.iter().map(|l| l.spec().unwrap()).collect();
@@ -134,6 +135,60 @@ fn malformed_addresses_are_refused() {
 fn the_commented_reference_in_examples_parses() {
     let text = include_str!("../../../examples/amb.toml");
     let file = parse(text).unwrap();
-    assert_eq!(file.server.unwrap().routes.len(), 2);
+    let server = file.server.unwrap();
+    assert_eq!(server.routes.len(), 3);
+    let api = server.routes[2].upstream_set(Default::default()).unwrap();
+    assert_eq!(api.members().len(), 2);
     assert_eq!(file.client.unwrap().listeners.len(), 2);
+}
+
+#[test]
+fn a_route_takes_several_upstreams_with_weights_and_a_balance_mode() {
+    let text = "[server]\nbalance = \"round-robin\"\n\n[[server.route]]\nname = \"redis\"\n\
+                upstreams = [\"10.0.0.1:6379\", \"10.0.0.2:6379 weight=3\"]\nbalance = \"failover\"\n\n\
+                [[server.route]]\nname = \"pg\"\nupstream = \"a:1,b:1\"\n";
+    let server = parse(text).unwrap().server.unwrap();
+    let default = server.balance.as_ref().unwrap().0;
+    let redis = server.routes[0].upstream_set(default).unwrap();
+    assert_eq!(redis.balance, amb_spec::Balance::Failover);
+    assert_eq!(redis.members()[1].weight, 3);
+    let pg = server.routes[1].upstream_set(default).unwrap();
+    assert_eq!(pg.members().len(), 2);
+    assert_eq!(
+        pg.balance,
+        amb_spec::Balance::RoundRobin,
+        "the part's balance"
+    );
+
+    for (route, says) in [
+        (
+            "upstreams = [\"a:1\", \"a:1\"]",
+            "route r: upstream a:1 is given twice",
+        ),
+        (
+            "upstream = \"a:1\"\nupstreams = [\"b:1\"]",
+            "route r: give `upstream` or `upstreams`, not both",
+        ),
+        ("", "route r: give `upstream` or `upstreams`"),
+    ] {
+        let err = parse(&format!(
+            "[server]\n[[server.route]]\nname = \"r\"\n{route}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("amb.toml:3: ") && err.contains(says),
+            "{err}"
+        );
+    }
+    let err = parse("[server]\n[[server.route]]\nname = \"r\"\nupstreams = [\"a:1 weight=0\"]\n")
+        .unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:4: ") && err.contains("weight=N"),
+        "{err}"
+    );
+    let err = parse("[server]\nbalance = \"random\"\n").unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:2: ") && err.contains("least-conn"),
+        "{err}"
+    );
 }

@@ -15,6 +15,7 @@ mod server;
 mod tally;
 mod throttle;
 mod upstream;
+mod upstream_set;
 
 pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners, PeerProbe};
 pub use endpoints::UpstreamStream;
@@ -23,6 +24,7 @@ pub use server::{
     probe_upstreams, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,
 };
 pub use upstream::Upstream;
+pub use upstream_set::{pick, Candidate, Lease, UpstreamSet};
 
 use std::net::SocketAddr;
 

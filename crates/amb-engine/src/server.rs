@@ -11,7 +11,7 @@ use amb_proto::{
     ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
-use amb_spec::UpstreamSpec;
+use amb_spec::UpstreamSetSpec;
 use amb_tls::TlsServer;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
@@ -25,6 +25,7 @@ use crate::reload::{Certs, Reload};
 use crate::tally::{DrainWatch, StreamEnd};
 use crate::throttle::LogThrottle;
 use crate::upstream::Upstream;
+use crate::upstream_set::UpstreamSet;
 use crate::{bind_tcp, EngineError};
 
 /// Which transports the server listens with; `Both` shares one port number over TCP and UDP.
@@ -48,7 +49,7 @@ pub struct ServerSettings {
     /// Certificate, key and client CA.
     pub tls: TlsFiles,
     /// Routes and the allow-list.
-    pub routes: RouteTable<UpstreamSpec>,
+    pub routes: RouteTable<UpstreamSetSpec>,
     /// Per-connection bounds.
     pub limits: Limits,
     /// How long an upstream dial may take.
@@ -65,9 +66,9 @@ struct Context {
     slots: Arc<Semaphore>,
     throttle: LogThrottle,
     /// The routes streams are decided by; swapped whole by [`Routes::replace`].
-    routes: ArcSwap<RouteTable<Upstream>>,
+    routes: ArcSwap<RouteTable<UpstreamSet>>,
     /// What the running routes were built from, for the next replacement's diff.
-    specs: Mutex<RouteTable<UpstreamSpec>>,
+    specs: Mutex<RouteTable<UpstreamSetSpec>>,
     /// Moves after each replacement of the routes: connections check their streams.
     reconfigured: watch::Sender<u64>,
     connect_timeout: Duration,
@@ -138,7 +139,7 @@ impl Server {
             trust: certs.trust(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             throttle: LogThrottle::default(),
-            routes: ArcSwap::from_pointee(settings.routes.map(|_, spec| Upstream::new(spec))),
+            routes: ArcSwap::from_pointee(settings.routes.map(UpstreamSet::new)),
             specs: Mutex::new(settings.routes),
             reconfigured: watch::Sender::new(0),
             connect_timeout: settings.connect_timeout,
@@ -257,14 +258,17 @@ pub struct UpstreamProbe {
     pub outcome: Result<(), String>,
 }
 
-/// Dials each route's upstream once (64 at a time, each within `timeout`) and closes again.
-/// Must be called within a Tokio runtime.
+/// Dials each upstream of each route once (64 at a time, each within `timeout`) and closes
+/// again. Must be called within a Tokio runtime.
 pub async fn probe_upstreams(
-    routes: &RouteTable<UpstreamSpec>,
+    routes: &RouteTable<UpstreamSetSpec>,
     timeout: Duration,
 ) -> Vec<UpstreamProbe> {
     use futures_util::stream::{self, StreamExt};
-    let probes = routes.iter().map(|(route, spec)| async move {
+    let members = routes
+        .iter()
+        .flat_map(|(route, set)| set.members().iter().map(move |m| (route, &m.upstream)));
+    let probes = members.map(|(route, spec)| async move {
         let outcome = match Upstream::new(spec).dial(timeout).await {
             Ok(_) => Ok(()),
             Err(failure) => Err(format!("{}: {}", failure.refusal, failure.detail)),
@@ -289,7 +293,7 @@ impl Routes {
     /// has looked up).
     /// Logs each route added, removed or changed; returns how many changed, counting a
     /// changed server-wide allow-list as one.
-    pub fn replace(&self, new: RouteTable<UpstreamSpec>) -> usize {
+    pub fn replace(&self, new: RouteTable<UpstreamSetSpec>) -> usize {
         let ctx = &self.0;
         let Ok(mut specs) = ctx.specs.lock() else {
             return 0;
@@ -297,10 +301,10 @@ impl Routes {
         let changes = specs.diff(&new);
         let running = ctx.routes.load();
         let built = new.map(|route, spec| {
-            // An unchanged upstream keeps its runtime object.
+            // Unchanged upstreams keep their runtime object: lookups, health, open counts.
             match running.upstream(route) {
                 Some(up) if up.spec() == spec => up.clone(),
-                _ => Upstream::new(spec),
+                _ => UpstreamSet::new(route, spec),
             }
         });
         for (route, change) in &changes {
@@ -388,13 +392,14 @@ async fn handle<I: IncomingStream>(
             return refuse(&conn, incoming, refusal).await;
         }
     };
-    let socket = match upstream.dial(ctx.connect_timeout).await {
-        Ok(socket) => socket,
+    let (socket, lease) = match upstream.dial(ctx.connect_timeout).await {
+        Ok(dialed) => dialed,
         Err(failure) => {
             warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
             return refuse(&conn, incoming, failure.refusal).await;
         }
     };
+    let upstream = lease.upstream();
     let (send, recv) = match incoming.accept().await {
         Ok(halves) => halves,
         // The client cancelled the stream or lost its connection while the server dialed:

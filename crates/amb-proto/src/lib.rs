@@ -21,7 +21,7 @@ pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError, WildcardEr
 pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::{RouteChange, RouteTable};
-pub use status::{Refusal, ResetCode};
+pub use status::{Refusal, ResetCode, REFUSAL_HEADER};
 pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, StreamSend, Tunnel};
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.

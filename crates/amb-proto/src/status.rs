@@ -1,6 +1,7 @@
 //! What a server answers a stream open with, and the codes that reset a stream later.
 //!
-//! The same meanings travel as an HTTP status over HTTP/2 and as one status byte over QUIC.
+//! The same meanings travel as one status byte over QUIC, and over HTTP/2 as an HTTP status
+//! with that byte in an [`REFUSAL_HEADER`] (two refusals share 503).
 
 use std::fmt;
 
@@ -19,6 +20,8 @@ pub enum Refusal {
     UpstreamTimeout,
     /// The server is at a connection or stream limit, or shutting down.
     Unavailable,
+    /// Every upstream of the route is down (marked so by failed dials or health checks).
+    NoHealthyUpstream,
 }
 
 impl Refusal {
@@ -31,13 +34,14 @@ impl Refusal {
     }
 
     /// Every refusal, for exhaustive tests and tables.
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::BadRequest,
         Refusal::Forbidden,
         Refusal::UnknownRoute,
         Refusal::UpstreamRefused,
         Refusal::UpstreamTimeout,
         Refusal::Unavailable,
+        Refusal::NoHealthyUpstream,
     ];
 
     /// The HTTP status carried in the HTTP/2 CONNECT response.
@@ -47,9 +51,20 @@ impl Refusal {
             Refusal::Forbidden => 403,
             Refusal::UnknownRoute => 404,
             Refusal::UpstreamRefused => 502,
-            Refusal::Unavailable => 503,
+            Refusal::Unavailable | Refusal::NoHealthyUpstream => 503,
             Refusal::UpstreamTimeout => 504,
         }
+    }
+
+    /// The refusal an HTTP/2 answer stands for: its [`REFUSAL_HEADER`] if it has a known one,
+    /// else its status (see [`from_http_status`](Self::from_http_status)).
+    pub fn from_http(status: u16, refusal_header: Option<&[u8]>) -> Option<Refusal> {
+        let by_status = Refusal::from_http_status(status)?;
+        let by_header = refusal_header
+            .and_then(|h| std::str::from_utf8(h).ok()?.parse::<u8>().ok())
+            .and_then(|byte| Refusal::from_status_byte(byte).err())
+            .filter(|r| r.http_status() == status);
+        Some(by_header.unwrap_or(by_status))
     }
 
     /// The refusal an HTTP status stands for; `None` for 2xx. Unknown codes map by class.
@@ -75,6 +90,7 @@ impl Refusal {
             Refusal::UpstreamRefused => 4,
             Refusal::UpstreamTimeout => 5,
             Refusal::Unavailable => 6,
+            Refusal::NoHealthyUpstream => 7,
         }
     }
 
@@ -88,6 +104,7 @@ impl Refusal {
             4 => Err(Refusal::UpstreamRefused),
             5 => Err(Refusal::UpstreamTimeout),
             6 => Err(Refusal::Unavailable),
+            7 => Err(Refusal::NoHealthyUpstream),
             _ => Err(Refusal::BadRequest),
         }
     }
@@ -102,9 +119,14 @@ impl fmt::Display for Refusal {
             Refusal::UpstreamRefused => "upstream refused the connection",
             Refusal::UpstreamTimeout => "upstream connect timed out",
             Refusal::Unavailable => "server at capacity or shutting down",
+            Refusal::NoHealthyUpstream => "no healthy upstream",
         })
     }
 }
+
+/// The HTTP/2 response header carrying a refusal's status byte, so that refusals sharing an
+/// HTTP status are told apart.
+pub const REFUSAL_HEADER: &str = "amb-refusal";
 
 /// The QUIC status byte for "stream open, upstream bytes follow".
 pub const STATUS_OPEN: u8 = 0;
@@ -145,8 +167,27 @@ mod tests {
     #[test]
     fn http_status_round_trips() {
         for r in Refusal::ALL {
-            assert_eq!(Refusal::from_http_status(r.http_status()), Some(r));
+            let header = r.status_byte().to_string();
+            assert_eq!(
+                Refusal::from_http(r.http_status(), Some(header.as_bytes())),
+                Some(r)
+            );
+            assert_eq!(
+                Refusal::from_http_status(r.http_status()),
+                Some(r)
+                    .filter(|r| *r != Refusal::NoHealthyUpstream)
+                    .or(Some(Refusal::Unavailable))
+            );
         }
+        // A header that contradicts the status, or is garbage, is ignored.
+        assert_eq!(
+            Refusal::from_http(502, Some(b"7")),
+            Some(Refusal::UpstreamRefused)
+        );
+        assert_eq!(
+            Refusal::from_http(503, Some(b"x")),
+            Some(Refusal::Unavailable)
+        );
         assert_eq!(Refusal::from_http_status(200), None);
         assert_eq!(Refusal::from_http_status(418), Some(Refusal::BadRequest));
     }
@@ -158,7 +199,7 @@ mod tests {
             assert_eq!(Refusal::from_status_byte(r.status_byte()), Err(r));
         }
         assert_eq!(Refusal::from_status_byte(STATUS_OPEN), Ok(()));
-        for b in 7..=255u8 {
+        for b in 8..=255u8 {
             assert_eq!(Refusal::from_status_byte(b), Err(Refusal::BadRequest));
         }
     }

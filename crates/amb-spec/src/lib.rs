@@ -7,9 +7,13 @@ mod listener;
 mod peer;
 mod route;
 mod upstream;
+mod upstreams;
 
 pub use host_port::HostPort;
 pub use listener::{diff_listeners, ListenerChange, ListenerSpec, ListenerSpecError};
 pub use peer::{PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
+pub use upstreams::{
+    Balance, BalanceError, UpstreamSetSpec, UpstreamsError, WeightedUpstream, MAX_WEIGHT,
+};

@@ -1,18 +1,18 @@
-//! A server route: a name clients ask for, and the upstream it leads to.
+//! A server route: a name clients ask for, and the upstreams it leads to.
 
 use std::str::FromStr;
 
 use amb_proto::RouteName;
 
-use crate::UpstreamSpec;
+use crate::UpstreamSetSpec;
 
-/// One route: `NAME=UPSTREAM`.
+/// One route: `NAME=UPSTREAM[,UPSTREAM...]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteSpec {
     /// What clients ask for.
     pub name: RouteName,
     /// Where its streams go.
-    pub upstream: UpstreamSpec,
+    pub upstream: UpstreamSetSpec,
 }
 
 /// Why a route is not usable.
@@ -25,7 +25,7 @@ impl FromStr for RouteSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, upstream) = s.split_once('=').ok_or_else(|| {
             RouteSpecError(format!(
-                "{s:?}: write NAME=HOST:PORT or NAME=unix:PATH, e.g. pg=db.internal:5432"
+                "{s:?}: write NAME=UPSTREAM[,UPSTREAM...] with each HOST:PORT or unix:PATH, e.g. pg=db.internal:5432"
             ))
         })?;
         Ok(RouteSpec {

@@ -302,8 +302,12 @@ impl IncomingStream for TlsIncoming {
     }
 
     async fn refuse(mut self, why: Refusal) {
-        let _ = self
-            .respond
-            .send_response(response(why.http_status()), true);
+        let mut answer = response(why.http_status());
+        // The precise refusal, as QUIC's status byte: 503 stands for two.
+        answer.headers_mut().insert(
+            amb_proto::REFUSAL_HEADER,
+            http::HeaderValue::from(u16::from(why.status_byte())),
+        );
+        let _ = self.respond.send_response(answer, true);
     }
 }

@@ -112,7 +112,9 @@ impl StreamRecv for H2Recv {
     async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
         if let H2Recv::Pending(response) = self {
             let response = response.await.map_err(h2_error)?;
-            if let Some(refusal) = Refusal::from_http_status(response.status().as_u16()) {
+            let header = response.headers().get(amb_proto::REFUSAL_HEADER);
+            let status = response.status().as_u16();
+            if let Some(refusal) = Refusal::from_http(status, header.map(|h| h.as_bytes())) {
                 *self = H2Recv::Stopped;
                 return Err(StreamError::Refused(refusal));
             }

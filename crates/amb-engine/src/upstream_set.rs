@@ -1,0 +1,384 @@
+//! A route's upstreams as they run. Each new app connection is given one: the pick follows the
+//! route's balance mode over the members that are up ([`pick`], pure); a dial that is refused
+//! or times out marks its member down for a back-off (1 s doubling to 30 s, reset by a good
+//! dial) and the same app connection is dialed again at the next member, all within the
+//! connect timeout. With every member down the stream is refused at once (503, no healthy
+//! upstream). A route of one upstream keeps no health: each dial tries it, as before.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use amb_proto::{Refusal, RouteName};
+use amb_spec::{Balance, UpstreamSetSpec, UpstreamSpec};
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::endpoints::UpstreamStream;
+use crate::upstream::{DialFailure, Upstream};
+
+/// The first back-off after a failed dial; it doubles with each failure in a row.
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest back-off.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A route's upstreams, built from its spec; clones share their members' health.
+#[derive(Clone)]
+pub struct UpstreamSet(Arc<Inner>);
+
+struct Inner {
+    spec: UpstreamSetSpec,
+    route: RouteName,
+    members: Vec<Member>,
+    /// Round-robin's position.
+    turn: AtomicUsize,
+}
+
+struct Member {
+    upstream: Upstream,
+    weight: u32,
+    /// App connections on it now (least-conn's measure).
+    open: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+/// One member's passive health.
+#[derive(Clone, Copy, Debug, Default)]
+struct Health {
+    /// Down until then; up once it has passed (the next dial tries it again).
+    down_until: Option<Instant>,
+    /// The back-off of the last failure in a row.
+    backoff: Duration,
+}
+
+/// What [`pick`] knows of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its weight.
+    pub weight: u32,
+    /// App connections on it.
+    pub open: usize,
+    /// Up, and not yet tried for this app connection.
+    pub eligible: bool,
+}
+
+/// The member a new app connection goes to, of `candidates` (in the order configured), or
+/// `None` if none is eligible. `turn` is round-robin's counter; `random(n)` draws from `0..n`.
+pub fn pick(
+    balance: Balance,
+    candidates: &[Candidate],
+    turn: usize,
+    mut random: impl FnMut(u64) -> u64,
+) -> Option<usize> {
+    let eligible = || candidates.iter().enumerate().filter(|(_, c)| c.eligible);
+    let total: u64 = eligible().map(|(_, c)| u64::from(c.weight)).sum();
+    // The eligible member at `point` of the eligible weights laid end to end.
+    let at = |point: u64| {
+        let mut point = point;
+        eligible().find_map(|(i, c)| match point.checked_sub(u64::from(c.weight)) {
+            Some(rest) => {
+                point = rest;
+                None
+            }
+            None => Some(i),
+        })
+    };
+    match balance {
+        Balance::Failover => eligible().map(|(i, _)| i).next(),
+        _ if total == 0 => None,
+        Balance::RoundRobin => at(turn as u64 % total),
+        Balance::LeastConn => {
+            let (a, b) = (at(random(total))?, at(random(total))?);
+            let (ca, cb) = (&candidates[a], &candidates[b]);
+            // Fewer open connections per unit of weight (a.open / a.weight against
+            // b.open / b.weight, cross-multiplied); a tie keeps the first draw.
+            let a_load = ca.open as u128 * u128::from(cb.weight);
+            let b_load = cb.open as u128 * u128::from(ca.weight);
+            Some(if b_load < a_load { b } else { a })
+        }
+    }
+}
+
+/// A member in use by one app connection: counted as open on it while this lives.
+pub struct Lease {
+    set: UpstreamSet,
+    index: usize,
+}
+
+impl Lease {
+    /// The upstream dialed.
+    pub fn upstream(&self) -> &UpstreamSpec {
+        self.set.0.members[self.index].upstream.spec()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.set.0.members[self.index]
+            .open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl UpstreamSet {
+    /// The upstreams `spec` describes, for `route` (named in health log lines).
+    pub fn new(route: &RouteName, spec: &UpstreamSetSpec) -> Self {
+        let members = spec
+            .members()
+            .iter()
+            .map(|m| Member {
+                upstream: Upstream::new(&m.upstream),
+                weight: m.weight,
+                open: AtomicUsize::new(0),
+                health: Mutex::new(Health::default()),
+            })
+            .collect();
+        UpstreamSet(Arc::new(Inner {
+            spec: spec.clone(),
+            route: route.clone(),
+            members,
+            turn: AtomicUsize::new(0),
+        }))
+    }
+
+    /// What it was built from.
+    pub fn spec(&self) -> &UpstreamSetSpec {
+        &self.0.spec
+    }
+
+    /// Whether members have health (a route of one has none: each dial tries it).
+    fn keeps_health(&self) -> bool {
+        self.0.members.len() > 1
+    }
+
+    fn health(&self, index: usize) -> std::sync::MutexGuard<'_, Health> {
+        self.0.members[index]
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connects one app connection: members in the order the balance mode picks, each that
+    /// fails marked down, until one answers or `timeout` has passed.
+    pub async fn dial(&self, timeout: Duration) -> Result<(UpstreamStream, Lease), DialFailure> {
+        let inner = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut tried = vec![false; inner.members.len()];
+        let mut failures: Vec<String> = Vec::new();
+        let mut all_timed_out = true;
+        loop {
+            let now = Instant::now();
+            let candidates: Vec<Candidate> = inner
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Candidate {
+                    weight: m.weight,
+                    open: m.open.load(Ordering::Relaxed),
+                    eligible: !tried[i] && self.is_up(i, now),
+                })
+                .collect();
+            let left = deadline.saturating_duration_since(now);
+            let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
+            let picked = pick(self.spec().balance, &candidates, turn, |n| {
+                rand::rng().random_range(0..n)
+            });
+            let Some(index) = picked.filter(|_| !left.is_zero()) else {
+                return Err(self.refusal(failures, all_timed_out));
+            };
+            tried[index] = true;
+            // The time left, shared among the members still to try, so one that does not
+            // answer leaves the others theirs.
+            let untried = candidates.iter().filter(|c| c.eligible).count() as u32;
+            let limit = left / untried.max(1);
+            let member = &inner.members[index];
+            member.open.fetch_add(1, Ordering::Relaxed);
+            let lease = Lease {
+                set: self.clone(),
+                index,
+            };
+            match member.upstream.dial(limit).await {
+                Ok(stream) => {
+                    self.mark_up(index);
+                    return Ok((stream, lease));
+                }
+                Err(failure) => {
+                    drop(lease);
+                    all_timed_out &= failure.refusal == Refusal::UpstreamTimeout;
+                    self.mark_down(index, &failure);
+                    failures.push(format!("{}: {}", member.upstream, failure.detail));
+                }
+            }
+        }
+    }
+
+    fn is_up(&self, index: usize, now: Instant) -> bool {
+        !self.keeps_health()
+            || self
+                .health(index)
+                .down_until
+                .is_none_or(|until| until <= now)
+    }
+
+    /// After a good dial: a member that was down is up again (one line).
+    fn mark_up(&self, index: usize) {
+        if !self.keeps_health() {
+            return;
+        }
+        let was_down = std::mem::take(&mut *self.health(index))
+            .down_until
+            .is_some();
+        if was_down {
+            let upstream = &self.0.members[index].upstream;
+            info!(route = %self.0.route, %upstream, "upstream up again: a connection to it succeeded");
+        }
+    }
+
+    /// After a failed dial: down for a back-off that doubles while it keeps failing (one line
+    /// when it goes down).
+    fn mark_down(&self, index: usize, failure: &DialFailure) {
+        if !self.keeps_health() {
+            return;
+        }
+        let (was_down, backoff) = {
+            let mut health = self.health(index);
+            let was_down = health.down_until.is_some();
+            health.backoff = match was_down {
+                true => (health.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF),
+                false => FIRST_BACKOFF,
+            };
+            health.down_until = Some(Instant::now() + health.backoff);
+            (was_down, health.backoff)
+        };
+        let upstream = &self.0.members[index].upstream;
+        if !was_down {
+            warn!(route = %self.0.route, %upstream, retry_in = ?backoff, "upstream marked down: {}", failure.detail);
+        }
+    }
+
+    /// Why no member could be dialed.
+    fn refusal(&self, failures: Vec<String>, all_timed_out: bool) -> DialFailure {
+        if failures.is_empty() {
+            return DialFailure {
+                refusal: Refusal::NoHealthyUpstream,
+                detail: format!(
+                    "every upstream of the route is down ({}); each is tried again when its back-off ends",
+                    self.spec()
+                ),
+            };
+        }
+        DialFailure {
+            refusal: if all_timed_out {
+                Refusal::UpstreamTimeout
+            } else {
+                Refusal::UpstreamRefused
+            },
+            detail: failures.join("; "),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.spec.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for UpstreamSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("UpstreamSet")
+            .field(&self.0.spec.to_string())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(weight: u32, open: usize) -> Candidate {
+        Candidate {
+            weight,
+            open,
+            eligible: true,
+        }
+    }
+
+    fn down(weight: u32) -> Candidate {
+        Candidate {
+            weight,
+            open: 0,
+            eligible: false,
+        }
+    }
+
+    /// How many of `n` picks land on each member, drawing from a fixed sequence.
+    fn spread(balance: Balance, candidates: &[Candidate], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; candidates.len()];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for turn in 0..n {
+            let random = |bound: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % bound
+            };
+            counts[pick(balance, candidates, turn, random).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_follows_the_weights_and_skips_members_that_are_down() {
+        assert_eq!(
+            spread(Balance::RoundRobin, &[up(1, 0), up(3, 0)], 400),
+            [100, 300]
+        );
+        assert_eq!(
+            spread(Balance::RoundRobin, &[up(1, 0), down(1), up(1, 0)], 10),
+            [5, 0, 5]
+        );
+    }
+
+    #[test]
+    fn failover_takes_the_first_member_up_in_order() {
+        assert_eq!(
+            pick(Balance::Failover, &[up(1, 9), up(1, 0)], 0, |_| 0),
+            Some(0)
+        );
+        assert_eq!(
+            pick(Balance::Failover, &[down(1), up(1, 9)], 0, |_| 0),
+            Some(1)
+        );
+        assert_eq!(pick(Balance::Failover, &[down(1), down(1)], 0, |_| 0), None);
+    }
+
+    #[test]
+    fn least_conn_prefers_the_less_loaded_of_two_draws_per_weight() {
+        // Draws 0 then 1: member 1 has fewer open connections.
+        let mut draws = [0, 1].into_iter();
+        let busy = [up(1, 5), up(1, 2)];
+        assert_eq!(
+            pick(Balance::LeastConn, &busy, 0, |_| draws.next().unwrap()),
+            Some(1)
+        );
+        // Twice the weight carries twice the load at the same cost.
+        let mut draws = [0, 1].into_iter();
+        let weighted = [up(1, 3), up(2, 4)];
+        assert_eq!(
+            pick(Balance::LeastConn, &weighted, 0, |n| draws.next().unwrap()
+                * n
+                / 3),
+            Some(1)
+        );
+        // Idle members share new connections by weight.
+        let counts = spread(Balance::LeastConn, &[up(1, 0), up(3, 0)], 4000);
+        assert!((800..1200).contains(&counts[0]), "{counts:?}");
+        assert_eq!(
+            spread(Balance::LeastConn, &[down(1), up(1, 7)], 10),
+            [0, 10]
+        );
+        assert_eq!(pick(Balance::LeastConn, &[down(1)], 0, |_| 0), None);
+    }
+}

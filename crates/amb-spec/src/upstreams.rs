@@ -1,0 +1,231 @@
+//! A route's upstreams: one or several, each with a weight, and how new connections are spread
+//! over them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::UpstreamSpec;
+
+/// How a route spreads new connections over its healthy upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Balance {
+    /// The one with fewer connections (per weight) of two picked at random, weighted: spreads
+    /// load without herding onto whichever looked idlest.
+    #[default]
+    LeastConn,
+    /// Each in turn, as often as its weight says.
+    RoundRobin,
+    /// The first healthy one in the order written; new connections move back when an earlier
+    /// one recovers.
+    Failover,
+}
+
+impl Balance {
+    const NAMES: [(&'static str, Balance); 3] = [
+        ("least-conn", Balance::LeastConn),
+        ("round-robin", Balance::RoundRobin),
+        ("failover", Balance::Failover),
+    ];
+}
+
+/// Why a balance mode is not one amb knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("balance {0:?}: write least-conn, round-robin or failover")]
+pub struct BalanceError(String);
+
+impl FromStr for Balance {
+    type Err = BalanceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Balance::NAMES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, balance)| *balance)
+            .ok_or_else(|| BalanceError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = Balance::NAMES
+            .iter()
+            .find(|(_, b)| b == self)
+            .map(|(n, _)| *n);
+        f.write_str(name.unwrap_or("least-conn"))
+    }
+}
+
+/// Largest weight an upstream may have.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// One upstream of a route and its weight: `HOST:PORT`, `unix:PATH`, either followed by
+/// ` weight=N` (1 to 1000; 1 when not given).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WeightedUpstream {
+    /// Where it is.
+    pub upstream: UpstreamSpec,
+    /// Its share of new connections, relative to the route's other upstreams.
+    pub weight: u32,
+}
+
+/// Why an upstream entry is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamsError {
+    /// An upstream address is malformed.
+    #[error(transparent)]
+    Upstream(#[from] crate::UpstreamSpecError),
+    /// A weight is malformed or out of range.
+    #[error("{0:?}: write UPSTREAM or UPSTREAM weight=N with N from 1 to {MAX_WEIGHT}")]
+    Weight(String),
+    /// No upstream at all.
+    #[error("no upstream given")]
+    Empty,
+    /// An upstream appears twice.
+    #[error("upstream {0} is given twice (give it a weight instead)")]
+    Duplicate(String),
+}
+
+impl FromStr for WeightedUpstream {
+    type Err = UpstreamsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (upstream, weight) = match s.split_once(char::is_whitespace) {
+            None => (s, 1),
+            Some((upstream, rest)) => {
+                let weight = rest
+                    .trim()
+                    .strip_prefix("weight=")
+                    .and_then(|w| w.parse::<u32>().ok())
+                    .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                    .ok_or_else(|| UpstreamsError::Weight(s.to_owned()))?;
+                (upstream, weight)
+            }
+        };
+        Ok(WeightedUpstream {
+            upstream: upstream.parse()?,
+            weight,
+        })
+    }
+}
+
+impl fmt::Display for WeightedUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.weight {
+            1 => self.upstream.fmt(f),
+            weight => write!(f, "{} weight={weight}", self.upstream),
+        }
+    }
+}
+
+/// Everything a route says about where its streams go: its upstreams (at least one, none
+/// twice) and how new connections are spread over them. Plain data, compared by what was
+/// written: a reload keeps a route whose set is equal as it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamSetSpec {
+    members: Vec<WeightedUpstream>,
+    /// How new connections are spread.
+    pub balance: Balance,
+}
+
+impl UpstreamSetSpec {
+    /// A set of `members` (in the order given, which `failover` follows).
+    pub fn new(members: Vec<WeightedUpstream>, balance: Balance) -> Result<Self, UpstreamsError> {
+        if members.is_empty() {
+            return Err(UpstreamsError::Empty);
+        }
+        for (i, member) in members.iter().enumerate() {
+            if members[..i].iter().any(|m| m.upstream == member.upstream) {
+                return Err(UpstreamsError::Duplicate(member.upstream.to_string()));
+            }
+        }
+        Ok(UpstreamSetSpec { members, balance })
+    }
+
+    /// A set of one.
+    pub fn one(upstream: UpstreamSpec) -> Self {
+        UpstreamSetSpec {
+            members: vec![WeightedUpstream {
+                upstream,
+                weight: 1,
+            }],
+            balance: Balance::default(),
+        }
+    }
+
+    /// Its upstreams, in the order given.
+    pub fn members(&self) -> &[WeightedUpstream] {
+        &self.members
+    }
+}
+
+/// A comma-separated list, as `--upstream` and `--route NAME=...` take it:
+/// `10.0.0.1:6379,10.0.0.2:6379 weight=3`.
+impl FromStr for UpstreamSetSpec {
+    type Err = UpstreamsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let members = s
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<WeightedUpstream>, _>>()?;
+        UpstreamSetSpec::new(members, Balance::default())
+    }
+}
+
+impl fmt::Display for UpstreamSetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, member) in self.members.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            member.fmt(f)?;
+        }
+        if self.members.len() > 1 && self.balance != Balance::default() {
+            write!(f, " ({})", self.balance)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_weights_and_balance_modes_parse_and_print_as_written() {
+        let set: UpstreamSetSpec = "10.0.0.1:6379,redis-b:6379 weight=3,unix:/run/r.sock"
+            .parse()
+            .unwrap();
+        let weights: Vec<u32> = set.members().iter().map(|m| m.weight).collect();
+        assert_eq!(weights, [1, 3, 1]);
+        assert_eq!(
+            set.to_string(),
+            "10.0.0.1:6379,redis-b:6379 weight=3,unix:/run/r.sock"
+        );
+        let one: UpstreamSetSpec = "db:5432".parse().unwrap();
+        assert_eq!(one, UpstreamSetSpec::one("db:5432".parse().unwrap()));
+        for (text, balance) in [
+            ("least-conn", Balance::LeastConn),
+            ("round-robin", Balance::RoundRobin),
+            ("failover", Balance::Failover),
+        ] {
+            assert_eq!(text.parse::<Balance>().unwrap(), balance);
+            assert_eq!(balance.to_string(), text);
+        }
+        assert!("random".parse::<Balance>().is_err());
+    }
+
+    #[test]
+    fn bad_lists_say_what_is_wrong() {
+        for (bad, says) in [
+            ("", "is not HOST:PORT"),
+            ("a:1,", "is not HOST:PORT"),
+            ("a:1 weight=0", "weight=N"),
+            ("a:1 weight=1001", "weight=N"),
+            ("a:1 weight=x", "weight=N"),
+            ("a:1 heavy", "weight=N"),
+            ("a:1,b:2,a:1", "given twice"),
+        ] {
+            let err = bad.parse::<UpstreamSetSpec>().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Several upstreams per route, end to end with real redis-servers started and killed by the
+//! tests: connections spread over the upstreams; one killed under load costs nothing but what
+//! was live on it and rejoins when it is back; `failover` keeps to the first up; all down is
+//! refused at once. Each app connection runs `INCR hits`, so every redis counts the connections
+//! that reached it. Tunnel cases run over QUIC and over TLS.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+per_transport!(
+    connections_spread_and_a_killed_upstream_costs_only_what_was_on_it,
+    failover_keeps_to_the_first_upstream_up_and_returns_to_it,
+    every_upstream_down_is_refused_at_once_as_no_healthy_upstream,
+);
+
+/// One app connection through `listen`: `INCR hits`; whether the reply came.
+async fn incr(listen: SocketAddr) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(listen).await else {
+        return false;
+    };
+    let mut tcp = BufReader::new(tcp);
+    if tcp
+        .get_mut()
+        .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut line = String::new();
+    matches!(tcp.read_line(&mut line).await, Ok(n) if n > 0) && line.starts_with(':')
+}
+
+/// How many app connections reached this redis.
+fn hits(redis: &Redis) -> usize {
+    redis_cli(redis.port, &["get", "hits"])
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A loop of fresh app connections in the background, counting those that failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Load {
+    fn start(listen: SocketAddr) -> Self {
+        let (stop, done) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (stopping, counting) = (stop.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            let mut failed = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                if !incr(listen).await {
+                    failed += 1;
+                }
+                counting.fetch_add(1, Ordering::Relaxed);
+            }
+            failed
+        });
+        Load { stop, done, task }
+    }
+
+    /// Waits until `n` more connections were made.
+    async fn run_for(&self, n: usize) {
+        let target = self.done.load(Ordering::Relaxed) + n;
+        yield_until("the load to make its connections", || {
+            self.done.load(Ordering::Relaxed) >= target
+        })
+        .await;
+    }
+
+    /// Stops; returns (connections made, failed).
+    async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failed = self.task.await.unwrap();
+        (self.done.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// A server over `upstreams` (one route) and a client; the PKI lives as long as they do.
+fn pair(t: Transport, upstreams: &[&Redis], extra: &[&str]) -> (Pki, Amb, Amb) {
+    let pki = Pki::new();
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|r| format!("127.0.0.1:{}", r.port))
+        .collect();
+    let list = list.join(",");
+    let mut flags = vec!["--upstream", &list];
+    flags.extend(extra);
+    let server = Amb::server(&pki, 0, &flags);
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &[]);
+    client.wait_tunnel_up();
+    (pki, server, client)
+}
+
+/// Makes fresh app connections, each of which must succeed, until `reached` holds (each check
+/// after one connection); returns how many it made.
+async fn until_reached(listen: SocketAddr, reached: impl Fn() -> bool) -> usize {
+    let mut made = 0;
+    while !reached() {
+        assert!(incr(listen).await, "a fresh connection failed after {made}");
+        made += 1;
+        assert!(made < 100_000, "never reached");
+    }
+    made
+}
+
+async fn connections_spread_and_a_killed_upstream_costs_only_what_was_on_it(t: Transport) {
+    let (a, b) = (Redis::start(), Redis::start());
+    let a_port = a.port;
+    let (_pki, server, client) = pair(t, &[&a, &b], &[]);
+    let listen = client.listen_addr();
+    for _ in 0..40 {
+        assert!(incr(listen).await);
+    }
+    let (on_a, on_b) = (hits(&a), hits(&b));
+    assert_eq!(on_a + on_b, 40);
+    assert!(on_a >= 5 && on_b >= 5, "both used: {on_a} and {on_b}");
+
+    // Kill one under a loop of fresh connections: nothing fails but what was live on it (at
+    // most the one connection in flight).
+    let load = Load::start(listen);
+    load.run_for(20).await;
+    drop(a);
+    load.run_for(100).await;
+    let (made, failed) = load.stop().await;
+    assert!(failed <= 1, "{failed} of {made} fresh connections failed");
+    server
+        .log
+        .wait_for(&["upstream marked down", &format!("127.0.0.1:{a_port}")]);
+
+    // Back on its port: once its back-off ends, it gets connections again.
+    let a = Redis::start_on(a_port);
+    until_reached(listen, || hits(&a) > 0).await;
+    server
+        .log
+        .wait_for(&["upstream up again", &format!("127.0.0.1:{a_port}")]);
+}
+
+async fn failover_keeps_to_the_first_upstream_up_and_returns_to_it(t: Transport) {
+    let (a, b) = (Redis::start(), Redis::start());
+    let a_port = a.port;
+    let (_pki, _server, client) = pair(t, &[&a, &b], &["--balance", "failover"]);
+    let listen = client.listen_addr();
+    for _ in 0..10 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&a), hits(&b)), (10, 0), "all on the first");
+
+    drop(a);
+    for _ in 0..10 {
+        assert!(incr(listen).await, "moved to the second at once");
+    }
+    assert_eq!(hits(&b), 10);
+
+    let a = Redis::start_on(a_port);
+    until_reached(listen, || hits(&a) > 0).await;
+    let before = hits(&b);
+    for _ in 0..10 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!(hits(&b), before, "all back on the first");
+}
+
+async fn every_upstream_down_is_refused_at_once_as_no_healthy_upstream(t: Transport) {
+    let (a, b) = (Redis::start(), Redis::start());
+    let (_pki, server, client) = pair(t, &[&a, &b], &[]);
+    let listen = client.listen_addr();
+    assert!(incr(listen).await);
+    drop((a, b));
+    // The first connection finds both refusing (502); the next, both marked down (503).
+    assert_reset_after_write(listen, b"*1\r\n$4\r\nPING\r\n").await;
+    assert_reset_after_write(listen, b"*1\r\n$4\r\nPING\r\n").await;
+    server
+        .log
+        .wait_for(&["stream refused", "no healthy upstream"]);
+    client
+        .log
+        .wait_for(&["refused by server: no healthy upstream"]);
+}
