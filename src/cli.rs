@@ -8,11 +8,13 @@ use amb_engine::{
 };
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
-use amb_spec::{Balance, ListenerSpec, PeerSpec, RouteSpec, UpstreamSetSpec};
+use amb_spec::{
+    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, RouteSpec, UpstreamSetSpec,
+};
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
 
-use amb_config::{self as config, ClientFile, ConfigFile, ListenerFile, ServerFile};
+use amb_config::{self as config, ClientFile, ConfigFile, ListenerFile, RouteDefaults, ServerFile};
 
 use crate::reconfigure::{self, keep_current};
 use clap::parser::ValueSource;
@@ -343,6 +345,15 @@ struct ServerArgs {
         env = "AMB_BALANCE"
     )]
     balance: Balance,
+    /// Check each upstream actively: tcp (a connection is accepted), redis (PING answered
+    /// +PONG) or redis-master (and ROLE answered master: a route over a primary and its replicas
+    /// follows a promotion). An upstream failing its check gets no new connections. A route's
+    /// own `health-check` in --config wins.
+    #[arg(long, value_name = "KIND", env = "AMB_HEALTH_CHECK")]
+    health_check: Option<HealthCheckKind>,
+    /// How often --health-check runs; each check must be answered within it.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "2s", env = "AMB_HEALTH_INTERVAL")]
+    health_interval: Duration,
     /// Transports to serve.
     #[arg(long, value_enum, default_value = "both", env = "AMB_TRANSPORT")]
     transport: ServerTransportArg,
@@ -752,9 +763,27 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     };
     // The file's routes, then the flags': a flag's route replaces the file's of that name
     // (keeping its allow-list, if it has one).
-    let balance = given.pick("balance", args.balance, file.balance.map(|b| b.0));
+    let health = given
+        .pick(
+            "health_check",
+            args.health_check,
+            file.health_check.map(|k| Some(k.0)),
+        )
+        .map(|kind| HealthCheck {
+            kind,
+            interval: given.pick(
+                "health_interval",
+                args.health_interval,
+                file.health_interval.map(|d| d.get()),
+            ),
+        });
+    let defaults = RouteDefaults {
+        balance: given.pick("balance", args.balance, file.balance.map(|b| b.0)),
+        health,
+    };
     let spread = |mut set: UpstreamSetSpec| {
-        set.balance = balance;
+        set.balance = defaults.balance;
+        set.health = defaults.health;
         set
     };
     let mut routes = BTreeMap::new();
@@ -763,7 +792,7 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         routes.insert(RouteName::default_route(), spread(upstream.0));
     }
     for route in file.routes {
-        let set = route.upstream_set(balance).map_err(anyhow::Error::msg)?;
+        let set = route.upstream_set(&defaults).map_err(anyhow::Error::msg)?;
         let name = route.name.into_inner().0;
         if let Some(allow) = &route.allow {
             restricted.push((name.clone(), config::allow_list(allow)?));

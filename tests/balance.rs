@@ -1,8 +1,9 @@
 //! Several upstreams per route, end to end with real redis-servers started and killed by the
 //! tests: connections spread over the upstreams; one killed under load costs nothing but what
 //! was live on it and rejoins when it is back; `failover` keeps to the first up; all down is
-//! refused at once. Each app connection runs `INCR hits`, so every redis counts the connections
-//! that reached it. Tunnel cases run over QUIC and over TLS.
+//! refused at once; `redis-master` health checks follow a promotion. Each app connection runs
+//! `INCR hits`, so every redis counts the connections that reached it (and a replica refuses
+//! it). Tunnel cases run over QUIC and over TLS.
 
 mod support;
 
@@ -17,6 +18,7 @@ per_transport!(
     connections_spread_and_a_killed_upstream_costs_only_what_was_on_it,
     failover_keeps_to_the_first_upstream_up_and_returns_to_it,
     every_upstream_down_is_refused_at_once_as_no_healthy_upstream,
+    redis_master_checks_follow_a_promotion,
 );
 
 /// One app connection through `listen`: `INCR hits`; whether the reply came.
@@ -188,4 +190,42 @@ async fn every_upstream_down_is_refused_at_once_as_no_healthy_upstream(t: Transp
     client
         .log
         .wait_for(&["refused by server: no healthy upstream"]);
+}
+
+async fn redis_master_checks_follow_a_promotion(t: Transport) {
+    let primary = Redis::start();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let (p, r) = (primary.port.to_string(), replica.port.to_string());
+    let flags = [
+        "--health-check",
+        "redis-master",
+        "--health-interval",
+        "200ms",
+    ];
+    // The replica first: only the check keeps writes off it.
+    let (_pki, server, client) = pair(t, &[&replica, &primary], &flags);
+    let listen = client.listen_addr();
+    server.log.wait_for(&["upstream health", "→ up", &p]);
+    for _ in 0..10 {
+        assert!(incr(listen).await, "a write reached a replica");
+    }
+
+    // Promote the replica, demote the primary: new connections follow within an interval.
+    assert_eq!(
+        redis_cli(replica.port, &["replicaof", "no", "one"]).as_deref(),
+        Some("OK")
+    );
+    assert_eq!(
+        redis_cli(primary.port, &["replicaof", "127.0.0.1", &r]).as_deref(),
+        Some("OK")
+    );
+    server
+        .log
+        .wait_for(&["upstream health: up → down", "ROLE says slave", &p]);
+    server.log.wait_for(&["upstream health: down → up", &r]);
+    let before = hits(&replica);
+    for _ in 0..10 {
+        assert!(incr(listen).await, "a write reached the demoted primary");
+    }
+    assert_eq!(hits(&replica), before + 10, "every write on the new master");
 }

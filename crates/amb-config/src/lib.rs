@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use amb_proto::{AllowList, RouteName, San, WildcardError};
-use amb_spec::{Balance, ListenerSpec, PeerSpec, UpstreamSetSpec, WeightedUpstream};
+use amb_spec::{
+    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, UpstreamSetSpec,
+    WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
+};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
@@ -77,6 +80,10 @@ pub struct ServerFile {
     pub upstream: Option<Parsed<UpstreamSetSpec>>,
     /// `balance`: how routes without a `balance` of their own spread new connections.
     pub balance: Option<Parsed<Balance>>,
+    /// `health-check`: the active check of routes without one of their own.
+    pub health_check: Option<Parsed<HealthCheckKind>>,
+    /// `health-interval`: how often those checks run.
+    pub health_interval: Option<Duration>,
     /// `allow`: the server-wide allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `connect-timeout`.
@@ -119,6 +126,10 @@ pub struct RouteFile {
     pub upstreams: Option<Vec<Parsed<WeightedUpstream>>>,
     /// `balance`: how new connections are spread over the upstreams.
     pub balance: Option<Parsed<Balance>>,
+    /// `health-check`: `tcp`, `redis` or `redis-master`, checked every `health-interval`.
+    pub health_check: Option<Parsed<HealthCheckKind>>,
+    /// `health-interval`.
+    pub health_interval: Option<Duration>,
     /// `allow`: this route's own allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
 }
@@ -254,7 +265,7 @@ impl ConfigFile {
             }
             for route in &server.routes {
                 let name = &route.name.get_ref().0;
-                if let Err(e) = route.upstream_set(Balance::default()) {
+                if let Err(e) = route.upstream_set(&RouteDefaults::default()) {
                     return Err(invalid(
                         Some(route.name.span().start),
                         format!("route {name}: {e}"),
@@ -306,8 +317,9 @@ impl ServerFile {
 
 impl RouteFile {
     /// The route's upstreams: from `upstream` or `upstreams` (exactly one of them), spread as
-    /// its `balance` says, else as `default_balance`.
-    pub fn upstream_set(&self, default_balance: Balance) -> Result<UpstreamSetSpec, String> {
+    /// its `balance` says and checked as its `health-check` says, else as `defaults` say.
+    pub fn upstream_set(&self, defaults: &RouteDefaults) -> Result<UpstreamSetSpec, String> {
+        let default_balance = defaults.balance;
         let mut set = match (&self.upstream, &self.upstreams) {
             (Some(one), None) => one.0.clone(),
             (None, Some(list)) => {
@@ -318,8 +330,28 @@ impl RouteFile {
             (Some(_), Some(_)) => return Err("give `upstream` or `upstreams`, not both".into()),
         };
         set.balance = self.balance.as_ref().map_or(default_balance, |b| b.0);
+        set.health = match (&self.health_check, &self.health_interval) {
+            (Some(kind), interval) => Some(HealthCheck {
+                kind: kind.0,
+                interval: interval
+                    .as_ref()
+                    .map_or(DEFAULT_HEALTH_INTERVAL, Duration::get),
+            }),
+            (None, Some(_)) => return Err("`health-interval` without a `health-check`".into()),
+            (None, None) => defaults.health,
+        };
         Ok(set)
     }
+}
+
+/// What a route takes from its part when it does not say: how to spread new connections and
+/// how to check its upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteDefaults {
+    /// The balance mode.
+    pub balance: Balance,
+    /// The active health check, if any.
+    pub health: Option<HealthCheck>,
 }
 
 impl ListenerFile {

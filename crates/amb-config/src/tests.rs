@@ -45,7 +45,7 @@ fn the_documented_shape_parses_into_specs() {
         std::time::Duration::from_secs(2)
     );
     assert_eq!(server.routes.len(), 2);
-    let redis = server.routes[0].upstream_set(Default::default()).unwrap();
+    let redis = server.routes[0].upstream_set(&Default::default()).unwrap();
     assert_eq!(redis.to_string(), "10.0.0.5:6379");
     assert_eq!(server.routes[0].allow.as_ref().unwrap().get_ref().len(), 1);
     let client = file.client.unwrap();
@@ -137,7 +137,7 @@ fn the_commented_reference_in_examples_parses() {
     let file = parse(text).unwrap();
     let server = file.server.unwrap();
     assert_eq!(server.routes.len(), 3);
-    let api = server.routes[2].upstream_set(Default::default()).unwrap();
+    let api = server.routes[2].upstream_set(&Default::default()).unwrap();
     assert_eq!(api.members().len(), 2);
     assert_eq!(file.client.unwrap().listeners.len(), 2);
 }
@@ -148,11 +148,14 @@ fn a_route_takes_several_upstreams_with_weights_and_a_balance_mode() {
                 upstreams = [\"10.0.0.1:6379\", \"10.0.0.2:6379 weight=3\"]\nbalance = \"failover\"\n\n\
                 [[server.route]]\nname = \"pg\"\nupstream = \"a:1,b:1\"\n";
     let server = parse(text).unwrap().server.unwrap();
-    let default = server.balance.as_ref().unwrap().0;
-    let redis = server.routes[0].upstream_set(default).unwrap();
+    let default = RouteDefaults {
+        balance: server.balance.as_ref().unwrap().0,
+        health: None,
+    };
+    let redis = server.routes[0].upstream_set(&default).unwrap();
     assert_eq!(redis.balance, amb_spec::Balance::Failover);
     assert_eq!(redis.members()[1].weight, 3);
-    let pg = server.routes[1].upstream_set(default).unwrap();
+    let pg = server.routes[1].upstream_set(&default).unwrap();
     assert_eq!(pg.members().len(), 2);
     assert_eq!(
         pg.balance,
@@ -189,6 +192,50 @@ fn a_route_takes_several_upstreams_with_weights_and_a_balance_mode() {
     let err = parse("[server]\nbalance = \"random\"\n").unwrap_err();
     assert!(
         err.starts_with("amb.toml:2: ") && err.contains("least-conn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_route_may_check_its_upstreams_actively() {
+    let text = "[server]\nhealth-check = \"tcp\"\n\n[[server.route]]\nname = \"cache\"\n\
+                upstreams = [\"a:1\", \"b:1\"]\nhealth-check = \"redis-master\"\nhealth-interval = \"500ms\"\n\n\
+                [[server.route]]\nname = \"pg\"\nupstream = \"c:1\"\n";
+    let server = parse(text).unwrap().server.unwrap();
+    let defaults = RouteDefaults {
+        balance: Default::default(),
+        health: server.health_check.as_ref().map(|k| amb_spec::HealthCheck {
+            kind: k.0,
+            interval: amb_spec::DEFAULT_HEALTH_INTERVAL,
+        }),
+    };
+    let cache = server.routes[0]
+        .upstream_set(&defaults)
+        .unwrap()
+        .health
+        .unwrap();
+    assert_eq!(cache.kind, amb_spec::HealthCheckKind::RedisMaster);
+    assert_eq!(cache.interval, std::time::Duration::from_millis(500));
+    let pg = server.routes[1]
+        .upstream_set(&defaults)
+        .unwrap()
+        .health
+        .unwrap();
+    assert_eq!(pg.kind, amb_spec::HealthCheckKind::Tcp, "the part's check");
+    let err = parse(
+        "[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\nhealth-check = \"http\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:5: ") && err.contains("redis-master"),
+        "{err}"
+    );
+    let err = parse(
+        "[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\nhealth-interval = \"1s\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("`health-interval` without a `health-check`"),
         "{err}"
     );
 }

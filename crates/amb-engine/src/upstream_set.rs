@@ -3,16 +3,22 @@
 //! or times out marks its member down for a back-off (1 s doubling to 30 s, reset by a good
 //! dial) and the same app connection is dialed again at the next member, all within the
 //! connect timeout. With every member down the stream is refused at once (503, no healthy
-//! upstream). A route of one upstream keeps no health: each dial tries it, as before.
+//! upstream). A route of one upstream keeps no passive health: each dial tries it, as before.
+//!
+//! A route may also check its upstreams actively (`tcp`, `redis`: `PING` answered `+PONG`,
+//! `redis-master`: also `ROLE` answered `master`), every interval, in a task that ends with the
+//! set; a member that fails its check is out until it passes one, whatever its dials did.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use amb_proto::{Refusal, RouteName};
-use amb_spec::{Balance, UpstreamSetSpec, UpstreamSpec};
+use amb_spec::{Balance, HealthCheck, HealthCheckKind, UpstreamSetSpec, UpstreamSpec};
+use futures_util::future::join_all;
 use rand::Rng;
-use tokio::time::Instant;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use crate::endpoints::UpstreamStream;
@@ -41,7 +47,13 @@ struct Member {
     /// App connections on it now (least-conn's measure).
     open: AtomicUsize,
     health: Mutex<Health>,
+    /// What the last active check found ([`CHECK_UNKNOWN`] before the first).
+    checked: AtomicU8,
 }
+
+const CHECK_UNKNOWN: u8 = 0;
+const CHECK_UP: u8 = 1;
+const CHECK_DOWN: u8 = 2;
 
 /// One member's passive health.
 #[derive(Clone, Copy, Debug, Default)]
@@ -132,14 +144,19 @@ impl UpstreamSet {
                 weight: m.weight,
                 open: AtomicUsize::new(0),
                 health: Mutex::new(Health::default()),
+                checked: AtomicU8::new(CHECK_UNKNOWN),
             })
             .collect();
-        UpstreamSet(Arc::new(Inner {
+        let set = UpstreamSet(Arc::new(Inner {
             spec: spec.clone(),
             route: route.clone(),
             members,
             turn: AtomicUsize::new(0),
-        }))
+        }));
+        if let Some(check) = spec.health {
+            tokio::spawn(check_while_used(Arc::downgrade(&set.0), check));
+        }
+        set
     }
 
     /// What it was built from.
@@ -214,11 +231,18 @@ impl UpstreamSet {
     }
 
     fn is_up(&self, index: usize, now: Instant) -> bool {
-        !self.keeps_health()
-            || self
-                .health(index)
-                .down_until
-                .is_none_or(|until| until <= now)
+        let checked = match self.0.members[index].checked.load(Ordering::Relaxed) {
+            CHECK_UP => true,
+            CHECK_DOWN => false,
+            // Before the first check: up, unless only a master may be used.
+            _ => self.0.spec.health.map(|c| c.kind) != Some(HealthCheckKind::RedisMaster),
+        };
+        checked
+            && (!self.keeps_health()
+                || self
+                    .health(index)
+                    .down_until
+                    .is_none_or(|until| until <= now))
     }
 
     /// After a good dial: a member that was down is up again (one line).
@@ -276,6 +300,113 @@ impl UpstreamSet {
             },
             detail: failures.join("; "),
         }
+    }
+}
+
+/// Checks every member of a set each interval, for as long as the set is in use.
+async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
+    let mut ticks = tokio::time::interval(check.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = set.upgrade() else {
+            return;
+        };
+        let probes = inner
+            .members
+            .iter()
+            .map(|m| probe(&m.upstream, check.kind, check.interval));
+        let results = join_all(probes).await;
+        for (member, result) in inner.members.iter().zip(results) {
+            let now = if result.is_ok() { CHECK_UP } else { CHECK_DOWN };
+            let before = member.checked.swap(now, Ordering::Relaxed);
+            let (route, upstream) = (&inner.route, &member.upstream);
+            let was = match before {
+                CHECK_UP => "up",
+                CHECK_DOWN => "down",
+                _ => "unchecked",
+            };
+            match result {
+                Ok(()) => {
+                    // A check passed outweighs the dials that failed before it.
+                    *member.health.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Health::default();
+                    if before != CHECK_UP {
+                        info!(%route, %upstream, check = %check.kind, "upstream health: {was} → up");
+                    }
+                }
+                Err(why) if before != CHECK_DOWN => {
+                    warn!(%route, %upstream, check = %check.kind, "upstream health: {was} → down: {why}");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// One active check of `upstream`, answered within `limit`.
+async fn probe(upstream: &Upstream, kind: HealthCheckKind, limit: Duration) -> Result<(), String> {
+    let checked = async {
+        let stream = upstream.dial(limit).await.map_err(|f| f.detail)?;
+        match (kind, stream) {
+            (HealthCheckKind::Tcp, _) => Ok(()),
+            (_, UpstreamStream::Tcp(tcp)) => ask_redis(tcp, kind).await,
+            (_, UpstreamStream::Unix(unix)) => ask_redis(unix, kind).await,
+        }
+    };
+    tokio::time::timeout(limit, checked)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
+
+/// `PING`, and for [`HealthCheckKind::RedisMaster`] `ROLE`, over one connection.
+async fn ask_redis(
+    io: impl AsyncRead + AsyncWrite + Unpin,
+    kind: HealthCheckKind,
+) -> Result<(), String> {
+    let mut io = BufReader::new(io);
+    let pong = redis_call(&mut io, b"*1\r\n$4\r\nPING\r\n").await?;
+    if pong != "+PONG" {
+        return Err(format!("PING answered {pong:?}, not +PONG"));
+    }
+    if kind == HealthCheckKind::RedisMaster {
+        // ROLE answers an array whose first element is the role: *3, $6, master, ...
+        let head = redis_call(&mut io, b"*1\r\n$4\r\nROLE\r\n").await?;
+        if !head.starts_with('*') {
+            return Err(format!("ROLE answered {head:?}"));
+        }
+        let _length = redis_line(&mut io).await?;
+        let role = redis_line(&mut io).await?;
+        if role != "master" {
+            return Err(format!("ROLE says {role}, not master"));
+        }
+    }
+    Ok(())
+}
+
+/// Sends `command` and reads the first line of the answer.
+async fn redis_call<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut BufReader<IO>,
+    command: &[u8],
+) -> Result<String, String> {
+    io.write_all(command)
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+    redis_line(io).await
+}
+
+/// One line of a RESP answer, without its CRLF (at most 512 bytes).
+async fn redis_line<IO: AsyncRead + Unpin>(io: &mut BufReader<IO>) -> Result<String, String> {
+    let mut line = Vec::new();
+    let read = (&mut *io).take(512).read_until(b'\n', &mut line).await;
+    match read {
+        Ok(0) => Err("the connection closed".into()),
+        Ok(_) if line.ends_with(b"\r\n") => {
+            line.truncate(line.len() - 2);
+            Ok(String::from_utf8_lossy(&line).into_owned())
+        }
+        Ok(_) => Err("an answer line over 512 bytes or cut short".into()),
+        Err(e) => Err(format!("reading: {e}")),
     }
 }
 

@@ -54,6 +54,61 @@ impl fmt::Display for Balance {
     }
 }
 
+/// What an active health check asks of each upstream of a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HealthCheckKind {
+    /// A TCP (or Unix socket) connection is accepted.
+    Tcp,
+    /// Redis answers `PING` with `+PONG`.
+    Redis,
+    /// Redis answers `PING`, and `ROLE` says `master`: a route over a primary and its replicas
+    /// follows a promotion.
+    RedisMaster,
+}
+
+impl HealthCheckKind {
+    const NAMES: [(&'static str, HealthCheckKind); 3] = [
+        ("tcp", HealthCheckKind::Tcp),
+        ("redis", HealthCheckKind::Redis),
+        ("redis-master", HealthCheckKind::RedisMaster),
+    ];
+}
+
+/// Why a health check kind is not one amb knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("health check {0:?}: write tcp, redis or redis-master")]
+pub struct HealthCheckKindError(String);
+
+impl FromStr for HealthCheckKind {
+    type Err = HealthCheckKindError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HealthCheckKind::NAMES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, kind)| *kind)
+            .ok_or_else(|| HealthCheckKindError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for HealthCheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = HealthCheckKind::NAMES.iter().find(|(_, k)| k == self);
+        f.write_str(name.map_or("tcp", |(n, _)| *n))
+    }
+}
+
+/// An active health check: what to ask, and how often.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// What to ask.
+    pub kind: HealthCheckKind,
+    /// How often; each check must be answered within it.
+    pub interval: std::time::Duration,
+}
+
+/// The interval of a health check when none is given.
+pub const DEFAULT_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest weight an upstream may have.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -124,6 +179,8 @@ pub struct UpstreamSetSpec {
     members: Vec<WeightedUpstream>,
     /// How new connections are spread.
     pub balance: Balance,
+    /// The active health check, if any.
+    pub health: Option<HealthCheck>,
 }
 
 impl UpstreamSetSpec {
@@ -137,7 +194,11 @@ impl UpstreamSetSpec {
                 return Err(UpstreamsError::Duplicate(member.upstream.to_string()));
             }
         }
-        Ok(UpstreamSetSpec { members, balance })
+        Ok(UpstreamSetSpec {
+            members,
+            balance,
+            health: None,
+        })
     }
 
     /// A set of one.
@@ -148,6 +209,7 @@ impl UpstreamSetSpec {
                 weight: 1,
             }],
             balance: Balance::default(),
+            health: None,
         }
     }
 
@@ -180,6 +242,13 @@ impl fmt::Display for UpstreamSetSpec {
         }
         if self.members.len() > 1 && self.balance != Balance::default() {
             write!(f, " ({})", self.balance)?;
+        }
+        if let Some(check) = &self.health {
+            write!(
+                f,
+                " (health check {} every {:?})",
+                check.kind, check.interval
+            )?;
         }
         Ok(())
     }
