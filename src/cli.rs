@@ -9,7 +9,8 @@ use amb_engine::{
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{
-    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, RouteSpec, UpstreamSetSpec,
+    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, RedisAuth, RouteSpec, Secret,
+    UpstreamSetSpec,
 };
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
@@ -792,8 +793,11 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         routes.insert(RouteName::default_route(), spread(upstream.0));
     }
     for route in file.routes {
-        let set = route.upstream_set(&defaults).map_err(anyhow::Error::msg)?;
+        let mut set = route.upstream_set(&defaults).map_err(anyhow::Error::msg)?;
         let name = route.name.into_inner().0;
+        if let Some(auth) = &route.redis_auth {
+            set.redis_auth = Some(redis_auth(&name, auth.get_ref())?);
+        }
         if let Some(allow) = &route.allow {
             restricted.push((name.clone(), config::allow_list(allow)?));
         }
@@ -851,6 +855,21 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             file.connect_timeout.map(|d| d.get()),
         ),
         max_connections,
+    })
+}
+
+/// A route's `redis-auth`, its password read now (each reload reads it again).
+fn redis_auth(route: &RouteName, auth: &config::RedisAuthFile) -> anyhow::Result<RedisAuth> {
+    let password = match auth.password_source().map_err(anyhow::Error::msg)? {
+        config::PasswordSource::File(path) => amb_pki::read_secret(path)
+            .with_context(|| format!("route {route}: redis-auth password-file"))?,
+        config::PasswordSource::Env(name) => std::env::var(name).with_context(|| {
+            format!("route {route}: redis-auth password-env: {name} is not set (or not UTF-8)")
+        })?,
+    };
+    Ok(RedisAuth {
+        user: auth.user.clone(),
+        password: Secret::new(password),
     })
 }
 

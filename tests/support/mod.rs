@@ -413,19 +413,28 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        Self::start_with(&[])
     }
 
+    /// On `port` (e.g. again after it was killed).
     pub fn start_on(port: u16) -> Self {
-        Self::start_with_on(port, &[])
+        Self::try_start(port, &[]).unwrap_or_else(|why| panic!("{why}"))
     }
 
-    /// With extra `redis-server` flags.
+    /// With extra `redis-server` flags, on a free port. A port taken by another test between
+    /// its pick and redis's bind is picked again.
     pub fn start_with(extra: &[&str]) -> Self {
-        Self::start_with_on(free_port(), extra)
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(free_port(), extra) {
+                Ok(redis) => return redis,
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last}")
     }
 
-    fn start_with_on(port: u16, extra: &[&str]) -> Self {
+    fn try_start(port: u16, extra: &[&str]) -> Result<Self, String> {
         let dir = TempDir::new("redis");
         let child = Command::new("redis-server")
             .args([
@@ -445,20 +454,34 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server)");
-        let redis = Redis {
+        let mut redis = Redis {
             child,
             port,
             _dir: dir,
         };
         let deadline = Instant::now() + READY;
-        while redis_cli(port, &["ping"]).as_deref() != Some("PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} not ready"
-            );
+        // Up once it answers, if only to ask for a password; ours only while our child runs
+        // (another redis may hold the port).
+        let answers =
+            || redis_cli(port, &["ping"]).is_some_and(|a| a == "PONG" || a.starts_with("NOAUTH"));
+        loop {
+            if let Ok(Some(status)) = redis.child.try_wait() {
+                return Err(format!(
+                    "redis-server on {port} exited ({status}): port taken?"
+                ));
+            }
+            if answers() {
+                // Answered: ours, unless it exits on a port another one holds.
+                if redis.child.try_wait().ok().flatten().is_none() {
+                    return Ok(redis);
+                }
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("redis-server on {port} not ready"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        redis
     }
 }
 

@@ -130,6 +130,8 @@ pub struct RouteFile {
     pub health_check: Option<Parsed<HealthCheckKind>>,
     /// `health-interval`.
     pub health_interval: Option<Duration>,
+    /// `redis-auth`: credentials the server gives each new upstream connection.
+    pub redis_auth: Option<Spanned<RedisAuthFile>>,
     /// `allow`: this route's own allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
 }
@@ -271,6 +273,14 @@ impl ConfigFile {
                         format!("route {name}: {e}"),
                     ));
                 }
+                if let Some(auth) = &route.redis_auth {
+                    if let Err(e) = auth.get_ref().password_source() {
+                        return Err(invalid(
+                            Some(auth.span().start),
+                            format!("route {name}: {e}"),
+                        ));
+                    }
+                }
                 if seen.insert(name.clone(), route.name.span().start).is_some() {
                     return Err(invalid(
                         Some(route.name.span().start),
@@ -341,6 +351,40 @@ impl RouteFile {
             (None, None) => defaults.health,
         };
         Ok(set)
+    }
+}
+
+/// `redis-auth = { user = "app", password-file = "/run/secrets/redis" }`: the password from a
+/// file (mode 0600) or an environment variable (`password-env`), read by whoever builds the
+/// settings (this crate reads only the config file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RedisAuthFile {
+    /// The ACL user; none for `requirepass`.
+    pub user: Option<String>,
+    /// The file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// The environment variable holding the password.
+    pub password_env: Option<String>,
+}
+
+/// Where a `redis-auth` password is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordSource<'a> {
+    /// In this file.
+    File(&'a Path),
+    /// In this environment variable.
+    Env(&'a str),
+}
+
+impl RedisAuthFile {
+    /// Where the password is: exactly one of `password-file` and `password-env`.
+    pub fn password_source(&self) -> Result<PasswordSource<'_>, String> {
+        match (&self.password_file, &self.password_env) {
+            (Some(file), None) => Ok(PasswordSource::File(file)),
+            (None, Some(env)) => Ok(PasswordSource::Env(env)),
+            _ => Err("redis-auth: give `password-file` or `password-env` (one of them)".into()),
+        }
     }
 }
 

@@ -239,3 +239,48 @@ fn a_route_may_check_its_upstreams_actively() {
         "{err}"
     );
 }
+
+#[test]
+fn redis_auth_names_exactly_one_place_for_the_password() {
+    let route = |auth: &str| {
+        format!("[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\nredis-auth = {{ {auth} }}\n")
+    };
+    let file = parse(&route(
+        "user = \"app\", password-file = \"/run/secrets/redis\"",
+    ))
+    .unwrap();
+    let auth = file.server.unwrap().routes[0]
+        .redis_auth
+        .clone()
+        .unwrap()
+        .into_inner();
+    assert_eq!(auth.user.as_deref(), Some("app"));
+    assert_eq!(
+        auth.password_source(),
+        Ok(PasswordSource::File(std::path::Path::new(
+            "/run/secrets/redis"
+        )))
+    );
+    let file = parse(&route("password-env = \"REDIS_PASSWORD\"")).unwrap();
+    let auth = file.server.unwrap().routes[0]
+        .redis_auth
+        .clone()
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        auth.password_source(),
+        Ok(PasswordSource::Env("REDIS_PASSWORD"))
+    );
+    for bad in [
+        "user = \"app\"",
+        "password-file = \"/x\", password-env = \"Y\"",
+    ] {
+        let err = parse(&route(bad)).unwrap_err();
+        assert!(
+            err.starts_with("amb.toml:5: route r: redis-auth: give"),
+            "{err}"
+        );
+    }
+    let err = parse(&route("password = \"inline\"")).unwrap_err();
+    assert!(err.contains("unknown field `password`"), "{err}");
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use amb_proto::{Refusal, RouteName};
-use amb_spec::{Balance, HealthCheck, HealthCheckKind, UpstreamSetSpec, UpstreamSpec};
+use amb_spec::{Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec};
 use futures_util::future::join_all;
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -216,7 +216,20 @@ impl UpstreamSet {
                 index,
             };
             match member.upstream.dial(limit).await {
-                Ok(stream) => {
+                Ok(mut stream) => {
+                    if let Some(auth) = &inner.spec.redis_auth {
+                        // The credentials' fault, not the upstream's health: no other is tried.
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if let Err(why) = authenticate(&mut stream, auth, left).await {
+                            return Err(DialFailure {
+                                refusal: Refusal::UpstreamRefused,
+                                detail: format!(
+                                    "{}: upstream auth refused: {why}",
+                                    member.upstream
+                                ),
+                            });
+                        }
+                    }
                     self.mark_up(index);
                     return Ok((stream, lease));
                 }
@@ -312,10 +325,11 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
         let Some(inner) = set.upgrade() else {
             return;
         };
+        let auth = inner.spec.redis_auth.as_ref();
         let probes = inner
             .members
             .iter()
-            .map(|m| probe(&m.upstream, check.kind, check.interval));
+            .map(|m| probe(&m.upstream, check.kind, auth, check.interval));
         let results = join_all(probes).await;
         for (member, result) in inner.members.iter().zip(results) {
             let now = if result.is_ok() { CHECK_UP } else { CHECK_DOWN };
@@ -344,14 +358,20 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
     }
 }
 
-/// One active check of `upstream`, answered within `limit`.
-async fn probe(upstream: &Upstream, kind: HealthCheckKind, limit: Duration) -> Result<(), String> {
+/// One active check of `upstream` (authenticated with `auth`, if any), answered within
+/// `limit`.
+async fn probe(
+    upstream: &Upstream,
+    kind: HealthCheckKind,
+    auth: Option<&RedisAuth>,
+    limit: Duration,
+) -> Result<(), String> {
     let checked = async {
         let stream = upstream.dial(limit).await.map_err(|f| f.detail)?;
         match (kind, stream) {
             (HealthCheckKind::Tcp, _) => Ok(()),
-            (_, UpstreamStream::Tcp(tcp)) => ask_redis(tcp, kind).await,
-            (_, UpstreamStream::Unix(unix)) => ask_redis(unix, kind).await,
+            (_, UpstreamStream::Tcp(tcp)) => ask_redis(tcp, kind, auth).await,
+            (_, UpstreamStream::Unix(unix)) => ask_redis(unix, kind, auth).await,
         }
     };
     tokio::time::timeout(limit, checked)
@@ -363,8 +383,15 @@ async fn probe(upstream: &Upstream, kind: HealthCheckKind, limit: Duration) -> R
 async fn ask_redis(
     io: impl AsyncRead + AsyncWrite + Unpin,
     kind: HealthCheckKind,
+    auth: Option<&RedisAuth>,
 ) -> Result<(), String> {
     let mut io = BufReader::new(io);
+    if let Some(auth) = auth {
+        let answer = redis_call(&mut io, &auth_command(auth)).await?;
+        if answer != "+OK" {
+            return Err(format!("AUTH answered {answer}"));
+        }
+    }
     let pong = redis_call(&mut io, b"*1\r\n$4\r\nPING\r\n").await?;
     if pong != "+PONG" {
         return Err(format!("PING answered {pong:?}, not +PONG"));
@@ -382,6 +409,76 @@ async fn ask_redis(
         }
     }
     Ok(())
+}
+
+/// `AUTH [user] password` as a RESP array.
+fn auth_command(auth: &RedisAuth) -> Vec<u8> {
+    let mut args: Vec<&[u8]> = vec![b"AUTH"];
+    if let Some(user) = &auth.user {
+        args.push(user.as_bytes());
+    }
+    args.push(auth.password.expose().as_bytes());
+    let mut command = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        command.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        command.extend_from_slice(arg);
+        command.extend_from_slice(b"\r\n");
+    }
+    command
+}
+
+/// Gives a fresh upstream connection its credentials before the app's bytes: `AUTH`, and
+/// `+OK` read to its end and no further, so that nothing of the app's stream is consumed.
+/// Returns Redis's answer when it is not `+OK` (Redis never repeats the password).
+async fn authenticate(
+    stream: &mut UpstreamStream,
+    auth: &RedisAuth,
+    limit: Duration,
+) -> Result<(), String> {
+    let exchange = async {
+        match stream {
+            UpstreamStream::Tcp(tcp) => auth_exchange(tcp, auth).await,
+            UpstreamStream::Unix(unix) => auth_exchange(unix, auth).await,
+        }
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer to AUTH within {limit:?}")))
+}
+
+async fn auth_exchange(
+    io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    auth: &RedisAuth,
+) -> Result<(), String> {
+    io.write_all(&auth_command(auth))
+        .await
+        .map_err(|e| format!("sending AUTH: {e}"))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = io
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("reading AUTH's answer: {e}"))?;
+        if n == 0 {
+            return Err("the connection closed before AUTH's answer".into());
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(end) = answer.windows(2).position(|w| w == b"\r\n") {
+            if end + 2 != answer.len() {
+                return Err("more than AUTH's answer came back".into());
+            }
+            answer.truncate(end);
+            break;
+        }
+        if answer.len() > buf.len() {
+            return Err("AUTH's answer is over 512 bytes".into());
+        }
+    }
+    match &answer[..] {
+        b"+OK" => Ok(()),
+        other => Err(String::from_utf8_lossy(other).into_owned()),
+    }
 }
 
 /// Sends `command` and reads the first line of the answer.

@@ -26,6 +26,14 @@ pub enum PkiError {
         /// What was expected or wrong.
         what: String,
     },
+    /// A secret (password) file can be read by group or others.
+    #[error("{path}: secret is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    SecretPermissions {
+        /// The secret file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A private key file can be read by group or others.
     #[error("{path}: private key is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     KeyPermissions {

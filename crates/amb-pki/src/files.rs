@@ -38,11 +38,34 @@ pub(crate) fn parse_certs(
     Ok(certs)
 }
 
-/// Reads a private key, refusing a file that group or others can access.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+/// The permission bits of a file that group or others can access; `None` if they cannot.
+fn open_to_others(path: &Path) -> Result<Option<u32>, PkiError> {
     let meta = std::fs::metadata(path).map_err(|e| PkiError::io(path, e))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    Ok((mode & 0o077 != 0).then_some(mode))
+}
+
+/// Reads a secret (a password) from its file, refusing a file that group or others can
+/// access, as private keys are; one trailing newline is not part of it.
+pub fn read_secret(path: &Path) -> Result<String, PkiError> {
+    if let Some(mode) = open_to_others(path)? {
+        return Err(PkiError::SecretPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let bytes = read(path)?;
+    let text = String::from_utf8(bytes).map_err(|_| PkiError::BadPem {
+        path: path.to_owned(),
+        what: "a secret file must hold UTF-8 text".into(),
+    })?;
+    let secret = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(secret.strip_suffix('\r').unwrap_or(secret).to_owned())
+}
+
+/// Reads a private key, refusing a file that group or others can access.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    if let Some(mode) = open_to_others(path)? {
         return Err(PkiError::KeyPermissions {
             path: path.to_owned(),
             mode,

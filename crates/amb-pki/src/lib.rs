@@ -13,7 +13,7 @@ mod verify;
 pub use check::{check_files, describe_certificate, Finding, Severity, EXPIRY_WARNING_DAYS};
 pub use config::{client_config, server_config, FilesContents, FilesStamp, TlsFiles};
 pub use error::PkiError;
-pub use files::{load_certs, load_key};
+pub use files::{load_certs, load_key, read_secret};
 pub use identity::peer_identity;
 pub use issue::{
     init_dev_pki, issue_leaf_in_dir, CertAuthority, InitOptions, IssuedLeaf, LeafRole, LeafSpec,

@@ -15,6 +15,6 @@ pub use peer::{PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
 pub use upstreams::{
-    Balance, BalanceError, HealthCheck, HealthCheckKind, HealthCheckKindError, UpstreamSetSpec,
-    UpstreamsError, WeightedUpstream, DEFAULT_HEALTH_INTERVAL, MAX_WEIGHT,
+    Balance, BalanceError, HealthCheck, HealthCheckKind, HealthCheckKindError, RedisAuth, Secret,
+    UpstreamSetSpec, UpstreamsError, WeightedUpstream, DEFAULT_HEALTH_INTERVAL, MAX_WEIGHT,
 };

@@ -109,6 +109,45 @@ pub struct HealthCheck {
 /// The interval of a health check when none is given.
 pub const DEFAULT_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A secret (a password): compared like any value, never shown (`Debug` and `Display` print
+/// `***`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `secret`.
+    pub fn new(secret: String) -> Self {
+        Secret(secret)
+    }
+
+    /// The secret itself, to send where it belongs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Credentials the server ambassador gives a Redis upstream (`AUTH`) on each new connection,
+/// before the app's bytes: the app connects with none.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RedisAuth {
+    /// The ACL user; `None` for `requirepass`.
+    pub user: Option<String>,
+    /// The password, as read at the last (re)load.
+    pub password: Secret,
+}
+
 /// Largest weight an upstream may have.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -181,6 +220,8 @@ pub struct UpstreamSetSpec {
     pub balance: Balance,
     /// The active health check, if any.
     pub health: Option<HealthCheck>,
+    /// Credentials to give each new upstream connection, if any.
+    pub redis_auth: Option<RedisAuth>,
 }
 
 impl UpstreamSetSpec {
@@ -198,6 +239,7 @@ impl UpstreamSetSpec {
             members,
             balance,
             health: None,
+            redis_auth: None,
         })
     }
 
@@ -210,6 +252,7 @@ impl UpstreamSetSpec {
             }],
             balance: Balance::default(),
             health: None,
+            redis_auth: None,
         }
     }
 

@@ -1,0 +1,147 @@
+//! Credential injection, end to end with a real `redis-server --requirepass` that also has an
+//! ACL user: apps connect with no AUTH of their own; the server ambassador authenticates each
+//! upstream connection with the password from a file or an environment variable; a wrong one
+//! refuses the stream with the reason; health checks authenticate too; no secret reaches a log
+//! line; a secret file others can read stops the start. Over QUIC and over TLS.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+per_transport!(apps_reach_a_password_protected_redis_without_a_password,);
+
+const PASSWORD: &str = "requirepass-Secret-7f3a";
+const APP_PASSWORD: &str = "acl-Secret-91c2";
+const WRONG: &str = "wrong-Secret-44d0";
+
+/// Sends one RESP command on a fresh connection through `listen`; the answer's bytes.
+async fn call(listen: SocketAddr, command: &[&str]) -> std::io::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(listen).await?;
+    let mut resp = format!("*{}\r\n", command.len());
+    for arg in command {
+        resp += &format!("${}\r\n{arg}\r\n", arg.len());
+    }
+    tcp.write_all(resp.as_bytes()).await?;
+    tcp.shutdown().await?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+fn secret_file(pki: &Pki, name: &str, secret: &str, mode: u32) -> String {
+    let path = pki.path(name);
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path.display().to_string()
+}
+
+async fn apps_reach_a_password_protected_redis_without_a_password(t: Transport) {
+    let acl_user = format!(">{APP_PASSWORD}");
+    let redis = Redis::start_with(&[
+        "--requirepass",
+        PASSWORD,
+        "--user",
+        "app",
+        "on",
+        &acl_user,
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let pki = Pki::new();
+    let (good, wrong) = (
+        secret_file(&pki, "redis-password", PASSWORD, 0o600),
+        secret_file(&pki, "wrong-password", WRONG, 0o600),
+    );
+    let route = |name: &str, auth: &str| {
+        format!(
+            "\n[[server.route]]\nname = \"{name}\"\nupstream = \"127.0.0.1:{}\"\nredis-auth = {{ {auth} }}\n",
+            redis.port
+        )
+    };
+    let server_part = |good: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+            pki.path("ca.pem").display()
+        ) + &route("secret", &format!("password-file = \"{good}\""))
+            + "health-check = \"redis\"\nhealth-interval = \"200ms\"\n"
+            + &route(
+                "acl",
+                "user = \"app\", password-env = \"APP_REDIS_PASSWORD\"",
+            )
+            + &route("wrong", &format!("password-file = \"{wrong}\""))
+    };
+    let config = pki.path("amb.toml");
+    std::fs::write(&config, server_part(&good)).unwrap();
+    let path = config.display().to_string();
+    let server = Amb::spawn_env(
+        &["server", "--config", &path],
+        &[("APP_REDIS_PASSWORD", APP_PASSWORD)],
+    );
+    let listens = [
+        "--listen", "0=secret", "--listen", "0=acl", "--listen", "0=wrong",
+    ];
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &listens);
+    client.wait_tunnel_up();
+
+    // The health check authenticates too (a PING without AUTH is answered NOAUTH).
+    server
+        .log
+        .wait_for(&["upstream health: unchecked → up", "route=secret"]);
+
+    // The app sends no AUTH of its own.
+    let secret = client.listen_addr_for("secret");
+    assert_eq!(call(secret, &["INCR", "hits"]).await.unwrap(), ":1\r\n");
+    let acl = client.listen_addr_for("acl");
+    assert_eq!(
+        call(acl, &["ACL", "WHOAMI"]).await.unwrap(),
+        "$3\r\napp\r\n"
+    );
+
+    // A wrong password: the stream is refused, with the reason on both sides.
+    assert_reset_after_write(client.listen_addr_for("wrong"), b"*1\r\n$4\r\nPING\r\n").await;
+    server
+        .log
+        .wait_for(&["stream refused", "upstream auth refused", "WRONGPASS"]);
+    client
+        .log
+        .wait_for(&["refused by server: upstream refused the connection"]);
+    assert_eq!(
+        redis_cli(
+            redis.port,
+            &["-a", PASSWORD, "--no-auth-warning", "get", "hits"]
+        )
+        .as_deref(),
+        Some("1"),
+        "only the app's INCR reached redis"
+    );
+
+    // No secret in any log line.
+    for (side, log) in [("server", server.log.text()), ("client", client.log.text())] {
+        for secret in [PASSWORD, APP_PASSWORD, WRONG] {
+            assert!(!log.contains(secret), "the {side} logged a secret:\n{log}");
+        }
+    }
+
+    // A password file others can read stops the start, before anything is bound.
+    let open = secret_file(&pki, "open-password", PASSWORD, 0o644);
+    std::fs::write(&config, server_part(&open)).unwrap();
+    let out = Command::new(AMB)
+        .args(["server", "--config", &path])
+        .env("APP_REDIS_PASSWORD", APP_PASSWORD)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("readable by group or others") && stderr.contains("open-password"),
+        "{stderr}"
+    );
+}
