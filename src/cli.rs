@@ -394,8 +394,24 @@ struct ClientArgs {
     #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
     config: Option<PathBuf>,
     /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
-    #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
-    peer: Option<PeerSpec>,
+    /// Repeatable: new app connections are spread over the peers with a tunnel connection up
+    /// (--peer-balance), and go to the others at once when one is lost or draining.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "AMB_PEER",
+        value_delimiter = ','
+    )]
+    peer: Vec<PeerSpec>,
+    /// How new app connections are spread over several peers: least-conn (the one carrying
+    /// the fewest), round-robin, or failover (the first up, in the order given: a standby).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "least-conn",
+        env = "AMB_PEER_BALANCE"
+    )]
+    peer_balance: Balance,
     /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
     #[arg(
         long = "listen",
@@ -487,7 +503,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 .map(|path| -> (PathBuf, ListenerBuilder) {
                     let build = move || {
                         let settings = client_settings(client.clone(), &Given(part.as_ref()))?;
-                        Ok((settings.listens, settings.peer))
+                        Ok((settings.listens, settings.peers))
                     };
                     (path, Box::new(build))
                 });
@@ -516,7 +532,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             };
             let client_build = move || -> anyhow::Result<_> {
                 let settings = client_settings(part_args("client", &path)?, &Given(None))?;
-                Ok((settings.listens, settings.peer))
+                Ok((settings.listens, settings.peers))
             };
             runtime(args.threads)?.block_on(async {
                 let server = async {
@@ -877,7 +893,7 @@ fn redis_auth(route: &RouteName, auth: &config::RedisAuthFile) -> anyhow::Result
 type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync>;
 /// Builds a client's listeners and default peer again from its config file.
 type ListenerBuilder =
-    Box<dyn Fn() -> anyhow::Result<(Vec<ListenerSpec>, Option<PeerSpec>)> + Send + Sync>;
+    Box<dyn Fn() -> anyhow::Result<(Vec<ListenerSpec>, Vec<PeerSpec>)> + Send + Sync>;
 
 /// Runs a server; with `config` (its file, and how to build routes from it) the routes follow
 /// the file.
@@ -921,16 +937,23 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         args.listens,
         Some(file_listens).filter(|l| !l.is_empty()),
     );
-    let peer = given.pick("peer", args.peer, file.peer.map(|p| Some(p.0)));
-    if peer.is_none() && listens.iter().any(|l| l.peer.is_none()) {
+    let file_peers = Some(file.peer_list()).filter(|p| !p.is_empty());
+    let peers = given.pick("peer", args.peer, file_peers);
+    if peers.is_empty() && listens.iter().any(|l| l.peers.is_empty()) {
         bail!("no peer: give --peer HOST:PORT (or `peer` in the [client] part of --config)");
     }
+    let peer_balance = given.pick(
+        "peer_balance",
+        args.peer_balance,
+        file.peer_balance.map(|b| b.0),
+    );
     let (certs, limits) = certs_and_limits!(file);
     let (tls, reload_check) = args.certs.resolve(given, "client", certs)?;
     let (limits, max_connections) = args.limits.resolve(given, limits);
     let connections = given.pick("connections", args.connections, file.connections.map(Some));
     Ok(ClientSettings {
-        peer,
+        peers,
+        peer_balance,
         server_name: given.pick("server_name", args.server_name, file.server_name.map(Some)),
         transport,
         tls,

@@ -56,7 +56,7 @@ pub fn server_routes(
 /// A client's listeners follow the file: `build` reads them and the default peer.
 pub fn client_listeners(
     path: PathBuf,
-    build: impl Fn() -> anyhow::Result<(Vec<ListenerSpec>, Option<PeerSpec>)> + Send + Sync + 'static,
+    build: impl Fn() -> anyhow::Result<(Vec<ListenerSpec>, Vec<PeerSpec>)> + Send + Sync + 'static,
     listeners: Listeners,
 ) -> Reconfigure {
     let build = Arc::new(build);
@@ -66,8 +66,8 @@ pub fn client_listeners(
         apply: Box::new(move || {
             let (built, listeners) = (build(), listeners.clone());
             Box::pin(async move {
-                let (listens, peer) = built?;
-                Ok(listeners.replace(listens, peer).await?)
+                let (listens, peers) = built?;
+                Ok(listeners.replace(listens, peers).await?)
             })
         }),
     }

@@ -142,6 +142,10 @@ pub struct RouteFile {
 pub struct ClientFile {
     /// `peer`: the server every listener without a peer of its own dials.
     pub peer: Option<Parsed<PeerSpec>>,
+    /// `peers`: several such servers (with `peer`, if given, first).
+    pub peers: Option<Vec<Parsed<PeerSpec>>>,
+    /// `peer-balance`: how new app connections are spread over several peers.
+    pub peer_balance: Option<Parsed<Balance>>,
     /// `transport`.
     pub transport: Option<ClientTransport>,
     /// `server-name`.
@@ -185,6 +189,8 @@ pub struct ListenerFile {
     pub route: Option<Parsed<RouteName>>,
     /// `peer`: a server of its own.
     pub peer: Option<Parsed<PeerSpec>>,
+    /// `peers`: several servers of its own (with `peer`, if given, first).
+    pub peers: Option<Vec<Parsed<PeerSpec>>>,
 }
 
 /// A whole config file.
@@ -405,9 +411,30 @@ impl ListenerFile {
         if let Some(route) = &self.route {
             spec.route = route.0.clone();
         }
-        spec.peer = self.peer.as_ref().map(|p| p.0.clone());
+        spec.peers = peer_list(&self.peer, &self.peers);
         Ok(spec)
     }
+}
+
+impl ClientFile {
+    /// The servers of every listener without peers of its own: `peer`, then `peers`.
+    pub fn peer_list(&self) -> Vec<PeerSpec> {
+        peer_list(&self.peer, &self.peers)
+    }
+}
+
+/// `peer` then `peers`, each once.
+fn peer_list(
+    one: &Option<Parsed<PeerSpec>>,
+    many: &Option<Vec<Parsed<PeerSpec>>>,
+) -> Vec<PeerSpec> {
+    let mut list: Vec<PeerSpec> = Vec::new();
+    for peer in one.iter().chain(many.iter().flatten()) {
+        if !list.contains(&peer.0) {
+            list.push(peer.0.clone());
+        }
+    }
+    list
 }
 
 /// An `allow` value as the allow-list it stands for.

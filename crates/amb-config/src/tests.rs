@@ -56,8 +56,8 @@ fn the_documented_shape_parses_into_specs() {
         "loopback by default"
     );
     assert_eq!(specs[0].route.as_str(), "redis");
-    assert_eq!(specs[0].peer, None);
-    assert_eq!(specs[1].peer.as_ref().unwrap().to_string(), "db-host:7443");
+    assert!(specs[0].peers.is_empty());
+    assert_eq!(specs[1].peers[0].to_string(), "db-host:7443");
 }
 
 #[test]
@@ -283,4 +283,27 @@ fn redis_auth_names_exactly_one_place_for_the_password() {
     }
     let err = parse(&route("password = \"inline\"")).unwrap_err();
     assert!(err.contains("unknown field `password`"), "{err}");
+}
+
+#[test]
+fn a_client_and_its_listeners_may_name_several_peers() {
+    let text = "[client]\npeer = \"a:7443\"\npeers = [\"b:7443\", \"a:7443\"]\npeer-balance = \"failover\"\n\
+                [[client.listen]]\nlisten = \"6379\"\n\n[[client.listen]]\nlisten = \"5432\"\npeers = [\"c:1\", \"d:1\"]\n";
+    let client = parse(text).unwrap().client.unwrap();
+    let names =
+        |peers: Vec<amb_spec::PeerSpec>| peers.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        names(client.peer_list()),
+        ["a:7443", "b:7443"],
+        "peer first, each once"
+    );
+    assert_eq!(
+        client.peer_balance.as_ref().unwrap().0,
+        amb_spec::Balance::Failover
+    );
+    assert!(client.listeners[0].spec().unwrap().peers.is_empty());
+    assert_eq!(
+        names(client.listeners[1].spec().unwrap().peers),
+        ["c:1", "d:1"]
+    );
 }

@@ -10,10 +10,11 @@ use std::time::Duration;
 use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
-use amb_spec::{diff_listeners, ListenerChange, ListenerSpec, PeerSpec};
+use amb_spec::{diff_listeners, Balance, ListenerChange, ListenerSpec, PeerSpec};
 use amb_tls::TlsDialer;
 use arc_swap::ArcSwap;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, select_all};
+use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -24,6 +25,7 @@ use crate::relay::{relay, reset_tcp, RelayError};
 use crate::reload::{Certs, Reload};
 use crate::tally::{StreamEnd, StreamTally};
 use crate::throttle::LogThrottle;
+use crate::upstream_set::{pick, Candidate};
 use crate::{bind_tcp, EngineError};
 
 /// The tunnel transport a client uses.
@@ -38,8 +40,10 @@ pub enum ClientTransport {
 /// Everything the client needs.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
-    /// The server of every listener without a peer of its own.
-    pub peer: Option<PeerSpec>,
+    /// The servers of every listener without peers of its own.
+    pub peers: Vec<PeerSpec>,
+    /// How new app connections are spread over a listener's peers.
+    pub peer_balance: Balance,
     /// The name every server's certificate must be valid for; `None`: each peer's host.
     pub server_name: Option<String>,
     /// Which transport to use.
@@ -74,12 +78,11 @@ pub struct Client {
     ),
 }
 
-/// A bound listener, as configured (its peer filled in), and the link (in [`Client`]'s
-/// `links`) its connections go over.
+/// A bound listener, as configured (its peers filled in; their links are in [`Client`]'s
+/// `links`).
 struct Listener {
     socket: TcpListener,
     spec: ListenerSpec,
-    link: usize,
 }
 
 /// Makes the link to a peer, as the client's settings say.
@@ -111,11 +114,11 @@ impl LinkMaker {
     }
 }
 
-/// Each listener with its peer: its own, else the client's. An error names a listener that
+/// Each listener with its peers: its own, else the client's. An error names a listener that
 /// has neither.
 fn with_peers(
     listens: Vec<ListenerSpec>,
-    peer: Option<&PeerSpec>,
+    peers: &[PeerSpec],
 ) -> Result<Vec<ListenerSpec>, EngineError> {
     if listens.is_empty() {
         return Err(EngineError::Config(
@@ -125,10 +128,12 @@ fn with_peers(
     listens
         .into_iter()
         .map(|mut spec| {
-            spec.peer = spec.peer.or_else(|| peer.cloned());
-            match spec.peer {
-                Some(_) => Ok(spec),
-                None => Err(EngineError::Config(format!(
+            if spec.peers.is_empty() {
+                spec.peers = peers.to_vec();
+            }
+            match spec.peers.is_empty() {
+                false => Ok(spec),
+                true => Err(EngineError::Config(format!(
                     "listener {} has no peer: give --peer HOST:PORT (or `peer` in the config file)",
                     spec.addr
                 ))),
@@ -140,7 +145,7 @@ fn with_peers(
 impl Client {
     /// Loads certificates, then binds the listeners. Must be called within a Tokio runtime.
     pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
-        let listens = with_peers(settings.listens.clone(), settings.peer.as_ref())?;
+        let listens = with_peers(settings.listens.clone(), &settings.peers)?;
         let alpn = match settings.transport {
             ClientTransport::Quic => ALPN_QUIC,
             ClientTransport::Tls => ALPN_H2,
@@ -155,18 +160,14 @@ impl Client {
         let mut links: Vec<Link> = Vec::new();
         let mut listeners = Vec::new();
         for spec in listens {
-            let peer = spec.peer.as_ref().expect("filled in by with_peers");
-            let link = match links.iter().position(|l| l.peer() == peer) {
-                Some(i) => i,
-                None => {
+            for peer in &spec.peers {
+                if !links.iter().any(|l| l.peer() == peer) {
                     links.push(makes.make(peer)?);
-                    links.len() - 1
                 }
-            };
+            }
             listeners.push(Listener {
                 socket: bind_tcp(spec.addr)?,
                 spec,
-                link,
             });
         }
         Ok(Client {
@@ -237,7 +238,7 @@ pub struct PeerProbe {
 /// and closes again; binds nothing. A handshake passed means the peer's certificate verified
 /// and the peer accepted this client's. Must be called within a Tokio runtime.
 pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, EngineError> {
-    let listens = with_peers(settings.listens.clone(), settings.peer.as_ref())?;
+    let listens = with_peers(settings.listens.clone(), &settings.peers)?;
     let alpn = match settings.transport {
         ClientTransport::Quic => ALPN_QUIC,
         ClientTransport::Tls => ALPN_H2,
@@ -250,7 +251,7 @@ pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, En
         limits: settings.limits,
     };
     let mut peers: Vec<&PeerSpec> = Vec::new();
-    for peer in listens.iter().filter_map(|l| l.peer.as_ref()) {
+    for peer in listens.iter().flat_map(|l| &l.peers) {
         if !peers.contains(&peer) {
             peers.push(peer);
         }
@@ -276,12 +277,12 @@ pub struct Listeners(mpsc::UnboundedSender<Relisten>);
 /// A replacement of the listeners, and where its outcome goes.
 struct Relisten {
     listens: Vec<ListenerSpec>,
-    peer: Option<PeerSpec>,
+    peers: Vec<PeerSpec>,
     done: oneshot::Sender<Result<usize, EngineError>>,
 }
 
 impl Listeners {
-    /// Swaps in `listens` (`peer` serving those without one of their own): new listeners are
+    /// Swaps in `listens` (`peers` serving those without their own): new listeners are
     /// bound, removed ones stop accepting (their app connections go on), and one whose route
     /// or peer changed keeps its socket and sends new connections to the new target. All or
     /// nothing: if a new listener cannot be bound, nothing changes. A peer no listener uses
@@ -290,14 +291,14 @@ impl Listeners {
     pub async fn replace(
         &self,
         listens: Vec<ListenerSpec>,
-        peer: Option<PeerSpec>,
+        peers: Vec<PeerSpec>,
     ) -> Result<usize, EngineError> {
         let (done, outcome) = oneshot::channel();
         let stopped = || EngineError::Config("the client has stopped".into());
         self.0
             .send(Relisten {
                 listens,
-                peer,
+                peers,
                 done,
             })
             .map_err(|_| stopped())?;
@@ -473,8 +474,17 @@ impl Link {
     }
 
     /// Carries one app connection over a pooled tunnel connection.
-    async fn carry(&self, tcp: TcpStream, app: SocketAddr, route: RouteName, wait: Duration) {
-        with_link!(self, link => carry(tcp, app, route, link, wait).await)
+    /// Carries one app connection over a pooled tunnel connection; with `hand_back`, may give
+    /// it back untouched (see [`carry`]).
+    async fn carry(
+        &self,
+        tcp: TcpStream,
+        app: SocketAddr,
+        route: RouteName,
+        wait: Duration,
+        hand_back: bool,
+    ) -> Option<TcpStream> {
+        with_link!(self, link => carry(tcp, app, route, link, wait, hand_back).await)
     }
 
     async fn close(&self) {
@@ -488,6 +498,22 @@ impl Link {
             let presented = tunnel.peer_certificate();
             tunnel.close().await;
             Ok((addr.to_string(), presented))
+        })
+    }
+
+    /// App connections on its tunnel connections in service; `None` if none is up.
+    fn live_load(&self) -> Option<usize> {
+        with_link!(self, link => {
+            let live = link.pool.live.borrow();
+            (!live.is_empty()).then(|| live.iter().map(|(_, p)| p.carried.running()).sum())
+        })
+    }
+
+    /// Resolves once a tunnel connection to the peer is in service.
+    async fn wait_live(&self) {
+        with_link!(self, link => {
+            let mut live = link.pool.live.subscribe();
+            let _ = live.wait_for(|v| !v.is_empty()).await;
         })
     }
 
@@ -602,10 +628,83 @@ type CertsWatch = (
     watch::Receiver<u64>,
 );
 
-/// Where a listener's new connections go: the route they ask for, over which link.
+/// Where a listener's new connections go: the route they ask for, over its peers' links.
 struct Target {
     route: RouteName,
-    link: Link,
+    links: Vec<Link>,
+}
+
+impl Target {
+    /// The link (its index) a new app connection goes over, of those with a tunnel connection
+    /// up now (not lost, not draining), as `balance` picks: least-conn, fewest app connections;
+    /// failover, the first in order; round-robin, in turn. `None` if none has one up.
+    fn pick_live(&self, balance: Balance, turn: usize) -> Option<usize> {
+        let candidates: Vec<Candidate> = self
+            .links
+            .iter()
+            .map(|link| {
+                let load = link.live_load();
+                Candidate {
+                    weight: 1,
+                    open: load.unwrap_or(0),
+                    eligible: load.is_some(),
+                }
+            })
+            .collect();
+        pick(balance, &candidates, turn, |n| {
+            rand::rng().random_range(0..n)
+        })
+    }
+
+    /// Carries one app connection: over a peer with a tunnel connection up now, at once; if
+    /// none has one, over the first to get one, within the tunnel wait. A peer whose tunnel is
+    /// lost under the connection (before any of its bytes were read) hands it to the next.
+    async fn carry(&self, tcp: TcpStream, app: SocketAddr, accepting: &Accepting) {
+        let (route, wait) = (&self.route, accepting.tunnel_wait);
+        if let [link] = &self.links[..] {
+            link.carry(tcp, app, route.clone(), wait, false).await;
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let turn = accepting.turn.fetch_add(1, Ordering::Relaxed);
+        let mut untried = self.clone_links();
+        let mut tcp = tcp;
+        while !untried.links.is_empty() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let index = match untried.pick_live(accepting.peer_balance, turn) {
+                Some(i) => i,
+                None => {
+                    let first_up =
+                        select_all(untried.links.iter().map(|l| Box::pin(l.wait_live())));
+                    match tokio::time::timeout(left, first_up).await {
+                        Ok((_, i, _)) => i,
+                        Err(_) => break,
+                    }
+                }
+            };
+            let link = untried.links.remove(index);
+            let hand_back = !untried.links.is_empty();
+            match link.carry(tcp, app, route.clone(), left, hand_back).await {
+                Some(back) => tcp = back,
+                None => return,
+            }
+        }
+        warn!(%app, %route, peers = %self.peers(), "no tunnel connection to any peer within {wait:?}; resetting the app connection");
+        reset_tcp(tcp);
+    }
+
+    fn clone_links(&self) -> Target {
+        Target {
+            route: self.route.clone(),
+            links: self.links.clone(),
+        }
+    }
+
+    /// The peers, for the log.
+    fn peers(&self) -> String {
+        let names: Vec<&str> = self.links.iter().map(Link::name).collect();
+        names.join(",")
+    }
 }
 
 /// What every listener's accept loop shares.
@@ -615,6 +714,9 @@ struct Accepting {
     throttle: LogThrottle,
     tunnel_wait: Duration,
     max_connections: usize,
+    peer_balance: Balance,
+    /// Round-robin's position over peers.
+    turn: AtomicUsize,
 }
 
 /// A link in service, and what stops its supervisors.
@@ -649,15 +751,23 @@ impl Running {
         self.links.push(RunningLink { link, stop });
     }
 
-    fn start_listener(&mut self, socket: TcpListener, spec: ListenerSpec, link: Link) {
+    /// The links of `spec`'s peers, all started.
+    fn links_for(&self, spec: &ListenerSpec) -> Vec<Link> {
+        let links = spec.peers.iter().filter_map(|peer| self.link_to(peer));
+        links.cloned().collect()
+    }
+
+    fn start_listener(&mut self, socket: TcpListener, spec: ListenerSpec) {
         let (stop, stopped) = watch::channel(false);
-        if let Ok(addr) = socket.local_addr() {
-            info!(listen = %addr, route = %spec.route, peer = %link.name(), transport = link.transport(), "amb client listening");
-        }
-        let target = Arc::new(ArcSwap::from_pointee(Target {
+        let target = Target {
             route: spec.route.clone(),
-            link,
-        }));
+            links: self.links_for(&spec),
+        };
+        if let Ok(addr) = socket.local_addr() {
+            let transport = target.links.first().map_or("", Link::transport);
+            info!(listen = %addr, route = %spec.route, peer = %target.peers(), transport, "amb client listening");
+        }
+        let target = Arc::new(ArcSwap::from_pointee(target));
         tokio::spawn(accept(
             socket,
             target.clone(),
@@ -679,9 +789,9 @@ impl Running {
         &mut self,
         makes: &LinkMaker,
         listens: Vec<ListenerSpec>,
-        peer: Option<&PeerSpec>,
+        peers: &[PeerSpec],
     ) -> Result<usize, EngineError> {
-        let listens = with_peers(listens, peer)?;
+        let listens = with_peers(listens, peers)?;
         let running: Vec<ListenerSpec> = self.listeners.iter().map(|l| l.spec.clone()).collect();
         let changes = diff_listeners(&running, &listens);
         // Everything that can fail first: the links to new peers, the new sockets.
@@ -696,9 +806,10 @@ impl Running {
                 ListenerChange::Changed { new, .. } => new,
                 ListenerChange::Removed(_) => continue,
             };
-            let peer = spec.peer.as_ref().expect("filled in by with_peers");
-            if self.link_to(peer).is_none() && !new_links.iter().any(|l| l.peer() == peer) {
-                new_links.push(makes.make(peer)?);
+            for peer in &spec.peers {
+                if self.link_to(peer).is_none() && !new_links.iter().any(|l| l.peer() == peer) {
+                    new_links.push(makes.make(peer)?);
+                }
             }
         }
         for link in new_links {
@@ -709,10 +820,8 @@ impl Running {
         for change in &changes {
             match change {
                 ListenerChange::Added(spec) => {
-                    let peer = spec.peer.as_ref().expect("filled in by with_peers");
-                    let link = self.link_to(peer).expect("started above").clone();
                     let socket = sockets.next().expect("bound above");
-                    self.start_listener(socket, spec.clone(), link);
+                    self.start_listener(socket, spec.clone());
                 }
                 ListenerChange::Removed(spec) => {
                     if let Some(i) = self.listeners.iter().position(|l| l.spec == *spec) {
@@ -722,14 +831,13 @@ impl Running {
                     }
                 }
                 ListenerChange::Changed { old, new } => {
-                    let peer = new.peer.as_ref().expect("filled in by with_peers");
-                    let link = self.link_to(peer).expect("started above").clone();
+                    let target = Target {
+                        route: new.route.clone(),
+                        links: self.links_for(new),
+                    };
                     if let Some(running) = self.listeners.iter_mut().find(|l| l.spec == *old) {
-                        info!(listen = %new.addr, route = %new.route, peer = %link.name(), "listener changed; new app connections follow it");
-                        running.target.store(Arc::new(Target {
-                            route: new.route.clone(),
-                            link,
-                        }));
+                        info!(listen = %new.addr, route = %new.route, peer = %target.peers(), "listener changed; new app connections follow it");
+                        running.target.store(Arc::new(target));
                         running.spec = new.clone();
                     }
                 }
@@ -748,7 +856,7 @@ impl Running {
             .partition(|running| {
                 listeners
                     .iter()
-                    .any(|l| l.spec.peer.as_ref() == Some(running.link.peer()))
+                    .any(|l| l.spec.peers.contains(running.link.peer()))
             });
         self.links = used;
         for RunningLink { link, stop } in unused {
@@ -776,7 +884,7 @@ async fn accept(
     mut stop: watch::Receiver<bool>,
     shared: Arc<Accepting>,
 ) {
-    let (wait, max) = (shared.tunnel_wait, shared.max_connections);
+    let max = shared.max_connections;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -784,7 +892,7 @@ async fn accept(
         };
         match accepted {
             Ok((tcp, app)) => {
-                let target = target.load();
+                let target = target.load_full();
                 let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
                     if let Some(suppressed) = shared.throttle.allow() {
                         warn!(%app, route = %target.route, suppressed, "at --max-connections {max}: resetting the new app connection");
@@ -792,9 +900,9 @@ async fn accept(
                     reset_tcp(tcp);
                     continue;
                 };
-                let (link, route) = (target.link.clone(), target.route.clone());
+                let accepting = shared.clone();
                 shared.live.spawn(async move {
-                    link.carry(tcp, app, route, wait).await;
+                    target.carry(tcp, app, &accepting).await;
                     drop(slot);
                 });
             }
@@ -825,6 +933,8 @@ async fn run(
         throttle: LogThrottle::default(),
         tunnel_wait: settings.tunnel_wait,
         max_connections: settings.max_connections,
+        peer_balance: settings.peer_balance,
+        turn: AtomicUsize::new(0),
     });
     let mut running = Running {
         links: Vec::new(),
@@ -838,15 +948,15 @@ async fn run(
     for link in &links {
         running.start_link(link.clone());
     }
-    for Listener { socket, spec, link } in listeners {
-        running.start_listener(socket, spec, links[link].clone());
+    for Listener { socket, spec } in listeners {
+        running.start_listener(socket, spec);
     }
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(Relisten { listens, peer, done }) = relisten.recv() => {
-                let _ = done.send(running.relisten(&makes, listens, peer.as_ref()));
+            Some(Relisten { listens, peers, done }) = relisten.recv() => {
+                let _ = done.send(running.relisten(&makes, listens, &peers));
             }
         }
     }
@@ -869,13 +979,18 @@ async fn run(
 }
 
 /// Carries one app connection: take a warm tunnel, open a stream, relay.
+///
+/// With `hand_back` (other peers could take it), a connection whose tunnel was lost before
+/// any of its bytes were read is handed back at once when no other tunnel to this peer is up,
+/// rather than waiting for a redial here.
 async fn carry<D: Dialer>(
     tcp: TcpStream,
     app: SocketAddr,
     route: RouteName,
     link: &PeerLink<D>,
     wait: Duration,
-) {
+    hand_back: bool,
+) -> Option<TcpStream> {
     let (peer, pool) = (&link.name, &link.pool);
     // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
     #[cfg(not(target_os = "linux"))]
@@ -884,9 +999,16 @@ async fn carry<D: Dialer>(
     let mut failed = Vec::new();
     let (pooled, send, recv) = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(pooled) = pool.get(left, &failed).await else {
+        let give_back = hand_back && !failed.is_empty();
+        let wait_here = if give_back { Duration::ZERO } else { left };
+        let Some(pooled) = pool.get(wait_here, &failed).await else {
+            if give_back {
+                debug!(%app, %route, %peer, "tunnel connection lost; handing the app connection to another peer");
+                return Some(tcp);
+            }
             warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
-            return reset_tcp(tcp);
+            reset_tcp(tcp);
+            return None;
         };
         match tokio::time::timeout(left, pooled.tunnel.open(&route)).await {
             Ok(Ok((send, recv))) => break (pooled, send, recv),
@@ -898,11 +1020,13 @@ async fn carry<D: Dialer>(
             }
             Ok(Err(e)) => {
                 warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
-                return reset_tcp(tcp);
+                reset_tcp(tcp);
+                return None;
             }
             Err(_) => {
                 warn!(%app, %route, %peer, "stream open failed: no stream credit within {wait:?} (server at its --max-streams); resetting the app connection");
-                return reset_tcp(tcp);
+                reset_tcp(tcp);
+                return None;
             }
         }
     };
@@ -928,4 +1052,5 @@ async fn carry<D: Dialer>(
         }
     };
     running.ended(end);
+    None
 }

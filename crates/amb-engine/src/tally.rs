@@ -62,6 +62,11 @@ impl StreamTally {
         }
     }
 
+    /// Streams running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
     /// Streams the connection's loss ended, plus those still running.
     pub fn cut_off(&self) -> usize {
         self.lost.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed)

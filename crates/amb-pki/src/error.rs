@@ -27,7 +27,9 @@ pub enum PkiError {
         what: String,
     },
     /// A secret (password) file can be read by group or others.
-    #[error("{path}: secret is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "{path}: secret is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     SecretPermissions {
         /// The secret file.
         path: PathBuf,

@@ -15,8 +15,8 @@ pub struct ListenerSpec {
     pub addr: SocketAddr,
     /// The route to open for each connection.
     pub route: RouteName,
-    /// The server its connections go to, when not the client's own `--peer`.
-    pub peer: Option<PeerSpec>,
+    /// The servers its connections go to, when not the client's own `--peer`s (empty).
+    pub peers: Vec<PeerSpec>,
 }
 
 /// Why a listener spec is not usable.
@@ -52,7 +52,7 @@ impl FromStr for ListenerSpec {
         Ok(ListenerSpec {
             addr,
             route,
-            peer: None,
+            peers: Vec::new(),
         })
     }
 }
@@ -115,7 +115,7 @@ mod tests {
 
     fn listener(spec: &str, peer: Option<&str>) -> ListenerSpec {
         ListenerSpec {
-            peer: peer.map(|p| p.parse().unwrap()),
+            peers: peer.map(|p| p.parse().unwrap()).into_iter().collect(),
             ..spec.parse().unwrap()
         }
     }
