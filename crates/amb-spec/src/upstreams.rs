@@ -6,6 +6,30 @@ use std::str::FromStr;
 
 use crate::UpstreamSpec;
 
+/// Implements `FromStr` and `Display` for a fieldless enum by its `NAMES` table; an unknown
+/// name is `$error` of the text given.
+macro_rules! by_name {
+    ($type:ty, $error:ident) => {
+        impl FromStr for $type {
+            type Err = $error;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                <$type>::NAMES
+                    .iter()
+                    .find(|(name, _)| *name == s)
+                    .map(|(_, value)| *value)
+                    .ok_or_else(|| $error(s.to_owned()))
+            }
+        }
+
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let name = <$type>::NAMES.iter().find(|(_, value)| value == self);
+                f.write_str(name.map_or("", |(name, _)| *name))
+            }
+        }
+    };
+}
+
 /// How a route spreads new connections over its healthy upstreams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Balance {
@@ -33,26 +57,7 @@ impl Balance {
 #[error("balance {0:?}: write least-conn, round-robin or failover")]
 pub struct BalanceError(String);
 
-impl FromStr for Balance {
-    type Err = BalanceError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Balance::NAMES
-            .iter()
-            .find(|(name, _)| *name == s)
-            .map(|(_, balance)| *balance)
-            .ok_or_else(|| BalanceError(s.to_owned()))
-    }
-}
-
-impl fmt::Display for Balance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Balance::NAMES
-            .iter()
-            .find(|(_, b)| b == self)
-            .map(|(n, _)| *n);
-        f.write_str(name.unwrap_or("least-conn"))
-    }
-}
+by_name!(Balance, BalanceError);
 
 /// What an active health check asks of each upstream of a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,23 +84,7 @@ impl HealthCheckKind {
 #[error("health check {0:?}: write tcp, redis or redis-master")]
 pub struct HealthCheckKindError(String);
 
-impl FromStr for HealthCheckKind {
-    type Err = HealthCheckKindError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        HealthCheckKind::NAMES
-            .iter()
-            .find(|(name, _)| *name == s)
-            .map(|(_, kind)| *kind)
-            .ok_or_else(|| HealthCheckKindError(s.to_owned()))
-    }
-}
-
-impl fmt::Display for HealthCheckKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = HealthCheckKind::NAMES.iter().find(|(_, k)| k == self);
-        f.write_str(name.map_or("tcp", |(n, _)| *n))
-    }
-}
+by_name!(HealthCheckKind, HealthCheckKindError);
 
 /// An active health check: what to ask, and how often.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
