@@ -590,7 +590,7 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
     std::fs::write(
         &file,
         format!(
-            "[client]\npeer = \"localhost:{port}\"\ntransport = \"{}\"\nhandshake-timeout = \"2s\"\n{}\n\
+            "[client]\npeer = \"localhost:{port}\"\ntransport = \"{}\"\nhandshake-timeout = \"5s\"\n{}\n\
              [[client.listen]]\nlisten = \"0\"\n\n\
              [[client.listen]]\nlisten = \"0\"\nroute = \"x\"\npeer = \"localhost:{dead}\"\n",
             t.flag(),
@@ -651,7 +651,7 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
         "--peer".into(),
         format!("localhost:{port}"),
         "--handshake-timeout".into(),
-        "2s".into(),
+        "5s".into(),
     ]);
     flags.extend(
         ["--cert", "--key"]
