@@ -616,18 +616,18 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
     );
 
     // The same through `amb check client` and its flags: the live peer alone passes.
-    let mut flags: Vec<String> = [
-        "client",
-        "--listen",
-        "0",
-        "--transport",
-        t.flag(),
-        "--connect",
-    ]
-    .map(String::from)
-    .to_vec();
-    flags.extend(["--peer".into(), format!("localhost:{port}")]);
-    flags.extend(pki.cert_flags("client"));
+    // `amb check client` to the live server, with `certs` flags.
+    let client_check = |certs: Vec<String>| {
+        let mut flags: Vec<String> = ["client", "--listen", "0", "--connect"]
+            .map(String::from)
+            .to_vec();
+        flags.extend(["--transport".into(), t.flag().into()]);
+        flags.extend(["--peer".into(), format!("localhost:{port}")]);
+        flags.extend(["--handshake-timeout".into(), "5s".into()]);
+        flags.extend(certs);
+        flags
+    };
+    let flags = client_check(pki.cert_flags("client"));
     let (ok, out) = blocking(move || check_with(flags)).await;
     assert!(ok && out.contains(&live), "{out}");
 
@@ -637,32 +637,17 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
     let both_cas = std::fs::read_to_string(pki.path("ca.pem")).unwrap()
         + &std::fs::read_to_string(stranger.path("ca.pem")).unwrap();
     std::fs::write(stranger.path("both-cas.pem"), both_cas).unwrap();
-    let mut flags: Vec<String> = [
-        "client",
-        "--listen",
-        "0",
-        "--transport",
-        t.flag(),
-        "--connect",
-    ]
-    .map(String::from)
-    .to_vec();
-    flags.extend([
-        "--peer".into(),
-        format!("localhost:{port}"),
-        "--handshake-timeout".into(),
-        "5s".into(),
-    ]);
-    flags.extend(
-        ["--cert", "--key"]
-            .into_iter()
-            .zip(["client.pem", "client.key"])
-            .flat_map(|(flag, leaf)| [flag.to_owned(), stranger.path(leaf).display().to_string()]),
+    let stranger_file = |name: &str| stranger.path(name).display().to_string();
+    let flags = client_check(
+        [
+            ("--cert", "client.pem"),
+            ("--key", "client.key"),
+            ("--ca", "both-cas.pem"),
+        ]
+        .into_iter()
+        .flat_map(|(flag, file)| [flag.to_owned(), stranger_file(file)])
+        .collect(),
     );
-    flags.extend([
-        "--ca".into(),
-        stranger.path("both-cas.pem").display().to_string(),
-    ]);
     let (ok, out) = blocking(move || check_with(flags)).await;
     assert!(!ok && out.contains("no handshake passed"), "{out}");
 

@@ -142,21 +142,37 @@ fn with_peers(
         .collect()
 }
 
+/// What a client (or a probe of its peers) starts from: its listeners with their peers filled
+/// in, its certificates loaded, and how it makes links to peers.
+fn prepare(
+    settings: &ClientSettings,
+) -> Result<
+    (
+        Vec<ListenerSpec>,
+        Certs<amb_pki::rustls::ClientConfig>,
+        LinkMaker,
+    ),
+    EngineError,
+> {
+    let listens = with_peers(settings.listens.clone(), &settings.peers)?;
+    let alpn = match settings.transport {
+        ClientTransport::Quic => ALPN_QUIC,
+        ClientTransport::Tls => ALPN_H2,
+    };
+    let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
+    let makes = LinkMaker {
+        transport: settings.transport,
+        server_name: settings.server_name.clone(),
+        tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
+        limits: settings.limits,
+    };
+    Ok((listens, certs, makes))
+}
+
 impl Client {
     /// Loads certificates, then binds the listeners. Must be called within a Tokio runtime.
     pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
-        let listens = with_peers(settings.listens.clone(), &settings.peers)?;
-        let alpn = match settings.transport {
-            ClientTransport::Quic => ALPN_QUIC,
-            ClientTransport::Tls => ALPN_H2,
-        };
-        let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
-        let makes = LinkMaker {
-            transport: settings.transport,
-            server_name: settings.server_name.clone(),
-            tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
-            limits: settings.limits,
-        };
+        let (listens, certs, makes) = prepare(&settings)?;
         let mut links: Vec<Link> = Vec::new();
         let mut listeners = Vec::new();
         for spec in listens {
@@ -238,18 +254,8 @@ pub struct PeerProbe {
 /// and closes again; binds nothing. A handshake passed means the peer's certificate verified
 /// and the peer accepted this client's. Must be called within a Tokio runtime.
 pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, EngineError> {
-    let listens = with_peers(settings.listens.clone(), &settings.peers)?;
-    let alpn = match settings.transport {
-        ClientTransport::Quic => ALPN_QUIC,
-        ClientTransport::Tls => ALPN_H2,
-    };
-    let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
-    let makes = LinkMaker {
-        transport: settings.transport,
-        server_name: settings.server_name.clone(),
-        tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
-        limits: settings.limits,
-    };
+    // The certificates stay loaded while the probes run: the links' dialers watch them.
+    let (listens, _certs, makes) = prepare(settings)?;
     let mut peers: Vec<&PeerSpec> = Vec::new();
     for peer in listens.iter().flat_map(|l| &l.peers) {
         if !peers.contains(&peer) {

@@ -181,33 +181,42 @@ impl UpstreamSet {
     pub async fn dial(&self, timeout: Duration) -> Result<(UpstreamStream, Lease), DialFailure> {
         let inner = &*self.0;
         let deadline = Instant::now() + timeout;
-        let mut tried = vec![false; inner.members.len()];
+        // Bit i: member i was tried for this connection (a set has at most 64).
+        let mut tried = 0u64;
         let mut failures: Vec<String> = Vec::new();
         let mut all_timed_out = true;
         loop {
             let now = Instant::now();
-            let candidates: Vec<Candidate> = inner
-                .members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Candidate {
-                    weight: m.weight,
-                    open: m.open.load(Ordering::Relaxed),
-                    eligible: !tried[i] && self.is_up(i, now),
-                })
-                .collect();
             let left = deadline.saturating_duration_since(now);
-            let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
-            let picked = pick(self.spec().balance, &candidates, turn, |n| {
-                rand::rng().random_range(0..n)
-            });
+            let (picked, untried) = match &inner.members[..] {
+                // One upstream, the common route: nothing to pick or allocate.
+                [_] => ((tried == 0 && self.is_up(0, now)).then_some(0), 1),
+                members => {
+                    let candidates: Vec<Candidate> = members
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| Candidate {
+                            weight: m.weight,
+                            open: m.open.load(Ordering::Relaxed),
+                            eligible: tried & (1 << i) == 0 && self.is_up(i, now),
+                        })
+                        .collect();
+                    let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
+                    let picked = pick(self.spec().balance, &candidates, turn, |n| {
+                        rand::rng().random_range(0..n)
+                    });
+                    (
+                        picked,
+                        candidates.iter().filter(|c| c.eligible).count() as u32,
+                    )
+                }
+            };
             let Some(index) = picked.filter(|_| !left.is_zero()) else {
                 return Err(self.refusal(failures, all_timed_out));
             };
-            tried[index] = true;
+            tried |= 1 << index;
             // The time left, shared among the members still to try, so one that does not
             // answer leaves the others theirs.
-            let untried = candidates.iter().filter(|c| c.eligible).count() as u32;
             let limit = left / untried.max(1);
             let member = &inner.members[index];
             member.open.fetch_add(1, Ordering::Relaxed);

@@ -137,6 +137,9 @@ pub struct RedisAuth {
     pub password: Secret,
 }
 
+/// Most upstreams a route may have.
+pub const MAX_UPSTREAMS: usize = 64;
+
 /// Largest weight an upstream may have.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -162,6 +165,9 @@ pub enum UpstreamsError {
     /// No upstream at all.
     #[error("no upstream given")]
     Empty,
+    /// More upstreams than a route may have.
+    #[error("{0} upstreams: a route may have at most {MAX_UPSTREAMS}")]
+    TooMany(usize),
     /// An upstream appears twice.
     #[error("upstream {0} is given twice (give it a weight instead)")]
     Duplicate(String),
@@ -218,6 +224,9 @@ impl UpstreamSetSpec {
     pub fn new(members: Vec<WeightedUpstream>, balance: Balance) -> Result<Self, UpstreamsError> {
         if members.is_empty() {
             return Err(UpstreamsError::Empty);
+        }
+        if members.len() > MAX_UPSTREAMS {
+            return Err(UpstreamsError::TooMany(members.len()));
         }
         for (i, member) in members.iter().enumerate() {
             if members[..i].iter().any(|m| m.upstream == member.upstream) {
@@ -316,6 +325,8 @@ mod tests {
 
     #[test]
     fn bad_lists_say_what_is_wrong() {
+        let too_many: String = (1..=65).map(|p| format!("a:{p},")).collect();
+        let too_many = too_many.trim_end_matches(',').to_owned();
         for (bad, says) in [
             ("", "is not HOST:PORT"),
             ("a:1,", "is not HOST:PORT"),
@@ -324,6 +335,7 @@ mod tests {
             ("a:1 weight=x", "weight=N"),
             ("a:1 heavy", "weight=N"),
             ("a:1,b:2,a:1", "given twice"),
+            (&too_many, "at most 64"),
         ] {
             let err = bad.parse::<UpstreamSetSpec>().unwrap_err().to_string();
             assert!(err.contains(says), "{bad:?}: {err}");
