@@ -1,5 +1,6 @@
 //! Command-line parsing and wiring: each subcommand turns flags into engine settings.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,8 +10,8 @@ use amb_engine::{
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{
-    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, RedisAuth, RouteSpec, Secret,
-    UpstreamSetSpec,
+    docker_links, Balance, DockerLink, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec,
+    RedisAuth, RouteSpec, Secret, UpstreamSetSpec,
 };
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
@@ -366,6 +367,10 @@ struct ServerArgs {
         value_delimiter = ','
     )]
     allow: Vec<San>,
+    /// A route per Docker-links variable: REDIS_PORT_6379_TCP=tcp://172.17.0.2:6379 gives
+    /// route `redis` to that address.
+    #[arg(long, env = "AMB_FROM_ENV")]
+    from_env: bool,
     /// Upstream connect timeout.
     #[arg(long, value_parser = parse_duration, default_value = "5s", env = "AMB_CONNECT_TIMEOUT")]
     connect_timeout: Duration,
@@ -420,6 +425,13 @@ struct ClientArgs {
         value_delimiter = ','
     )]
     listens: Vec<ListenerSpec>,
+    /// A listener per Docker-links variable: REDIS_PORT_6379_TCP=tcp://big-server:7443 listens
+    /// on port 6379 for route `redis` through peer big-server:7443.
+    #[arg(long, env = "AMB_FROM_ENV")]
+    from_env: bool,
+    /// The address --from-env listeners bind.
+    #[arg(long, default_value = "127.0.0.1", env = "AMB_LISTEN_ADDR")]
+    listen_addr: std::net::IpAddr,
     /// Tunnel transport.
     #[arg(long, value_enum, default_value = "quic", env = "AMB_TRANSPORT")]
     transport: ClientTransportArg,
@@ -828,6 +840,20 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             bail!("route {name} is given twice (note: --upstream is the route named `default`)");
         }
     }
+    if args.from_env {
+        for link in docker_links_from_env()? {
+            let upstream = link.addr.to_string().parse().map_err(anyhow::Error::msg)?;
+            if from_flags
+                .insert(link.route.clone(), spread(upstream))
+                .is_some()
+            {
+                bail!(
+                    "--from-env: {link}: route {} is also given by a flag or another variable",
+                    link.route
+                );
+            }
+        }
+    }
     routes.extend(from_flags);
     if routes.is_empty() {
         bail!("no upstream: give --upstream HOST:PORT or --route NAME=HOST:PORT (or routes in --config)");
@@ -872,6 +898,23 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         ),
         max_connections,
     })
+}
+
+/// This process's Docker-links variables (`--from-env`); an error lists each malformed one.
+fn docker_links_from_env() -> anyhow::Result<Vec<DockerLink>> {
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let links = docker_links(vars).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        anyhow::anyhow!(
+            "--from-env: malformed Docker-links variables:\n{}",
+            lines.join("\n")
+        )
+    })?;
+    if links.is_empty() {
+        bail!("--from-env: no Docker-links variable (ALIAS_PORT_6379_TCP=tcp://HOST:PORT) is set");
+    }
+    Ok(links)
 }
 
 /// A route's `redis-auth`, its password read now (each reload reads it again).
@@ -932,11 +975,21 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         .map(ListenerFile::spec)
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
-    let listens = given.pick(
+    let mut listens = given.pick(
         "listens",
         args.listens,
         Some(file_listens).filter(|l| !l.is_empty()),
     );
+    if args.from_env {
+        for link in docker_links_from_env()? {
+            let peer = link.addr.to_string().parse().map_err(anyhow::Error::msg)?;
+            listens.push(ListenerSpec {
+                addr: SocketAddr::new(args.listen_addr, link.port),
+                route: link.route,
+                peers: vec![peer],
+            });
+        }
+    }
     let file_peers = Some(file.peer_list()).filter(|p| !p.is_empty());
     let peers = given.pick("peer", args.peer, file_peers);
     if peers.is_empty() && listens.iter().any(|l| l.peers.is_empty()) {

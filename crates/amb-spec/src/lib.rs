@@ -3,6 +3,7 @@
 //! compared with the next one; the engine builds its runtime objects from them.
 
 mod host_port;
+mod links;
 mod listener;
 mod peer;
 mod route;
@@ -10,6 +11,7 @@ mod upstream;
 mod upstreams;
 
 pub use host_port::HostPort;
+pub use links::{docker_links, DockerLink, DockerLinkError};
 pub use listener::{diff_listeners, ListenerChange, ListenerSpec, ListenerSpecError};
 pub use peer::{PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
