@@ -374,6 +374,9 @@ struct ServerArgs {
     /// Upstream connect timeout.
     #[arg(long, value_parser = parse_duration, default_value = "5s", env = "AMB_CONNECT_TIMEOUT")]
     connect_timeout: Duration,
+    /// The DNS server upstream names and SRV records are looked up at (default: the system's).
+    #[arg(long, value_name = "ADDR:PORT", env = "AMB_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
     #[command(flatten)]
     certs: CertArgs,
     #[command(flatten)]
@@ -435,9 +438,13 @@ struct ClientArgs {
     /// Tunnel transport.
     #[arg(long, value_enum, default_value = "quic", env = "AMB_TRANSPORT")]
     transport: ClientTransportArg,
-    /// Name the server certificate must be valid for (default: HOST of --peer).
+    /// Name the server certificate must be valid for (default: HOST of --peer, or each SRV
+    /// record's target).
     #[arg(long, env = "AMB_SERVER_NAME")]
     server_name: Option<String>,
+    /// The DNS server peer names and SRV records are looked up at (default: the system's).
+    #[arg(long, value_name = "ADDR:PORT", env = "AMB_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
     /// Tunnel connections kept warm (default: 1 for QUIC, 2 for TLS).
     #[arg(long, env = "AMB_CONNECTIONS")]
     connections: Option<usize>,
@@ -755,7 +762,9 @@ async fn connect(part: &PartSettings) -> anyhow::Result<Vec<Finding>> {
             }
         }
         PartSettings::Server(settings) => {
-            let probes = amb_engine::probe_upstreams(&settings.routes, settings.connect_timeout);
+            let resolver = amb_engine::endpoints::Resolver::new(settings.dns_server);
+            let probes =
+                amb_engine::probe_upstreams(&settings.routes, settings.connect_timeout, &resolver);
             for probe in probes.await {
                 let (route, upstream) = (&probe.route, &probe.upstream);
                 match probe.outcome {
@@ -897,6 +906,11 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             file.connect_timeout.map(|d| d.get()),
         ),
         max_connections,
+        dns_server: given.pick(
+            "dns_server",
+            args.dns_server,
+            file.dns_server.map(|a| Some(a.0)),
+        ),
     })
 }
 
@@ -1023,6 +1037,11 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
             file.tunnel_wait.map(|d| d.get()),
         ),
         max_connections,
+        dns_server: given.pick(
+            "dns_server",
+            args.dns_server,
+            file.dns_server.map(|a| Some(a.0)),
+        ),
     })
 }
 

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 per_transport!(
     connections_spread_and_a_killed_upstream_costs_only_what_was_on_it,
@@ -20,31 +19,6 @@ per_transport!(
     every_upstream_down_is_refused_at_once_as_no_healthy_upstream,
     redis_master_checks_follow_a_promotion,
 );
-
-/// One app connection through `listen`: `INCR hits`; whether the reply came.
-async fn incr(listen: SocketAddr) -> bool {
-    let Ok(tcp) = tokio::net::TcpStream::connect(listen).await else {
-        return false;
-    };
-    let mut tcp = BufReader::new(tcp);
-    if tcp
-        .get_mut()
-        .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n")
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let mut line = String::new();
-    matches!(tcp.read_line(&mut line).await, Ok(n) if n > 0) && line.starts_with(':')
-}
-
-/// How many app connections reached this redis.
-fn hits(redis: &Redis) -> usize {
-    redis_cli(redis.port, &["get", "hits"])
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
 
 /// A loop of fresh app connections in the background, counting those that failed.
 struct Load {

@@ -5,10 +5,204 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
+use amb_pki::LeafSpec;
 use support::*;
+use tokio::io::BufReader;
 
-per_transport!(docker_links_variables_configure_both_sides);
+per_transport!(
+    docker_links_variables_configure_both_sides,
+    srv_peers_follow_their_records_by_priority_and_weight,
+    srv_upstreams_follow_their_records,
+);
+
+/// `srv-host` for `target:port` with `priority` and `weight`, and the target's address.
+fn srv(service: &str, target: &str, port: u16, priority: u16, weight: u16) -> [String; 2] {
+    [
+        format!("srv-host={service},{target},{port},{priority},{weight}"),
+        format!("host-record={target},127.0.0.1"),
+    ]
+}
+
+const AMB_SRV: &str = "_amb._tcp.test.internal";
+
+/// Two `amb server`s, each before its own redis and with a certificate for its own name only,
+/// published as SRV records; a client with `--peer srv:...` verifies each against its target
+/// name, spreads by weight within a priority, follows record changes for new connections while
+/// a connection opened before stays up, and falls to the next priority when the lowest is gone.
+async fn srv_peers_follow_their_records_by_priority_and_weight(t: Transport) {
+    let pki = Pki::new();
+    let names = ["amb-a.test.internal", "amb-b.test.internal"];
+    for name in names {
+        let leaf = pki
+            .ca
+            .issue(&LeafSpec::server(&[name.to_owned()], 30))
+            .unwrap();
+        pki.write_leaf(name, &leaf);
+    }
+    let redis = [Redis::start(), Redis::start()];
+    let mut servers = [0, 1].map(|i| {
+        let mut args: Vec<String> = ["server", "--listen", "127.0.0.1:0", "--upstream"]
+            .map(String::from)
+            .to_vec();
+        args.push(format!("127.0.0.1:{}", redis[i].port));
+        args.extend(pki.cert_flags(names[i]));
+        Amb::spawn(&args)
+    });
+    let ports = servers.each_ref().map(|s| s.server_addr().port());
+    let records = |list: &[(usize, u16, u16)]| -> Vec<String> {
+        list.iter()
+            .flat_map(|&(i, priority, weight)| srv(AMB_SRV, names[i], ports[i], priority, weight))
+            .collect()
+    };
+    let mut dns = Dnsmasq::start(&records(&[(0, 10, 1), (1, 10, 3)]));
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        "--listen".into(),
+        "0".into(),
+        "--peer".into(),
+        format!("srv:{AMB_SRV}"),
+        "--dns-server".into(),
+        dns.addr(),
+        "--transport".into(),
+        t.flag().into(),
+        "--tunnel-wait".into(),
+        "60s".into(),
+    ];
+    args.extend(pki.cert_flags("client"));
+    let client = Amb::spawn(&args);
+    for name in names {
+        client.log.wait_for(&["tunnel connection up", name]);
+    }
+    let listen = client.listen_addr();
+
+    // Weights 1 and 3 within one priority.
+    for _ in 0..200 {
+        assert!(incr(listen).await);
+    }
+    let (a, b) = (hits(&redis[0]), hits(&redis[1]));
+    assert_eq!(a + b, 200);
+    assert!((20..=80).contains(&a), "weights 1:3 gave {a}:{b}");
+
+    // Only B is listed: new connections follow at once; one is held open there.
+    dns.replace(&records(&[(1, 10, 1)]));
+    client.log.wait_for_nth(&["discovered set changed"], 2);
+    let before = hits(&redis[1]);
+    let mut held = BufReader::new(tokio::net::TcpStream::connect(listen).await.unwrap());
+    assert!(incr_on(&mut held).await);
+    assert_eq!(hits(&redis[1]), before + 1, "the held connection is on B");
+
+    // A is back at a lower priority value than B: every new connection goes to A, while the
+    // held connection on B goes on.
+    dns.replace(&records(&[(0, 10, 1), (1, 20, 1)]));
+    client.log.wait_for_nth(&["discovered set changed"], 3);
+    client
+        .log
+        .wait_for_nth(&["tunnel connection up", names[0]], 2);
+    let (a, b) = (hits(&redis[0]), hits(&redis[1]));
+    for _ in 0..50 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[0]) - a, hits(&redis[1]) - b), (50, 0));
+    assert!(
+        incr_on(&mut held).await,
+        "the connection opened before the change stays up"
+    );
+
+    // A goes away: B, the next priority, takes every new connection at once.
+    servers[0].signal("TERM");
+    servers[0].wait_exit(Duration::from_secs(20));
+    let b = hits(&redis[1]);
+    for _ in 0..20 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!(hits(&redis[1]) - b, 20);
+}
+
+/// A route whose upstreams are SRV records: new connections follow the records as they
+/// change; a connection opened before stays where it is.
+async fn srv_upstreams_follow_their_records(t: Transport) {
+    let pki = Pki::new();
+    let redis = [Redis::start(), Redis::start()];
+    let service = "_redis._tcp.test.internal";
+    let records = |list: &[usize]| -> Vec<String> {
+        list.iter()
+            .flat_map(|&i| {
+                srv(
+                    service,
+                    &format!("redis-{i}.test.internal"),
+                    redis[i].port,
+                    10,
+                    1,
+                )
+            })
+            .collect()
+    };
+    let mut dns = Dnsmasq::start(&records(&[0]));
+    let route = format!("redis=srv:{service}");
+    // `amb check --connect` looks the records up and dials each target.
+    let check = Command::new(AMB)
+        .args([
+            "check",
+            "server",
+            "--route",
+            &route,
+            "--dns-server",
+            &dns.addr(),
+            "--connect",
+        ])
+        .args(pki.cert_flags("server"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    let target = format!("redis-0.test.internal:{}", redis[0].port);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "ok: route redis: upstream {target} accepted a connection"
+        )),
+        "{said}"
+    );
+    let server = Amb::server(&pki, 0, &["--route", &route, "--dns-server", &dns.addr()]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--listen", "0=redis"],
+    );
+    let listen = client.listen_addr_for("redis");
+    for _ in 0..10 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[0]), hits(&redis[1])), (10, 0));
+    let mut held = BufReader::new(tokio::net::TcpStream::connect(listen).await.unwrap());
+    assert!(incr_on(&mut held).await);
+
+    // Both listed: new connections use both.
+    dns.replace(&records(&[0, 1]));
+    server.log.wait_for_nth(&["discovered set changed"], 2);
+    for _ in 0..60 {
+        assert!(incr(listen).await);
+    }
+    let (a, b) = (hits(&redis[0]), hits(&redis[1]));
+    assert!(b >= 10 && a >= 21, "both used: {a}, {b}");
+
+    // Only the second: every new connection goes there; the held one stays on the first.
+    dns.replace(&records(&[1]));
+    server.log.wait_for_nth(&["discovered set changed"], 3);
+    for _ in 0..20 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[0]), hits(&redis[1])), (a, b + 20));
+    assert!(incr_on(&mut held).await);
+    assert_eq!(
+        hits(&redis[0]),
+        a + 1,
+        "the held connection is still on the first"
+    );
+}
 
 /// The server's route and the client's listener both come from link variables, as the seed's
 /// ambassador containers had them: `redis-cli` through the pair reaches the redis.

@@ -6,11 +6,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 per_transport!(
     connections_use_both_peers_and_move_to_the_other_at_once,
@@ -19,28 +17,6 @@ per_transport!(
 
 /// Far longer than any fresh connection may take here: one that waited for a dead peer fails.
 const TUNNEL_WAIT: &str = "60s";
-
-/// One app connection through `listen`, `INCR hits`, answered within 5 s.
-async fn incr(listen: SocketAddr) -> bool {
-    let exchange = async {
-        let mut tcp = BufReader::new(tokio::net::TcpStream::connect(listen).await.ok()?);
-        let command = b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n";
-        tcp.get_mut().write_all(command).await.ok()?;
-        let mut line = String::new();
-        tcp.read_line(&mut line).await.ok()?;
-        Some(line.starts_with(':'))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), exchange).await,
-        Ok(Some(true))
-    )
-}
-
-fn hits(redis: &Redis) -> usize {
-    redis_cli(redis.port, &["get", "hits"])
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Two servers, each before its own redis, and a client with both as peers.
 struct Fleet {

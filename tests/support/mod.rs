@@ -492,6 +492,37 @@ impl Drop for Redis {
     }
 }
 
+/// `INCR hits` over an open app connection; whether it was answered within 5 s.
+pub async fn incr_on(tcp: &mut tokio::io::BufReader<TcpStream>) -> bool {
+    use tokio::io::AsyncBufReadExt;
+    let exchange = async {
+        let command = b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n";
+        tcp.get_mut().write_all(command).await.ok()?;
+        let mut line = String::new();
+        tcp.read_line(&mut line).await.ok()?;
+        Some(line.starts_with(':'))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), exchange).await,
+        Ok(Some(true))
+    )
+}
+
+/// One fresh app connection through `listen` running `INCR hits` (see [`incr_on`]).
+pub async fn incr(listen: SocketAddr) -> bool {
+    match TcpStream::connect(listen).await {
+        Ok(tcp) => incr_on(&mut tokio::io::BufReader::new(tcp)).await,
+        Err(_) => false,
+    }
+}
+
+/// How many `INCR hits` reached this redis.
+pub fn hits(redis: &Redis) -> usize {
+    redis_cli(redis.port, &["get", "hits"])
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs `redis-cli -p PORT args...`; its trimmed output, or None if it failed.
 pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
@@ -775,4 +806,91 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0
+}
+
+/// A real `dnsmasq` serving the records of its config lines (`srv-host=...`,
+/// `host-record=...`) on a free loopback port, with a 1 s TTL; killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Dnsmasq {
+    pub fn start(records: &[String]) -> Self {
+        let dir = TempDir::new("dnsmasq");
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match Self::try_start(&dir, port, records) {
+                Ok(child) => return Dnsmasq { child, port, dir },
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last}")
+    }
+
+    /// `ADDR:PORT` for `--dns-server`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Serves `records` instead, on the same port (dnsmasq reads SRV records only at start).
+    pub fn replace(&mut self, records: &[String]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child =
+            Self::try_start(&self.dir, self.port, records).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_start(dir: &TempDir, port: u16, records: &[String]) -> Result<Child, String> {
+        let conf = dir.0.join("dnsmasq.conf");
+        let mut text = format!(
+            "port={port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\n\
+             no-poll\nlocal-ttl=1\nuser=root\npid-file=\n"
+        );
+        for line in records {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&conf, text).unwrap();
+        let mut child = Command::new("dnsmasq")
+            .arg("-k")
+            .arg(format!("--conf-file={}", conf.display()))
+            .arg("--log-facility=-")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dnsmasq must be installed (apt-get install dnsmasq-base)");
+        // It logs `started` once its sockets are bound, or says why it exits; the rest of its
+        // log is drained so that it never blocks on (or dies of) a full pipe.
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (lines, said) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let mut before = Vec::new();
+        while let Ok(line) = said.recv_timeout(READY) {
+            if line.contains("started, version") {
+                return Ok(child);
+            }
+            before.push(line);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!(
+            "dnsmasq on {port} did not start: {}",
+            before.join("; ")
+        ))
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -88,6 +88,8 @@ pub struct ServerFile {
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `connect-timeout`.
     pub connect_timeout: Option<Duration>,
+    /// `dns-server`: where names and SRV records are looked up, ADDR:PORT.
+    pub dns_server: Option<Parsed<SocketAddr>>,
     /// `certs-dir`.
     pub certs_dir: Option<PathBuf>,
     /// `cert`.
@@ -150,6 +152,8 @@ pub struct ClientFile {
     pub transport: Option<ClientTransport>,
     /// `server-name`.
     pub server_name: Option<String>,
+    /// `dns-server`: where names and SRV records are looked up, ADDR:PORT.
+    pub dns_server: Option<Parsed<SocketAddr>>,
     /// `connections`.
     pub connections: Option<usize>,
     /// `tunnel-wait`.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
 use amb_quic::QuicDialer;
-use amb_spec::{diff_listeners, Balance, ListenerChange, ListenerSpec, PeerSpec};
+use amb_spec::{
+    diff_listeners, Balance, Discovery, HostPort, ListenerChange, ListenerSpec, PeerSpec,
+};
 use amb_tls::TlsDialer;
 use arc_swap::ArcSwap;
 use futures_util::future::{join_all, select_all};
@@ -20,12 +22,15 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::endpoints::{peer_source, Balancer, DialError, Endpoint};
+use crate::endpoints::{
+    discover, peer_source, Balancer, DialError, Discovered, Endpoint, Resolver, Role, SrvTarget,
+    LOOKUP_LIMIT,
+};
 use crate::relay::{relay, reset_tcp, RelayError};
 use crate::reload::{Certs, Reload};
 use crate::tally::{StreamEnd, StreamTally};
 use crate::throttle::LogThrottle;
-use crate::upstream_set::{pick, Candidate};
+use crate::upstream_set::{pick, srv_weight, Candidate};
 use crate::{bind_tcp, EngineError};
 
 /// The tunnel transport a client uses.
@@ -62,6 +67,8 @@ pub struct ClientSettings {
     pub max_connections: usize,
     /// How often the certificate files are checked for a change; `None`: only on request.
     pub reload_check: Option<Duration>,
+    /// The DNS server peer names and SRV records are looked up at; `None`: the system's.
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// A bound client, ready to run.
@@ -91,27 +98,53 @@ struct LinkMaker {
     server_name: Option<String>,
     tls: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
     limits: Limits,
+    resolver: Resolver,
 }
 
 impl LinkMaker {
+    fn transport_name(&self) -> &'static str {
+        match self.transport {
+            ClientTransport::Quic => "quic",
+            ClientTransport::Tls => "tls",
+        }
+    }
+
+    /// The link to one server (a discovered set's peers are made one by one, as they come).
     fn make(&self, peer: &PeerSpec) -> Result<Link, EngineError> {
-        let server_name = self.server_name.clone().unwrap_or_else(|| peer.host());
+        let addr = peer.addr().ok_or_else(|| {
+            EngineError::Config(format!("peer {peer} is a discovered set, not one server"))
+        })?;
+        let server_name = self.server_name.clone().unwrap_or_else(|| addr.host());
         let (tls, limits) = (self.tls.clone(), self.limits);
+        let source = peer_source(peer, addr, &self.resolver);
         Ok(match self.transport {
             ClientTransport::Quic => Link::Quic(PeerLink::new(
                 peer,
+                source,
                 "quic",
                 QuicDialer::new(tls, server_name, limits)?,
                 limits,
             )),
             ClientTransport::Tls => Link::Tls(PeerLink::new(
                 peer,
+                source,
                 "tls",
                 TlsDialer::new(tls, &server_name, limits)?,
                 limits,
             )),
         })
     }
+}
+
+/// The servers an SRV answer lists, as peers, with their priority and weight.
+fn discovered_peers(targets: &[SrvTarget]) -> Vec<(PeerSpec, u16, u32)> {
+    targets
+        .iter()
+        .filter_map(|t| {
+            let addr = HostPort::parse(&format!("{}:{}", t.host, t.port))?;
+            Some((PeerSpec::at(addr), t.priority, srv_weight(t.weight)))
+        })
+        .collect()
 }
 
 /// Each listener with its peers: its own, else the client's. An error names a listener that
@@ -165,6 +198,7 @@ fn prepare(
         server_name: settings.server_name.clone(),
         tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
         limits: settings.limits,
+        resolver: Resolver::new(settings.dns_server),
     };
     Ok((listens, certs, makes))
 }
@@ -177,7 +211,8 @@ impl Client {
         let mut listeners = Vec::new();
         for spec in listens {
             for peer in &spec.peers {
-                if !links.iter().any(|l| l.peer() == peer) {
+                let discovered = peer.discovery().is_some();
+                if !discovered && !links.iter().any(|l| l.peer() == peer) {
                     links.push(makes.make(peer)?);
                 }
             }
@@ -256,24 +291,49 @@ pub struct PeerProbe {
 pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, EngineError> {
     // The certificates stay loaded while the probes run: the links' dialers watch them.
     let (listens, _certs, makes) = prepare(settings)?;
-    let mut peers: Vec<&PeerSpec> = Vec::new();
+    let transport = makes.transport_name();
+    // A discovered set is looked up once here and each server it lists probed.
+    let mut peers: Vec<PeerSpec> = Vec::new();
+    let mut probes = Vec::new();
     for peer in listens.iter().flat_map(|l| &l.peers) {
-        if !peers.contains(&peer) {
-            peers.push(peer);
+        let found = match peer.discovery() {
+            None => vec![peer.clone()],
+            Some(Discovery::Srv(name)) => match makes.resolver.lookup_srv(name).await {
+                Ok(answer) => discovered_peers(&answer.targets)
+                    .into_iter()
+                    .map(|(peer, ..)| peer)
+                    .collect(),
+                Err(why) => {
+                    probes.push(PeerProbe {
+                        peer: peer.to_string(),
+                        transport,
+                        outcome: Err(why),
+                    });
+                    continue;
+                }
+            },
+        };
+        for peer in found {
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
         }
     }
     let links = peers
-        .into_iter()
+        .iter()
         .map(|peer| makes.make(peer))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(join_all(links.iter().map(|link| async move {
-        PeerProbe {
-            peer: link.name().to_owned(),
-            transport: link.transport(),
-            outcome: link.probe().await,
-        }
-    }))
-    .await)
+    probes.extend(
+        join_all(links.iter().map(|link| async move {
+            PeerProbe {
+                peer: link.name().to_owned(),
+                transport: link.transport(),
+                outcome: link.probe().await,
+            }
+        }))
+        .await,
+    );
+    Ok(probes)
 }
 
 /// Replaces a running client's listeners.
@@ -376,13 +436,19 @@ struct PeerLink<D: Dialer> {
 }
 
 impl<D: Dialer> PeerLink<D> {
-    fn new(peer: &PeerSpec, transport: &'static str, dialer: D, limits: Limits) -> Arc<Self> {
+    fn new(
+        peer: &PeerSpec,
+        source: Arc<crate::endpoints::Source>,
+        transport: &'static str,
+        dialer: D,
+        limits: Limits,
+    ) -> Arc<Self> {
         Arc::new(PeerLink {
             peer: peer.clone(),
             name: peer.to_string(),
             transport,
             dialer,
-            balancer: Balancer::new(peer_source(peer)),
+            balancer: Balancer::new(source),
             pool: Pool {
                 live: watch::Sender::new(Vec::new()),
                 next: AtomicUsize::new(0),
@@ -637,21 +703,42 @@ type CertsWatch = (
 /// Where a listener's new connections go: the route they ask for, over its peers' links.
 struct Target {
     route: RouteName,
-    links: Vec<Link>,
+    choices: Vec<Choice>,
+}
+
+/// One peer a listener's connections may take, and its standing among the others.
+#[derive(Clone)]
+struct Choice {
+    link: Link,
+    /// Lower first (SRV); 0 for listed peers.
+    priority: u16,
+    weight: u32,
+}
+
+impl Choice {
+    fn listed(link: Link) -> Self {
+        Choice {
+            link,
+            priority: 0,
+            weight: 1,
+        }
+    }
 }
 
 impl Target {
     /// The link (its index) a new app connection goes over, of those with a tunnel connection
-    /// up now (not lost, not draining), as `balance` picks: least-conn, fewest app connections;
-    /// failover, the first in order; round-robin, in turn. `None` if none has one up.
+    /// up now (not lost, not draining), as `balance` picks among the lowest priority that has
+    /// one: least-conn, fewest app connections per weight; failover, the first in order;
+    /// round-robin, in turn by weight. `None` if none has one up.
     fn pick_live(&self, balance: Balance, turn: usize) -> Option<usize> {
         let candidates: Vec<Candidate> = self
-            .links
+            .choices
             .iter()
-            .map(|link| {
-                let load = link.live_load();
+            .map(|choice| {
+                let load = choice.link.live_load();
                 Candidate {
-                    weight: 1,
+                    weight: choice.weight,
+                    priority: choice.priority,
                     open: load.unwrap_or(0),
                     eligible: load.is_some(),
                 }
@@ -667,29 +754,36 @@ impl Target {
     /// lost under the connection (before any of its bytes were read) hands it to the next.
     async fn carry(&self, tcp: TcpStream, app: SocketAddr, accepting: &Accepting) {
         let (route, wait) = (&self.route, accepting.tunnel_wait);
-        if let [link] = &self.links[..] {
-            link.carry(tcp, app, route.clone(), wait, false).await;
-            return;
+        match &self.choices[..] {
+            [] => {
+                warn!(%app, %route, "no peer discovered yet; resetting the app connection");
+                reset_tcp(tcp);
+                return;
+            }
+            [one] => {
+                one.link.carry(tcp, app, route.clone(), wait, false).await;
+                return;
+            }
+            _ => {}
         }
         let deadline = tokio::time::Instant::now() + wait;
         let turn = accepting.turn.fetch_add(1, Ordering::Relaxed);
-        let mut untried = self.clone_links();
+        let mut untried = self.clone_choices();
         let mut tcp = tcp;
-        while !untried.links.is_empty() {
+        while !untried.choices.is_empty() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let index = match untried.pick_live(accepting.peer_balance, turn) {
                 Some(i) => i,
                 None => {
-                    let first_up =
-                        select_all(untried.links.iter().map(|l| Box::pin(l.wait_live())));
-                    match tokio::time::timeout(left, first_up).await {
+                    let links = untried.choices.iter().map(|c| Box::pin(c.link.wait_live()));
+                    match tokio::time::timeout(left, select_all(links)).await {
                         Ok((_, i, _)) => i,
                         Err(_) => break,
                     }
                 }
             };
-            let link = untried.links.remove(index);
-            let hand_back = !untried.links.is_empty();
+            let link = untried.choices.remove(index).link;
+            let hand_back = !untried.choices.is_empty();
             match link.carry(tcp, app, route.clone(), left, hand_back).await {
                 Some(back) => tcp = back,
                 None => return,
@@ -699,16 +793,16 @@ impl Target {
         reset_tcp(tcp);
     }
 
-    fn clone_links(&self) -> Target {
+    fn clone_choices(&self) -> Target {
         Target {
             route: self.route.clone(),
-            links: self.links.clone(),
+            choices: self.choices.clone(),
         }
     }
 
     /// The peers, for the log.
     fn peers(&self) -> String {
-        let names: Vec<&str> = self.links.iter().map(Link::name).collect();
+        let names: Vec<&str> = self.choices.iter().map(|c| c.link.name()).collect();
         names.join(",")
     }
 }
@@ -739,11 +833,22 @@ struct RunningListener {
     stop: watch::Sender<bool>,
 }
 
-/// The links and listeners in service, changed by a [`Relisten`].
+/// A discovered set of peers in service: its source, and the servers its latest answer lists.
+struct RunningDiscovery {
+    discovery: Discovery,
+    found: watch::Receiver<Discovered>,
+    /// Each server, its priority and weight.
+    peers: Vec<(PeerSpec, u16, u32)>,
+}
+
+/// The links, discoveries and listeners in service, changed by a [`Relisten`] or a
+/// discovered set's change.
 struct Running {
     links: Vec<RunningLink>,
+    discoveries: Vec<RunningDiscovery>,
     listeners: Vec<RunningListener>,
     accepting: Arc<Accepting>,
+    makes: LinkMaker,
     certs: CertsWatch,
     connections: usize,
     drain_timeout: Duration,
@@ -757,21 +862,71 @@ impl Running {
         self.links.push(RunningLink { link, stop });
     }
 
-    /// The links of `spec`'s peers, all started.
-    fn links_for(&self, spec: &ListenerSpec) -> Vec<Link> {
-        let links = spec.peers.iter().filter_map(|peer| self.link_to(peer));
-        links.cloned().collect()
+    /// Starts following the discovered sets among `spec`'s peers that are not followed yet.
+    fn start_discoveries(&mut self, spec: &ListenerSpec) {
+        for discovery in spec.peers.iter().filter_map(PeerSpec::discovery) {
+            if self.discovery(discovery).is_none() {
+                let found = discover(discovery, Role::Peer, &self.makes.resolver);
+                self.discoveries.push(RunningDiscovery {
+                    discovery: discovery.clone(),
+                    found,
+                    peers: Vec::new(),
+                });
+            }
+        }
+    }
+
+    fn discovery(&self, discovery: &Discovery) -> Option<&RunningDiscovery> {
+        self.discoveries.iter().find(|d| d.discovery == *discovery)
+    }
+
+    /// Waits (up to a lookup's limit) until each discovered set has its first answer, so
+    /// that the first app connections find its peers.
+    async fn first_answers(&self) {
+        let answers = self.discoveries.iter().map(|d| {
+            let mut found = d.found.clone();
+            async move {
+                let _ = found.wait_for(Option::is_some).await;
+            }
+        });
+        let _ = tokio::time::timeout(LOOKUP_LIMIT, join_all(answers)).await;
+    }
+
+    /// The choices of `spec`'s peers, all started: its listed peers and the servers its
+    /// discovered sets list now.
+    fn choices_for(&self, spec: &ListenerSpec) -> Vec<Choice> {
+        let mut choices = Vec::new();
+        for peer in &spec.peers {
+            match peer.discovery().and_then(|d| self.discovery(d)) {
+                Some(found) => {
+                    for (peer, priority, weight) in &found.peers {
+                        if let Some(link) = self.link_to(peer) {
+                            let (priority, weight) = (*priority, *weight);
+                            choices.push(Choice {
+                                link: link.clone(),
+                                priority,
+                                weight,
+                            });
+                        }
+                    }
+                }
+                None => choices.extend(self.link_to(peer).cloned().map(Choice::listed)),
+            }
+        }
+        choices
     }
 
     fn start_listener(&mut self, socket: TcpListener, spec: ListenerSpec) {
         let (stop, stopped) = watch::channel(false);
         let target = Target {
             route: spec.route.clone(),
-            links: self.links_for(&spec),
+            choices: self.choices_for(&spec),
         };
         if let Ok(addr) = socket.local_addr() {
-            let transport = target.links.first().map_or("", Link::transport);
-            info!(listen = %addr, route = %spec.route, peer = %target.peers(), transport, "amb client listening");
+            let peers: Vec<String> = spec.peers.iter().map(ToString::to_string).collect();
+            let (route, peer, transport) =
+                (&spec.route, peers.join(","), self.makes.transport_name());
+            info!(listen = %addr, %route, %peer, transport, "amb client listening");
         }
         let target = Arc::new(ArcSwap::from_pointee(target));
         tokio::spawn(accept(
@@ -793,7 +948,6 @@ impl Running {
     /// Applies a replacement of the listeners (see [`Listeners::replace`]).
     fn relisten(
         &mut self,
-        makes: &LinkMaker,
         listens: Vec<ListenerSpec>,
         peers: &[PeerSpec],
     ) -> Result<usize, EngineError> {
@@ -812,9 +966,9 @@ impl Running {
                 ListenerChange::Changed { new, .. } => new,
                 ListenerChange::Removed(_) => continue,
             };
-            for peer in &spec.peers {
+            for peer in spec.peers.iter().filter(|p| p.discovery().is_none()) {
                 if self.link_to(peer).is_none() && !new_links.iter().any(|l| l.peer() == peer) {
-                    new_links.push(makes.make(peer)?);
+                    new_links.push(self.makes.make(peer)?);
                 }
             }
         }
@@ -826,6 +980,7 @@ impl Running {
         for change in &changes {
             match change {
                 ListenerChange::Added(spec) => {
+                    self.start_discoveries(spec);
                     let socket = sockets.next().expect("bound above");
                     self.start_listener(socket, spec.clone());
                 }
@@ -837,9 +992,10 @@ impl Running {
                     }
                 }
                 ListenerChange::Changed { old, new } => {
+                    self.start_discoveries(new);
                     let target = Target {
                         route: new.route.clone(),
-                        links: self.links_for(new),
+                        choices: self.choices_for(new),
                     };
                     if let Some(running) = self.listeners.iter_mut().find(|l| l.spec == *old) {
                         info!(listen = %new.addr, route = %new.route, peer = %target.peers(), "listener changed; new app connections follow it");
@@ -849,26 +1005,114 @@ impl Running {
                 }
             }
         }
-        self.retire_unused_links();
+        // A newly followed set's servers are linked once it answers.
+        self.retire_unused(self.drain_timeout);
         Ok(changes.len())
     }
 
-    /// Stops the links no listener uses: no more dials; their tunnel connections close once
-    /// the app connections on them end, or at the drain timeout.
-    fn retire_unused_links(&mut self) {
+    /// Takes in what the discovered sets answered since last time: links to the servers they
+    /// list now, the listeners that use them retargeted at once (new app connections follow);
+    /// servers no set lists any more are let go once their app connections end.
+    fn rediscover(&mut self) {
+        if !self.take_answers() {
+            return;
+        }
+        for listener in &self.listeners {
+            if listener.spec.peers.iter().any(|p| p.discovery().is_some()) {
+                let target = Target {
+                    route: listener.spec.route.clone(),
+                    choices: self.choices_for(&listener.spec),
+                };
+                listener.target.store(Arc::new(target));
+            }
+        }
+        // A server that left a set keeps its app connections until they end.
+        self.retire_unused(Duration::MAX);
+    }
+
+    /// Takes each discovered set's new answer, if any, and starts links to the servers it
+    /// lists that have none; whether anything changed.
+    fn take_answers(&mut self) -> bool {
+        let mut changed = false;
+        for found in &mut self.discoveries {
+            if !found.found.has_changed().unwrap_or(false) {
+                continue;
+            }
+            if let Some(Ok(targets)) = found.found.borrow_and_update().clone() {
+                found.peers = discovered_peers(&targets);
+                changed = true;
+            }
+        }
+        if !changed {
+            return false;
+        }
+        let wanted: Vec<PeerSpec> = self
+            .discoveries
+            .iter()
+            .flat_map(|d| d.peers.iter().map(|(peer, ..)| peer.clone()))
+            .collect();
+        for peer in wanted {
+            if self.link_to(&peer).is_some() {
+                continue;
+            }
+            match self.makes.make(&peer) {
+                Ok(link) => {
+                    info!(peer = %link.name(), transport = link.transport(), "discovered peer: connecting");
+                    self.start_link(link);
+                }
+                Err(e) => warn!(%peer, "discovered peer left out: {e}"),
+            }
+        }
+        true
+    }
+
+    /// Resolves when a discovered set has a new answer.
+    fn next_discovery(&self) -> impl Future<Output = ()> + 'static {
+        let watches: Vec<watch::Receiver<Discovered>> =
+            self.discoveries.iter().map(|d| d.found.clone()).collect();
+        async move {
+            if watches.is_empty() {
+                return std::future::pending().await;
+            }
+            let changes = watches.into_iter().map(|mut found| {
+                Box::pin(async move {
+                    if found.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+            });
+            select_all(changes).await;
+        }
+    }
+
+    /// Stops the links and discoveries no listener uses: no more dials; their tunnel
+    /// connections close once the app connections on them end, or at `drain`.
+    fn retire_unused(&mut self, drain: Duration) {
         let listeners = &self.listeners;
+        let in_use = |peer: &PeerSpec| listeners.iter().any(|l| l.spec.peers.contains(peer));
+        self.discoveries.retain(|d| {
+            listeners.iter().any(|l| {
+                l.spec
+                    .peers
+                    .iter()
+                    .any(|p| p.discovery() == Some(&d.discovery))
+            })
+        });
+        let discovered = &self.discoveries;
         let (used, unused): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()
             .partition(|running| {
-                listeners
-                    .iter()
-                    .any(|l| l.spec.peers.contains(running.link.peer()))
+                let peer = running.link.peer();
+                in_use(peer)
+                    || discovered
+                        .iter()
+                        .any(|d| d.peers.iter().any(|(p, ..)| p == peer))
             });
         self.links = used;
         for RunningLink { link, stop } in unused {
             let _ = stop.send(true);
-            info!(peer = %link.name(), transport = link.transport(), "no listener uses the peer any more: letting it go once its app connections end");
-            tokio::spawn(link.retire(self.drain_timeout));
+            info!(peer = %link.name(), transport = link.transport(), "peer no longer used: letting it go once its app connections end");
+            tokio::spawn(link.retire(drain));
         }
     }
 
@@ -944,8 +1188,10 @@ async fn run(
     });
     let mut running = Running {
         links: Vec::new(),
+        discoveries: Vec::new(),
         listeners: Vec::new(),
         accepting: accepting.clone(),
+        makes,
         certs,
         connections: settings.connections.max(1),
         drain_timeout: settings.limits.drain_timeout,
@@ -954,6 +1200,11 @@ async fn run(
     for link in &links {
         running.start_link(link.clone());
     }
+    for listener in &listeners {
+        running.start_discoveries(&listener.spec);
+    }
+    running.first_answers().await;
+    running.take_answers();
     for Listener { socket, spec } in listeners {
         running.start_listener(socket, spec);
     }
@@ -962,8 +1213,9 @@ async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             Some(Relisten { listens, peers, done }) = relisten.recv() => {
-                let _ = done.send(running.relisten(&makes, listens, &peers));
+                let _ = done.send(running.relisten(listens, &peers));
             }
+            () = running.next_discovery() => running.rediscover(),
         }
     }
     running.stop();

@@ -11,14 +11,14 @@ use amb_proto::{
     ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
-use amb_spec::UpstreamSetSpec;
+use amb_spec::{Discovery, UpstreamSetSpec, UpstreamSpec};
 use amb_tls::TlsServer;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::endpoints::UpstreamStream;
+use crate::endpoints::{Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
 use crate::relay::{relay, RelayError};
 use crate::reload::{Certs, Reload};
@@ -58,6 +58,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// How often the certificate files are checked for a change; `None`: only on request.
     pub reload_check: Option<Duration>,
+    /// The DNS server names and SRV records are looked up at; `None`: the system's.
+    pub dns_server: Option<SocketAddr>,
 }
 
 struct Context {
@@ -72,6 +74,8 @@ struct Context {
     /// Moves after each replacement of the routes: connections check their streams.
     reconfigured: watch::Sender<u64>,
     connect_timeout: Duration,
+    /// Looks up upstream names and discovered sets.
+    resolver: Resolver,
     stopping: watch::Receiver<bool>,
     live: TaskTracker,
 }
@@ -134,12 +138,18 @@ impl Server {
             None => None,
         };
         let (stop, stopping) = watch::channel(false);
+        let resolver = Resolver::new(settings.dns_server);
         let ctx = Arc::new(Context {
             limits,
             trust: certs.trust(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             throttle: LogThrottle::default(),
-            routes: ArcSwap::from_pointee(settings.routes.map(UpstreamSet::new)),
+            routes: ArcSwap::from_pointee(
+                settings
+                    .routes
+                    .map(|route, spec| UpstreamSet::new(route, spec, &resolver)),
+            ),
+            resolver,
             specs: Mutex::new(settings.routes),
             reconfigured: watch::Sender::new(0),
             connect_timeout: settings.connect_timeout,
@@ -263,13 +273,32 @@ pub struct UpstreamProbe {
 pub async fn probe_upstreams(
     routes: &RouteTable<UpstreamSetSpec>,
     timeout: Duration,
+    resolver: &Resolver,
 ) -> Vec<UpstreamProbe> {
     use futures_util::stream::{self, StreamExt};
-    let members = routes
-        .iter()
-        .flat_map(|(route, set)| set.members().iter().map(move |m| (route, &m.upstream)));
-    let probes = members.map(|(route, spec)| async move {
-        let outcome = match Upstream::new(spec).dial(timeout).await {
+    // A discovered set is looked up once and each target it lists dialed.
+    let mut members: Vec<(&RouteName, UpstreamSpec)> = Vec::new();
+    let mut failed = Vec::new();
+    for (route, set) in routes.iter() {
+        members.extend(set.members().iter().map(|m| (route, m.upstream.clone())));
+        let Some(Discovery::Srv(name)) = set.discovery() else {
+            continue;
+        };
+        match resolver.lookup_srv(name).await {
+            Ok(answer) => members.extend(
+                (answer.targets.iter())
+                    .filter_map(|t| format!("{}:{}", t.host, t.port).parse().ok())
+                    .map(|spec| (route, spec)),
+            ),
+            Err(why) => failed.push(UpstreamProbe {
+                route: route.clone(),
+                upstream: set.to_string(),
+                outcome: Err(why),
+            }),
+        }
+    }
+    let probes = members.into_iter().map(|(route, spec)| async move {
+        let outcome = match Upstream::new(&spec, resolver).dial(timeout).await {
             Ok(_) => Ok(()),
             Err(failure) => Err(format!("{}: {}", failure.refusal, failure.detail)),
         };
@@ -279,7 +308,8 @@ pub async fn probe_upstreams(
             outcome,
         }
     });
-    stream::iter(probes).buffered(64).collect().await
+    failed.extend(stream::iter(probes).buffered(64).collect::<Vec<_>>().await);
+    failed
 }
 
 /// Replaces a running server's routes and allow-lists.
@@ -304,7 +334,7 @@ impl Routes {
             // Unchanged upstreams keep their runtime object: lookups, health, open counts.
             match running.upstream(route) {
                 Some(up) if up.spec() == spec => up.clone(),
-                _ => UpstreamSet::new(route, spec),
+                _ => UpstreamSet::new(route, spec, &ctx.resolver),
             }
         });
         for (route, change) in &changes {

@@ -15,7 +15,7 @@ use amb_proto::Refusal;
 use amb_spec::UpstreamSpec;
 
 use crate::endpoints::{
-    upstream_source, Balancer, Connector, DialProgress, Source, UpstreamStream,
+    upstream_source, Balancer, Connector, DialProgress, Resolver, Source, UpstreamStream,
 };
 
 /// A route's upstream, built from its spec; clones share its endpoints.
@@ -52,9 +52,9 @@ pub struct DialFailure {
 }
 
 impl Upstream {
-    /// The upstream `spec` describes; a name is looked up on the first dial.
-    pub fn new(spec: &UpstreamSpec) -> Self {
-        Upstream::with_source(spec.clone(), upstream_source(spec))
+    /// The upstream `spec` describes; a name is looked up (by `resolver`) on the first dial.
+    pub fn new(spec: &UpstreamSpec, resolver: &Resolver) -> Self {
+        Upstream::with_source(spec.clone(), upstream_source(spec, resolver))
     }
 
     /// What it was built from.
@@ -313,7 +313,10 @@ mod tests {
     #[tokio::test]
     async fn a_real_name_is_dialed() {
         let (l, addr) = listener().await;
-        let upstream = Upstream::new(&format!("localhost:{}", addr.port()).parse().unwrap());
+        let upstream = Upstream::new(
+            &format!("localhost:{}", addr.port()).parse().unwrap(),
+            &Resolver::system(),
+        );
         let (dialed, accepted) = tokio::join!(upstream.dial(Duration::from_secs(5)), l.accept());
         let Ok(UpstreamStream::Tcp(tcp)) = dialed else {
             panic!("a TCP dial: {dialed:?}");
@@ -325,7 +328,10 @@ mod tests {
     async fn a_unix_socket_is_dialed_and_a_missing_one_is_named() {
         let path = std::env::temp_dir().join(format!("amb-upstream-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let upstream = Upstream::new(&format!("unix:{}", path.display()).parse().unwrap());
+        let upstream = Upstream::new(
+            &format!("unix:{}", path.display()).parse().unwrap(),
+            &Resolver::system(),
+        );
         assert_eq!(upstream.to_string(), format!("unix:{}", path.display()));
 
         let failure = upstream.dial(Duration::from_secs(5)).await.unwrap_err();
@@ -365,7 +371,10 @@ mod tests {
             }
             assert!(queued.len() < 64, "the listen queue never filled");
         }
-        let upstream = Upstream::new(&format!("unix:{}", path.display()).parse().unwrap());
+        let upstream = Upstream::new(
+            &format!("unix:{}", path.display()).parse().unwrap(),
+            &Resolver::system(),
+        );
 
         let failure = upstream.dial(Duration::from_millis(300)).await.unwrap_err();
         assert_eq!(

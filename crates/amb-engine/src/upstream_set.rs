@@ -3,25 +3,34 @@
 //! or times out marks its member down for a back-off (1 s doubling to 30 s, reset by a good
 //! dial) and the same app connection is dialed again at the next member, all within the
 //! connect timeout. With every member down the stream is refused at once (503, no healthy
-//! upstream). A route of one upstream keeps no passive health: each dial tries it, as before.
+//! upstream). A route of one listed upstream keeps no passive health: each dial tries it.
 //!
 //! A route may also check its upstreams actively (`tcp`, `redis`: `PING` answered `+PONG`,
 //! `redis-master`: also `ROLE` answered `master`), every interval, in a task that ends with the
 //! set; a member that fails its check is out until it passes one, whatever its dials did.
+//!
+//! A discovered set (`srv:NAME`) takes its members from the discovery's latest answer: the
+//! first dial after a change rebuilds the member list, keeping each member still listed (its
+//! health, its open connections); priorities are honoured (the next only when all of the
+//! lowest are down), weights within one.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use amb_proto::{Refusal, RouteName};
-use amb_spec::{Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec};
+use amb_spec::{
+    Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec, MAX_UPSTREAMS,
+};
+use arc_swap::ArcSwap;
 use futures_util::future::join_all;
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::endpoints::UpstreamStream;
+use crate::endpoints::{discover, Discovered, Resolver, Role, SrvTarget, UpstreamStream};
 use crate::upstream::{DialFailure, Upstream};
 
 /// The first back-off after a failed dial; it doubles with each failure in a row.
@@ -36,7 +45,9 @@ pub struct UpstreamSet(Arc<Inner>);
 struct Inner {
     spec: UpstreamSetSpec,
     route: RouteName,
-    members: Vec<Member>,
+    members: ArcSwap<Vec<Arc<Member>>>,
+    /// A discovered set's source, and the resolver its targets are looked up by.
+    discovered: Option<(Mutex<watch::Receiver<Discovered>>, Resolver)>,
     /// Round-robin's position.
     turn: AtomicUsize,
 }
@@ -44,11 +55,30 @@ struct Inner {
 struct Member {
     upstream: Upstream,
     weight: u32,
+    /// Lower first (SRV); 0 for listed members.
+    priority: u16,
     /// App connections on it now (least-conn's measure).
     open: AtomicUsize,
     health: Mutex<Health>,
     /// What the last active check found ([`CHECK_UNKNOWN`] before the first).
     checked: AtomicU8,
+}
+
+impl Member {
+    fn new(upstream: Upstream, weight: u32, priority: u16) -> Arc<Self> {
+        Arc::new(Member {
+            upstream,
+            weight,
+            priority,
+            open: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            checked: AtomicU8::new(CHECK_UNKNOWN),
+        })
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 const CHECK_UNKNOWN: u8 = 0;
@@ -69,10 +99,21 @@ struct Health {
 pub struct Candidate {
     /// Its weight.
     pub weight: u32,
+    /// Its priority: only the eligible members of the lowest are picked from.
+    pub priority: u16,
     /// App connections on it.
     pub open: usize,
     /// Up, and not yet tried for this app connection.
     pub eligible: bool,
+}
+
+/// The weight an SRV record's weight stands for: a weight of 0 gets a very small share next
+/// to any other (RFC 2782), and all of 0 share alike.
+pub fn srv_weight(weight: u16) -> u32 {
+    match weight {
+        0 => 1,
+        w => u32::from(w) * 100,
+    }
 }
 
 /// The member a new app connection goes to, of `candidates` (in the order configured), or
@@ -83,7 +124,18 @@ pub fn pick(
     turn: usize,
     mut random: impl FnMut(u64) -> u64,
 ) -> Option<usize> {
-    let eligible = || candidates.iter().enumerate().filter(|(_, c)| c.eligible);
+    let priority = candidates
+        .iter()
+        .filter(|c| c.eligible)
+        .map(|c| c.priority)
+        .min()?;
+    let eligible = || {
+        let picked = |c: &Candidate| c.eligible && c.priority == priority;
+        candidates
+            .iter()
+            .enumerate()
+            .filter(move |(_, c)| picked(c))
+    };
     let total: u64 = eligible().map(|(_, c)| u64::from(c.weight)).sum();
     // The eligible member at `point` of the eligible weights laid end to end.
     let at = |point: u64| {
@@ -113,44 +165,44 @@ pub fn pick(
 }
 
 /// A member in use by one app connection: counted as open on it while this lives.
-pub struct Lease {
-    set: UpstreamSet,
-    index: usize,
-}
+pub struct Lease(Arc<Member>);
 
 impl Lease {
+    fn new(member: &Arc<Member>) -> Self {
+        member.open.fetch_add(1, Ordering::Relaxed);
+        Lease(member.clone())
+    }
+
     /// The upstream dialed.
     pub fn upstream(&self) -> &UpstreamSpec {
-        self.set.0.members[self.index].upstream.spec()
+        self.0.upstream.spec()
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.set.0.members[self.index]
-            .open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl UpstreamSet {
-    /// The upstreams `spec` describes, for `route` (named in health log lines).
-    pub fn new(route: &RouteName, spec: &UpstreamSetSpec) -> Self {
+    /// The upstreams `spec` describes, for `route` (named in health log lines); names are
+    /// looked up by `resolver`.
+    pub fn new(route: &RouteName, spec: &UpstreamSetSpec, resolver: &Resolver) -> Self {
         let members = spec
             .members()
             .iter()
-            .map(|m| Member {
-                upstream: Upstream::new(&m.upstream),
-                weight: m.weight,
-                open: AtomicUsize::new(0),
-                health: Mutex::new(Health::default()),
-                checked: AtomicU8::new(CHECK_UNKNOWN),
-            })
+            .map(|m| Member::new(Upstream::new(&m.upstream, resolver), m.weight, 0))
             .collect();
+        let discovered = spec.discovery().map(|discovery| {
+            let found = discover(discovery, Role::Upstream, resolver);
+            (Mutex::new(found), resolver.clone())
+        });
         let set = UpstreamSet(Arc::new(Inner {
             spec: spec.clone(),
             route: route.clone(),
-            members,
+            members: ArcSwap::from_pointee(members),
+            discovered,
             turn: AtomicUsize::new(0),
         }));
         if let Some(check) = spec.health {
@@ -164,23 +216,13 @@ impl UpstreamSet {
         &self.0.spec
     }
 
-    /// Whether members have health (a route of one has none: each dial tries it).
-    fn keeps_health(&self) -> bool {
-        self.0.members.len() > 1
-    }
-
-    fn health(&self, index: usize) -> std::sync::MutexGuard<'_, Health> {
-        self.0.members[index]
-            .health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Connects one app connection: members in the order the balance mode picks, each that
     /// fails marked down, until one answers or `timeout` has passed.
     pub async fn dial(&self, timeout: Duration) -> Result<(UpstreamStream, Lease), DialFailure> {
         let inner = &*self.0;
         let deadline = Instant::now() + timeout;
+        let members = self.members(deadline).await?;
+        let keeps_health = inner.keeps_health(&members);
         // Bit i: member i was tried for this connection (a set has at most 64).
         let mut tried = 0u64;
         let mut failures: Vec<String> = Vec::new();
@@ -188,21 +230,24 @@ impl UpstreamSet {
         loop {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
-            let (picked, untried) = match &inner.members[..] {
+            let (picked, untried) = match &members[..] {
                 // One upstream, the common route: nothing to pick or allocate.
-                [_] => ((tried == 0 && self.is_up(0, now)).then_some(0), 1),
+                [one] if !keeps_health => {
+                    ((tried == 0 && inner.is_up(one, false, now)).then_some(0), 1)
+                }
                 members => {
                     let candidates: Vec<Candidate> = members
                         .iter()
                         .enumerate()
                         .map(|(i, m)| Candidate {
                             weight: m.weight,
+                            priority: m.priority,
                             open: m.open.load(Ordering::Relaxed),
-                            eligible: tried & (1 << i) == 0 && self.is_up(i, now),
+                            eligible: tried & (1 << i) == 0 && inner.is_up(m, keeps_health, now),
                         })
                         .collect();
                     let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
-                    let picked = pick(self.spec().balance, &candidates, turn, |n| {
+                    let picked = pick(inner.spec.balance, &candidates, turn, |n| {
                         rand::rng().random_range(0..n)
                     });
                     (
@@ -212,18 +257,14 @@ impl UpstreamSet {
                 }
             };
             let Some(index) = picked.filter(|_| !left.is_zero()) else {
-                return Err(self.refusal(failures, all_timed_out));
+                return Err(inner.refusal(failures, all_timed_out));
             };
             tried |= 1 << index;
             // The time left, shared among the members still to try, so one that does not
             // answer leaves the others theirs.
             let limit = left / untried.max(1);
-            let member = &inner.members[index];
-            member.open.fetch_add(1, Ordering::Relaxed);
-            let lease = Lease {
-                set: self.clone(),
-                index,
-            };
+            let member = &members[index];
+            let lease = Lease::new(member);
             match member.upstream.dial(limit).await {
                 Ok(mut stream) => {
                     if let Some(auth) = &inner.spec.redis_auth {
@@ -239,56 +280,139 @@ impl UpstreamSet {
                             });
                         }
                     }
-                    self.mark_up(index);
+                    if keeps_health {
+                        inner.mark_up(member);
+                    }
                     return Ok((stream, lease));
                 }
                 Err(failure) => {
                     drop(lease);
                     all_timed_out &= failure.refusal == Refusal::UpstreamTimeout;
-                    self.mark_down(index, &failure);
+                    if keeps_health {
+                        inner.mark_down(member, &failure);
+                    }
                     failures.push(format!("{}: {}", member.upstream, failure.detail));
                 }
             }
         }
     }
 
-    fn is_up(&self, index: usize, now: Instant) -> bool {
-        let checked = match self.0.members[index].checked.load(Ordering::Relaxed) {
+    /// The members a dial picks from: a listed set's; a discovered set's latest, rebuilt
+    /// after a change, and for the first dials awaited (within `deadline`).
+    async fn members(&self, deadline: Instant) -> Result<Arc<Vec<Arc<Member>>>, DialFailure> {
+        let inner = &*self.0;
+        let Some((found, _)) = &inner.discovered else {
+            return Ok(inner.members.load_full());
+        };
+        let lock = || found.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut first = lock().clone();
+        if first.borrow().is_none() {
+            let answered = tokio::time::timeout_at(deadline, first.wait_for(Option::is_some));
+            if !matches!(answered.await, Ok(Ok(_))) {
+                return Err(DialFailure {
+                    refusal: Refusal::NoHealthyUpstream,
+                    detail: format!("{} has not answered yet", inner.spec),
+                });
+            }
+        }
+        inner.refresh();
+        let members = inner.members.load_full();
+        if members.is_empty() {
+            let why = match &*lock().borrow() {
+                Some(Err(why)) => why.clone(),
+                _ => "no targets".to_owned(),
+            };
+            return Err(DialFailure {
+                refusal: Refusal::NoHealthyUpstream,
+                detail: format!("{}: {why}", inner.spec),
+            });
+        }
+        Ok(members)
+    }
+}
+
+impl Inner {
+    /// Whether members have health (a route of one listed upstream has none: each dial tries
+    /// it; a discovered one always has, its targets come and go).
+    fn keeps_health(&self, members: &[Arc<Member>]) -> bool {
+        self.discovered.is_some() || members.len() > 1
+    }
+
+    /// A discovered set: rebuilds the members if the discovery changed since they were built
+    /// (the shared receiver marks the answer they were built from).
+    fn refresh(&self) {
+        if let Some((found, _)) = &self.discovered {
+            let mut found = found.lock().unwrap_or_else(PoisonError::into_inner);
+            if found.has_changed().unwrap_or(false) {
+                found.borrow_and_update();
+                self.follow_discovery(&found);
+            }
+        }
+    }
+
+    /// Rebuilds the members from the discovery's latest set: a target still listed keeps its
+    /// member (health, open connections, looked-up addresses); at most [`MAX_UPSTREAMS`], the
+    /// lowest priorities first.
+    fn follow_discovery(&self, found: &watch::Receiver<Discovered>) {
+        let Some((_, resolver)) = &self.discovered else {
+            return;
+        };
+        let Some(Ok(targets)) = found.borrow().clone() else {
+            return;
+        };
+        let before = self.members.load();
+        let route = &self.route;
+        if targets.len() > MAX_UPSTREAMS {
+            warn!(%route, discovered = targets.len(), "a route uses at most {MAX_UPSTREAMS} upstreams: the lowest priorities first");
+        }
+        let members = targets
+            .iter()
+            .take(MAX_UPSTREAMS)
+            .filter_map(|target| {
+                let SrvTarget {
+                    host,
+                    port,
+                    priority,
+                    weight,
+                } = target;
+                let spec: UpstreamSpec = format!("{host}:{port}").parse().ok()?;
+                let weight = srv_weight(*weight);
+                let kept = before.iter().find(|m| {
+                    m.upstream.spec() == &spec && m.weight == weight && m.priority == *priority
+                });
+                Some(match kept {
+                    Some(member) => member.clone(),
+                    None => Member::new(Upstream::new(&spec, resolver), weight, *priority),
+                })
+            })
+            .collect();
+        self.members.store(Arc::new(members));
+    }
+
+    fn is_up(&self, member: &Member, keeps_health: bool, now: Instant) -> bool {
+        let checked = match member.checked.load(Ordering::Relaxed) {
             CHECK_UP => true,
             CHECK_DOWN => false,
             // Before the first check: up, unless only a master may be used.
-            _ => self.0.spec.health.map(|c| c.kind) != Some(HealthCheckKind::RedisMaster),
+            _ => self.spec.health.map(|c| c.kind) != Some(HealthCheckKind::RedisMaster),
         };
-        checked
-            && (!self.keeps_health()
-                || self
-                    .health(index)
-                    .down_until
-                    .is_none_or(|until| until <= now))
+        checked && (!keeps_health || member.health().down_until.is_none_or(|until| until <= now))
     }
 
     /// After a good dial: a member that was down is up again (one line).
-    fn mark_up(&self, index: usize) {
-        if !self.keeps_health() {
-            return;
-        }
-        let was_down = std::mem::take(&mut *self.health(index))
-            .down_until
-            .is_some();
+    fn mark_up(&self, member: &Member) {
+        let was_down = std::mem::take(&mut *member.health()).down_until.is_some();
         if was_down {
-            let upstream = &self.0.members[index].upstream;
-            info!(route = %self.0.route, %upstream, "upstream up again: a connection to it succeeded");
+            let upstream = &member.upstream;
+            info!(route = %self.route, %upstream, "upstream up again: a connection to it succeeded");
         }
     }
 
     /// After a failed dial: down for a back-off that doubles while it keeps failing (one line
     /// when it goes down).
-    fn mark_down(&self, index: usize, failure: &DialFailure) {
-        if !self.keeps_health() {
-            return;
-        }
+    fn mark_down(&self, member: &Member, failure: &DialFailure) {
         let (was_down, backoff) = {
-            let mut health = self.health(index);
+            let mut health = member.health();
             let was_down = health.down_until.is_some();
             health.backoff = match was_down {
                 true => (health.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF),
@@ -297,9 +421,9 @@ impl UpstreamSet {
             health.down_until = Some(Instant::now() + health.backoff);
             (was_down, health.backoff)
         };
-        let upstream = &self.0.members[index].upstream;
+        let upstream = &member.upstream;
         if !was_down {
-            warn!(route = %self.0.route, %upstream, retry_in = ?backoff, "upstream marked down: {}", failure.detail);
+            warn!(route = %self.route, %upstream, retry_in = ?backoff, "upstream marked down: {}", failure.detail);
         }
     }
 
@@ -310,7 +434,7 @@ impl UpstreamSet {
                 refusal: Refusal::NoHealthyUpstream,
                 detail: format!(
                     "every upstream of the route is down ({}); each is tried again when its back-off ends",
-                    self.spec()
+                    self.spec
                 ),
             };
         }
@@ -335,12 +459,13 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
             return;
         };
         let auth = inner.spec.redis_auth.as_ref();
-        let probes = inner
-            .members
+        inner.refresh();
+        let members = inner.members.load_full();
+        let probes = members
             .iter()
             .map(|m| probe(&m.upstream, check.kind, auth, check.interval));
         let results = join_all(probes).await;
-        for (member, result) in inner.members.iter().zip(results) {
+        for (member, result) in members.iter().zip(results) {
             let now = if result.is_ok() { CHECK_UP } else { CHECK_DOWN };
             let before = member.checked.swap(now, Ordering::Relaxed);
             let (route, upstream) = (&inner.route, &member.upstream);
@@ -352,8 +477,7 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
             match result {
                 Ok(()) => {
                     // A check passed outweighs the dials that failed before it.
-                    *member.health.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Health::default();
+                    *member.health() = Health::default();
                     if before != CHECK_UP {
                         info!(%route, %upstream, check = %check.kind, "upstream health: {was} → up");
                     }
@@ -537,6 +661,7 @@ mod tests {
     fn up(weight: u32, open: usize) -> Candidate {
         Candidate {
             weight,
+            priority: 0,
             open,
             eligible: true,
         }
@@ -545,6 +670,7 @@ mod tests {
     fn down(weight: u32) -> Candidate {
         Candidate {
             weight,
+            priority: 0,
             open: 0,
             eligible: false,
         }
@@ -576,6 +702,31 @@ mod tests {
             spread(Balance::RoundRobin, &[up(1, 0), down(1), up(1, 0)], 10),
             [5, 0, 5]
         );
+    }
+
+    #[test]
+    fn the_lowest_priority_up_takes_everything_and_weights_share_within_it() {
+        let at = |priority, c: Candidate| Candidate { priority, ..c };
+        let srv = [
+            at(10, up(srv_weight(1), 0)),
+            at(10, up(srv_weight(3), 0)),
+            at(20, up(srv_weight(9), 0)),
+        ];
+        for balance in [Balance::LeastConn, Balance::RoundRobin] {
+            let counts = spread(balance, &srv, 4000);
+            assert_eq!(counts[2], 0, "{balance}: {counts:?}");
+            assert!((800..1200).contains(&counts[0]), "{balance}: {counts:?}");
+        }
+        // Only when all of the lowest are down does the next take over.
+        let lowest_down = [at(10, down(100)), at(10, down(100)), at(20, up(100, 0))];
+        assert_eq!(spread(Balance::LeastConn, &lowest_down, 10), [0, 0, 10]);
+        // A weight of 0 gets a very small share beside any other.
+        let zero = spread(
+            Balance::RoundRobin,
+            &[up(srv_weight(0), 0), up(srv_weight(1), 0)],
+            1010,
+        );
+        assert_eq!(zero, [10, 1000]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! listeners. Specs are plain data (`Eq`, no I/O, no live resolvers), so a configuration can be
 //! compared with the next one; the engine builds its runtime objects from them.
 
+mod discovery;
 mod host_port;
 mod links;
 mod listener;
@@ -10,6 +11,7 @@ mod route;
 mod upstream;
 mod upstreams;
 
+pub use discovery::{Discovery, DiscoveryError};
 pub use host_port::HostPort;
 pub use links::{docker_links, DockerLink, DockerLinkError};
 pub use listener::{diff_listeners, ListenerChange, ListenerSpec, ListenerSpecError};

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::UpstreamSpec;
+use crate::{Discovery, UpstreamSpec};
 
 /// Implements `FromStr` and `Display` for a fieldless enum by its `NAMES` table; an unknown
 /// name is `$error` of the text given.
@@ -171,6 +171,12 @@ pub enum UpstreamsError {
     /// An upstream appears twice.
     #[error("upstream {0} is given twice (give it a weight instead)")]
     Duplicate(String),
+    /// A discovered set among other upstreams.
+    #[error("{0} stands alone: a route's upstreams are either listed or discovered")]
+    DiscoveryNotAlone(String),
+    /// A malformed discovery name.
+    #[error(transparent)]
+    Discovery(#[from] crate::DiscoveryError),
 }
 
 impl FromStr for WeightedUpstream {
@@ -210,7 +216,10 @@ impl fmt::Display for WeightedUpstream {
 /// written: a reload keeps a route whose set is equal as it runs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamSetSpec {
+    /// Listed members; empty when discovered.
     members: Vec<WeightedUpstream>,
+    /// Where the members are discovered, instead of listed.
+    discovered: Option<Discovery>,
     /// How new connections are spread.
     pub balance: Balance,
     /// The active health check, if any.
@@ -235,10 +244,22 @@ impl UpstreamSetSpec {
         }
         Ok(UpstreamSetSpec {
             members,
+            discovered: None,
             balance,
             health: None,
             redis_auth: None,
         })
+    }
+
+    /// A set whose members `discovery` lists, as they change.
+    pub fn discovered(discovery: Discovery, balance: Balance) -> Self {
+        UpstreamSetSpec {
+            members: Vec::new(),
+            discovered: Some(discovery),
+            balance,
+            health: None,
+            redis_auth: None,
+        }
     }
 
     /// A set of one.
@@ -248,15 +269,21 @@ impl UpstreamSetSpec {
                 upstream,
                 weight: 1,
             }],
+            discovered: None,
             balance: Balance::default(),
             health: None,
             redis_auth: None,
         }
     }
 
-    /// Its upstreams, in the order given.
+    /// Its upstreams, in the order given (none when discovered).
     pub fn members(&self) -> &[WeightedUpstream] {
         &self.members
+    }
+
+    /// Where its members are discovered, if they are.
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.discovered.as_ref()
     }
 }
 
@@ -265,6 +292,13 @@ impl UpstreamSetSpec {
 impl FromStr for UpstreamSetSpec {
     type Err = UpstreamsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if Discovery::is_discovery(s) {
+            let alone = !s.contains(',');
+            return match alone {
+                true => Ok(UpstreamSetSpec::discovered(s.parse()?, Balance::default())),
+                false => Err(UpstreamsError::DiscoveryNotAlone(s.to_owned())),
+            };
+        }
         let members = s
             .split(',')
             .map(str::parse)
@@ -275,13 +309,18 @@ impl FromStr for UpstreamSetSpec {
 
 impl fmt::Display for UpstreamSetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(discovery) = &self.discovered {
+            discovery.fmt(f)?;
+        }
         for (i, member) in self.members.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
             member.fmt(f)?;
         }
-        if self.members.len() > 1 && self.balance != Balance::default() {
+        if (self.members.len() > 1 || self.discovered.is_some())
+            && self.balance != Balance::default()
+        {
             write!(f, " ({})", self.balance)?;
         }
         if let Some(check) = &self.health {
@@ -310,6 +349,12 @@ mod tests {
             set.to_string(),
             "10.0.0.1:6379,redis-b:6379 weight=3,unix:/run/r.sock"
         );
+        let srv: UpstreamSetSpec = "srv:_redis._tcp.example.internal".parse().unwrap();
+        assert_eq!(
+            srv.discovery(),
+            Some(&Discovery::Srv("_redis._tcp.example.internal".into()))
+        );
+        assert_eq!(srv.to_string(), "srv:_redis._tcp.example.internal");
         let one: UpstreamSetSpec = "db:5432".parse().unwrap();
         assert_eq!(one, UpstreamSetSpec::one("db:5432".parse().unwrap()));
         for (text, balance) in [
@@ -335,6 +380,9 @@ mod tests {
             ("a:1 weight=x", "weight=N"),
             ("a:1 heavy", "weight=N"),
             ("a:1,b:2,a:1", "given twice"),
+            ("a:1,srv:_r._tcp.x", "is not HOST:PORT"),
+            ("srv:_r._tcp.x,a:1", "stands alone"),
+            ("srv:_r _tcp", "write srv:NAME"),
             (&too_many, "at most 64"),
         ] {
             let err = bad.parse::<UpstreamSetSpec>().unwrap_err().to_string();

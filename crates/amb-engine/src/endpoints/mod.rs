@@ -6,10 +6,14 @@
 
 mod balance;
 mod connect;
+mod discover;
+mod resolve;
 mod source;
 
 pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_DELAY};
 pub use connect::{Connector, DialProgress, UpstreamStream};
+pub use discover::{discover, Discovered, MAX_REFRESH, MIN_REFRESH};
+pub use resolve::{srv_targets, Resolver, SrvAnswer, SrvTarget};
 #[cfg(test)]
 pub(crate) use source::Periods;
 pub use source::{EndpointSet, Role, Source, LOOKUP_LIMIT, RELOOKUP_AFTER_FAILURE, RESOLVE_EVERY};
@@ -61,19 +65,19 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// The source of a `host:port`: the address itself, or the name looked up.
-fn host_port_source(text: &str, role: Role, addr: &HostPort) -> Arc<Source> {
+/// The source of a `host:port`: the address itself, or the name looked up by `resolver`.
+fn host_port_source(text: &str, role: Role, addr: &HostPort, resolver: &Resolver) -> Arc<Source> {
     match addr {
         HostPort::Addr(addr) => Source::fixed(text, role, vec![Endpoint::Tcp(*addr)]),
-        HostPort::Name { .. } => Source::dns(text, role),
+        HostPort::Name { host, port } => Source::dns(text, role, host, *port, resolver),
     }
 }
 
 /// The source of an upstream's endpoints.
-pub fn upstream_source(spec: &UpstreamSpec) -> Arc<Source> {
+pub fn upstream_source(spec: &UpstreamSpec, resolver: &Resolver) -> Arc<Source> {
     let text = spec.to_string();
     match spec.target() {
-        UpstreamTarget::Tcp(addr) => host_port_source(&text, Role::Upstream, addr),
+        UpstreamTarget::Tcp(addr) => host_port_source(&text, Role::Upstream, addr, resolver),
         UpstreamTarget::Unix(path) => Source::fixed(
             &text,
             Role::Upstream,
@@ -82,7 +86,8 @@ pub fn upstream_source(spec: &UpstreamSpec) -> Arc<Source> {
     }
 }
 
-/// The source of a peer's addresses.
-pub fn peer_source(spec: &PeerSpec) -> Arc<Source> {
-    host_port_source(&spec.to_string(), Role::Peer, spec.addr())
+/// The source of the addresses of a peer (one server, not a discovered set: those are
+/// resolved into peers first).
+pub fn peer_source(spec: &PeerSpec, addr: &HostPort, resolver: &Resolver) -> Arc<Source> {
+    host_port_source(&spec.to_string(), Role::Peer, addr, resolver)
 }

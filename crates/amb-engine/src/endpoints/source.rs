@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::balance::same_endpoints;
-use super::Endpoint;
+use super::{Endpoint, Resolver};
 
 /// How long a name's addresses are dialed before the name is looked up again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
@@ -104,6 +104,16 @@ pub enum Role {
     Peer,
 }
 
+impl Role {
+    /// What a set of them is called.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Role::Upstream => "upstreams",
+            Role::Peer => "peers",
+        }
+    }
+}
+
 /// Where a name's endpoints come from, shared by every dial of the route or peer.
 pub struct Source {
     /// As configured, for logs and messages.
@@ -134,14 +144,14 @@ impl Source {
         })
     }
 
-    /// `name` (`host:port`), looked up through the system resolver.
-    pub fn dns(name: &str, role: Role) -> Arc<Self> {
-        let owned = name.to_owned();
+    /// `host` and `port` (written as `name`), looked up through `resolver`.
+    pub fn dns(name: &str, role: Role, host: &str, port: u16, resolver: &Resolver) -> Arc<Self> {
+        let (host, resolver) = (Arc::<str>::from(host), resolver.clone());
         let lookup = move || -> LookupFuture {
-            let name = owned.clone();
+            let (host, resolver) = (host.clone(), resolver.clone());
             Box::pin(async move {
-                let addrs = tokio::net::lookup_host(name).await?;
-                Ok(addrs.map(Endpoint::Tcp).collect())
+                let addrs = resolver.lookup_host(&host, port).await?;
+                Ok(addrs.into_iter().map(Endpoint::Tcp).collect())
             })
         };
         Source::looked_up(name, role, DNS_PERIODS, lookup)

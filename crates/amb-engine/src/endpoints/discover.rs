@@ -1,0 +1,91 @@
+//! Discovered sets: a task per discovery name looks the set up in the background (SRV records
+//! again at their TTL, clamped to [`MIN_REFRESH`] … [`MAX_REFRESH`]) and publishes it on a
+//! watch channel; dials only read the latest. A lookup that fails or finds nothing keeps the
+//! last good set (one warning per failure streak) and is retried with a back-off until it
+//! answers again. The task ends when no receiver is left.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amb_spec::Discovery;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::resolve::{Resolver, SrvTarget};
+use super::{Role, LOOKUP_LIMIT};
+
+/// The shortest time between two lookups of a set that answered.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// The longest.
+pub const MAX_REFRESH: Duration = Duration::from_secs(60);
+/// After a failed lookup, the next comes this much later, doubling up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// What a discovery has found: `None` before its first answer; `Err` (why) while no lookup
+/// has ever answered; else the last good set, never empty.
+pub type Discovered = Option<Result<Arc<[SrvTarget]>, String>>;
+
+/// Starts following `discovery`; the set, as it changes.
+pub fn discover(
+    discovery: &Discovery,
+    role: Role,
+    resolver: &Resolver,
+) -> watch::Receiver<Discovered> {
+    let (found, receiver) = watch::channel(None);
+    let (discovery, resolver) = (discovery.clone(), resolver.clone());
+    tokio::spawn(async move {
+        let Discovery::Srv(name) = &discovery;
+        let mut failures = 0u32;
+        loop {
+            let answer = match tokio::time::timeout(LOOKUP_LIMIT, resolver.lookup_srv(name)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(format!("no answer within {LOOKUP_LIMIT:?}")),
+            };
+            let next_lookup = match answer {
+                Ok(answer) => {
+                    let targets: Arc<[SrvTarget]> = answer.targets.into();
+                    let changed = found.send_if_modified(|now| match now {
+                        Some(Ok(before)) if *before == targets => false,
+                        _ => {
+                            *now = Some(Ok(targets.clone()));
+                            true
+                        }
+                    });
+                    if changed {
+                        let targets: Vec<String> =
+                            targets.iter().map(ToString::to_string).collect();
+                        info!(%discovery, of = role.noun(), ?targets, "discovered set changed");
+                    } else if failures > 0 {
+                        info!(%discovery, of = role.noun(), failures, "discovery answers again");
+                    }
+                    failures = 0;
+                    answer.ttl.clamp(MIN_REFRESH, MAX_REFRESH)
+                }
+                Err(why) => {
+                    failures += 1;
+                    let had_set = matches!(*found.borrow(), Some(Ok(_)));
+                    if failures == 1 {
+                        match had_set {
+                            true => {
+                                warn!(%discovery, of = role.noun(), "discovery failed: {why}; keeping the set it had")
+                            }
+                            false => {
+                                warn!(%discovery, of = role.noun(), "discovery failed: {why}; no set yet")
+                            }
+                        }
+                    }
+                    if !had_set {
+                        found.send_replace(Some(Err(why)));
+                    }
+                    (FIRST_RETRY * 2u32.saturating_pow(failures - 1)).min(MAX_RETRY)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next_lookup) => {}
+                () = found.closed() => return,
+            }
+        }
+    });
+    receiver
+}
