@@ -4,14 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use amb_engine::endpoints::{EtcdTls, Resolver};
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, Server, ServerSettings, ServerTransports,
+    Client, ClientSettings, ClientTransport, Registration, Server, ServerSettings, ServerTransports,
 };
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{
-    docker_links, Balance, DockerLink, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec,
-    RedisAuth, RouteSpec, Secret, UpstreamSetSpec,
+    docker_links, Balance, DockerLink, EtcdKey, HealthCheck, HealthCheckKind, HostPort,
+    ListenerSpec, PeerList, PeerSpec, RedisAuth, RouteSpec, Secret, UpstreamSetSpec,
 };
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
@@ -61,9 +62,9 @@ enum Command {
     #[command(subcommand)]
     Certs(CertsCommand),
     /// Run the server ambassador: accept tunnels and forward streams to upstreams.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run the client ambassador: listen locally and carry connections through the tunnel.
-    Client(ClientArgs),
+    Client(Box<ClientArgs>),
     /// Check a config file (or the flags of `amb check server|client ...`) and the certificate
     /// files it names without starting anything: one line per problem, exit 1 on any error.
     Check(CheckArgs),
@@ -147,9 +148,9 @@ struct CheckArgs {
 #[derive(Subcommand, Debug)]
 enum CheckPart {
     /// What `amb server` with these flags would run.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// What `amb client` with these flags would run.
-    Client(ClientArgs),
+    Client(Box<ClientArgs>),
 }
 
 /// The settings of one part, resolved as its command resolves them.
@@ -321,6 +322,42 @@ impl LimitArgs {
     }
 }
 
+/// How an `etcds://` registry is reached.
+#[derive(clap::Args, Clone, Debug)]
+struct EtcdArgs {
+    /// The CA an etcds:// registry's certificate must chain to (default: the system's roots).
+    #[arg(long, value_name = "FILE", env = "AMB_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for an etcds:// registry that checks clients (with --etcd-key).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "AMB_ETCD_CERT",
+        requires = "etcd_key"
+    )]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (mode 0600).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "AMB_ETCD_KEY",
+        requires = "etcd_cert"
+    )]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The flags over a config file's `etcd-ca`, `etcd-cert`, `etcd-key`.
+    fn resolve(self, given: &Given<'_>, file: [Option<PathBuf>; 3]) -> EtcdTls {
+        let [ca, cert, key] = file;
+        EtcdTls {
+            ca: given.pick("etcd_ca", self.etcd_ca, ca.map(Some)),
+            cert: given.pick("etcd_cert", self.etcd_cert, cert.map(Some)),
+            key: given.pick("etcd_key", self.etcd_key, key.map(Some)),
+        }
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 struct ServerArgs {
     /// Config file (TOML) whose [server] part sets what no flag or variable sets.
@@ -377,6 +414,15 @@ struct ServerArgs {
     /// The DNS server upstream names and SRV records are looked up at (default: the system's).
     #[arg(long, value_name = "ADDR:PORT", env = "AMB_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
+    /// Register the tunnel address in etcd while running: etcd://HOST:PORT[,...]/PREFIX/NAME
+    /// (etcds:// for TLS), under a 10 s lease renewed while the server runs.
+    #[arg(long, value_name = "URL", env = "AMB_REGISTER")]
+    register: Option<EtcdKey>,
+    /// The address --register writes, HOST:PORT (default: --listen, unless it is 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT", env = "AMB_ADVERTISE")]
+    advertise: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     #[command(flatten)]
     certs: CertArgs,
     #[command(flatten)]
@@ -402,15 +448,12 @@ struct ClientArgs {
     #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
     config: Option<PathBuf>,
     /// The server ambassador, HOST:PORT; HOST is also the name its certificate must match.
-    /// Repeatable: new app connections are spread over the peers with a tunnel connection up
-    /// (--peer-balance), and go to the others at once when one is lost or draining.
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        env = "AMB_PEER",
-        value_delimiter = ','
-    )]
-    peer: Vec<PeerSpec>,
+    /// Or a discovered set: srv:NAME (SRV records) or etcd://HOST:PORT[,...]/PREFIX (the
+    /// servers registered there). Repeatable, or several separated by commas: new app
+    /// connections are spread over the peers with a tunnel connection up (--peer-balance), and
+    /// go to the others at once when one is lost or draining.
+    #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
+    peer: Vec<PeerList>,
     /// How new app connections are spread over several peers: least-conn (the one carrying
     /// the fewest), round-robin, or failover (the first up, in the order given: a standby).
     #[arg(
@@ -445,6 +488,8 @@ struct ClientArgs {
     /// The DNS server peer names and SRV records are looked up at (default: the system's).
     #[arg(long, value_name = "ADDR:PORT", env = "AMB_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Tunnel connections kept warm (default: 1 for QUIC, 2 for TLS).
     #[arg(long, env = "AMB_CONNECTIONS")]
     connections: Option<usize>,
@@ -502,26 +547,26 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Certs(certs) => run_certs(certs),
         Command::Server(server) => {
             let part = matches.subcommand_matches("server").cloned();
-            let settings = server_settings(server.clone(), &Given(part.as_ref()))?;
+            let settings = server_settings(*server.clone(), &Given(part.as_ref()))?;
             let config = server
                 .config
                 .clone()
                 .map(|path| -> (PathBuf, RouteBuilder) {
                     let build =
-                        move || Ok(server_settings(server.clone(), &Given(part.as_ref()))?.routes);
+                        move || Ok(server_settings(*server.clone(), &Given(part.as_ref()))?.routes);
                     (path, Box::new(build))
                 });
             runtime(args.threads)?.block_on(run_server(settings, config))
         }
         Command::Client(client) => {
             let part = matches.subcommand_matches("client").cloned();
-            let settings = client_settings(client.clone(), &Given(part.as_ref()))?;
+            let settings = client_settings(*client.clone(), &Given(part.as_ref()))?;
             let config = client
                 .config
                 .clone()
                 .map(|path| -> (PathBuf, ListenerBuilder) {
                     let build = move || {
-                        let settings = client_settings(client.clone(), &Given(part.as_ref()))?;
+                        let settings = client_settings(*client.clone(), &Given(part.as_ref()))?;
                         Ok((settings.listens, settings.peers))
                     };
                     (path, Box::new(build))
@@ -665,14 +710,14 @@ fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             "amb server".to_owned(),
             vec![(
                 "server",
-                server_settings(server, &given("server")).map(PartSettings::Server),
+                server_settings(*server, &given("server")).map(PartSettings::Server),
             )],
         ),
         Some(CheckPart::Client(client)) => (
             "amb client".to_owned(),
             vec![(
                 "client",
-                client_settings(client, &given("client")).map(PartSettings::Client),
+                client_settings(*client, &given("client")).map(PartSettings::Client),
             )],
         ),
         None => {
@@ -762,7 +807,7 @@ async fn connect(part: &PartSettings) -> anyhow::Result<Vec<Finding>> {
             }
         }
         PartSettings::Server(settings) => {
-            let resolver = amb_engine::endpoints::Resolver::new(settings.dns_server);
+            let resolver = Resolver::new(settings.dns_server, settings.etcd_tls.clone());
             let probes =
                 amb_engine::probe_upstreams(&settings.routes, settings.connect_timeout, &resolver);
             for probe in probes.await {
@@ -886,11 +931,33 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         config::ServerTransport::Tls => ServerTransportArg::Tls,
         config::ServerTransport::Both => ServerTransportArg::Both,
     });
+    let listen = given.pick("listen", args.listen, file.listen.map(|l| l.0));
+    let register = given.pick("register", args.register, file.register.map(|r| Some(r.0)));
+    let advertise = given.pick("advertise", args.advertise, file.advertise.map(Some));
+    let register = match (register, advertise) {
+        (None, _) => None,
+        (Some(key), Some(advertise)) => {
+            if HostPort::parse(&advertise).is_none() {
+                bail!("--advertise {advertise:?} is not HOST:PORT (the address clients dial)");
+            }
+            Some(Registration {
+                key,
+                advertise: Some(advertise),
+            })
+        }
+        (Some(_), None) if listen.ip().is_unspecified() => {
+            bail!("--register needs --advertise HOST:PORT: --listen {listen} says no address clients could dial")
+        }
+        (Some(key), None) => Some(Registration {
+            key,
+            advertise: None,
+        }),
+    };
     let (certs, limits) = certs_and_limits!(file);
     let (tls, reload_check) = args.certs.resolve(given, "server", certs)?;
     let (limits, max_connections) = args.limits.resolve(given, limits);
     Ok(ServerSettings {
-        listen: given.pick("listen", args.listen, file.listen.map(|l| l.0)),
+        listen,
         transports: match given.pick("transport", args.transport, file_transport) {
             ServerTransportArg::Quic => ServerTransports::Quic,
             ServerTransportArg::Tls => ServerTransports::Tls,
@@ -911,6 +978,10 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             args.dns_server,
             file.dns_server.map(|a| Some(a.0)),
         ),
+        etcd_tls: args
+            .etcd
+            .resolve(given, [file.etcd_ca, file.etcd_cert, file.etcd_key]),
+        register,
     })
 }
 
@@ -1005,7 +1076,8 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         }
     }
     let file_peers = Some(file.peer_list()).filter(|p| !p.is_empty());
-    let peers = given.pick("peer", args.peer, file_peers);
+    let flag_peers = args.peer.into_iter().flat_map(|list| list.0).collect();
+    let peers = given.pick("peer", flag_peers, file_peers);
     if peers.is_empty() && listens.iter().any(|l| l.peers.is_empty()) {
         bail!("no peer: give --peer HOST:PORT (or `peer` in the [client] part of --config)");
     }
@@ -1042,6 +1114,9 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
             args.dns_server,
             file.dns_server.map(|a| Some(a.0)),
         ),
+        etcd_tls: args
+            .etcd
+            .resolve(given, [file.etcd_ca, file.etcd_cert, file.etcd_key]),
     })
 }
 

@@ -15,6 +15,8 @@ per_transport!(
     docker_links_variables_configure_both_sides,
     srv_peers_follow_their_records_by_priority_and_weight,
     srv_upstreams_follow_their_records,
+    etcd_registered_servers_come_and_go_and_survive_an_etcd_restart,
+    etcd_keys_are_a_routes_upstreams,
 );
 
 /// `srv-host` for `target:port` with `priority` and `weight`, and the target's address.
@@ -23,6 +25,18 @@ fn srv(service: &str, target: &str, port: u16, priority: u16, weight: u16) -> [S
         format!("srv-host={service},{target},{port},{priority},{weight}"),
         format!("host-record={target},127.0.0.1"),
     ]
+}
+
+/// `amb client --peer PEER` (a discovered set) with a tunnel wait no fresh connection may
+/// spend: one that waited for a server gone from the set fails its 5 s exchange.
+fn discovering_client(pki: &Pki, t: Transport, peer: &str, extra: &[&str]) -> Amb {
+    let mut args: Vec<String> = ["client", "--listen", "0", "--peer", peer, "--transport"]
+        .map(String::from)
+        .to_vec();
+    args.extend([t.flag(), "--tunnel-wait", "60s"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(pki.cert_flags("client"));
+    Amb::spawn(&args)
 }
 
 const AMB_SRV: &str = "_amb._tcp.test.internal";
@@ -57,21 +71,8 @@ async fn srv_peers_follow_their_records_by_priority_and_weight(t: Transport) {
             .collect()
     };
     let mut dns = Dnsmasq::start(&records(&[(0, 10, 1), (1, 10, 3)]));
-    let mut args: Vec<String> = vec![
-        "client".into(),
-        "--listen".into(),
-        "0".into(),
-        "--peer".into(),
-        format!("srv:{AMB_SRV}"),
-        "--dns-server".into(),
-        dns.addr(),
-        "--transport".into(),
-        t.flag().into(),
-        "--tunnel-wait".into(),
-        "60s".into(),
-    ];
-    args.extend(pki.cert_flags("client"));
-    let client = Amb::spawn(&args);
+    let peer = format!("srv:{AMB_SRV}");
+    let client = discovering_client(&pki, t, &peer, &["--dns-server", &dns.addr()]);
     for name in names {
         client.log.wait_for(&["tunnel connection up", name]);
     }
@@ -165,8 +166,21 @@ async fn srv_upstreams_follow_their_records(t: Transport) {
         "{said}"
     );
     let server = Amb::server(&pki, 0, &["--route", &route, "--dns-server", &dns.addr()]);
+    let publish = |list: &[usize]| dns.replace(&records(list));
+    route_follows_its_discovered_upstreams(t, &pki, &redis, &server, publish).await;
+}
+
+/// Over `server`'s route `redis`, whose set lists the first of `redis` now: new connections
+/// follow the set as `publish` lists both, then the second only; one opened before stays.
+async fn route_follows_its_discovered_upstreams(
+    t: Transport,
+    pki: &Pki,
+    redis: &[Redis; 2],
+    server: &Amb,
+    mut publish: impl FnMut(&[usize]),
+) {
     let client = Amb::client(
-        &pki,
+        pki,
         "client",
         server.server_addr(),
         t,
@@ -181,7 +195,7 @@ async fn srv_upstreams_follow_their_records(t: Transport) {
     assert!(incr_on(&mut held).await);
 
     // Both listed: new connections use both.
-    dns.replace(&records(&[0, 1]));
+    publish(&[0, 1]);
     server.log.wait_for_nth(&["discovered set changed"], 2);
     for _ in 0..60 {
         assert!(incr(listen).await);
@@ -190,7 +204,7 @@ async fn srv_upstreams_follow_their_records(t: Transport) {
     assert!(b >= 10 && a >= 21, "both used: {a}, {b}");
 
     // Only the second: every new connection goes there; the held one stays on the first.
-    dns.replace(&records(&[1]));
+    publish(&[1]);
     server.log.wait_for_nth(&["discovered set changed"], 3);
     for _ in 0..20 {
         assert!(incr(listen).await);
@@ -252,4 +266,114 @@ fn malformed_link_variables_are_each_named_and_nothing_starts() {
         }
         assert!(!stderr.contains("GOOD_PORT_80_TCP"), "{side}: {stderr}");
     }
+}
+
+/// Waits (up to 30 s: a lease runs 10 s) until `count` servers are registered.
+async fn until_registered(etcd: &Etcd, count: usize, why: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while etcd.keys("/amb/servers/").len() != count {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `amb server --upstream REDIS --register etcd://.../amb/servers/NAME`.
+fn registered_server(pki: &Pki, etcd: &Etcd, redis: &Redis, name: &str) -> Amb {
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    let register = etcd.url(&format!("amb/servers/{name}"));
+    Amb::server(pki, 0, &["--upstream", &upstream, "--register", &register])
+}
+
+/// Servers register in a real etcd; a client with `--peer etcd://.../amb/servers` balances over
+/// them, follows a `kill -9` (its lease expires), a newcomer, a graceful leaver, and an etcd
+/// restart, without a restart of its own.
+async fn etcd_registered_servers_come_and_go_and_survive_an_etcd_restart(t: Transport) {
+    let pki = Pki::new();
+    let mut etcd = Etcd::start();
+    let redis = [Redis::start(), Redis::start(), Redis::start()];
+    let mut a = registered_server(&pki, &etcd, &redis[0], "a");
+    let b = registered_server(&pki, &etcd, &redis[1], "b");
+    for server in [&a, &b] {
+        server.log.wait_for(&["registered"]);
+    }
+    let client = discovering_client(&pki, t, &etcd.url("amb/servers"), &[]);
+    client
+        .log
+        .wait_for_nth(&["tunnel connection up"], 2 * t.pool_size());
+    let listen = client.listen_addr();
+    for _ in 0..60 {
+        assert!(incr(listen).await);
+    }
+    let (on_a, on_b) = (hits(&redis[0]), hits(&redis[1]));
+    assert!(on_a >= 10 && on_b >= 10, "both used: {on_a}, {on_b}");
+
+    // kill -9: no deregistration; the lease runs out (10 s) and the client lets it go.
+    let changes = client.log.count(&["discovered set changed"]);
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5));
+    until_registered(&etcd, 1, "the lease did not expire").await;
+    client
+        .log
+        .wait_for_nth(&["discovered set changed"], changes + 1);
+    let b_before = hits(&redis[1]);
+    for _ in 0..20 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!(
+        hits(&redis[1]) - b_before,
+        20,
+        "all on the server still registered"
+    );
+
+    // A third registers: it takes connections with no restart anywhere.
+    let c = registered_server(&pki, &etcd, &redis[2], "c");
+    c.log.wait_for(&["registered"]);
+    let port_c = c.server_addr().port().to_string();
+    client.log.wait_for(&["tunnel connection up", &port_c]);
+    for _ in 0..40 {
+        assert!(incr(listen).await);
+    }
+    assert!(hits(&redis[2]) >= 5, "the newcomer got {}", hits(&redis[2]));
+
+    // etcd goes away: nothing breaks meanwhile; it comes back and the watch goes on.
+    etcd.stop();
+    for _ in 0..20 {
+        assert!(incr(listen).await);
+    }
+    etcd.start_again();
+    client.log.wait_for(&["registry reachable again"]);
+    // A graceful leaver deregisters at once: no new connection reaches it.
+    drop(c);
+    let (on_b, on_c) = (hits(&redis[1]), hits(&redis[2]));
+    let changes = client.log.count(&["discovered set changed"]);
+    until_registered(&etcd, 1, "c did not leave the registry").await;
+    client
+        .log
+        .wait_for_nth(&["discovered set changed"], changes + 1);
+    for _ in 0..20 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[1]) - on_b, hits(&redis[2]) - on_c), (20, 0));
+}
+
+/// A route's upstreams are the values under an etcd prefix: keys added and removed while
+/// traffic runs move new connections; one opened before stays where it is.
+async fn etcd_keys_are_a_routes_upstreams(t: Transport) {
+    let pki = Pki::new();
+    let etcd = Etcd::start();
+    let redis = [Redis::start(), Redis::start()];
+    let key = |i: usize| format!("/services/redis/r{i}");
+    let value = |i: usize| format!("127.0.0.1:{}", redis[i].port);
+    etcd.ctl(&["put", &key(0), &value(0)]).unwrap();
+    let route = format!("redis={}", etcd.url("services/redis"));
+    let server = Amb::server(&pki, 0, &["--route", &route]);
+    // Each change is one put or delete: the set moves one step at a time.
+    let publish = |list: &[usize]| {
+        let done = match list {
+            [0, 1] => etcd.ctl(&["put", &key(1), &value(1)]),
+            _ => etcd.ctl(&["del", &key(0)]),
+        };
+        done.expect("etcdctl");
+    };
+    route_follows_its_discovered_upstreams(t, &pki, &redis, &server, publish).await;
 }

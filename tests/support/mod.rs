@@ -894,3 +894,100 @@ impl Drop for Dnsmasq {
         let _ = self.child.wait();
     }
 }
+
+/// A real single-node `etcd` on free loopback ports with its own data directory; killed on
+/// drop. [`Etcd::stop`] and [`Etcd::start_again`] keep its ports and data.
+pub struct Etcd {
+    child: Option<Child>,
+    pub port: u16,
+    peer_port: u16,
+    dir: TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let mut etcd = Etcd {
+            child: None,
+            port: free_port(),
+            peer_port: free_port(),
+            dir: TempDir::new("etcd"),
+        };
+        etcd.start_again();
+        etcd
+    }
+
+    /// `etcd://127.0.0.1:PORT/key` for `--peer`, `--route` and `--register`.
+    pub fn url(&self, key: &str) -> String {
+        format!(
+            "etcd://127.0.0.1:{}/{}",
+            self.port,
+            key.trim_start_matches('/')
+        )
+    }
+
+    /// Runs `etcdctl` against it; its trimmed output, or None if it failed.
+    pub fn ctl(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=127.0.0.1:{}", self.port))
+            .arg("--dial-timeout=2s")
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The keys under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.ctl(&["get", "--prefix", "--keys-only", prefix])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// Kills it (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it on its ports and data, and waits until it answers.
+    pub fn start_again(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.0.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (apt-get install etcd-server etcd-client)");
+        self.child = Some(child);
+        let deadline = Instant::now() + READY;
+        while self.ctl(&["endpoint", "health"]).is_none() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("etcd on {} exited ({status}): port taken?", self.port);
+            }
+            assert!(Instant::now() < deadline, "etcd on {} not ready", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use amb_proto::{AllowList, RouteName, San, WildcardError};
 use amb_spec::{
-    Balance, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, UpstreamSetSpec,
+    Balance, EtcdKey, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, UpstreamSetSpec,
     WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
 };
 use serde::de::{self, Deserializer};
@@ -88,8 +88,18 @@ pub struct ServerFile {
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `connect-timeout`.
     pub connect_timeout: Option<Duration>,
+    /// `register`: the etcd key (`etcd://HOST:PORT/PREFIX/NAME`) the server registers at.
+    pub register: Option<Parsed<EtcdKey>>,
+    /// `advertise`: the address it registers, HOST:PORT.
+    pub advertise: Option<String>,
     /// `dns-server`: where names and SRV records are looked up, ADDR:PORT.
     pub dns_server: Option<Parsed<SocketAddr>>,
+    /// `etcd-ca`: the CA an `etcds://` registry's certificate chains to.
+    pub etcd_ca: Option<PathBuf>,
+    /// `etcd-cert`: a client certificate for an `etcds://` registry.
+    pub etcd_cert: Option<PathBuf>,
+    /// `etcd-key`: its key.
+    pub etcd_key: Option<PathBuf>,
     /// `certs-dir`.
     pub certs_dir: Option<PathBuf>,
     /// `cert`.
@@ -154,6 +164,12 @@ pub struct ClientFile {
     pub server_name: Option<String>,
     /// `dns-server`: where names and SRV records are looked up, ADDR:PORT.
     pub dns_server: Option<Parsed<SocketAddr>>,
+    /// `etcd-ca`: the CA an `etcds://` registry's certificate chains to.
+    pub etcd_ca: Option<PathBuf>,
+    /// `etcd-cert`: a client certificate for an `etcds://` registry.
+    pub etcd_cert: Option<PathBuf>,
+    /// `etcd-key`: its key.
+    pub etcd_key: Option<PathBuf>,
     /// `connections`.
     pub connections: Option<usize>,
     /// `tunnel-wait`.

@@ -136,9 +136,16 @@ fn the_commented_reference_in_examples_parses() {
     let text = include_str!("../../../examples/amb.toml");
     let file = parse(text).unwrap();
     let server = file.server.unwrap();
-    assert_eq!(server.routes.len(), 3);
+    assert_eq!(server.routes.len(), 4);
     let api = server.routes[2].upstream_set(&Default::default()).unwrap();
     assert_eq!(api.members().len(), 2);
+    let search = server.routes[3].upstream_set(&Default::default()).unwrap();
+    assert_eq!(
+        search.discovery(),
+        Some(&amb_spec::Discovery::Srv(
+            "_search._tcp.example.internal".into()
+        ))
+    );
     assert_eq!(file.client.unwrap().listeners.len(), 2);
 }
 

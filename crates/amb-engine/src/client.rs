@@ -23,8 +23,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::endpoints::{
-    discover, peer_source, Balancer, DialError, Discovered, Endpoint, Resolver, Role, SrvTarget,
-    LOOKUP_LIMIT,
+    discover, peer_source, Balancer, DialError, Discovered, Endpoint, EtcdTls, Located, Resolver,
+    Role, LOOKUP_LIMIT,
 };
 use crate::relay::{relay, reset_tcp, RelayError};
 use crate::reload::{Certs, Reload};
@@ -69,6 +69,8 @@ pub struct ClientSettings {
     pub reload_check: Option<Duration>,
     /// The DNS server peer names and SRV records are looked up at; `None`: the system's.
     pub dns_server: Option<SocketAddr>,
+    /// How an `etcds://` registry of peers is reached.
+    pub etcd_tls: EtcdTls,
 }
 
 /// A bound client, ready to run.
@@ -137,7 +139,7 @@ impl LinkMaker {
 }
 
 /// The servers an SRV answer lists, as peers, with their priority and weight.
-fn discovered_peers(targets: &[SrvTarget]) -> Vec<(PeerSpec, u16, u32)> {
+fn discovered_peers(targets: &[Located]) -> Vec<(PeerSpec, u16, u32)> {
     targets
         .iter()
         .filter_map(|t| {
@@ -198,7 +200,7 @@ fn prepare(
         server_name: settings.server_name.clone(),
         tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
         limits: settings.limits,
-        resolver: Resolver::new(settings.dns_server),
+        resolver: Resolver::new(settings.dns_server, settings.etcd_tls.clone()),
     };
     Ok((listens, certs, makes))
 }
@@ -298,8 +300,8 @@ pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, En
     for peer in listens.iter().flat_map(|l| &l.peers) {
         let found = match peer.discovery() {
             None => vec![peer.clone()],
-            Some(Discovery::Srv(name)) => match makes.resolver.lookup_srv(name).await {
-                Ok(answer) => discovered_peers(&answer.targets)
+            Some(discovery) => match makes.resolver.list(discovery).await {
+                Ok(servers) => discovered_peers(&servers)
                     .into_iter()
                     .map(|(peer, ..)| peer)
                     .collect(),

@@ -21,7 +21,7 @@ pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners
 pub use endpoints::UpstreamStream;
 pub use reload::Reload;
 pub use server::{
-    probe_upstreams, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,
+    probe_upstreams, Registration, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,
 };
 pub use upstream::Upstream;
 pub use upstream_set::{pick, Candidate, Lease, UpstreamSet};

@@ -11,14 +11,14 @@ use amb_proto::{
     ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
-use amb_spec::{Discovery, UpstreamSetSpec, UpstreamSpec};
+use amb_spec::{EtcdKey, UpstreamSetSpec, UpstreamSpec};
 use amb_tls::TlsServer;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::endpoints::{Resolver, UpstreamStream};
+use crate::endpoints::{EtcdTls, Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
 use crate::relay::{relay, RelayError};
 use crate::reload::{Certs, Reload};
@@ -60,6 +60,20 @@ pub struct ServerSettings {
     pub reload_check: Option<Duration>,
     /// The DNS server names and SRV records are looked up at; `None`: the system's.
     pub dns_server: Option<SocketAddr>,
+    /// How `etcds://` registries (routes' upstreams, `--register`) are reached.
+    pub etcd_tls: EtcdTls,
+    /// Where the server registers its tunnel address while it runs, if anywhere.
+    pub register: Option<Registration>,
+}
+
+/// A server's entry in an etcd registry: `key` = `advertise`, under a lease renewed while the
+/// server runs and deleted when it shuts down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// The key (`/PREFIX/NAME`) and the cluster.
+    pub key: EtcdKey,
+    /// The address clients dial, `HOST:PORT`; `None`: the address the server listens on.
+    pub advertise: Option<String>,
 }
 
 struct Context {
@@ -91,6 +105,7 @@ pub struct Server {
     certs: Certs<amb_pki::rustls::ServerConfig>,
     reload: Reload,
     reload_check: Option<Duration>,
+    register: Option<Registration>,
 }
 
 impl Server {
@@ -138,7 +153,7 @@ impl Server {
             None => None,
         };
         let (stop, stopping) = watch::channel(false);
-        let resolver = Resolver::new(settings.dns_server);
+        let resolver = Resolver::new(settings.dns_server, settings.etcd_tls.clone());
         let ctx = Arc::new(Context {
             limits,
             trust: certs.trust(),
@@ -166,6 +181,7 @@ impl Server {
             certs,
             reload: Reload::default(),
             reload_check: settings.reload_check,
+            register: settings.register,
         })
     }
 
@@ -197,6 +213,7 @@ impl Server {
             certs,
             reload,
             reload_check,
+            register,
         } = self;
         for (route, upstream) in ctx.routes.load().iter() {
             info!(%route, %upstream, "route");
@@ -230,7 +247,15 @@ impl Server {
             shutdown.await;
             let _ = stop.send(true);
         };
-        tokio::join!(quic_serving, tls_serving, certs, stopping);
+        // Deregistered as the drain starts, so that clients send new connections elsewhere.
+        let registered = async {
+            if let Some(Registration { key, advertise }) = register {
+                let tls = ctx.resolver.etcd_tls().clone();
+                let advertise = advertise.unwrap_or_else(|| local_addr.to_string());
+                crate::endpoints::register(key, advertise, tls, ctx.stopping.clone()).await;
+            }
+        };
+        tokio::join!(quic_serving, tls_serving, certs, stopping, registered);
 
         ctx.live.close();
         let live = ctx.live.len();
@@ -281,12 +306,12 @@ pub async fn probe_upstreams(
     let mut failed = Vec::new();
     for (route, set) in routes.iter() {
         members.extend(set.members().iter().map(|m| (route, m.upstream.clone())));
-        let Some(Discovery::Srv(name)) = set.discovery() else {
+        let Some(discovery) = set.discovery() else {
             continue;
         };
-        match resolver.lookup_srv(name).await {
-            Ok(answer) => members.extend(
-                (answer.targets.iter())
+        match resolver.list(discovery).await {
+            Ok(servers) => members.extend(
+                (servers.iter())
                     .filter_map(|t| format!("{}:{}", t.host, t.port).parse().ok())
                     .map(|spec| (route, spec)),
             ),

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::endpoints::{discover, Discovered, Resolver, Role, SrvTarget, UpstreamStream};
+use crate::endpoints::{discover, Discovered, Located, Resolver, Role, UpstreamStream};
 use crate::upstream::{DialFailure, Upstream};
 
 /// The first back-off after a failed dial; it doubles with each failure in a row.
@@ -369,7 +369,7 @@ impl Inner {
             .iter()
             .take(MAX_UPSTREAMS)
             .filter_map(|target| {
-                let SrvTarget {
+                let Located {
                     host,
                     port,
                     priority,

@@ -11,11 +11,11 @@ mod route;
 mod upstream;
 mod upstreams;
 
-pub use discovery::{Discovery, DiscoveryError};
+pub use discovery::{Discovery, DiscoveryError, EtcdKey};
 pub use host_port::HostPort;
 pub use links::{docker_links, DockerLink, DockerLinkError};
 pub use listener::{diff_listeners, ListenerChange, ListenerSpec, ListenerSpecError};
-pub use peer::{PeerSpec, PeerSpecError};
+pub use peer::{PeerList, PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
 pub use upstreams::{

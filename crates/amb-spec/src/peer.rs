@@ -65,6 +65,39 @@ impl FromStr for PeerSpec {
     }
 }
 
+/// Peers separated by commas, as `--peer` and `AMB_PEER` take them: `a:7443,b:7443`. The
+/// commas of an etcd key's endpoint list (`etcd://h1:2379,h2:2379/amb`) stay inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerList(pub Vec<PeerSpec>);
+
+impl FromStr for PeerList {
+    type Err = PeerSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut items: Vec<String> = Vec::new();
+        for piece in s.split(',') {
+            match items.last_mut() {
+                // An etcd URL's endpoints run until its key's first `/`.
+                Some(open) if open.starts_with("etcd") && !has_path(open) => {
+                    open.push(',');
+                    open.push_str(piece);
+                }
+                _ => items.push(piece.to_owned()),
+            }
+        }
+        items
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map(PeerList)
+    }
+}
+
+/// Whether an `etcd://` URL has reached its key.
+fn has_path(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('/'))
+}
+
 impl fmt::Display for PeerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -88,6 +121,14 @@ mod tests {
         assert_eq!(
             srv.discovery(),
             Some(&Discovery::Srv("_amb._tcp.example.internal".into()))
+        );
+        let list: PeerList = "a:1,etcd://h1:2379,h2:2379/amb,srv:_x._tcp.y,b:2"
+            .parse()
+            .unwrap();
+        let texts: Vec<String> = list.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            ["a:1", "etcd://h1:2379,h2:2379/amb", "srv:_x._tcp.y", "b:2"]
         );
         for bad in ["big-server", "big-server:x", ":7443", "srv:a b"] {
             assert!(bad.parse::<PeerSpec>().is_err(), "{bad}");

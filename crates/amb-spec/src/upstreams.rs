@@ -293,10 +293,12 @@ impl FromStr for UpstreamSetSpec {
     type Err = UpstreamsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if Discovery::is_discovery(s) {
-            let alone = !s.contains(',');
-            return match alone {
-                true => Ok(UpstreamSetSpec::discovered(s.parse()?, Balance::default())),
-                false => Err(UpstreamsError::DiscoveryNotAlone(s.to_owned())),
+            return match s.parse::<Discovery>() {
+                Ok(discovery) => Ok(UpstreamSetSpec::discovered(discovery, Balance::default())),
+                Err(_) if s.starts_with("srv:") && s.contains(',') => {
+                    Err(UpstreamsError::DiscoveryNotAlone(s.to_owned()))
+                }
+                Err(e) => Err(e.into()),
             };
         }
         let members = s

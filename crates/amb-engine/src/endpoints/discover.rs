@@ -11,7 +11,7 @@ use amb_spec::Discovery;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::resolve::{Resolver, SrvTarget};
+use super::resolve::{Located, Resolver};
 use super::{Role, LOOKUP_LIMIT};
 
 /// The shortest time between two lookups of a set that answered.
@@ -23,69 +23,84 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// What a discovery has found: `None` before its first answer; `Err` (why) while no lookup
-/// has ever answered; else the last good set, never empty.
-pub type Discovered = Option<Result<Arc<[SrvTarget]>, String>>;
+/// has ever answered; else the last good set (SRV: never empty; a registry may list none).
+pub type Discovered = Option<Result<Arc<[Located]>, String>>;
 
-/// Starts following `discovery`; the set, as it changes.
+/// Starts following `discovery` (an etcd registry with `resolver`'s TLS settings); the set,
+/// as it changes.
 pub fn discover(
     discovery: &Discovery,
     role: Role,
     resolver: &Resolver,
 ) -> watch::Receiver<Discovered> {
     let (found, receiver) = watch::channel(None);
-    let (discovery, resolver) = (discovery.clone(), resolver.clone());
-    tokio::spawn(async move {
-        let Discovery::Srv(name) = &discovery;
-        let mut failures = 0u32;
-        loop {
-            let answer = match tokio::time::timeout(LOOKUP_LIMIT, resolver.lookup_srv(name)).await {
-                Ok(answer) => answer,
-                Err(_) => Err(format!("no answer within {LOOKUP_LIMIT:?}")),
-            };
-            let next_lookup = match answer {
-                Ok(answer) => {
-                    let targets: Arc<[SrvTarget]> = answer.targets.into();
-                    let changed = found.send_if_modified(|now| match now {
-                        Some(Ok(before)) if *before == targets => false,
-                        _ => {
-                            *now = Some(Ok(targets.clone()));
-                            true
-                        }
-                    });
-                    if changed {
-                        let targets: Vec<String> =
-                            targets.iter().map(ToString::to_string).collect();
-                        info!(%discovery, of = role.noun(), ?targets, "discovered set changed");
-                    } else if failures > 0 {
-                        info!(%discovery, of = role.noun(), failures, "discovery answers again");
-                    }
-                    failures = 0;
-                    answer.ttl.clamp(MIN_REFRESH, MAX_REFRESH)
-                }
-                Err(why) => {
-                    failures += 1;
-                    let had_set = matches!(*found.borrow(), Some(Ok(_)));
-                    if failures == 1 {
-                        match had_set {
-                            true => {
-                                warn!(%discovery, of = role.noun(), "discovery failed: {why}; keeping the set it had")
-                            }
-                            false => {
-                                warn!(%discovery, of = role.noun(), "discovery failed: {why}; no set yet")
-                            }
-                        }
-                    }
-                    if !had_set {
-                        found.send_replace(Some(Err(why)));
-                    }
-                    (FIRST_RETRY * 2u32.saturating_pow(failures - 1)).min(MAX_RETRY)
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(next_lookup) => {}
-                () = found.closed() => return,
-            }
+    match discovery {
+        Discovery::Srv(name) => {
+            tokio::spawn(follow_srv(name.clone(), role, resolver.clone(), found));
         }
-    });
+        Discovery::Etcd(key) => {
+            let tls = resolver.etcd_tls().clone();
+            tokio::spawn(super::etcd::follow(key.clone(), tls, role, found));
+        }
+    }
     receiver
+}
+
+/// Looks `name`'s SRV records up again at their TTL, until no receiver is left.
+async fn follow_srv(
+    name: String,
+    role: Role,
+    resolver: Resolver,
+    found: watch::Sender<Discovered>,
+) {
+    let discovery = format!("srv:{name}");
+    let mut failures = 0u32;
+    loop {
+        let answer = match tokio::time::timeout(LOOKUP_LIMIT, resolver.lookup_srv(&name)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("no answer within {LOOKUP_LIMIT:?}")),
+        };
+        let next_lookup = match answer {
+            Ok(answer) => {
+                let targets: Arc<[Located]> = answer.targets.into();
+                let changed = found.send_if_modified(|now| match now {
+                    Some(Ok(before)) if *before == targets => false,
+                    _ => {
+                        *now = Some(Ok(targets.clone()));
+                        true
+                    }
+                });
+                if changed {
+                    let targets: Vec<String> = targets.iter().map(ToString::to_string).collect();
+                    info!(%discovery, of = role.noun(), ?targets, "discovered set changed");
+                } else if failures > 0 {
+                    info!(%discovery, of = role.noun(), failures, "discovery answers again");
+                }
+                failures = 0;
+                answer.ttl.clamp(MIN_REFRESH, MAX_REFRESH)
+            }
+            Err(why) => {
+                failures += 1;
+                let had_set = matches!(*found.borrow(), Some(Ok(_)));
+                if failures == 1 {
+                    match had_set {
+                        true => {
+                            warn!(%discovery, of = role.noun(), "discovery failed: {why}; keeping the set it had")
+                        }
+                        false => {
+                            warn!(%discovery, of = role.noun(), "discovery failed: {why}; no set yet")
+                        }
+                    }
+                }
+                if !had_set {
+                    found.send_replace(Some(Err(why)));
+                }
+                (FIRST_RETRY * 2u32.saturating_pow(failures - 1)).min(MAX_RETRY)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(next_lookup) => {}
+            () = found.closed() => return,
+        }
+    }
 }

@@ -7,13 +7,15 @@
 mod balance;
 mod connect;
 mod discover;
+mod etcd;
 mod resolve;
 mod source;
 
 pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_DELAY};
 pub use connect::{Connector, DialProgress, UpstreamStream};
 pub use discover::{discover, Discovered, MAX_REFRESH, MIN_REFRESH};
-pub use resolve::{srv_targets, Resolver, SrvAnswer, SrvTarget};
+pub use etcd::{register, EtcdTls, LEASE_TTL};
+pub use resolve::{located_set, Located, Resolver, SrvAnswer};
 #[cfg(test)]
 pub(crate) use source::Periods;
 pub use source::{EndpointSet, Role, Source, LOOKUP_LIMIT, RELOOKUP_AFTER_FAILURE, RESOLVE_EVERY};

@@ -11,9 +11,14 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
-/// One SRV record (RFC 2782): a server of the service.
+use amb_spec::Discovery;
+
+use super::EtcdTls;
+
+/// One server of a discovered set: an SRV record's target (RFC 2782), or an etcd key's
+/// `HOST:PORT` (priority 0, weight 1).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SrvTarget {
+pub struct Located {
     /// Lower first; the next priority only when all of the lowest are down.
     pub priority: u16,
     /// The target host, without the trailing dot.
@@ -24,9 +29,9 @@ pub struct SrvTarget {
     pub weight: u16,
 }
 
-impl std::fmt::Display for SrvTarget {
+impl std::fmt::Display for Located {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let SrvTarget {
+        let Located {
             priority,
             host,
             port,
@@ -40,14 +45,14 @@ impl std::fmt::Display for SrvTarget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SrvAnswer {
     /// The targets.
-    pub targets: Vec<SrvTarget>,
+    pub targets: Vec<Located>,
     /// The records' time to live.
     pub ttl: Duration,
 }
 
-/// The usable targets of `records`: a target of `.` says the service is not offered there
+/// The usable targets of `records`, sorted: a target of `.` says the service is not offered there
 /// (RFC 2782); a host and port listed twice keeps its lowest priority.
-pub fn srv_targets(mut records: Vec<SrvTarget>) -> Vec<SrvTarget> {
+pub fn located_set(mut records: Vec<Located>) -> Vec<Located> {
     records.retain(|r| !r.host.is_empty() && r.host != ".");
     records.sort();
     let mut seen = std::collections::HashSet::new();
@@ -64,6 +69,8 @@ struct Inner {
     /// `None`: the system's (getaddrinfo for addresses, resolv.conf's servers for SRV).
     server: Option<SocketAddr>,
     dns: OnceLock<Result<TokioResolver, String>>,
+    /// How `etcds://` registries are reached.
+    etcd_tls: EtcdTls,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -81,17 +88,27 @@ impl Resolver {
         Resolver::default()
     }
 
-    /// Every lookup goes to the DNS server at `server` (UDP, TCP for long answers).
-    pub fn with_server(server: SocketAddr) -> Self {
+    /// Lookups go to the DNS server at `server` (UDP, TCP for long answers) if given, else
+    /// the system's; `etcds://` registries are reached with `etcd_tls`.
+    pub fn new(server: Option<SocketAddr>, etcd_tls: EtcdTls) -> Self {
         Resolver(Arc::new(Inner {
-            server: Some(server),
+            server,
             dns: OnceLock::new(),
+            etcd_tls,
         }))
     }
 
-    /// `server` if given, else the system's.
-    pub fn new(server: Option<SocketAddr>) -> Self {
-        server.map_or_else(Resolver::system, Resolver::with_server)
+    /// How `etcds://` registries are reached.
+    pub fn etcd_tls(&self) -> &EtcdTls {
+        &self.0.etcd_tls
+    }
+
+    /// The servers `discovery` lists now, looked up once (for `amb check --connect`).
+    pub async fn list(&self, discovery: &Discovery) -> Result<Vec<Located>, String> {
+        match discovery {
+            Discovery::Srv(name) => Ok(self.lookup_srv(name).await?.targets),
+            Discovery::Etcd(key) => super::etcd::list(key, &self.0.etcd_tls).await,
+        }
     }
 
     /// The DNS client, made on first use: a system without resolv.conf fails only if it needs one.
@@ -157,7 +174,7 @@ impl Resolver {
             .answers()
             .iter()
             .filter_map(|record| match &record.data {
-                RData::SRV(srv) => Some(SrvTarget {
+                RData::SRV(srv) => Some(Located {
                     priority: srv.priority,
                     host: srv.target.to_string().trim_end_matches('.').to_owned(),
                     port: srv.port,
@@ -166,7 +183,7 @@ impl Resolver {
                 _ => None,
             })
             .collect();
-        match srv_targets(records) {
+        match located_set(records) {
             targets if targets.is_empty() => Err("no usable SRV records".to_owned()),
             targets => Ok(SrvAnswer { targets, ttl }),
         }
@@ -177,8 +194,8 @@ impl Resolver {
 mod tests {
     use super::*;
 
-    fn srv(priority: u16, host: &str, port: u16, weight: u16) -> SrvTarget {
-        SrvTarget {
+    fn srv(priority: u16, host: &str, port: u16, weight: u16) -> Located {
+        Located {
             priority,
             host: host.into(),
             port,
@@ -188,7 +205,7 @@ mod tests {
 
     #[test]
     fn targets_sort_by_priority_and_drop_the_unusable() {
-        let targets = srv_targets(vec![
+        let targets = located_set(vec![
             srv(20, "b", 1, 5),
             srv(10, "a", 1, 0),
             srv(10, ".", 1, 1),
