@@ -17,6 +17,7 @@ per_transport!(
     srv_upstreams_follow_their_records,
     etcd_registered_servers_come_and_go_and_survive_an_etcd_restart,
     etcd_keys_are_a_routes_upstreams,
+    an_etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate,
 );
 
 /// `srv-host` for `target:port` with `priority` and `weight`, and the target's address.
@@ -376,4 +377,42 @@ async fn etcd_keys_are_a_routes_upstreams(t: Transport) {
         done.expect("etcdctl");
     };
     route_follows_its_discovered_upstreams(t, &pki, &redis, &server, publish).await;
+}
+
+/// `etcds://`: the registry's certificate is verified against `--etcd-ca`, and a registry that
+/// checks clients admits the server with `--etcd-cert`/`--etcd-key` and no other.
+async fn an_etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate(t: Transport) {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(&pki);
+    let redis = Redis::start();
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    etcd.ctl(&["put", "/services/redis/r0", &upstream]).unwrap();
+    let route = format!("redis={}", etcd.url("services/redis"));
+    let file = |name: &str| pki.path(name).display().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let admitted = Amb::server(
+        &pki,
+        0,
+        &[
+            "--route",
+            &route,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    let refused = Amb::server(&pki, 0, &["--route", &route, "--etcd-ca", &ca]);
+    let through = |server: &Amb| {
+        let listen = ["--listen", "0=redis", "--tunnel-wait", "60s"];
+        Amb::client(&pki, "client", server.server_addr(), t, &listen)
+    };
+    let (admitted_client, refused_client) = (through(&admitted), through(&refused));
+    for _ in 0..5 {
+        assert!(incr(admitted_client.listen_addr_for("redis")).await);
+        assert!(!incr(refused_client.listen_addr_for("redis")).await);
+    }
+    assert_eq!(hits(&redis), 5);
 }

@@ -902,32 +902,50 @@ pub struct Etcd {
     pub port: u16,
     peer_port: u16,
     dir: TempDir,
+    /// Served over TLS with this PKI's `server` certificate, requiring client certificates
+    /// of its CA.
+    tls: Option<PathBuf>,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Over TLS (`etcds://`): its certificate is `pki`'s server one; clients must present one
+    /// of `pki`'s CA.
+    pub fn start_tls(pki: &Pki) -> Self {
+        Self::start_with(Some(pki.dir.0.clone()))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         let mut etcd = Etcd {
             child: None,
             port: free_port(),
             peer_port: free_port(),
             dir: TempDir::new("etcd"),
+            tls,
         };
         etcd.start_again();
         etcd
     }
 
-    /// `etcd://127.0.0.1:PORT/key` for `--peer`, `--route` and `--register`.
+    /// `etcd://127.0.0.1:PORT/key` (`etcds://` over TLS) for `--peer`, `--route`, `--register`.
     pub fn url(&self, key: &str) -> String {
-        format!(
-            "etcd://127.0.0.1:{}/{}",
-            self.port,
-            key.trim_start_matches('/')
-        )
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        let key = key.trim_start_matches('/');
+        format!("{scheme}://127.0.0.1:{}/{key}", self.port)
     }
 
     /// Runs `etcdctl` against it; its trimmed output, or None if it failed.
     pub fn ctl(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("etcdctl")
+        let mut ctl = Command::new("etcdctl");
+        if let Some(pki) = &self.tls {
+            ctl.arg(format!("--cacert={}", pki.join("ca.pem").display()))
+                .arg(format!("--cert={}", pki.join("client.pem").display()))
+                .arg(format!("--key={}", pki.join("client.key").display()));
+        }
+        let out = ctl
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints=127.0.0.1:{}", self.port))
             .arg("--dial-timeout=2s")
@@ -960,8 +978,19 @@ impl Etcd {
     /// Starts it on its ports and data, and waits until it answers.
     pub fn start_again(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let client = format!("http://127.0.0.1:{}", self.port);
-        let child = Command::new("etcd")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.port);
+        let mut etcd = Command::new("etcd");
+        if let Some(pki) = &self.tls {
+            etcd.arg(format!("--cert-file={}", pki.join("server.pem").display()))
+                .arg(format!("--key-file={}", pki.join("server.key").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    pki.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.dir.0.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
