@@ -7,7 +7,8 @@
         --variant c4=target/release/amb --client-arg c4=--connections=4 --load get
 
 A variant is NAME=BINARY, with extra client and server arguments given per variant
-(--client-arg NAME=ARG, --server-arg NAME=ARG, --unix-upstream NAME, --two-upstreams NAME), so
+(--client-arg NAME=ARG, --server-arg NAME=ARG, --unix-upstream NAME, --two-upstreams NAME,
+--discovered-peer NAME=srv|etcd), so
 two builds, or one build with two settings, can be compared. The variants measured in BENCHMARKS.md are patches in `bench/variants/`. Every variant's
 pair is up at once on the same redis-server and iperf3 server; each round runs the load once
 per variant, the order rotated every round, and reads the CPU seconds of both ambassadors
@@ -52,7 +53,7 @@ def parse_variant(spec: str) -> dict:
     if not Path(binary).exists():
         raise argparse.ArgumentTypeError(f"{binary} not found")
     return {"name": name, "binary": binary, "client": [], "server": [], "unix_upstream": False,
-            "two_upstreams": False}
+            "two_upstreams": False, "discovered_peer": None}
 
 
 def named_arg(spec: str) -> tuple[str, str]:
@@ -98,6 +99,7 @@ def use(b: run.Bench, binary: Path, v: dict) -> None:
     b.args.amb_client_arg, b.args.amb_server_arg = v["client"], v["server"]
     b.amb_unix_upstream = v["unix_upstream"]
     b.amb_two_upstreams = v["two_upstreams"]
+    b.amb_peer_discovery = v["discovered_peer"]
 
 
 def main() -> int:
@@ -112,6 +114,9 @@ def main() -> int:
                     help="variant NAME's server dials redis over its Unix socket (repeatable)")
     ap.add_argument("--two-upstreams", action="append", default=[], metavar="NAME",
                     help="variant NAME's route has two upstreams, redis at 127.0.0.1 and 127.0.0.2 (repeatable)")
+    ap.add_argument("--discovered-peer", action="append", type=named_arg, default=[],
+                    metavar="NAME=srv|etcd", help="variant NAME's client finds its server by an SRV record "
+                    "(a dnsmasq) or an etcd key, not as HOST:PORT (repeatable)")
     ap.add_argument("--transport", choices=["tls", "quic"], default="tls")
     ap.add_argument("--load", choices=[*LOADS, "iperf", "iperf-r", "idle-mem"], default="get")
     ap.add_argument("--rounds", type=int, default=5)
@@ -130,6 +135,10 @@ def main() -> int:
         if name not in by_name:
             ap.error(f"--two-upstreams {name}: no variant named {name}")
         by_name[name]["two_upstreams"] = True
+    for name, kind in args.discovered_peer:
+        if name not in by_name or kind not in ("srv", "etcd"):
+            ap.error(f"--discovered-peer {name}={kind}: write NAME=srv or NAME=etcd for a variant NAME")
+        by_name[name]["discovered_peer"] = kind
     for name in args.unix_upstream:
         if name not in by_name:
             ap.error(f"--unix-upstream {name}: no variant named {name}")

@@ -367,6 +367,11 @@ class Bench:
         # redis also answers on 127.0.0.2; an amb server given both addresses as two upstreams
         # of one route while this is set (`bench/ab.py --two-upstreams`: balancing's cost).
         self.amb_two_upstreams = False
+        # An amb client finds its server through this discovery ("srv": a dnsmasq SRV record;
+        # "etcd": a key in an etcd the bench starts) instead of `--peer HOST:PORT` while set
+        # (`bench/ab.py --discovered-peer`: a discovered set's cost).
+        self.amb_peer_discovery: str | None = None
+        self.etcd_port = 0
         self.iperf_port = 0
         self.tools: dict[str, str] = {}
         self.n = 0
@@ -449,6 +454,34 @@ class Bench:
         inst.relay_tcp_port = ports["tcp"][0]
         return inst.relay_tcp_port
 
+    def _peer(self, tag: str, target: int) -> list:
+        """An amb client's peer arguments: `localhost:TARGET` as written, or found through
+        the discovery `amb_peer_discovery` names."""
+        if self.amb_peer_discovery == "srv":
+            port = free_port(udp_too=True)
+            conf = self.path(f"{tag}-dnsmasq.conf")
+            conf.write_text(f"port={port}\nlisten-address={HOST}\nbind-interfaces\nno-resolv\nno-hosts\n"
+                            f"local-ttl=60\nuser=root\npid-file=\nhost-record=localhost,{HOST}\n"
+                            f"srv-host=_amb._tcp.{tag}.bench,localhost,{target},10,1\n")
+            dns = spawn(["dnsmasq", "-k", f"--conf-file={conf}", "--log-facility=-"],
+                        self.path(f"{tag}-dnsmasq.log"))
+            wait_log(dns, "started, version")
+            return ["--peer", f"srv:_amb._tcp.{tag}.bench", "--dns-server", f"{HOST}:{port}"]
+        if self.amb_peer_discovery == "etcd":
+            if not self.etcd_port:
+                self.etcd_port, peer_port = free_port(), free_port()
+                url, peer = f"http://{HOST}:{self.etcd_port}", f"http://{HOST}:{peer_port}"
+                etcd = spawn(["etcd", "--name=bench", f"--data-dir={self.path('etcd')}",
+                              f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
+                              f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+                              f"--initial-cluster=bench={peer}"], self.path("etcd.log"))
+                wait_listen(self.etcd_port, etcd)
+            subprocess.run(["etcdctl", f"--endpoints={HOST}:{self.etcd_port}", "put",
+                            f"/amb/{tag}/server", f"localhost:{target}"], check=True,
+                           capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=20)
+            return ["--peer", f"etcd://{HOST}:{self.etcd_port}/amb/{tag}"]
+        return ["--peer", f"localhost:{target}"]
+
     def _start(self, inst: Instance, pair: str, upstream: int, link: bool):
         tag = self.uniq(pair)
         c = self.certs
@@ -508,7 +541,7 @@ class Bench:
                     "-k", c / "spiped.key", "-n", str(_two_socket_limit())]
         else:
             transport = pair.split("-")[1]
-            argv = [self.amb, "client", "--listen", f"{HOST}:{local}", "--peer", f"localhost:{target}",
+            argv = [self.amb, "client", "--listen", f"{HOST}:{local}", *self._peer(tag, target),
                     "--transport", transport, "--certs-dir", c, *self.args.amb_client_arg]
         client = spawn(argv, self.path(f"{tag}-client.log"))
         inst.procs.append(client)

@@ -1,6 +1,7 @@
 //! The client ambassador: local listeners, a supervised pool of warm tunnel connections, and a
 //! stream per app connection.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -846,7 +847,8 @@ struct RunningDiscovery {
 /// The links, discoveries and listeners in service, changed by a [`Relisten`] or a
 /// discovered set's change.
 struct Running {
-    links: Vec<RunningLink>,
+    /// By peer: a discovered set of a thousand servers is looked up per change, not scanned.
+    links: HashMap<PeerSpec, RunningLink>,
     discoveries: Vec<RunningDiscovery>,
     listeners: Vec<RunningListener>,
     accepting: Arc<Accepting>,
@@ -861,7 +863,8 @@ impl Running {
     fn start_link(&mut self, link: Link) {
         let (stop, stopped) = watch::channel(false);
         link.supervise(self.connections, &self.certs, &stopped, &self.supervisors);
-        self.links.push(RunningLink { link, stop });
+        self.links
+            .insert(link.peer().clone(), RunningLink { link, stop });
     }
 
     /// Starts following the discovered sets among `spec`'s peers that are not followed yet.
@@ -941,10 +944,7 @@ impl Running {
     }
 
     fn link_to(&self, peer: &PeerSpec) -> Option<&Link> {
-        self.links
-            .iter()
-            .map(|l| &l.link)
-            .find(|l| l.peer() == peer)
+        self.links.get(peer).map(|l| &l.link)
     }
 
     /// Applies a replacement of the listeners (see [`Listeners::replace`]).
@@ -1100,18 +1100,17 @@ impl Running {
                     .any(|p| p.discovery() == Some(&d.discovery))
             })
         });
-        let discovered = &self.discoveries;
-        let (used, unused): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
-            .into_iter()
-            .partition(|running| {
-                let peer = running.link.peer();
-                in_use(peer)
-                    || discovered
-                        .iter()
-                        .any(|d| d.peers.iter().any(|(p, ..)| p == peer))
-            });
-        self.links = used;
-        for RunningLink { link, stop } in unused {
+        let discovered: HashSet<&PeerSpec> = (self.discoveries.iter())
+            .flat_map(|d| d.peers.iter().map(|(peer, ..)| peer))
+            .collect();
+        let unused: Vec<PeerSpec> = (self.links.keys())
+            .filter(|peer| !discovered.contains(peer) && !in_use(peer))
+            .cloned()
+            .collect();
+        for peer in unused {
+            let Some(RunningLink { link, stop }) = self.links.remove(&peer) else {
+                continue;
+            };
             let _ = stop.send(true);
             info!(peer = %link.name(), transport = link.transport(), "peer no longer used: letting it go once its app connections end");
             tokio::spawn(link.retire(drain));
@@ -1123,7 +1122,7 @@ impl Running {
         for listener in &self.listeners {
             let _ = listener.stop.send(true);
         }
-        for link in &self.links {
+        for link in self.links.values() {
             let _ = link.stop.send(true);
         }
     }
@@ -1189,7 +1188,7 @@ async fn run(
         turn: AtomicUsize::new(0),
     });
     let mut running = Running {
-        links: Vec::new(),
+        links: HashMap::new(),
         discoveries: Vec::new(),
         listeners: Vec::new(),
         accepting: accepting.clone(),
@@ -1234,7 +1233,7 @@ async fn run(
         );
     }
     running.supervisors.close();
-    join_all(running.links.iter().map(|l| l.link.close())).await;
+    join_all(running.links.values().map(|l| l.link.close())).await;
     info!("amb client stopped");
 }
 

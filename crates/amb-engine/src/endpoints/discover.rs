@@ -46,6 +46,42 @@ pub fn discover(
     receiver
 }
 
+/// Publishes `servers` (sorted, none twice) as the set found if it differs from the last one,
+/// with one line saying what came and went; whether it did.
+pub(super) fn publish(
+    found: &watch::Sender<Discovered>,
+    servers: Vec<Located>,
+    discovery: &str,
+    role: Role,
+) -> bool {
+    let servers: Arc<[Located]> = servers.into();
+    let mut before: Option<Arc<[Located]>> = None;
+    let changed = found.send_if_modified(|now| match now {
+        Some(Ok(last)) if *last == servers => false,
+        _ => {
+            if let Some(Ok(last)) = now.replace(Ok(servers.clone())) {
+                before = Some(last);
+            }
+            true
+        }
+    });
+    if changed {
+        let before = before.unwrap_or_default();
+        let missing_from = |set: &[Located], server: &Located| set.binary_search(server).is_err();
+        let came: Vec<String> = (servers.iter())
+            .filter(|s| missing_from(&before, s))
+            .map(ToString::to_string)
+            .collect();
+        let went: Vec<String> = (before.iter())
+            .filter(|s| missing_from(&servers, s))
+            .map(ToString::to_string)
+            .collect();
+        let total = servers.len();
+        info!(%discovery, of = role.noun(), total, ?came, ?went, "discovered set changed");
+    }
+    changed
+}
+
 /// Looks `name`'s SRV records up again at their TTL, until no receiver is left.
 async fn follow_srv(
     name: String,
@@ -62,18 +98,7 @@ async fn follow_srv(
         };
         let next_lookup = match answer {
             Ok(answer) => {
-                let targets: Arc<[Located]> = answer.targets.into();
-                let changed = found.send_if_modified(|now| match now {
-                    Some(Ok(before)) if *before == targets => false,
-                    _ => {
-                        *now = Some(Ok(targets.clone()));
-                        true
-                    }
-                });
-                if changed {
-                    let targets: Vec<String> = targets.iter().map(ToString::to_string).collect();
-                    info!(%discovery, of = role.noun(), ?targets, "discovered set changed");
-                } else if failures > 0 {
+                if !publish(&found, answer.targets, &discovery, role) && failures > 0 {
                     info!(%discovery, of = role.noun(), failures, "discovery answers again");
                 }
                 failures = 0;

@@ -105,22 +105,9 @@ impl Registry {
     }
 
     /// Publishes the set if it changed.
-    fn publish(&self, found: &watch::Sender<Discovered>, prefix: &str, role: Role) {
+    fn publish(&self, found: &watch::Sender<Discovered>, name: &str, role: Role) {
         let servers = super::located_set(self.servers.values().cloned().collect());
-        let changed = found.send_if_modified(|now| match now {
-            Some(Ok(before)) if **before == *servers => false,
-            _ => {
-                *now = Some(Ok(servers.clone().into()));
-                true
-            }
-        });
-        if changed {
-            let servers: Vec<String> = servers
-                .iter()
-                .map(|s| format!("{}:{}", s.host, s.port))
-                .collect();
-            info!(discovery = %prefix, of = role.noun(), ?servers, "discovered set changed");
-        }
+        super::discover::publish(found, servers, name, role);
     }
 }
 
