@@ -139,15 +139,9 @@ impl LinkMaker {
     }
 }
 
-/// The servers an SRV answer lists, as peers, with their priority and weight.
-fn discovered_peers(targets: &[Located]) -> Vec<(PeerSpec, u16, u32)> {
-    targets
-        .iter()
-        .filter_map(|t| {
-            let addr = HostPort::parse(&format!("{}:{}", t.host, t.port))?;
-            Some((PeerSpec::at(addr), t.priority, srv_weight(t.weight)))
-        })
-        .collect()
+/// A discovered server, as a peer: verified against its own host name.
+fn located_peer(server: &Located) -> Option<PeerSpec> {
+    HostPort::parse(&format!("{}:{}", server.host, server.port)).map(PeerSpec::at)
 }
 
 /// Each listener with its peers: its own, else the client's. An error names a listener that
@@ -302,10 +296,7 @@ pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, En
         let found = match peer.discovery() {
             None => vec![peer.clone()],
             Some(discovery) => match makes.resolver.list(discovery).await {
-                Ok(servers) => discovered_peers(&servers)
-                    .into_iter()
-                    .map(|(peer, ..)| peer)
-                    .collect(),
+                Ok(servers) => servers.iter().filter_map(located_peer).collect(),
                 Err(why) => {
                     probes.push(PeerProbe {
                         peer: peer.to_string(),
@@ -840,8 +831,9 @@ struct RunningListener {
 struct RunningDiscovery {
     discovery: Discovery,
     found: watch::Receiver<Discovered>,
-    /// Each server, its priority and weight.
-    peers: Vec<(PeerSpec, u16, u32)>,
+    /// Each server (in the answer's order) and the choice of its link: a change is merged in,
+    /// server by server, so a registry of a thousand costs per change only what changed.
+    servers: Vec<(Located, Choice)>,
 }
 
 /// The links, discoveries and listeners in service, changed by a [`Relisten`] or a
@@ -875,7 +867,7 @@ impl Running {
                 self.discoveries.push(RunningDiscovery {
                     discovery: discovery.clone(),
                     found,
-                    peers: Vec::new(),
+                    servers: Vec::new(),
                 });
             }
         }
@@ -903,18 +895,7 @@ impl Running {
         let mut choices = Vec::new();
         for peer in &spec.peers {
             match peer.discovery().and_then(|d| self.discovery(d)) {
-                Some(found) => {
-                    for (peer, priority, weight) in &found.peers {
-                        if let Some(link) = self.link_to(peer) {
-                            let (priority, weight) = (*priority, *weight);
-                            choices.push(Choice {
-                                link: link.clone(),
-                                priority,
-                                weight,
-                            });
-                        }
-                    }
-                }
+                Some(found) => choices.extend(found.servers.iter().map(|(_, c)| c.clone())),
                 None => choices.extend(self.link_to(peer).cloned().map(Choice::listed)),
             }
         }
@@ -1016,9 +997,9 @@ impl Running {
     /// list now, the listeners that use them retargeted at once (new app connections follow);
     /// servers no set lists any more are let go once their app connections end.
     fn rediscover(&mut self) {
-        if !self.take_answers() {
+        let Some(went) = self.take_answers() else {
             return;
-        }
+        };
         for listener in &self.listeners {
             if listener.spec.peers.iter().any(|p| p.discovery().is_some()) {
                 let target = Target {
@@ -1029,43 +1010,77 @@ impl Running {
             }
         }
         // A server that left a set keeps its app connections until they end.
-        self.retire_unused(Duration::MAX);
+        for peer in went {
+            self.retire_if_unused(&peer, Duration::MAX);
+        }
     }
 
-    /// Takes each discovered set's new answer, if any, and starts links to the servers it
-    /// lists that have none; whether anything changed.
-    fn take_answers(&mut self) -> bool {
+    /// Takes each discovered set's new answer, if any: servers that came get a link (started
+    /// unless one to them runs already), servers still listed keep theirs. `None` if nothing
+    /// changed; else the peers of the servers that went.
+    fn take_answers(&mut self) -> Option<Vec<PeerSpec>> {
+        let mut went = Vec::new();
         let mut changed = false;
-        for found in &mut self.discoveries {
-            if !found.found.has_changed().unwrap_or(false) {
+        for i in 0..self.discoveries.len() {
+            let found = &mut self.discoveries[i].found;
+            if !found.has_changed().unwrap_or(false) {
                 continue;
             }
-            if let Some(Ok(targets)) = found.found.borrow_and_update().clone() {
-                found.peers = discovered_peers(&targets);
-                changed = true;
-            }
-        }
-        if !changed {
-            return false;
-        }
-        let wanted: Vec<PeerSpec> = self
-            .discoveries
-            .iter()
-            .flat_map(|d| d.peers.iter().map(|(peer, ..)| peer.clone()))
-            .collect();
-        for peer in wanted {
-            if self.link_to(&peer).is_some() {
+            let Some(Ok(answer)) = found.borrow_and_update().clone() else {
                 continue;
+            };
+            changed = true;
+            // Both lists are sorted: one walk pairs what stays and finds what came and went.
+            let before = std::mem::take(&mut self.discoveries[i].servers);
+            let mut before = before.into_iter().peekable();
+            let mut now = Vec::with_capacity(answer.len());
+            for server in answer.iter() {
+                while let Some((gone, choice)) = before.next_if(|(old, _)| old < server) {
+                    went.push((gone, choice.link.peer().clone()));
+                }
+                match before.next_if(|(old, _)| old == server) {
+                    Some(kept) => now.push(kept),
+                    None => now.extend(self.choose(server).map(|c| (server.clone(), c))),
+                }
             }
-            match self.makes.make(&peer) {
+            went.extend(before.map(|(gone, choice)| (gone, choice.link.peer().clone())));
+            self.discoveries[i].servers = now;
+        }
+        changed.then(|| went.into_iter().map(|(_, peer)| peer).collect())
+    }
+
+    /// The choice of a discovered server's link, the link started unless it runs already.
+    fn choose(&mut self, server: &Located) -> Option<Choice> {
+        let peer = located_peer(server)?;
+        let link = match self.link_to(&peer) {
+            Some(link) => link.clone(),
+            None => match self.makes.make(&peer) {
                 Ok(link) => {
                     info!(peer = %link.name(), transport = link.transport(), "discovered peer: connecting");
-                    self.start_link(link);
+                    self.start_link(link.clone());
+                    link
                 }
-                Err(e) => warn!(%peer, "discovered peer left out: {e}"),
-            }
+                Err(e) => {
+                    warn!(%peer, "discovered peer left out: {e}");
+                    return None;
+                }
+            },
+        };
+        Some(Choice {
+            link,
+            priority: server.priority,
+            weight: srv_weight(server.weight),
+        })
+    }
+
+    /// Lets `peer`'s link go unless a listener or a discovered set still uses it.
+    fn retire_if_unused(&mut self, peer: &PeerSpec, drain: Duration) {
+        let listed = self.listeners.iter().any(|l| l.spec.peers.contains(peer));
+        let discovered =
+            (self.discoveries.iter()).any(|d| d.servers.iter().any(|(_, c)| c.link.peer() == peer));
+        if !listed && !discovered {
+            self.retire(peer, drain);
         }
-        true
     }
 
     /// Resolves when a discovered set has a new answer.
@@ -1101,16 +1116,21 @@ impl Running {
             })
         });
         let discovered: HashSet<&PeerSpec> = (self.discoveries.iter())
-            .flat_map(|d| d.peers.iter().map(|(peer, ..)| peer))
+            .flat_map(|d| d.servers.iter().map(|(_, c)| c.link.peer()))
             .collect();
         let unused: Vec<PeerSpec> = (self.links.keys())
             .filter(|peer| !discovered.contains(peer) && !in_use(peer))
             .cloned()
             .collect();
         for peer in unused {
-            let Some(RunningLink { link, stop }) = self.links.remove(&peer) else {
-                continue;
-            };
+            self.retire(&peer, drain);
+        }
+    }
+
+    /// Stops `peer`'s link: no more dials; its tunnel connections close once the app
+    /// connections on them end, or at `drain`.
+    fn retire(&mut self, peer: &PeerSpec, drain: Duration) {
+        if let Some(RunningLink { link, stop }) = self.links.remove(peer) {
             let _ = stop.send(true);
             info!(peer = %link.name(), transport = link.transport(), "peer no longer used: letting it go once its app connections end");
             tokio::spawn(link.retire(drain));

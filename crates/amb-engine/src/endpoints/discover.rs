@@ -66,20 +66,29 @@ pub(super) fn publish(
         }
     });
     if changed {
-        let before = before.unwrap_or_default();
-        let missing_from = |set: &[Located], server: &Located| set.binary_search(server).is_err();
-        let came: Vec<String> = (servers.iter())
-            .filter(|s| missing_from(&before, s))
-            .map(ToString::to_string)
-            .collect();
-        let went: Vec<String> = (before.iter())
-            .filter(|s| missing_from(&servers, s))
-            .map(ToString::to_string)
-            .collect();
+        let (came, went) = came_and_went(&before.unwrap_or_default(), &servers);
         let total = servers.len();
         info!(%discovery, of = role.noun(), total, ?came, ?went, "discovered set changed");
     }
     changed
+}
+
+/// The servers in `after` and not in `before`, and the other way round; both sorted.
+fn came_and_went(before: &[Located], after: &[Located]) -> (Vec<String>, Vec<String>) {
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some(o), Some(n)) if o == n => {
+                old.next();
+                new.next();
+            }
+            (Some(o), Some(n)) if o < n => went.extend(old.next().map(ToString::to_string)),
+            (_, Some(_)) => came.extend(new.next().map(ToString::to_string)),
+            (Some(_), None) => went.extend(old.next().map(ToString::to_string)),
+            (None, None) => return (came, went),
+        }
+    }
 }
 
 /// Looks `name`'s SRV records up again at their TTL, until no receiver is left.
@@ -127,5 +136,27 @@ async fn follow_srv(
             () = tokio::time::sleep(next_lookup) => {}
             () = found.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(host: &str) -> Located {
+        Located {
+            priority: 0,
+            host: host.into(),
+            port: 1,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn a_change_names_what_came_and_what_went() {
+        let (came, went) =
+            came_and_went(&[at("a"), at("b"), at("d")], &[at("b"), at("c"), at("e")]);
+        let names = |v: &[String]| v.iter().map(|s| &s[..1]).collect::<Vec<_>>().join(",");
+        assert_eq!((names(&came), names(&went)), ("c,e".into(), "a,d".into()));
     }
 }
