@@ -18,6 +18,7 @@ per_transport!(
     etcd_registered_servers_come_and_go_and_survive_an_etcd_restart,
     etcd_keys_are_a_routes_upstreams,
     an_etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate,
+    a_watch_that_fell_behind_a_compaction_reads_the_registry_again,
 );
 
 /// `srv-host` for `target:port` with `priority` and `weight`, and the target's address.
@@ -415,4 +416,48 @@ async fn an_etcd_over_tls_is_reached_with_its_ca_and_a_client_certificate(t: Tra
         assert!(!incr(refused_client.listen_addr_for("redis")).await);
     }
     assert_eq!(hits(&redis), 5);
+}
+
+/// While the server is stopped (SIGSTOP), etcd restarts, its keys change and it compacts past
+/// the revision the server's watch had reached: resumed, the server's watch is refused at that
+/// revision, reads the whole prefix again, and new connections follow the registry as it is.
+async fn a_watch_that_fell_behind_a_compaction_reads_the_registry_again(t: Transport) {
+    let pki = Pki::new();
+    let mut etcd = Etcd::start();
+    let redis = [Redis::start(), Redis::start()];
+    let key = |i: usize| format!("/services/redis/r{i}");
+    let value = |i: usize| format!("127.0.0.1:{}", redis[i].port);
+    etcd.ctl(&["put", &key(0), &value(0)]).unwrap();
+    let route = format!("redis={}", etcd.url("services/redis"));
+    let server = Amb::server(&pki, 0, &["--route", &route]);
+    let listen = ["--listen", "0=redis", "--tunnel-wait", "60s"];
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &listen);
+    let listen = client.listen_addr_for("redis");
+    for _ in 0..5 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[0]), hits(&redis[1])), (5, 0));
+
+    server.pause();
+    etcd.stop();
+    etcd.start_again();
+    etcd.ctl(&["put", &key(1), &value(1)]).unwrap();
+    etcd.ctl(&["del", &key(0)]).unwrap();
+    let status = etcd.ctl(&["get", "/", "--prefix", "-w", "json"]).unwrap();
+    let revision = status
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap_or_else(|| panic!("no revision in {status}"));
+    etcd.ctl(&["compact", revision]).unwrap();
+    let changes = server.log.count(&["discovered set changed"]);
+    server.resume();
+
+    server
+        .log
+        .wait_for_nth(&["discovered set changed"], changes + 1);
+    for _ in 0..10 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&redis[0]), hits(&redis[1])), (5, 10));
 }
