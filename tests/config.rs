@@ -576,7 +576,14 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
     let pki = Pki::new();
     let up = Upstream::echo().await;
     let server = Amb::server(&pki, 0, &["--upstream", &up.addr.to_string()]);
-    let (port, dead) = (server.server_addr().port(), free_port());
+    // A port held bound but not listening: connections to it are refused, and no other
+    // test's process can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (port, dead) = (
+        server.server_addr().port(),
+        held.local_addr().unwrap().port(),
+    );
     let certs = |pki: &Pki, leaf: &str| {
         format!(
             "cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
