@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use amb_engine::endpoints::{EtcdTls, Resolver};
 use amb_engine::{
     Client, ClientSettings, ClientTransport, Registration, Server, ServerSettings, ServerTransports,
 };
+use amb_metrics::Metrics;
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{
@@ -272,6 +274,53 @@ impl Given<'_> {
     }
 }
 
+/// What client and server show of themselves.
+#[derive(clap::Args, Clone, Debug)]
+struct ObserveArgs {
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz over plain HTTP at ADDR:PORT,
+    /// e.g. 127.0.0.1:9090 (bind loopback or a Pod-internal address: it has no TLS).
+    #[arg(long, value_name = "ADDR:PORT", env = "AMB_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// One info line per app connection when it ends (route, peer, upstream, bytes each way,
+    /// duration, how it ended), under the log target amb::access: on or off.
+    #[arg(long, value_enum, default_value = "on", env = "AMB_ACCESS_LOG")]
+    access_log: Switch,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+impl ObserveArgs {
+    /// The metrics address and whether the access log is on: flags (or variables) given, else
+    /// the file's values, else the defaults. Every part of a process counts into one `Metrics`.
+    fn resolve(
+        &self,
+        given: &Given<'_>,
+        file_metrics: Option<SocketAddr>,
+        file_access_log: Option<config::Switch>,
+    ) -> (Option<SocketAddr>, bool) {
+        let metrics = given.pick("metrics", self.metrics, file_metrics.map(Some));
+        let file_access_log = file_access_log.map(|s| match s {
+            config::Switch::On => Switch::On,
+            config::Switch::Off => Switch::Off,
+        });
+        let access_log = given.pick("access_log", self.access_log, file_access_log);
+        (metrics, access_log == Switch::On)
+    }
+}
+
+/// The metrics every part of this process counts into.
+pub(crate) fn process_metrics() -> Arc<Metrics> {
+    static METRICS: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
+    METRICS
+        .get_or_init(|| Metrics::new(env!("CARGO_PKG_VERSION")))
+        .clone()
+}
+
 /// Bounds shared by client and server.
 #[derive(clap::Args, Clone, Debug)]
 struct LimitArgs {
@@ -427,6 +476,8 @@ struct ServerArgs {
     certs: CertArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    observe: ObserveArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -500,6 +551,8 @@ struct ClientArgs {
     certs: CertArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    observe: ObserveArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -581,10 +634,16 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 Some(_) => Some(server_settings(part_args("server", &path)?, &Given(None))?),
                 None => None,
             };
-            let client = match file.client {
+            let mut client = match file.client {
                 Some(_) => Some(client_settings(part_args("client", &path)?, &Given(None))?),
                 None => None,
             };
+            // One process, one set of metrics: an address both parts name is served once.
+            if let (Some(s), Some(c)) = (&server, &mut client) {
+                if s.metrics_listen.is_some() && s.metrics_listen == c.metrics_listen {
+                    c.metrics_listen = None;
+                }
+            }
             if server.is_none() && client.is_none() {
                 bail!("{path}: neither a [server] nor a [client] part: nothing to run");
             }
@@ -954,6 +1013,9 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         }),
     };
     let (certs, limits) = certs_and_limits!(file);
+    let (metrics_listen, access_log) =
+        args.observe
+            .resolve(given, file.metrics.map(|a| a.0), file.access_log);
     let (tls, reload_check) = args.certs.resolve(given, "server", certs)?;
     let (limits, max_connections) = args.limits.resolve(given, limits);
     Ok(ServerSettings {
@@ -982,6 +1044,9 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             .etcd
             .resolve(given, [file.etcd_ca, file.etcd_cert, file.etcd_key]),
         register,
+        metrics: process_metrics(),
+        metrics_listen,
+        access_log,
     })
 }
 
@@ -1087,6 +1152,9 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         file.peer_balance.map(|b| b.0),
     );
     let (certs, limits) = certs_and_limits!(file);
+    let (metrics_listen, access_log) =
+        args.observe
+            .resolve(given, file.metrics.map(|a| a.0), file.access_log);
     let (tls, reload_check) = args.certs.resolve(given, "client", certs)?;
     let (limits, max_connections) = args.limits.resolve(given, limits);
     let connections = given.pick("connections", args.connections, file.connections.map(Some));
@@ -1117,6 +1185,9 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         etcd_tls: args
             .etcd
             .resolve(given, [file.etcd_ca, file.etcd_cert, file.etcd_key]),
+        metrics: process_metrics(),
+        metrics_listen,
+        access_log,
     })
 }
 

@@ -86,7 +86,9 @@ impl Reconfigure {
     /// Applies the file, or says why not.
     async fn apply(&self, why: &str) {
         let (file, part) = (self.path.display(), self.part);
-        match (self.apply)().await {
+        let applied = (self.apply)().await;
+        crate::cli::process_metrics().reloaded("config", applied.is_ok());
+        match applied {
             Ok(changes) => tracing::info!(%file, part, changes, "{why}: config file reloaded"),
             Err(e) => tracing::error!(
                 %file,

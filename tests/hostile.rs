@@ -44,6 +44,8 @@ async fn garbage_on_both_ports_is_dropped_and_service_continues() {
             &upstream.addr.to_string(),
             "--handshake-timeout",
             "3s",
+            "--metrics",
+            "127.0.0.1:0",
         ],
     );
     let addr = server.server_addr();
@@ -56,9 +58,12 @@ async fn garbage_on_both_ports_is_dropped_and_service_continues() {
         let _ = tcp.write_all(payload).await;
         assert_dropped(&mut tcp).await;
     }
+    let failures =
+        r#"amb_handshake_failures_total{direction="accepted",transport="tls",reason="other"}"#;
+    wait_sample(metrics_addr(&server), failures, 3.0).await;
     server
         .log
-        .wait_for_nth(&["transport=\"tls\"", "handshake failed"], 3);
+        .wait_for(&["transport=\"tls\"", "handshake failed"]);
 
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for _ in 0..2000 {
@@ -124,6 +129,8 @@ async fn stalled_handshakes_time_out_while_real_clients_connect() {
             &upstream.addr.to_string(),
             "--handshake-timeout",
             "4s",
+            "--metrics",
+            "127.0.0.1:0",
         ],
     );
     let addr = server.server_addr();
@@ -171,7 +178,10 @@ async fn stalled_handshakes_time_out_while_real_clients_connect() {
     for tcp in &mut stalled {
         assert_dropped(tcp).await;
     }
-    server.log.wait_for_nth(&["handshake timed out"], 800);
+    let timeouts =
+        r#"amb_handshake_failures_total{direction="accepted",transport="tls",reason="timeout"}"#;
+    wait_until(metrics_addr(&server), timeouts, |n| n >= 800.0).await;
+    server.log.wait_for(&["handshake timed out"]);
     for d in dribblers {
         d.abort();
     }
@@ -310,7 +320,7 @@ async fn abortive_closes_alternating_leave_nothing_behind(t: Transport) {
     );
     // No stream is left behind on the server: once the last clean one is done, it drains with
     // zero live streams.
-    server.log.wait_for(&["stream done"]);
+    server.log.wait_for(&["connection ended", "end=ok"]);
     server.signal("TERM");
     server.log.wait_for(&["shutting down", "live_streams=0"]);
     let status = blocking(move || server.wait_exit(READY)).await;

@@ -155,12 +155,12 @@ async fn a_reloaded_client_certificate_renews_the_tunnel_connections(t: Transpor
     drop(before);
     server
         .log
-        .wait_for(&["stream done", "spiffe://amb/client at"]);
+        .wait_for(&["connection ended", "end=ok", "spiffe://amb/client at"]);
     // A new one goes over a connection made with the new certificate.
     assert!(echo_works(client.listen_addr()).await);
     server
         .log
-        .wait_for(&["stream done", "spiffe://amb/renewed at"]);
+        .wait_for(&["connection ended", "end=ok", "spiffe://amb/renewed at"]);
 }
 
 async fn a_reload_of_unchanged_files_keeps_the_tunnel_connections(t: Transport) {
@@ -326,8 +326,9 @@ async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca(
     // The server's endpoint reads it with the configuration of the old CA...
     let (tls, tls_rx) = tokio::sync::watch::channel(config(&server_files));
     let (trust, trust_rx) = tokio::sync::watch::channel(0u64);
-    let server =
-        amb_quic::QuicServer::new(socket, tls_rx, trust_rx, amb_proto::Limits::default()).unwrap();
+    let limits = amb_proto::Limits::default();
+    let failed: amb_proto::OnFailedHandshake = Arc::new(|_| {});
+    let server = amb_quic::QuicServer::new(socket, tls_rx, trust_rx, limits, failed).unwrap();
     yield_until("the server reading the client's first packet", || {
         udp_queued(addr.port()) == 0
     })

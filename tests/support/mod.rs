@@ -1020,3 +1020,59 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// The metrics endpoint `amb` reported listening on.
+pub fn metrics_addr(amb: &Amb) -> SocketAddr {
+    let line = amb.log.wait_for(&["metrics endpoint listening"]);
+    field(&line, "addr").parse().unwrap()
+}
+
+/// `curl` GET of `path`: the status code and the body.
+pub async fn curl(addr: SocketAddr, path: &str) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    let out = blocking(move || {
+        Command::new("curl")
+            .args(["-s", "-m", "5", "-w", "\n%{http_code}", &url])
+            .output()
+            .unwrap()
+    })
+    .await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap_or(0), body.to_owned())
+}
+
+/// A scrape of `/metrics`.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = curl(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of `series` (name and labels, as encoded) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes until `series` reads `want`; the last scrape.
+pub async fn wait_sample(addr: SocketAddr, series: &str, want: f64) -> String {
+    wait_until(addr, series, |v| v == want).await
+}
+
+/// Scrapes until `series` reads a value `good` accepts; the last scrape.
+pub async fn wait_until(addr: SocketAddr, series: &str, good: impl Fn(f64) -> bool) -> String {
+    let want = "the value wanted";
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let text = scrape(addr).await;
+        if sample(&text, series).is_some_and(&good) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never read {want}; last scrape:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

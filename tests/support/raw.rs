@@ -201,6 +201,20 @@ pub async fn quic_connect(pki: &Pki, cert: &str, addr: SocketAddr) -> quinn::Con
         .expect("QUIC handshake")
 }
 
+/// Whether the server turns `cert` away over QUIC: the handshake fails, or the server closes
+/// the connection instead of sending its welcome.
+pub async fn quic_rejected(pki: &Pki, cert: &str, addr: SocketAddr) -> bool {
+    let config = amb_pki::client_config(&files(pki, cert), amb_proto::ALPN_QUIC).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let Ok(conn) = endpoint.connect(addr, "localhost").unwrap().await else {
+        return true;
+    };
+    let welcome = tokio::time::timeout(super::READY, conn.accept_uni()).await;
+    !matches!(welcome, Ok(Ok(_)))
+}
+
 /// Waits until the server closes `conn` for spending its refusal budget.
 pub async fn expect_closed_for_abuse(conn: &quinn::Connection) {
     let closed = tokio::time::timeout(super::READY, conn.closed())

@@ -66,6 +66,16 @@ pub enum ClientTransport {
     Tls,
 }
 
+/// `access-log`: on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// The `[server]` part. (The certificate keys and bounds are spelled out in both parts: serde
 /// cannot flatten a shared struct into one that denies unknown keys.)
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -120,6 +130,10 @@ pub struct ServerFile {
     pub drain_timeout: Option<Duration>,
     /// `max-connections`.
     pub max_connections: Option<usize>,
+    /// `metrics`: where `/metrics`, `/healthz` and `/readyz` are served, ADDR:PORT.
+    pub metrics: Option<Parsed<SocketAddr>>,
+    /// `access-log`: one line per app connection when it ends.
+    pub access_log: Option<Switch>,
     /// `[[server.route]]` tables.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
@@ -194,6 +208,10 @@ pub struct ClientFile {
     pub drain_timeout: Option<Duration>,
     /// `max-connections`.
     pub max_connections: Option<usize>,
+    /// `metrics`: where `/metrics`, `/healthz` and `/readyz` are served, ADDR:PORT.
+    pub metrics: Option<Parsed<SocketAddr>>,
+    /// `access-log`: one line per app connection when it ends.
+    pub access_log: Option<Switch>,
     /// `[[client.listen]]` tables.
     #[serde(default, rename = "listen")]
     pub listeners: Vec<ListenerFile>,

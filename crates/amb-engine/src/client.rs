@@ -8,8 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use amb_metrics::{
+    ConnectionEnd, Direction, Metrics, OpenConnection, OpenTimer, Readiness, RouteMetrics, Side,
+    TunnelUp,
+};
 use amb_pki::{CertificateDer, TlsFiles};
-use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel, ALPN_H2, ALPN_QUIC};
+use amb_proto::{
+    Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel, ALPN_H2, ALPN_QUIC,
+};
 use amb_quic::QuicDialer;
 use amb_spec::{
     diff_listeners, Balance, Discovery, HostPort, ListenerChange, ListenerSpec, PeerSpec,
@@ -20,19 +26,21 @@ use futures_util::future::{join_all, select_all};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::access::Access;
 use crate::endpoints::{
     discover, peer_source, Balancer, DialError, Discovered, Endpoint, EtcdTls, Located, Resolver,
     Role, LOOKUP_LIMIT,
 };
-use crate::relay::{relay, reset_tcp, RelayError};
+use crate::relay::{relay, reset_tcp, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
 use crate::tally::{StreamEnd, StreamTally};
-use crate::throttle::LogThrottle;
+use crate::throttle::{LogThrottle, LogThrottles};
 use crate::upstream_set::{pick, srv_weight, Candidate};
-use crate::{bind_tcp, EngineError};
+use crate::{bind_tcp, EngineError, MetricsEndpoint};
 
 /// The tunnel transport a client uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,10 +80,17 @@ pub struct ClientSettings {
     pub dns_server: Option<SocketAddr>,
     /// How an `etcds://` registry of peers is reached.
     pub etcd_tls: EtcdTls,
+    /// What the client counts into (and `/readyz` asks).
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served while the client runs, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// One `info` line per app connection when it ends.
+    pub access_log: bool,
 }
 
 /// A bound client, ready to run.
 pub struct Client {
+    endpoint: MetricsEndpoint,
     listeners: Vec<Listener>,
     links: Vec<Link>,
     settings: ClientSettings,
@@ -102,6 +117,7 @@ struct LinkMaker {
     tls: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
     limits: Limits,
     resolver: Resolver,
+    metrics: Arc<Metrics>,
 }
 
 impl LinkMaker {
@@ -112,8 +128,9 @@ impl LinkMaker {
         }
     }
 
-    /// The link to one server (a discovered set's peers are made one by one, as they come).
-    fn make(&self, peer: &PeerSpec) -> Result<Link, EngineError> {
+    /// The link to one server (a discovered set's peers are made one by one, as they come);
+    /// `label`: the peer as configured (a discovered server's set), for metrics.
+    fn make(&self, peer: &PeerSpec, label: &str) -> Result<Link, EngineError> {
         let addr = peer.addr().ok_or_else(|| {
             EngineError::Config(format!("peer {peer} is a discovered set, not one server"))
         })?;
@@ -121,20 +138,14 @@ impl LinkMaker {
         let (tls, limits) = (self.tls.clone(), self.limits);
         let source = peer_source(peer, addr, &self.resolver);
         Ok(match self.transport {
-            ClientTransport::Quic => Link::Quic(PeerLink::new(
-                peer,
-                source,
-                "quic",
-                QuicDialer::new(tls, server_name, limits)?,
-                limits,
-            )),
-            ClientTransport::Tls => Link::Tls(PeerLink::new(
-                peer,
-                source,
-                "tls",
-                TlsDialer::new(tls, &server_name, limits)?,
-                limits,
-            )),
+            ClientTransport::Quic => {
+                let dialer = QuicDialer::new(tls, server_name, limits)?;
+                Link::Quic(PeerLink::new(peer, label, source, "quic", dialer, self))
+            }
+            ClientTransport::Tls => {
+                let dialer = TlsDialer::new(tls, &server_name, limits)?;
+                Link::Tls(PeerLink::new(peer, label, source, "tls", dialer, self))
+            }
         })
     }
 }
@@ -196,6 +207,7 @@ fn prepare(
         tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
         limits: settings.limits,
         resolver: Resolver::new(settings.dns_server, settings.etcd_tls.clone()),
+        metrics: settings.metrics.clone(),
     };
     Ok((listens, certs, makes))
 }
@@ -204,13 +216,14 @@ impl Client {
     /// Loads certificates, then binds the listeners. Must be called within a Tokio runtime.
     pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
         let (listens, certs, makes) = prepare(&settings)?;
+        let certs = certs.counted_in(&settings.metrics, Side::Client);
         let mut links: Vec<Link> = Vec::new();
         let mut listeners = Vec::new();
         for spec in listens {
             for peer in &spec.peers {
                 let discovered = peer.discovery().is_some();
                 if !discovered && !links.iter().any(|l| l.peer() == peer) {
-                    links.push(makes.make(peer)?);
+                    links.push(makes.make(peer, &peer.to_string())?);
                 }
             }
             listeners.push(Listener {
@@ -219,6 +232,7 @@ impl Client {
             });
         }
         Ok(Client {
+            endpoint: MetricsEndpoint::bind(settings.metrics_listen)?,
             listeners,
             links,
             settings,
@@ -252,6 +266,7 @@ impl Client {
     /// for up to the drain timeout.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Client {
+            endpoint,
             listeners,
             links,
             settings,
@@ -260,6 +275,8 @@ impl Client {
             reload,
             relisten: (_, relisten),
         } = self;
+        // Served to the end of the drain: `/readyz` says the client is shutting down.
+        let _endpoint = endpoint.serve(&settings.metrics);
         let (stop_tx, stop) = watch::channel(false);
         let watch = (makes.tls.clone(), certs.trust());
         let certs = certs.keep_current(reload, settings.reload_check, stop);
@@ -315,7 +332,7 @@ pub async fn probe_peers(settings: &ClientSettings) -> Result<Vec<PeerProbe>, En
     }
     let links = peers
         .iter()
-        .map(|peer| makes.make(peer))
+        .map(|peer| makes.make(peer, &peer.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     probes.extend(
         join_all(links.iter().map(|link| async move {
@@ -373,6 +390,8 @@ struct Pooled<T> {
     /// The server drains it: a loss from now on is the end of that drain, logged per app
     /// connection since no line for the connection follows.
     draining: AtomicBool,
+    /// Counts it as up while it lives.
+    _up: TunnelUp,
 }
 
 /// The live tunnel connections, each tagged with its pool slot.
@@ -420,26 +439,31 @@ impl<T: Tunnel> Pool<T> {
 /// peer's addresses, and the pool of warm connections.
 struct PeerLink<D: Dialer> {
     peer: PeerSpec,
-    /// The peer as configured, for logs.
+    /// The peer, for logs.
     name: String,
+    /// The peer as configured (a discovered server's set), for metrics.
+    label: String,
     transport: &'static str,
     dialer: D,
     balancer: Balancer,
     pool: Pool<D::Tunnel>,
     limits: Limits,
+    metrics: Arc<Metrics>,
 }
 
 impl<D: Dialer> PeerLink<D> {
     fn new(
         peer: &PeerSpec,
+        label: &str,
         source: Arc<crate::endpoints::Source>,
         transport: &'static str,
         dialer: D,
-        limits: Limits,
+        makes: &LinkMaker,
     ) -> Arc<Self> {
         Arc::new(PeerLink {
             peer: peer.clone(),
             name: peer.to_string(),
+            label: label.to_owned(),
             transport,
             dialer,
             balancer: Balancer::new(source),
@@ -447,7 +471,8 @@ impl<D: Dialer> PeerLink<D> {
                 live: watch::Sender::new(Vec::new()),
                 next: AtomicUsize::new(0),
             },
-            limits,
+            limits: makes.limits,
+            metrics: makes.metrics.clone(),
         })
     }
 
@@ -462,11 +487,18 @@ impl<D: Dialer> PeerLink<D> {
         let (peer, transport, dialer) = (&self.name, self.transport, &self.dialer);
         let waiting = AtomicBool::new(false);
         let limit = Some(self.limits.handshake_timeout);
+        let failed = |e: D::Error| {
+            if let Some(kind) = D::handshake_failure(&e) {
+                let metrics = &self.metrics;
+                metrics.handshake_failed(Direction::Dialed, transport, kind.as_str());
+            }
+            e.to_string()
+        };
         let won = self
             .balancer
             .dial(limit, &waiting, |endpoint| async move {
                 match endpoint {
-                    Endpoint::Tcp(addr) => dialer.dial(addr).await.map_err(|e| e.to_string()),
+                    Endpoint::Tcp(addr) => dialer.dial(addr).await.map_err(failed),
                     Endpoint::Unix(_) => Err("a peer is reached over the network".to_owned()),
                 }
             })
@@ -539,18 +571,16 @@ impl Link {
         }
     }
 
-    /// Carries one app connection over a pooled tunnel connection.
     /// Carries one app connection over a pooled tunnel connection; with `hand_back`, may give
     /// it back untouched (see [`carry`]).
-    async fn carry(
+    async fn carry<'a>(
         &self,
-        tcp: TcpStream,
-        app: SocketAddr,
-        route: RouteName,
-        wait: Duration,
-        hand_back: bool,
-    ) -> Option<TcpStream> {
-        with_link!(self, link => carry(tcp, app, route, link, wait, hand_back).await)
+        conn: AppConnection<'a>,
+        route: &RouteName,
+        (wait, hand_back): (Duration, bool),
+        accepting: &Accepting,
+    ) -> Option<AppConnection<'a>> {
+        with_link!(self, link => carry(conn, route, link, (wait, hand_back), accepting).await)
     }
 
     async fn close(&self) {
@@ -608,6 +638,9 @@ async fn supervise<D: Dialer>(
             tunnel,
             carried: StreamTally::default(),
             draining: AtomicBool::new(false),
+            _up: link
+                .metrics
+                .tunnel_up(Direction::Dialed, &link.label, transport),
         })
     };
     // One future per connection, kept across reloads: QUIC's reads the drain notice, which
@@ -688,6 +721,43 @@ async fn supervise<D: Dialer>(
     }
 }
 
+/// A client stream's receiving half that times the server's answer to the open: the first
+/// read completes with it.
+struct Answered<R> {
+    recv: R,
+    timer: Option<OpenTimer>,
+}
+
+impl<R: StreamRecv> Answered<R> {
+    fn answered(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.observe();
+        }
+    }
+}
+
+impl<R: StreamRecv> StreamRecv for Answered<R> {
+    async fn recv(&mut self) -> Result<Option<bytes::Bytes>, StreamError> {
+        let received = self.recv.recv().await;
+        self.answered();
+        received
+    }
+
+    async fn recv_batch(
+        &mut self,
+        batch: &mut Vec<bytes::Bytes>,
+        max: usize,
+    ) -> Result<bool, StreamError> {
+        let received = self.recv.recv_batch(batch, max).await;
+        self.answered();
+        received
+    }
+
+    fn stop(&mut self, code: amb_proto::ResetCode) {
+        self.recv.stop(code)
+    }
+}
+
 /// The client's configuration and trust generation, as the reloader keeps them.
 type CertsWatch = (
     watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
@@ -698,6 +768,47 @@ type CertsWatch = (
 struct Target {
     route: RouteName,
     choices: Vec<Choice>,
+    /// The route's counters.
+    metrics: RouteMetrics,
+}
+
+/// An app connection on its way: its socket, where and when it came from, its count.
+struct AppConnection<'a> {
+    tcp: TcpStream,
+    app: SocketAddr,
+    arrived: Instant,
+    counted: OpenConnection<'a>,
+}
+
+impl AppConnection<'_> {
+    /// Refuses it (resets the app's socket) for `reason` (`why`, to log), after trying `peer`
+    /// if any: a warning (at most one a second per route and reason), counted, one access line.
+    fn refuse(
+        mut self,
+        (route, peer): (&RouteName, Option<&String>),
+        reason: &'static str,
+        why: std::fmt::Arguments<'_>,
+        accepting: &Accepting,
+    ) {
+        let app = self.app;
+        if let Some(suppressed) = accepting.refusals.allow((route.to_string(), reason)) {
+            warn!(%app, %route, peer, %reason, suppressed, "{why}; resetting the app connection");
+        }
+        self.counted.refused(reason);
+        Access {
+            route,
+            app: Some(&self.app),
+            peer: peer.map(|p| p as &dyn std::fmt::Display),
+            upstream: None,
+            up: 0,
+            down: 0,
+            since: self.arrived,
+            end: ConnectionEnd::Refused,
+            reason: Some(&reason),
+        }
+        .log(accepting.access_log);
+        reset_tcp(self.tcp);
+    }
 }
 
 /// One peer a listener's connections may take, and its standing among the others.
@@ -746,16 +857,27 @@ impl Target {
     /// Carries one app connection: over a peer with a tunnel connection up now, at once; if
     /// none has one, over the first to get one, within the tunnel wait. A peer whose tunnel is
     /// lost under the connection (before any of its bytes were read) hands it to the next.
-    async fn carry(&self, tcp: TcpStream, app: SocketAddr, accepting: &Accepting) {
+    async fn carry(
+        &self,
+        tcp: TcpStream,
+        app: SocketAddr,
+        arrived: Instant,
+        accepting: &Accepting,
+    ) {
         let (route, wait) = (&self.route, accepting.tunnel_wait);
+        let conn = AppConnection {
+            tcp,
+            app,
+            arrived,
+            counted: self.metrics.connection(),
+        };
         match &self.choices[..] {
             [] => {
-                warn!(%app, %route, "no peer discovered yet; resetting the app connection");
-                reset_tcp(tcp);
-                return;
+                let why = format_args!("no peer discovered yet");
+                return conn.refuse((route, None), "no_peer", why, accepting);
             }
             [one] => {
-                one.link.carry(tcp, app, route.clone(), wait, false).await;
+                one.link.carry(conn, route, (wait, false), accepting).await;
                 return;
             }
             _ => {}
@@ -763,7 +885,7 @@ impl Target {
         let deadline = tokio::time::Instant::now() + wait;
         let turn = accepting.turn.fetch_add(1, Ordering::Relaxed);
         let mut untried = self.clone_choices();
-        let mut tcp = tcp;
+        let mut conn = conn;
         while !untried.choices.is_empty() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let index = match untried.pick_live(accepting.peer_balance, turn) {
@@ -778,19 +900,38 @@ impl Target {
             };
             let link = untried.choices.remove(index).link;
             let hand_back = !untried.choices.is_empty();
-            match link.carry(tcp, app, route.clone(), left, hand_back).await {
-                Some(back) => tcp = back,
+            match link.carry(conn, route, (left, hand_back), accepting).await {
+                Some(back) => conn = back,
                 None => return,
             }
         }
-        warn!(%app, %route, peers = %self.peers(), "no tunnel connection to any peer within {wait:?}; resetting the app connection");
-        reset_tcp(tcp);
+        let why = format_args!(
+            "no tunnel connection to any peer ({}) within {wait:?}",
+            self.peers()
+        );
+        conn.refuse((route, None), "no_tunnel", why, accepting);
     }
 
     fn clone_choices(&self) -> Target {
         Target {
             route: self.route.clone(),
             choices: self.choices.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Whether a new app connection would find a tunnel connection up now; else why not.
+    fn ready(&self) -> Result<(), String> {
+        match self.choices.iter().any(|c| c.link.live_load().is_some()) {
+            true => Ok(()),
+            false if self.choices.is_empty() => {
+                Err(format!("route {}: no peer discovered yet", self.route))
+            }
+            false => Err(format!(
+                "route {}: no tunnel connection up to {}",
+                self.route,
+                self.peers()
+            )),
         }
     }
 
@@ -811,6 +952,9 @@ struct Accepting {
     peer_balance: Balance,
     /// Round-robin's position over peers.
     turn: AtomicUsize,
+    access_log: bool,
+    /// Refusals logged at most once a second per route and reason.
+    refusals: LogThrottles<(String, &'static str)>,
 }
 
 /// A link in service, and what stops its supervisors.
@@ -849,6 +993,32 @@ struct Running {
     connections: usize,
     drain_timeout: Duration,
     supervisors: TaskTracker,
+    ready: Arc<ClientReady>,
+}
+
+/// A client's `/readyz`: ready while it serves and each listener can reach one of its peers
+/// (a tunnel connection is up).
+#[derive(Default)]
+struct ClientReady {
+    listeners: std::sync::Mutex<Vec<Arc<ArcSwap<Target>>>>,
+    serving: AtomicBool,
+}
+
+impl ClientReady {
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ArcSwap<Target>>>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Readiness for ClientReady {
+    fn ready(&self) -> Result<(), String> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err("the client is starting or shutting down".to_owned());
+        }
+        self.listeners().iter().try_for_each(|t| t.load().ready())
+    }
 }
 
 impl Running {
@@ -902,12 +1072,18 @@ impl Running {
         choices
     }
 
+    /// Where `spec`'s new connections go now.
+    fn target(&self, spec: &ListenerSpec) -> Target {
+        Target {
+            route: spec.route.clone(),
+            choices: self.choices_for(spec),
+            metrics: self.makes.metrics.route(Side::Client, spec.route.as_str()),
+        }
+    }
+
     fn start_listener(&mut self, socket: TcpListener, spec: ListenerSpec) {
         let (stop, stopped) = watch::channel(false);
-        let target = Target {
-            route: spec.route.clone(),
-            choices: self.choices_for(&spec),
-        };
+        let target = self.target(&spec);
         if let Ok(addr) = socket.local_addr() {
             let peers: Vec<String> = spec.peers.iter().map(ToString::to_string).collect();
             let (route, peer, transport) =
@@ -921,6 +1097,7 @@ impl Running {
             stopped,
             self.accepting.clone(),
         ));
+        self.ready.listeners().push(target.clone());
         self.listeners.push(RunningListener { spec, target, stop });
     }
 
@@ -951,7 +1128,7 @@ impl Running {
             };
             for peer in spec.peers.iter().filter(|p| p.discovery().is_none()) {
                 if self.link_to(peer).is_none() && !new_links.iter().any(|l| l.peer() == peer) {
-                    new_links.push(self.makes.make(peer)?);
+                    new_links.push(self.makes.make(peer, &peer.to_string())?);
                 }
             }
         }
@@ -971,15 +1148,13 @@ impl Running {
                     if let Some(i) = self.listeners.iter().position(|l| l.spec == *spec) {
                         let gone = self.listeners.swap_remove(i);
                         let _ = gone.stop.send(true);
+                        (self.ready.listeners()).retain(|t| !Arc::ptr_eq(t, &gone.target));
                         info!(listen = %spec.addr, route = %spec.route, "listener removed; its app connections go on");
                     }
                 }
                 ListenerChange::Changed { old, new } => {
                     self.start_discoveries(new);
-                    let target = Target {
-                        route: new.route.clone(),
-                        choices: self.choices_for(new),
-                    };
+                    let target = self.target(new);
                     if let Some(running) = self.listeners.iter_mut().find(|l| l.spec == *old) {
                         info!(listen = %new.addr, route = %new.route, peer = %target.peers(), "listener changed; new app connections follow it");
                         running.target.store(Arc::new(target));
@@ -1002,11 +1177,7 @@ impl Running {
         };
         for listener in &self.listeners {
             if listener.spec.peers.iter().any(|p| p.discovery().is_some()) {
-                let target = Target {
-                    route: listener.spec.route.clone(),
-                    choices: self.choices_for(&listener.spec),
-                };
-                listener.target.store(Arc::new(target));
+                listener.target.store(Arc::new(self.target(&listener.spec)));
             }
         }
         // A server that left a set keeps its app connections until they end.
@@ -1040,7 +1211,10 @@ impl Running {
                 }
                 match before.next_if(|(old, _)| old == server) {
                     Some(kept) => now.push(kept),
-                    None => now.extend(self.choose(server).map(|c| (server.clone(), c))),
+                    None => {
+                        let label = self.discoveries[i].discovery.to_string();
+                        now.extend(self.choose(server, &label).map(|c| (server.clone(), c)))
+                    }
                 }
             }
             went.extend(before.map(|(gone, choice)| (gone, choice.link.peer().clone())));
@@ -1050,11 +1224,11 @@ impl Running {
     }
 
     /// The choice of a discovered server's link, the link started unless it runs already.
-    fn choose(&mut self, server: &Located) -> Option<Choice> {
+    fn choose(&mut self, server: &Located, label: &str) -> Option<Choice> {
         let peer = located_peer(server)?;
         let link = match self.link_to(&peer) {
             Some(link) => link.clone(),
-            None => match self.makes.make(&peer) {
+            None => match self.makes.make(&peer, label) {
                 Ok(link) => {
                     info!(peer = %link.name(), transport = link.transport(), "discovered peer: connecting");
                     self.start_link(link.clone());
@@ -1163,17 +1337,22 @@ async fn accept(
         };
         match accepted {
             Ok((tcp, app)) => {
+                let arrived = Instant::now();
                 let target = target.load_full();
                 let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
-                    if let Some(suppressed) = shared.throttle.allow() {
-                        warn!(%app, route = %target.route, suppressed, "at --max-connections {max}: resetting the new app connection");
-                    }
-                    reset_tcp(tcp);
+                    let conn = AppConnection {
+                        tcp,
+                        app,
+                        arrived,
+                        counted: target.metrics.connection(),
+                    };
+                    let why = format_args!("at --max-connections {max}");
+                    conn.refuse((&target.route, None), "unavailable", why, &shared);
                     continue;
                 };
                 let accepting = shared.clone();
                 shared.live.spawn(async move {
-                    target.carry(tcp, app, &accepting).await;
+                    target.carry(tcp, app, arrived, &accepting).await;
                     drop(slot);
                 });
             }
@@ -1206,6 +1385,8 @@ async fn run(
         max_connections: settings.max_connections,
         peer_balance: settings.peer_balance,
         turn: AtomicUsize::new(0),
+        access_log: settings.access_log,
+        refusals: LogThrottles::default(),
     });
     let mut running = Running {
         links: HashMap::new(),
@@ -1217,7 +1398,9 @@ async fn run(
         connections: settings.connections.max(1),
         drain_timeout: settings.limits.drain_timeout,
         supervisors: TaskTracker::new(),
+        ready: Arc::default(),
     };
+    settings.metrics.add_readiness(running.ready.clone());
     for link in &links {
         running.start_link(link.clone());
     }
@@ -1229,6 +1412,7 @@ async fn run(
     for Listener { socket, spec } in listeners {
         running.start_listener(socket, spec);
     }
+    running.ready.serving.store(true, Ordering::Relaxed);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -1239,6 +1423,7 @@ async fn run(
             () = running.next_discovery() => running.rediscover(),
         }
     }
+    running.ready.serving.store(false, Ordering::Relaxed);
     running.stop();
     let live = &accepting.live;
     live.close();
@@ -1262,18 +1447,17 @@ async fn run(
 /// With `hand_back` (other peers could take it), a connection whose tunnel was lost before
 /// any of its bytes were read is handed back at once when no other tunnel to this peer is up,
 /// rather than waiting for a redial here.
-async fn carry<D: Dialer>(
-    tcp: TcpStream,
-    app: SocketAddr,
-    route: RouteName,
+async fn carry<'a, D: Dialer>(
+    conn: AppConnection<'a>,
+    route: &RouteName,
     link: &PeerLink<D>,
-    wait: Duration,
-    hand_back: bool,
-) -> Option<TcpStream> {
-    let (peer, pool) = (&link.name, &link.pool);
+    (wait, hand_back): (Duration, bool),
+    accepting: &Accepting,
+) -> Option<AppConnection<'a>> {
+    let (peer, pool, app) = (&link.name, &link.pool, conn.app);
     // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
     #[cfg(not(target_os = "linux"))]
-    let _ = tcp.set_nodelay(true);
+    let _ = conn.tcp.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let mut failed = Vec::new();
     let (pooled, send, recv) = loop {
@@ -1283,13 +1467,13 @@ async fn carry<D: Dialer>(
         let Some(pooled) = pool.get(wait_here, &failed).await else {
             if give_back {
                 debug!(%app, %route, %peer, "tunnel connection lost; handing the app connection to another peer");
-                return Some(tcp);
+                return Some(conn);
             }
-            warn!(%app, %route, %peer, "no tunnel connection within {wait:?}; resetting the app connection");
-            reset_tcp(tcp);
+            let why = format_args!("no tunnel connection within {wait:?}");
+            conn.refuse((route, Some(peer)), "no_tunnel", why, accepting);
             return None;
         };
-        match tokio::time::timeout(left, pooled.tunnel.open(&route)).await {
+        match tokio::time::timeout(left, pooled.tunnel.open(route)).await {
             Ok(Ok((send, recv))) => break (pooled, send, recv),
             // The tunnel died under us and no app byte was read yet: take another, or the one
             // the supervisor dials next, within the same wait.
@@ -1298,23 +1482,44 @@ async fn carry<D: Dialer>(
                 failed.push(pooled);
             }
             Ok(Err(e)) => {
-                warn!(%app, %route, %peer, "stream open failed: {e}; resetting the app connection");
-                reset_tcp(tcp);
+                let reason = match e {
+                    StreamError::Refused(refusal) => refusal.name(),
+                    _ => "stream_failed",
+                };
+                let why = format_args!("stream open failed: {e}");
+                conn.refuse((route, Some(peer)), reason, why, accepting);
                 return None;
             }
             Err(_) => {
-                warn!(%app, %route, %peer, "stream open failed: no stream credit within {wait:?} (server at its --max-streams); resetting the app connection");
-                reset_tcp(tcp);
+                let why = format_args!("stream open failed: no stream credit within {wait:?} (server at its --max-streams)");
+                conn.refuse((route, Some(peer)), "no_stream_credit", why, accepting);
                 return None;
             }
         }
     };
     drop(failed);
+    let AppConnection {
+        tcp,
+        arrived,
+        mut counted,
+        ..
+    } = conn;
     let running = pooled.carried.start();
-    let end = match relay(tcp, send, recv).await {
-        Ok(stats) => {
-            debug!(%app, %route, up = stats.to_tunnel, down = stats.from_tunnel, "connection done");
-            StreamEnd::Closed
+    // The server answers the open on the stream's first read (with the first reply, or before).
+    let recv = Answered {
+        recv,
+        timer: Some(counted.open_timer(arrived.into_std())),
+    };
+    let Relayed { bytes, result } = relay(tcp, send, recv).await;
+    let (end, stream_end) = match &result {
+        Ok(()) => (ConnectionEnd::Ok, StreamEnd::Closed),
+        Err(RelayError::Tunnel(StreamError::Refused(refusal))) => {
+            let reason = refusal.name();
+            if let Some(suppressed) = accepting.refusals.allow((route.to_string(), reason)) {
+                warn!(%app, %route, %peer, %reason, suppressed, "stream refused: {refusal}; resetting the app connection");
+            }
+            counted.refused(reason);
+            (ConnectionEnd::Refused, StreamEnd::Closed)
         }
         Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
             if pooled.draining.load(Ordering::Relaxed) {
@@ -1323,13 +1528,28 @@ async fn carry<D: Dialer>(
                 // Counted in the one line that logs the tunnel connection's loss.
                 debug!(%app, %route, %peer, "connection reset: {e}");
             }
-            StreamEnd::ConnectionLost
+            (ConnectionEnd::Reset, StreamEnd::ConnectionLost)
         }
         Err(e) => {
             warn!(%app, %route, %peer, "connection reset: {e}");
-            StreamEnd::Closed
+            (ConnectionEnd::Reset, StreamEnd::Closed)
         }
     };
-    running.ended(end);
+    running.ended(stream_end);
+    // The app is the socket: what it sent into the tunnel went up.
+    let (up, down) = (bytes.to_tunnel, bytes.from_tunnel);
+    counted.ended(end, up, down);
+    Access {
+        route,
+        app: Some(&app),
+        peer: Some(peer),
+        upstream: None,
+        up,
+        down,
+        since: arrived,
+        end,
+        reason: result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+    }
+    .log(accepting.access_log);
     None
 }

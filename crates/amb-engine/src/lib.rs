@@ -6,6 +6,7 @@
 //! The transports are reached only through the traits of [`amb_proto::stream`], so every piece
 //! here serves QUIC and TLS alike.
 
+mod access;
 mod client;
 pub mod endpoints;
 mod lifecycle;
@@ -27,6 +28,10 @@ pub use upstream::Upstream;
 pub use upstream_set::{pick, Candidate, Lease, UpstreamSet};
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use amb_metrics::Metrics;
+use tokio::sync::watch;
 
 /// Errors that stop a client or server from starting. Messages name the file or address.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +55,30 @@ pub enum EngineError {
     /// TLS set-up failed.
     #[error(transparent)]
     Tls(#[from] amb_tls::TlsError),
+    /// The metrics endpoint could not bind.
+    #[error(transparent)]
+    Metrics(#[from] amb_metrics::EndpointError),
     /// The settings contradict each other.
     #[error("{0}")]
     Config(String),
+}
+
+/// The metrics endpoint, bound with its side's other sockets and served while the side runs.
+struct MetricsEndpoint(Option<std::net::TcpListener>);
+
+impl MetricsEndpoint {
+    fn bind(addr: Option<SocketAddr>) -> Result<Self, EngineError> {
+        Ok(MetricsEndpoint(addr.map(amb_metrics::bind).transpose()?))
+    }
+
+    /// Serves it until the returned sender is told `true` (or dropped).
+    fn serve(self, metrics: &Arc<Metrics>) -> watch::Sender<bool> {
+        let (stop, stopped) = watch::channel(false);
+        if let Some(listener) = self.0 {
+            tokio::spawn(amb_metrics::serve(listener, metrics.clone(), stopped));
+        }
+        stop
+    }
 }
 
 /// Binds a TCP listener with the options a tunnel endpoint wants.

@@ -181,13 +181,22 @@ pub enum RelayError {
     Tunnel(#[from] StreamError),
 }
 
-/// Bytes carried each way by a finished relay.
+/// Bytes carried each way by a relay, however it ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
     /// From the socket into the tunnel.
     pub to_tunnel: u64,
     /// From the tunnel to the socket.
     pub from_tunnel: u64,
+}
+
+/// What a relay did: the bytes it carried, and how it ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes carried each way, up to the end or the failure.
+    pub bytes: RelayStats,
+    /// `Err` if it failed (both sides were reset).
+    pub result: Result<(), RelayError>,
 }
 
 /// Relays until both directions end cleanly, or resets both sides at the first failure.
@@ -198,7 +207,7 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
     socket: T,
     send: S,
     recv: R,
-) -> Result<RelayStats, RelayError> {
+) -> Relayed {
     let socket = ResetOnDrop {
         socket,
         clean: false,
@@ -209,15 +218,27 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
         running: true,
     };
     let socket_ended = AtomicBool::new(false);
+    let mut bytes = RelayStats::default();
     let outcome = tokio::try_join!(
-        socket_to_tunnel(&socket.socket, &mut tunnel.send, &socket_ended),
-        tunnel_to_socket(&socket.socket, &mut tunnel.recv, &socket_ended)
+        socket_to_tunnel(
+            &socket.socket,
+            &mut tunnel.send,
+            &socket_ended,
+            &mut bytes.to_tunnel
+        ),
+        tunnel_to_socket(
+            &socket.socket,
+            &mut tunnel.recv,
+            &socket_ended,
+            &mut bytes.from_tunnel
+        )
     );
     tunnel.running = false;
     // Both directions done: the close sends the socket's FIN (if the stream's end did not
     // already), without waiting for the tunnel peer's acknowledgement. On a failure, an RST.
     socket.close(outcome.is_ok());
-    settle(outcome, &mut tunnel.send, &mut tunnel.recv).await
+    let result = settle(outcome, &mut tunnel.send, &mut tunnel.recv).await;
+    Relayed { bytes, result }
 }
 
 /// A socket that is reset, not closed, if dropped before [`close`](Self::close) says it ended
@@ -260,17 +281,14 @@ impl<S: StreamSend, R: StreamRecv> Drop for TunnelHalves<S, R> {
 /// After both directions: waits for the tunnel peer to have everything sent, or on a failure
 /// resets both halves of the tunnel stream.
 async fn settle<S: StreamSend, R: StreamRecv>(
-    outcome: Result<(u64, u64), RelayError>,
+    outcome: Result<((), ()), RelayError>,
     send: &mut S,
     recv: &mut R,
-) -> Result<RelayStats, RelayError> {
+) -> Result<(), RelayError> {
     match outcome {
-        Ok((to_tunnel, from_tunnel)) => {
+        Ok(((), ())) => {
             send.delivered().await;
-            Ok(RelayStats {
-                to_tunnel,
-                from_tunnel,
-            })
+            Ok(())
         }
         Err(e) => {
             let code = match &e {
@@ -289,7 +307,7 @@ async fn settle<S: StreamSend, R: StreamRecv>(
 /// direction, both sides aborted at the first failure (the stream is dropped unflushed: a
 /// stream has no RST of its own). Sockets keep [`relay`], whose non-blocking reads and
 /// vectored writes measured faster.
-pub async fn relay_io<IO, S, R>(io: IO, send: S, recv: R) -> Result<RelayStats, RelayError>
+pub async fn relay_io<IO, S, R>(io: IO, send: S, recv: R) -> Relayed
 where
     IO: AsyncRead + AsyncWrite + Send,
     S: StreamSend,
@@ -301,12 +319,14 @@ where
         running: true,
     };
     let (reader, writer) = tokio::io::split(io);
+    let mut bytes = RelayStats::default();
     let outcome = tokio::try_join!(
-        io_to_tunnel(reader, &mut tunnel.send),
-        tunnel_to_io(writer, &mut tunnel.recv)
+        io_to_tunnel(reader, &mut tunnel.send, &mut bytes.to_tunnel),
+        tunnel_to_io(writer, &mut tunnel.recv, &mut bytes.from_tunnel)
     );
     tunnel.running = false;
-    settle(outcome, &mut tunnel.send, &mut tunnel.recv).await
+    let result = settle(outcome, &mut tunnel.send, &mut tunnel.recv).await;
+    Relayed { bytes, result }
 }
 
 /// Copies a byte stream into the tunnel stream, reading into a buffer that grows toward
@@ -314,8 +334,8 @@ where
 async fn io_to_tunnel<S: StreamSend>(
     mut reader: impl AsyncRead + Unpin,
     send: &mut S,
-) -> Result<u64, RelayError> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> Result<(), RelayError> {
     let mut size = MIN_BUFFER;
     let mut buf = BytesMut::new();
     loop {
@@ -326,9 +346,9 @@ async fn io_to_tunnel<S: StreamSend>(
             .map_err(RelayError::Socket)?;
         if n == 0 {
             send.finish()?;
-            return Ok(total);
+            return Ok(());
         }
-        total += n as u64;
+        *total += n as u64;
         if n >= size && size < MAX_BUFFER {
             size *= 2;
         }
@@ -340,18 +360,18 @@ async fn io_to_tunnel<S: StreamSend>(
 async fn tunnel_to_io<R: StreamRecv>(
     mut writer: impl AsyncWrite + Unpin,
     recv: &mut R,
-) -> Result<u64, RelayError> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> Result<(), RelayError> {
     let mut batch = Vec::with_capacity(MAX_WRITE_BATCH);
     while recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await? {
         for chunk in batch.drain(..) {
-            total += chunk.len() as u64;
+            *total += chunk.len() as u64;
             writer.write_all(&chunk).await.map_err(RelayError::Socket)?;
         }
         writer.flush().await.map_err(RelayError::Socket)?;
     }
     writer.shutdown().await.map_err(RelayError::Socket)?;
-    Ok(total)
+    Ok(())
 }
 
 /// Closes a socket with a TCP RST instead of a FIN, so the other end sees an abort.
@@ -370,8 +390,8 @@ async fn socket_to_tunnel<S: StreamSend>(
     socket: &impl Socket,
     send: &mut S,
     socket_ended: &AtomicBool,
-) -> Result<u64, RelayError> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> Result<(), RelayError> {
     let mut reads = ReadBuffer::default();
     loop {
         socket.readable().await.map_err(RelayError::Socket)?;
@@ -379,10 +399,10 @@ async fn socket_to_tunnel<S: StreamSend>(
             Ok((0, _)) => {
                 send.finish()?;
                 socket_ended.store(true, Ordering::Relaxed);
-                return Ok(total);
+                return Ok(());
             }
             Ok((n, chunk)) => {
-                total += n as u64;
+                *total += n as u64;
                 send.send(chunk).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -489,8 +509,8 @@ async fn tunnel_to_socket<R: StreamRecv>(
     socket: &impl Socket,
     recv: &mut R,
     socket_ended: &AtomicBool,
-) -> Result<u64, RelayError> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> Result<(), RelayError> {
     // Reused for every batch; emptied after each write so no received buffer stays pinned
     // while the connection idles (what stays is its capacity: at most 32 handles, 1 KiB).
     let mut batch = Vec::new();
@@ -498,18 +518,18 @@ async fn tunnel_to_socket<R: StreamRecv>(
         if !recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await? {
             break;
         }
-        total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
+        *total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
         write_all_vectored(socket, &mut batch)
             .await
             .map_err(RelayError::Socket)?;
         batch.clear();
     }
     if socket_ended.load(Ordering::Relaxed) {
-        return Ok(total);
+        return Ok(());
     }
     match socket2::SockRef::from(socket).shutdown(Shutdown::Write) {
         // The socket may already be gone; its own error will surface on the other direction.
-        Ok(()) | Err(_) => Ok(total),
+        Ok(()) | Err(_) => Ok(()),
     }
 }
 
@@ -676,9 +696,10 @@ mod tests {
             tunnel_got, up,
             "the upstream's end finished the tunnel stream"
         );
-        let stats = relayed.await.unwrap().unwrap();
+        let relayed = relayed.await.unwrap();
+        relayed.result.unwrap();
         assert_eq!(
-            (stats.to_tunnel, stats.from_tunnel),
+            (relayed.bytes.to_tunnel, relayed.bytes.from_tunnel),
             (up.len() as u64, down.len() as u64)
         );
     }
@@ -694,7 +715,8 @@ mod tests {
             ChanSend(to_tunnel, ResetSeen::default()),
             ChanRecv(from_tunnel, ResetSeen::default()),
         )
-        .await;
+        .await
+        .result;
         assert!(
             matches!(
                 relayed,

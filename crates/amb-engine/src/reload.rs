@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use amb_metrics::{CertificateExpiry, Metrics, Side};
 use amb_pki::{FilesContents, FilesStamp, PkiError, TlsFiles};
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -40,6 +41,8 @@ pub(crate) struct Certs<C> {
     current: Option<FilesContents>,
     /// Counts the good loads that changed the CA file: the trust generation.
     trust: watch::Sender<u64>,
+    /// Where the reloads and the loaded certificates' expiry are counted.
+    metrics: Option<(Arc<Metrics>, Side)>,
 }
 
 impl<C> Certs<C> {
@@ -63,7 +66,29 @@ impl<C> Certs<C> {
             loaded,
             current,
             trust: watch::Sender::new(0),
+            metrics: None,
         })
+    }
+
+    /// Counts reloads into `metrics`, and reports the expiry of the certificates loaded (now
+    /// and at each reload) as `side`'s.
+    pub fn counted_in(mut self, metrics: &Arc<Metrics>, side: Side) -> Self {
+        self.metrics = Some((metrics.clone(), side));
+        self.report_expiry();
+        self
+    }
+
+    fn report_expiry(&self) {
+        if let Some((metrics, side)) = &self.metrics {
+            let certs = amb_pki::expiries(&self.files)
+                .into_iter()
+                .map(|e| CertificateExpiry {
+                    kind: if e.is_ca { "ca" } else { "leaf" },
+                    subject: e.subject,
+                    not_after: e.not_after,
+                });
+            metrics.certificates_loaded(*side, certs.collect());
+        }
     }
 
     /// The trust generation: it moves when a reload changes the CAs, after the configurations
@@ -133,8 +158,13 @@ impl<C> Certs<C> {
                 }
                 _ = stop.wait_for(|stopping| *stopping) => return,
             };
-            match self.reload() {
+            let reloaded = self.reload();
+            if let Some((metrics, _)) = &self.metrics {
+                metrics.reloaded("certificates", reloaded.is_ok());
+            }
+            match reloaded {
                 Ok(Reloaded::Changed) => {
+                    self.report_expiry();
                     info!(files = %self.files, "{why}: certificates reloaded; new connections use them")
                 }
                 Ok(Reloaded::Unchanged) => {

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use amb_metrics::{ConnectionEnd, Direction, Metrics, Readiness, Side};
 use amb_pki::TlsFiles;
 use amb_proto::{
-    IncomingStream, Limits, PeerIdentity, Refusal, RouteChange, RouteName, RouteTable,
-    ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
+    FailedHandshake, IncomingStream, Limits, OnFailedHandshake, PeerIdentity, Refusal, RouteChange,
+    RouteName, RouteTable, ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicServer;
 use amb_spec::{EtcdKey, UpstreamSetSpec, UpstreamSpec};
@@ -18,15 +19,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::access::Access;
 use crate::endpoints::{EtcdTls, Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
-use crate::relay::{relay, RelayError};
+use crate::relay::{relay, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
 use crate::tally::{DrainWatch, StreamEnd};
-use crate::throttle::LogThrottle;
+use crate::throttle::{LogThrottle, LogThrottles};
 use crate::upstream::Upstream;
 use crate::upstream_set::UpstreamSet;
-use crate::{bind_tcp, EngineError};
+use crate::{bind_tcp, EngineError, MetricsEndpoint};
 
 /// Which transports the server listens with; `Both` shares one port number over TCP and UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,12 @@ pub struct ServerSettings {
     pub etcd_tls: EtcdTls,
     /// Where the server registers its tunnel address while it runs, if anywhere.
     pub register: Option<Registration>,
+    /// What the server counts into (and `/readyz` asks).
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served while the server runs, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// One `info` line per stream when it ends.
+    pub access_log: bool,
 }
 
 /// A server's entry in an etcd registry: `key` = `advertise`, under a lease renewed while the
@@ -81,6 +89,8 @@ struct Context {
     trust: watch::Receiver<u64>,
     slots: Arc<Semaphore>,
     throttle: LogThrottle,
+    /// Refusals logged at most once a second per route and reason.
+    refusals: LogThrottles<(String, &'static str)>,
     /// The routes streams are decided by; swapped whole by [`Routes::replace`].
     routes: ArcSwap<RouteTable<UpstreamSet>>,
     /// What the running routes were built from, for the next replacement's diff.
@@ -92,6 +102,8 @@ struct Context {
     resolver: Resolver,
     stopping: watch::Receiver<bool>,
     live: TaskTracker,
+    metrics: Arc<Metrics>,
+    access_log: bool,
 }
 
 /// A bound server, ready to run.
@@ -106,6 +118,7 @@ pub struct Server {
     reload: Reload,
     reload_check: Option<Duration>,
     register: Option<Registration>,
+    endpoint: MetricsEndpoint,
 }
 
 impl Server {
@@ -119,7 +132,8 @@ impl Server {
             .into_iter()
             .filter_map(|(wanted, alpn)| wanted.then_some(alpn))
             .collect();
-        let certs = Certs::load(settings.tls.clone(), amb_pki::server_config, &alpns)?;
+        let certs = Certs::load(settings.tls.clone(), amb_pki::server_config, &alpns)?
+            .counted_in(&settings.metrics, Side::Server);
 
         let mut local_addr = settings.listen;
         let tls = match certs.subscribe(ALPN_H2) {
@@ -130,7 +144,14 @@ impl Server {
                     proto: "tcp",
                     source,
                 })?;
-                Some(TlsServer::new(listener, config, certs.trust(), limits))
+                let failed = on_failed_handshake(&settings.metrics);
+                Some(TlsServer::new(
+                    listener,
+                    config,
+                    certs.trust(),
+                    limits,
+                    failed,
+                ))
             }
             None => None,
         };
@@ -148,21 +169,25 @@ impl Server {
                     proto: "udp",
                     source,
                 })?;
-                Some(QuicServer::new(udp, config, certs.trust(), limits)?)
+                let failed = on_failed_handshake(&settings.metrics);
+                Some(QuicServer::new(udp, config, certs.trust(), limits, failed)?)
             }
             None => None,
         };
+        let endpoint = MetricsEndpoint::bind(settings.metrics_listen)?;
         let (stop, stopping) = watch::channel(false);
         let resolver = Resolver::new(settings.dns_server, settings.etcd_tls.clone());
+        let metrics = settings.metrics.clone();
         let ctx = Arc::new(Context {
             limits,
             trust: certs.trust(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             throttle: LogThrottle::default(),
+            refusals: LogThrottles::default(),
             routes: ArcSwap::from_pointee(
                 settings
                     .routes
-                    .map(|route, spec| UpstreamSet::new(route, spec, &resolver)),
+                    .map(|route, spec| UpstreamSet::new(route, spec, &resolver, &metrics)),
             ),
             resolver,
             specs: Mutex::new(settings.routes),
@@ -170,7 +195,19 @@ impl Server {
             connect_timeout: settings.connect_timeout,
             stopping,
             live: TaskTracker::new(),
+            metrics,
+            access_log: settings.access_log,
         });
+        let reporting = Arc::downgrade(&ctx);
+        ctx.metrics.report_health(move |out| {
+            if let Some(ctx) = reporting.upgrade() {
+                for (_, set) in ctx.routes.load().iter() {
+                    set.health(out);
+                }
+            }
+        });
+        ctx.metrics
+            .add_readiness(Arc::new(ServerReady(ctx.stopping.clone())));
         Ok(Server {
             ctx,
             stop,
@@ -182,6 +219,7 @@ impl Server {
             reload: Reload::default(),
             reload_check: settings.reload_check,
             register: settings.register,
+            endpoint,
         })
     }
 
@@ -214,7 +252,10 @@ impl Server {
             reload,
             reload_check,
             register,
+            endpoint,
         } = self;
+        // Served to the end of the drain: `/readyz` says the server is shutting down.
+        let _endpoint = endpoint.serve(&ctx.metrics);
         for (route, upstream) in ctx.routes.load().iter() {
             info!(%route, %upstream, "route");
         }
@@ -359,7 +400,7 @@ impl Routes {
             // Unchanged upstreams keep their runtime object: lookups, health, open counts.
             match running.upstream(route) {
                 Some(up) if up.spec() == spec => up.clone(),
-                _ => UpstreamSet::new(route, spec, &ctx.resolver),
+                _ => UpstreamSet::new(route, spec, &ctx.resolver, &ctx.metrics),
             }
         });
         for (route, change) in &changes {
@@ -398,9 +439,39 @@ fn serve<C: ServerConnection>(
         reconfigured: ctx.reconfigured.subscribe(),
     };
     let limits = ctx.limits;
-    serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
+    let up = ctx.metrics.tunnel_up(Direction::Accepted, "", C::TRANSPORT);
+    let served = serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
         handle(ctx.clone(), conn, incoming)
+    });
+    async move {
+        served.await;
+        drop(up);
+    }
+}
+
+/// Counts each failed handshake, and logs it at most once a second per transport and kind
+/// (with how many were not logged).
+fn on_failed_handshake(metrics: &Arc<Metrics>) -> OnFailedHandshake {
+    let (metrics, throttles) = (metrics.clone(), LogThrottles::default());
+    Arc::new(move |failed: FailedHandshake| {
+        let (transport, reason) = (failed.transport, failed.kind.as_str());
+        metrics.handshake_failed(Direction::Accepted, transport, reason);
+        if let Some(suppressed) = throttles.allow((transport, failed.kind)) {
+            warn!(peer = %failed.peer, transport, %reason, suppressed, "{}", failed.why);
+        }
     })
+}
+
+/// A bound server is ready (it listens with loaded certificates) until it stops.
+struct ServerReady(watch::Receiver<bool>);
+
+impl Readiness for ServerReady {
+    fn ready(&self) -> Result<(), String> {
+        match *self.0.borrow() {
+            true => Err("the server is shutting down".to_owned()),
+            false => Ok(()),
+        }
+    }
 }
 
 impl Admission for Context {
@@ -423,37 +494,88 @@ async fn refuse<I: IncomingStream>(conn: &ConnCtx, incoming: I, why: Refusal) ->
 }
 
 /// One stream: decide, dial, answer, relay. Every refusal is one log line with the reason; a
-/// stream cut off by its tunnel connection's loss is left to that connection's one line.
+/// stream cut off by its tunnel connection's loss is left to that connection's one line. Each
+/// is counted in its route's metrics and ends with one access line.
 async fn handle<I: IncomingStream>(
     ctx: Arc<Context>,
     conn: Arc<ConnCtx>,
     incoming: I,
 ) -> StreamEnd {
     let _live = ctx.live.token();
+    let arrived = tokio::time::Instant::now();
     let peer = incoming.peer().clone();
     let route = incoming.route().clone();
+    let access = |upstream: Option<&dyn std::fmt::Display>,
+                  (up, down),
+                  end,
+                  reason: Option<&dyn std::fmt::Display>| {
+        Access {
+            route: &route,
+            app: None,
+            peer: Some(&peer),
+            upstream,
+            up,
+            down,
+            since: arrived,
+            end,
+            reason,
+        }
+        .log(ctx.access_log)
+    };
+    // One line per route and reason a second: a dead upstream or a misconfigured client
+    // can cause thousands a second.
+    let warn_refused = |label: &str, reason: &'static str, why: &dyn std::fmt::Display| {
+        if let Some(suppressed) = ctx.refusals.allow((label.to_owned(), reason)) {
+            warn!(%peer, %route, %reason, suppressed, "stream refused: {why}");
+        }
+    };
+    let refused_early = |refusal: Refusal| {
+        // A route the configuration lacks is not a label: the peer chose its name.
+        let known = ctx.routes.load().upstream(&route).is_some();
+        let label = if known { route.as_str() } else { "(unknown)" };
+        if refusal != Refusal::Unavailable {
+            warn_refused(label, refusal.name(), &refusal);
+        }
+        ctx.metrics.refused(Side::Server, label, refusal.name());
+        access(None, (0, 0), ConnectionEnd::Refused, Some(&refusal.name()));
+    };
     // During a drain, streams the client opened before it learned of it are still served.
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
         if let Some(suppressed) = ctx.throttle.allow() {
             warn!(%peer, %route, suppressed, "stream refused: at --max-connections");
         }
+        refused_early(Refusal::Unavailable);
         return refuse(&conn, incoming, Refusal::Unavailable).await;
     };
     let decided = ctx.routes.load().decide(&peer.identity, &route).cloned();
     let upstream = match decided {
         Ok(upstream) => upstream,
         Err(refusal) => {
-            warn!(%peer, %route, "stream refused: {refusal}");
+            refused_early(refusal);
             return refuse(&conn, incoming, refusal).await;
         }
     };
+    let mut counted = upstream.metrics().connection();
     let (socket, lease) = match upstream.dial(ctx.connect_timeout).await {
         Ok(dialed) => dialed,
         Err(failure) => {
-            warn!(%peer, %route, %upstream, "stream refused: {}: {}", failure.refusal, failure.detail);
+            let reason = failure.reason();
+            warn_refused(
+                route.as_str(),
+                reason,
+                &format_args!("{}: {}", failure.refusal, failure.detail),
+            );
+            counted.refused(reason);
+            access(
+                Some(&upstream),
+                (0, 0),
+                ConnectionEnd::Refused,
+                Some(&reason),
+            );
             return refuse(&conn, incoming, failure.refusal).await;
         }
     };
+    counted.opened(arrived.elapsed());
     let upstream = lease.upstream();
     let (send, recv) = match incoming.accept().await {
         Ok(halves) => halves,
@@ -465,29 +587,36 @@ async fn handle<I: IncomingStream>(
                 // Rapid reset: cancelling streams while the server dials costs the budget.
                 conn.charge("stream cancelled before it opened");
             }
+            counted.ended(ConnectionEnd::Reset, 0, 0);
+            access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
             return StreamEnd::of(&e);
         }
         Err(e) => {
             warn!(%peer, %route, %upstream, "stream lost before it opened: {e}");
+            counted.ended(ConnectionEnd::Reset, 0, 0);
+            access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
             return StreamEnd::Closed;
         }
     };
-    let relayed = match socket {
+    let Relayed { bytes, result } = match socket {
         UpstreamStream::Tcp(tcp) => relay(tcp, send, recv).await,
         UpstreamStream::Unix(unix) => relay(unix, send, recv).await,
     };
-    match relayed {
-        Ok(stats) => {
-            debug!(%peer, %route, %upstream, up = stats.to_tunnel, down = stats.from_tunnel, "stream done");
-            StreamEnd::Closed
-        }
+    // The upstream is the socket: what it sent into the tunnel went down to the app.
+    let (up, down) = (bytes.from_tunnel, bytes.to_tunnel);
+    let (end, stream_end) = match &result {
+        Ok(()) => (ConnectionEnd::Ok, StreamEnd::Closed),
         Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
             debug!(%peer, %route, %upstream, "stream reset: {e}");
-            StreamEnd::ConnectionLost
+            (ConnectionEnd::Reset, StreamEnd::ConnectionLost)
         }
         Err(e) => {
             warn!(%peer, %route, %upstream, "stream reset: {e}");
-            StreamEnd::Closed
+            (ConnectionEnd::Reset, StreamEnd::Closed)
         }
-    }
+    };
+    counted.ended(end, up, down);
+    let reason = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
+    access(Some(upstream), (up, down), end, reason);
+    stream_end
 }

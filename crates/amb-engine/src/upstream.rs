@@ -45,10 +45,23 @@ impl fmt::Debug for Upstream {
 /// A failed upstream dial: the refusal to answer with, and the detail to log.
 #[derive(Debug)]
 pub struct DialFailure {
+    /// The upstream refused the credentials the route sends (a 502 of its own reason).
+    pub auth: bool,
     /// What the client is told.
     pub refusal: Refusal,
     /// What is logged.
     pub detail: String,
+}
+
+impl DialFailure {
+    /// Its reason, as metrics and the access log name it.
+    pub fn reason(&self) -> &'static str {
+        if self.auth {
+            "upstream_auth"
+        } else {
+            self.refusal.name()
+        }
+    }
 }
 
 impl Upstream {
@@ -85,10 +98,12 @@ impl Upstream {
         match tokio::time::timeout(timeout, dial).await {
             Ok(Ok(won)) => Ok(won.value),
             Ok(Err(e)) => Err(DialFailure {
+                auth: false,
                 refusal: Refusal::UpstreamRefused,
                 detail: e.to_string(),
             }),
             Err(_) => Err(DialFailure {
+                auth: false,
                 refusal: Refusal::UpstreamTimeout,
                 detail: if progress.waiting_for_source.load(Ordering::Relaxed) {
                     format!(

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use amb_metrics::{Metrics, RouteMetrics, Side, UpstreamHealth, UpstreamMetrics};
 use amb_proto::{Refusal, RouteName};
 use amb_spec::{
     Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec, MAX_UPSTREAMS,
@@ -46,14 +47,22 @@ struct Inner {
     spec: UpstreamSetSpec,
     route: RouteName,
     members: ArcSwap<Vec<Arc<Member>>>,
-    /// A discovered set's source, and the resolver its targets are looked up by.
-    discovered: Option<(Mutex<watch::Receiver<Discovered>>, Resolver)>,
+    /// A discovered set's source, the resolver its targets are looked up by, and the dial
+    /// counters they share (labelled by the discovery, not by targets that come and go).
+    discovered: Option<(
+        Mutex<watch::Receiver<Discovered>>,
+        Resolver,
+        UpstreamMetrics,
+    )>,
     /// Round-robin's position.
     turn: AtomicUsize,
+    /// The route's counters.
+    metrics: RouteMetrics,
 }
 
 struct Member {
     upstream: Upstream,
+    dials: UpstreamMetrics,
     weight: u32,
     /// Lower first (SRV); 0 for listed members.
     priority: u16,
@@ -65,9 +74,10 @@ struct Member {
 }
 
 impl Member {
-    fn new(upstream: Upstream, weight: u32, priority: u16) -> Arc<Self> {
+    fn new(upstream: Upstream, dials: UpstreamMetrics, weight: u32, priority: u16) -> Arc<Self> {
         Arc::new(Member {
             upstream,
+            dials,
             weight,
             priority,
             open: AtomicUsize::new(0),
@@ -187,16 +197,25 @@ impl Drop for Lease {
 
 impl UpstreamSet {
     /// The upstreams `spec` describes, for `route` (named in health log lines); names are
-    /// looked up by `resolver`.
-    pub fn new(route: &RouteName, spec: &UpstreamSetSpec, resolver: &Resolver) -> Self {
+    /// looked up by `resolver`; connections and dials are counted in `metrics`.
+    pub fn new(
+        route: &RouteName,
+        spec: &UpstreamSetSpec,
+        resolver: &Resolver,
+        metrics: &Metrics,
+    ) -> Self {
         let members = spec
             .members()
             .iter()
-            .map(|m| Member::new(Upstream::new(&m.upstream, resolver), m.weight, 0))
+            .map(|m| {
+                let dials = metrics.upstream(route.as_str(), &m.upstream.to_string());
+                Member::new(Upstream::new(&m.upstream, resolver), dials, m.weight, 0)
+            })
             .collect();
         let discovered = spec.discovery().map(|discovery| {
             let found = discover(discovery, Role::Upstream, resolver);
-            (Mutex::new(found), resolver.clone())
+            let dials = metrics.upstream(route.as_str(), &discovery.to_string());
+            (Mutex::new(found), resolver.clone(), dials)
         });
         let set = UpstreamSet(Arc::new(Inner {
             spec: spec.clone(),
@@ -204,6 +223,7 @@ impl UpstreamSet {
             members: ArcSwap::from_pointee(members),
             discovered,
             turn: AtomicUsize::new(0),
+            metrics: metrics.route(Side::Server, route.as_str()),
         }));
         if let Some(check) = spec.health {
             tokio::spawn(check_while_used(Arc::downgrade(&set.0), check));
@@ -214,6 +234,24 @@ impl UpstreamSet {
     /// What it was built from.
     pub fn spec(&self) -> &UpstreamSetSpec {
         &self.0.spec
+    }
+
+    /// The route's counters.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.0.metrics
+    }
+
+    /// Reports each member's health: whether a new connection may go to it now.
+    pub fn health(&self, out: &mut Vec<UpstreamHealth>) {
+        let inner = &*self.0;
+        let members = inner.members.load();
+        let keeps_health = inner.keeps_health(&members);
+        let now = Instant::now();
+        out.extend(members.iter().map(|m| UpstreamHealth {
+            route: inner.route.to_string(),
+            upstream: m.upstream.to_string(),
+            healthy: inner.is_up(m, keeps_health, now),
+        }));
     }
 
     /// Connects one app connection: members in the order the balance mode picks, each that
@@ -265,13 +303,20 @@ impl UpstreamSet {
             let limit = left / untried.max(1);
             let member = &members[index];
             let lease = Lease::new(member);
-            match member.upstream.dial(limit).await {
+            let dialing = Instant::now();
+            let dialed = member.upstream.dial(limit).await;
+            match &dialed {
+                Ok(_) => member.dials.connected(dialing.elapsed()),
+                Err(f) => member.dials.failed(f.refusal == Refusal::UpstreamTimeout),
+            }
+            match dialed {
                 Ok(mut stream) => {
                     if let Some(auth) = &inner.spec.redis_auth {
                         // The credentials' fault, not the upstream's health: no other is tried.
                         let left = deadline.saturating_duration_since(Instant::now());
                         if let Err(why) = authenticate(&mut stream, auth, left).await {
                             return Err(DialFailure {
+                                auth: true,
                                 refusal: Refusal::UpstreamRefused,
                                 detail: format!(
                                     "{}: upstream auth refused: {why}",
@@ -301,7 +346,7 @@ impl UpstreamSet {
     /// after a change, and for the first dials awaited (within `deadline`).
     async fn members(&self, deadline: Instant) -> Result<Arc<Vec<Arc<Member>>>, DialFailure> {
         let inner = &*self.0;
-        let Some((found, _)) = &inner.discovered else {
+        let Some((found, _, _)) = &inner.discovered else {
             return Ok(inner.members.load_full());
         };
         let lock = || found.lock().unwrap_or_else(PoisonError::into_inner);
@@ -310,6 +355,7 @@ impl UpstreamSet {
             let answered = tokio::time::timeout_at(deadline, first.wait_for(Option::is_some));
             if !matches!(answered.await, Ok(Ok(_))) {
                 return Err(DialFailure {
+                    auth: false,
                     refusal: Refusal::NoHealthyUpstream,
                     detail: format!("{} has not answered yet", inner.spec),
                 });
@@ -323,6 +369,7 @@ impl UpstreamSet {
                 _ => "no targets".to_owned(),
             };
             return Err(DialFailure {
+                auth: false,
                 refusal: Refusal::NoHealthyUpstream,
                 detail: format!("{}: {why}", inner.spec),
             });
@@ -341,7 +388,7 @@ impl Inner {
     /// A discovered set: rebuilds the members if the discovery changed since they were built
     /// (the shared receiver marks the answer they were built from).
     fn refresh(&self) {
-        if let Some((found, _)) = &self.discovered {
+        if let Some((found, _, _)) = &self.discovered {
             let mut found = found.lock().unwrap_or_else(PoisonError::into_inner);
             if found.has_changed().unwrap_or(false) {
                 found.borrow_and_update();
@@ -354,7 +401,7 @@ impl Inner {
     /// member (health, open connections, looked-up addresses); at most [`MAX_UPSTREAMS`], the
     /// lowest priorities first.
     fn follow_discovery(&self, found: &watch::Receiver<Discovered>) {
-        let Some((_, resolver)) = &self.discovered else {
+        let Some((_, resolver, dials)) = &self.discovered else {
             return;
         };
         let Some(Ok(targets)) = found.borrow().clone() else {
@@ -382,7 +429,12 @@ impl Inner {
                 });
                 Some(match kept {
                     Some(member) => member.clone(),
-                    None => Member::new(Upstream::new(&spec, resolver), weight, *priority),
+                    None => Member::new(
+                        Upstream::new(&spec, resolver),
+                        dials.clone(),
+                        weight,
+                        *priority,
+                    ),
                 })
             })
             .collect();
@@ -431,6 +483,7 @@ impl Inner {
     fn refusal(&self, failures: Vec<String>, all_timed_out: bool) -> DialFailure {
         if failures.is_empty() {
             return DialFailure {
+                auth: false,
                 refusal: Refusal::NoHealthyUpstream,
                 detail: format!(
                     "every upstream of the route is down ({}); each is tried again when its back-off ends",
@@ -439,6 +492,7 @@ impl Inner {
             };
         }
         DialFailure {
+            auth: false,
             refusal: if all_timed_out {
                 Refusal::UpstreamTimeout
             } else {

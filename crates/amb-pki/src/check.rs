@@ -166,6 +166,45 @@ pub fn describe_certificate(cert: &CertificateDer<'_>) -> String {
     }
 }
 
+/// One certificate a side has loaded, and when it expires (for metrics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    /// The side's own leaf (`false`), or a CA it trusts (`true`).
+    pub is_ca: bool,
+    /// The subject's common name, else the whole subject.
+    pub subject: String,
+    /// The end of its validity.
+    pub not_after: std::time::SystemTime,
+}
+
+/// The expiry of the leaf in `files.cert` and of each CA in `files.ca`; files or certificates
+/// that do not parse are left out (loading them reports those).
+pub fn expiries(files: &TlsFiles) -> Vec<Expiry> {
+    let leaf = load_certs(&files.cert)
+        .ok()
+        .and_then(|c| c.into_iter().next());
+    let cas = load_certs(&files.ca).unwrap_or_default();
+    let leaf = leaf.into_iter().map(|cert| (false, cert));
+    leaf.chain(cas.into_iter().map(|cert| (true, cert)))
+        .filter_map(|(is_ca, cert)| {
+            let (_, parsed) = X509Certificate::from_der(&cert).ok()?;
+            let subject = parsed.subject();
+            let cn = subject
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok());
+            let subject = cn.map_or_else(|| subject.to_string(), str::to_owned);
+            let secs = u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
+            let not_after = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            Some(Expiry {
+                is_ca,
+                subject,
+                not_after,
+            })
+        })
+        .collect()
+}
+
 /// Whole days until `cert` expires (negative once expired).
 fn days_left(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = X509Certificate::from_der(cert).ok()?;

@@ -10,7 +10,9 @@ mod identity;
 mod issue;
 mod verify;
 
-pub use check::{check_files, describe_certificate, Finding, Severity, EXPIRY_WARNING_DAYS};
+pub use check::{
+    check_files, describe_certificate, expiries, Expiry, Finding, Severity, EXPIRY_WARNING_DAYS,
+};
 pub use config::{client_config, server_config, FilesContents, FilesStamp, TlsFiles};
 pub use error::PkiError;
 pub use files::{load_certs, load_key, read_secret};

@@ -5,6 +5,7 @@
 //! unit-tested, in the manner of `quinn-proto`.
 
 pub mod connection;
+pub mod handshake;
 pub mod header;
 pub mod identity;
 pub mod limits;
@@ -16,6 +17,7 @@ pub mod stream;
 pub use connection::{
     Close, Closer, ConnectionEnd, DrainCause, OpenFailure, OpeningStream, ServerConnection,
 };
+pub use handshake::{FailedHandshake, HandshakeFailure, OnFailedHandshake};
 pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
 pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError, WildcardError};
 pub use limits::{Limits, RefusalBudget};

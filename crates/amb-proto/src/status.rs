@@ -44,6 +44,19 @@ impl Refusal {
         Refusal::NoHealthyUpstream,
     ];
 
+    /// Its name in metrics and access logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::Forbidden => "forbidden",
+            Refusal::UnknownRoute => "unknown_route",
+            Refusal::UpstreamRefused => "upstream_refused",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::Unavailable => "unavailable",
+            Refusal::NoHealthyUpstream => "no_healthy_upstream",
+        }
+    }
+
     /// The HTTP status carried in the HTTP/2 CONNECT response.
     pub fn http_status(self) -> u16 {
         match self {

@@ -128,4 +128,7 @@ pub trait Dialer: Send + Sync + 'static {
         &self,
         addr: std::net::SocketAddr,
     ) -> impl Future<Output = Result<Self::Tunnel, Self::Error>> + Send;
+    /// The kind of handshake failure `error` is; `None` if no handshake took place (the
+    /// address took no connection, say).
+    fn handshake_failure(error: &Self::Error) -> Option<crate::HandshakeFailure>;
 }

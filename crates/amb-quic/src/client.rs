@@ -85,6 +85,10 @@ impl Dialer for QuicDialer {
     type Tunnel = QuicTunnel;
     type Error = QuicError;
 
+    fn handshake_failure(error: &QuicError) -> Option<amb_proto::HandshakeFailure> {
+        error.handshake_failure()
+    }
+
     async fn dial(&self, addr: SocketAddr) -> Result<QuicTunnel, QuicError> {
         let config = self.config()?;
         let (conn, endpoint) = self.handshake(config, addr).await?;

@@ -18,6 +18,33 @@ use std::sync::Arc;
 use amb_proto::Limits;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
+/// The kind of handshake failure a QUIC connection's error stands for: the TLS alert in its
+/// CRYPTO_ERROR code (RFC 9001 §4.8).
+pub(crate) fn quic_failure(e: &quinn::ConnectionError) -> amb_proto::HandshakeFailure {
+    use amb_proto::HandshakeFailure;
+    match e {
+        quinn::ConnectionError::TransportError(error) => match u64::from(error.code) {
+            code @ 0x100..=0x1ff => HandshakeFailure::from_alert((code - 0x100) as u8),
+            _ => HandshakeFailure::Other,
+        },
+        quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::ApplicationClosed(_) => HandshakeFailure::RefusedByPeer,
+        quinn::ConnectionError::TimedOut => HandshakeFailure::Timeout,
+        _ => HandshakeFailure::Other,
+    }
+}
+
+impl QuicError {
+    /// The kind of handshake failure this is; `None` if no handshake was started.
+    pub fn handshake_failure(&self) -> Option<amb_proto::HandshakeFailure> {
+        match self {
+            QuicError::Handshake(e) => Some(quic_failure(e)),
+            QuicError::Rejected { .. } => Some(amb_proto::HandshakeFailure::RefusedByPeer),
+            QuicError::Socket { .. } | QuicError::Tls(_) | QuicError::Connect(_) => None,
+        }
+    }
+}
+
 /// Errors setting up or dialing a QUIC tunnel. The engine names the peer and address.
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, Close, Closer, ConnectionEnd, DrainCause, IncomingStream, Limits,
-    OpenFailure, OpeningStream, Peer, Refusal, ResetCode, RouteName, ServerConnection, StreamError,
+    decode_open_header, Close, Closer, ConnectionEnd, DrainCause, FailedHandshake,
+    HandshakeFailure, IncomingStream, Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer,
+    Refusal, ResetCode, RouteName, ServerConnection, StreamError,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
@@ -32,6 +33,8 @@ pub struct QuicServer {
     limits: Limits,
     /// One task per connection; each ends when its connection closes.
     connections: TaskTracker,
+    /// Told of each failed handshake.
+    failed: OnFailedHandshake,
 }
 
 impl QuicServer {
@@ -43,6 +46,7 @@ impl QuicServer {
         tls: watch::Receiver<Arc<rustls::ServerConfig>>,
         trust: watch::Receiver<u64>,
         limits: Limits,
+        failed: OnFailedHandshake,
     ) -> Result<Self, QuicError> {
         let addr = socket.local_addr().map_err(|source| QuicError::Socket {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -66,6 +70,7 @@ impl QuicServer {
             first: (Arc::new(config), generation),
             limits,
             connections: TaskTracker::new(),
+            failed,
         })
     }
 
@@ -155,18 +160,25 @@ where
         };
         let Some(incoming) = incoming else { return };
         let (handler, limits, config) = (handler.clone(), server.limits, config.clone());
+        let failed = server.failed.clone();
         server.connections.spawn(async move {
             let addr = incoming.remote_address();
             let handshake = async { incoming.accept_with(config)?.await };
+            let failure = |kind, why| FailedHandshake {
+                peer: addr,
+                transport: "quic",
+                kind,
+                why,
+            };
             let conn = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
-                    warn!(peer = %addr, transport = "quic", "handshake failed: {e}");
-                    return;
+                    let kind = crate::quic_failure(&e);
+                    return failed(failure(kind, format!("handshake failed: {e}")));
                 }
                 Err(_) => {
-                    warn!(peer = %addr, transport = "quic", "handshake timed out after {:?}", limits.handshake_timeout);
-                    return;
+                    let why = format!("handshake timed out after {:?}", limits.handshake_timeout);
+                    return failed(failure(HandshakeFailure::Timeout, why));
                 }
             };
             let identity = conn

@@ -145,6 +145,10 @@ impl Dialer for TlsDialer {
     async fn dial(&self, addr: SocketAddr) -> Result<TlsTunnel, TlsError> {
         self.connect(addr).await
     }
+
+    fn handshake_failure(error: &TlsError) -> Option<amb_proto::HandshakeFailure> {
+        error.handshake_failure()
+    }
 }
 
 /// Drives an h2 client connection to its end, and reports [`Retirement::Draining`] the moment

@@ -26,6 +26,33 @@ const SEND_BUFFER: usize = 1 << 20;
 /// client's `close` for that), so that closing never resets what is still in flight.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The kind of handshake failure a TLS handshake's error stands for.
+pub(crate) fn tls_failure(e: &std::io::Error) -> amb_proto::HandshakeFailure {
+    use amb_proto::HandshakeFailure;
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(problem)) => {
+            let alert = rustls::AlertDescription::from(problem.clone());
+            HandshakeFailure::from_alert(u8::from(alert))
+        }
+        Some(rustls::Error::NoCertificatesPresented) => HandshakeFailure::NoCertificate,
+        Some(rustls::Error::AlertReceived(_)) => HandshakeFailure::RefusedByPeer,
+        _ => HandshakeFailure::Other,
+    }
+}
+
+impl TlsError {
+    /// The kind of handshake failure this is; `None` if no handshake took place.
+    pub fn handshake_failure(&self) -> Option<amb_proto::HandshakeFailure> {
+        use amb_proto::HandshakeFailure;
+        match self {
+            TlsError::Handshake(e) => Some(tls_failure(e)),
+            TlsError::H2(_) => Some(HandshakeFailure::Other),
+            TlsError::Rejected { .. } => Some(HandshakeFailure::RefusedByPeer),
+            TlsError::Connect(_) | TlsError::ServerName(_) => None,
+        }
+    }
+}
+
 /// Errors dialing a TLS tunnel. The engine names the peer and address.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

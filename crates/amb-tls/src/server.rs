@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    Close, Closer, ConnectionEnd, DrainCause, IncomingStream, Limits, OpenFailure, OpeningStream,
-    Peer, PeerIdentity, Refusal, ResetCode, RouteName, ServerConnection, StreamError,
+    Close, Closer, ConnectionEnd, DrainCause, FailedHandshake, HandshakeFailure, IncomingStream,
+    Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer, PeerIdentity, Refusal, ResetCode,
+    RouteName, ServerConnection, StreamError,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -36,17 +37,20 @@ pub struct TlsServer {
     trust: watch::Receiver<u64>,
     limits: Limits,
     connections: TaskTracker,
+    failed: OnFailedHandshake,
 }
 
 impl TlsServer {
     /// Serves on an already bound listener; `tls` must offer [`amb_proto::ALPN_H2`] and require
     /// client certificates. Each handshake takes the configuration `tls` holds at the time;
-    /// when `trust` moves (after `tls`), the connections verified before drain.
+    /// when `trust` moves (after `tls`), the connections verified before drain. Each failed
+    /// handshake is handed to `failed`.
     pub fn new(
         listener: TcpListener,
         tls: watch::Receiver<Arc<rustls::ServerConfig>>,
         trust: watch::Receiver<u64>,
         limits: Limits,
+        failed: OnFailedHandshake,
     ) -> Self {
         TlsServer {
             listener: Some(listener),
@@ -54,6 +58,7 @@ impl TlsServer {
             trust,
             limits,
             connections: TaskTracker::new(),
+            failed,
         }
     }
 
@@ -94,16 +99,28 @@ where
         // connection for nothing, never lets it keep an old trust.
         let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
-        let (limits, handler) = (server.limits, handler.clone());
+        let (limits, handler, failed) = (server.limits, handler.clone(), server.failed.clone());
         server.connections.spawn(async move {
             tune_tcp(&tcp);
             let timeout = limits.handshake_timeout;
             let handshake = tokio::time::timeout(timeout, handshake(acceptor, tcp, limits));
             let (conn, flusher, identity) = match handshake.await {
                 Ok(Ok(done)) => done,
-                Ok(Err(why)) => return warn!(peer = %addr, transport = "tls", "{why}"),
+                Ok(Err((kind, why))) => {
+                    return failed(FailedHandshake {
+                        peer: addr,
+                        transport: "tls",
+                        kind,
+                        why,
+                    })
+                }
                 Err(_) => {
-                    return warn!(peer = %addr, transport = "tls", "handshake timed out after {timeout:?}")
+                    return failed(FailedHandshake {
+                        peer: addr,
+                        transport: "tls",
+                        kind: HandshakeFailure::Timeout,
+                        why: format!("handshake timed out after {timeout:?}"),
+                    })
                 }
             };
             let peer = Arc::new(Peer { identity, addr });
@@ -123,11 +140,11 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     limits: Limits,
-) -> Result<(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity), String> {
+) -> Result<(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity), (HandshakeFailure, String)> {
     let tls = acceptor
         .accept(tcp)
         .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        .map_err(|e| (crate::tls_failure(&e), format!("TLS handshake failed: {e}")))?;
     let identity = tls
         .get_ref()
         .1
@@ -144,7 +161,10 @@ async fn handshake(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .handshake::<_, Bytes>(io)
         .await
-        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+        .map_err(|e| {
+            let why = format!("HTTP/2 handshake failed: {e}");
+            (HandshakeFailure::Other, why)
+        })?;
     Ok((conn, flusher, identity))
 }
 
