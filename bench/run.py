@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of amb against other tunnel pairs, on loopback.
 
-    python3 bench/run.py [--quick] [--json out.json] [--pairs a,b,...] [--keep]
+    python3 bench/run.py [--quick] [--json out.json] [--chart out.png] [--pairs a,b,...] [--keep]
 
 Pairs: direct (no tunnel), socat (plaintext two-hop relay, a floor), stunnel (mTLS),
 haproxy (mTLS, TLS 1.3 both ends), spiped, amb-tls, amb-quic. All TLS pairs use the same
@@ -1374,6 +1374,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Side-by-side loopback benchmark of amb and other tunnel pairs.")
     ap.add_argument("--quick", action="store_true", help="small smoke run (~2 min); non-zero exit if a pair fails to answer")
     ap.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    ap.add_argument("--chart", metavar="FILE", help="draw the table as bar charts (PNG or SVG; needs matplotlib)")
     ap.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
     ap.add_argument("--amb", default=str(REPO / "target" / "release" / "amb"), help="amb binary")
     ap.add_argument("--amb-server-arg", action="append", default=[], help="extra amb server argument (repeatable)")
@@ -1484,6 +1485,15 @@ def main() -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         log(f"wrote {args.json}")
+    if args.chart:
+        sys.path.insert(0, str(BENCH))
+        try:
+            import chart
+
+            chart.draw(doc, Path(args.chart))
+            log(f"wrote {args.chart}")
+        except ImportError:
+            log("no chart: matplotlib is not installed (apt-get install python3-matplotlib)")
 
     no_answer = [p for p, r in results.items()
                  if r.get("smoke") != "ok"

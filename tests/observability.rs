@@ -25,6 +25,143 @@ per_transport!(
 
 const INCR: &[u8] = b"*2\r\n$4\r\nINCR\r\n$4\r\nhits\r\n";
 
+/// The metric names `text` (PromQL, JSON or YAML) refers to.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("amb_")
+        .filter(|(i, _)| !text[..*i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            rest[..end].to_owned()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The metric names a scrape declares (`# TYPE`) or holds samples of.
+fn scraped_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(declared) => declared.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The dashboard's and the alert rules' expressions name only metrics a running pair exports,
+/// and parse as PromQL; the alerts fire on the series they are written for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alerts_use_the_metrics_amb_exports() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dashboard = std::fs::read_to_string(examples.join("grafana/amb.json")).unwrap();
+    let rules = examples.join("prometheus/amb.rules.yml");
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let (_held, dead) = dead_port();
+    let upstreams = format!("127.0.0.1:{},127.0.0.1:{dead}", redis.port);
+    let server = Amb::server(
+        &pki,
+        0,
+        &["--upstream", &upstreams, "--metrics", "127.0.0.1:0"],
+    );
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        Transport::Quic,
+        &["--metrics", "127.0.0.1:0", "--listen", "0=nosuch"],
+    );
+    client.wait_pool_up(Transport::Quic);
+    for _ in 0..4 {
+        incr_exactly(client.listen_addr_for("default")).await;
+    }
+    refused(client.listen_addr_for("nosuch")).await;
+    // A failed handshake and a reload, so that those series exist too.
+    let other = CertAuthority::generate("some other CA").unwrap();
+    pki.write_leaf(
+        "foreign",
+        &other.issue(&LeafSpec::client("client", 30)).unwrap(),
+    );
+    assert!(raw::tls_rejected(&pki, "foreign", server.server_addr()).await);
+    server.signal("HUP");
+    let reloads = r#"amb_reloads_total{what="certificates",result="ok"}"#;
+    wait_until(metrics_addr(&server), reloads, |n| n >= 1.0).await;
+    let failures =
+        r#"amb_handshake_failures_total{direction="accepted",transport="tls",reason="unknown_ca"}"#;
+    wait_sample(metrics_addr(&server), failures, 1.0).await;
+    let mut exported = scraped_names(&scrape(metrics_addr(&server)).await);
+    exported.extend(scraped_names(&scrape(metrics_addr(&client)).await));
+    for name in metric_names(&dashboard)
+        .iter()
+        .chain(&metric_names(&rules_text))
+    {
+        let histogram = format!("{name}_bucket");
+        assert!(
+            exported.contains(name) || exported.contains(&histogram),
+            "{name} is not exported; exported: {exported:?}"
+        );
+    }
+
+    // Each panel's query as a recording rule, Grafana's variables filled in, for promtool.
+    let exprs: Vec<String> = dashboard
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("\"expr\": \""))
+        .map(|e| {
+            e.trim_end_matches(',')
+                .trim_end_matches('"')
+                .replace("\\\"", "\"")
+        })
+        .map(|e| {
+            e.replace("$__rate_interval", "5m")
+                .replace("$instance", ".*")
+        })
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let recorded: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("      - record: dashboard:panel_{i}\n        expr: '{e}'\n"))
+        .collect();
+    let panels = pki.path("dashboard.rules.yml");
+    std::fs::write(
+        &panels,
+        format!("groups:\n  - name: dashboard\n    rules:\n{recorded}"),
+    )
+    .unwrap();
+    let promtool = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(examples.join("prometheus"))
+            .output();
+        match out {
+            Err(_) => eprintln!("promtool not installed: {args:?} not checked"),
+            Ok(out) => assert!(
+                out.status.success(),
+                "promtool {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    let (check, test) = ("check".as_ref(), "test".as_ref());
+    promtool(&[
+        check,
+        "rules".as_ref(),
+        rules.as_os_str(),
+        panels.as_os_str(),
+    ]);
+    promtool(&[test, "rules".as_ref(), "amb.rules.test.yml".as_ref()]);
+}
+
 /// Scrapes until `/readyz` answers `want`.
 async fn wait_ready(addr: SocketAddr, want: u16) -> String {
     let deadline = std::time::Instant::now() + READY;
