@@ -102,6 +102,36 @@ def use(b: run.Bench, binary: Path, v: dict) -> None:
     b.amb_peer_discovery = v["discovered_peer"]
 
 
+class Scraper:
+    """GETs each URL once a second in a thread until stopped, as a Prometheus server would."""
+
+    def __init__(self, urls: list[str]):
+        import threading
+
+        self.urls, self.done, self.scrapes, self.failures = urls, threading.Event(), 0, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if urls:
+            self.thread.start()
+
+    def _run(self):
+        import urllib.request
+
+        while not self.done.wait(1.0):
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as answer:
+                        answer.read()
+                    self.scrapes += 1
+                except OSError:
+                    self.failures += 1
+
+    def stop(self):
+        if self.urls:
+            self.done.set()
+            self.thread.join()
+            run.log(f"scraped {self.scrapes} times ({self.failures} failed)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Interleaved A/B rounds of amb variants.")
     ap.add_argument("--variant", action="append", type=parse_variant, required=True,
@@ -122,6 +152,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--link", action="store_true", help="put the emulated 20 ms RTT link between the ambassadors")
     ap.add_argument("--json", metavar="FILE", help="write the rounds as JSON")
+    ap.add_argument("--scrape", action="append", default=[], metavar="URL",
+                    help="GET this URL (a variant's /metrics, given by --server-arg/--client-arg NAME=--metrics=...) "
+                    "once a second for the whole run, as Prometheus would (repeatable)")
     args = ap.parse_args()
     by_name = {v["name"]: v for v in args.variant}
     if len(by_name) != len(args.variant):
@@ -172,6 +205,7 @@ def main() -> int:
                 instances[v["name"]] = b.start(pair, upstream, link=args.link,
                                                smoke=not args.load.startswith("iperf"))
         names = list(variants)
+        scraper = Scraper(args.scrape)
         for r in range(args.rounds):
             row = {}
             for name in run._rotated(names, r):
@@ -181,6 +215,7 @@ def main() -> int:
                     row[name] = {"error": str(e)}
             rounds.append(row)
             run.log(f"round {r + 1}: " + ", ".join(f"{n} {describe(row[n])}" for n in names))
+        scraper.stop()
     finally:
         for inst in instances.values():
             inst.close()

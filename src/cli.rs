@@ -579,18 +579,95 @@ pub fn parse() -> (Args, ArgMatches) {
     }
 }
 
-/// Sets up `tracing`: `RUST_LOG` filters (default `info`), stderr output.
-pub fn init_tracing(format: LogFormat) {
+/// Sets up `tracing`: `RUST_LOG` filters (default `info`), stderr output, batched (see
+/// [`BatchedStderr`]). Keep the returned guard until exit: its drop writes what is held.
+pub fn init_tracing(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let out = BatchedStderr::start();
+    let writer = out.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || writer.clone())
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    LogGuard(out)
+}
+
+/// Log lines held in memory and written to stderr in one `write` every [`Self::EVERY`], or at
+/// once when [`Self::FULL`] have piled up. A `write` per line cost 9% of new connections per
+/// second once every connection had an access line, and a writer thread woken per line cost
+/// more (BENCHMARKS.md); this costs a wake-up of its flusher ten times a second.
+#[derive(Clone, Default)]
+struct BatchedStderr {
+    held: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// No flusher thread could start: each line goes out at once.
+    at_once: bool,
+}
+
+impl BatchedStderr {
+    const EVERY: Duration = Duration::from_millis(100);
+    const FULL: usize = 32 << 10;
+
+    fn start() -> Self {
+        let out = BatchedStderr::default();
+        let flusher = out.clone();
+        let spawned = std::thread::Builder::new()
+            .name("amb-log".into())
+            .spawn(move || loop {
+                std::thread::sleep(Self::EVERY);
+                flusher.flush_held();
+            });
+        if spawned.is_err() {
+            eprintln!("amb: no thread to write logs in batches: each line is written at once");
+            return BatchedStderr {
+                at_once: true,
+                ..out
+            };
+        }
+        out
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        (self.held.lock()).unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn flush_held(&self) {
+        let mut held = self.held();
+        if !held.is_empty() {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(&held);
+            held.clear();
+        }
+    }
+}
+
+impl std::io::Write for BatchedStderr {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut held = self.held();
+        held.extend_from_slice(line);
+        if self.at_once || held.len() >= Self::FULL {
+            std::io::stderr().write_all(&held)?;
+            held.clear();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes the log lines still held when dropped (at exit).
+pub struct LogGuard(BatchedStderr);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush_held();
     }
 }
 

@@ -28,8 +28,11 @@ fn tune_malloc() {}
 fn main() -> ExitCode {
     tune_malloc();
     let (args, matches) = cli::parse();
-    cli::init_tracing(args.log_format);
-    match cli::run(args, &matches) {
+    let log = cli::init_tracing(args.log_format);
+    let ran = cli::run(args, &matches);
+    // Every queued log line out before the final error.
+    drop(log);
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("amb: {e:#}");

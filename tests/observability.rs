@@ -432,6 +432,27 @@ async fn a_foreign_certificate_is_one_handshake_failure_by_its_reason(t: Transpo
     );
     // It keeps trying, so at least one.
     wait_until(metrics_addr(&client), &dialed, |n| n >= 1.0).await;
+
+    // A verified client the server-wide allow-list leaves out: each tunnel connection counts.
+    let allowing = Amb::server(
+        &pki,
+        0,
+        &[
+            "--upstream",
+            &up.addr.to_string(),
+            "--allow",
+            "uri:spiffe://amb/someone-else",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let left_out = Amb::client(&pki, "client", allowing.server_addr(), t, &[]);
+    left_out.wait_pool_up(t);
+    let not_allowed = format!(
+        r#"amb_handshake_failures_total{{direction="accepted",transport="{}",reason="not_allowed"}}"#,
+        t.flag()
+    );
+    wait_sample(metrics_addr(&allowing), &not_allowed, t.pool_size() as f64).await;
 }
 
 async fn readyz_follows_the_tunnel_connection(t: Transport) {

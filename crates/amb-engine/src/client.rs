@@ -571,15 +571,15 @@ impl Link {
         }
     }
 
-    /// Carries one app connection over a pooled tunnel connection; with `hand_back`, may give
-    /// it back untouched (see [`carry`]).
-    async fn carry<'a>(
+    /// Carries the app connection in `conn` over a pooled tunnel connection; with `hand_back`,
+    /// may leave it there untouched (see [`carry`]).
+    async fn carry(
         &self,
-        conn: AppConnection<'a>,
+        conn: &mut Option<AppConnection>,
         route: &RouteName,
         (wait, hand_back): (Duration, bool),
         accepting: &Accepting,
-    ) -> Option<AppConnection<'a>> {
+    ) {
         with_link!(self, link => carry(conn, route, link, (wait, hand_back), accepting).await)
     }
 
@@ -773,14 +773,14 @@ struct Target {
 }
 
 /// An app connection on its way: its socket, where and when it came from, its count.
-struct AppConnection<'a> {
+struct AppConnection {
     tcp: TcpStream,
     app: SocketAddr,
     arrived: Instant,
-    counted: OpenConnection<'a>,
+    counted: OpenConnection,
 }
 
-impl AppConnection<'_> {
+impl AppConnection {
     /// Refuses it (resets the app's socket) for `reason` (`why`, to log), after trying `peer`
     /// if any: a warning (at most one a second per route and reason), counted, one access line.
     fn refuse(
@@ -857,27 +857,23 @@ impl Target {
     /// Carries one app connection: over a peer with a tunnel connection up now, at once; if
     /// none has one, over the first to get one, within the tunnel wait. A peer whose tunnel is
     /// lost under the connection (before any of its bytes were read) hands it to the next.
-    async fn carry(
-        &self,
-        tcp: TcpStream,
-        app: SocketAddr,
-        arrived: Instant,
-        accepting: &Accepting,
-    ) {
+    /// The nested futures share the one `conn` (held here, lent down): each level holding its
+    /// own copy cost idle memory per connection.
+    async fn carry(&self, conn: AppConnection, accepting: &Accepting) {
         let (route, wait) = (&self.route, accepting.tunnel_wait);
-        let conn = AppConnection {
-            tcp,
-            app,
-            arrived,
-            counted: self.metrics.connection(),
-        };
+        let mut conn = Some(conn);
         match &self.choices[..] {
             [] => {
                 let why = format_args!("no peer discovered yet");
-                return conn.refuse((route, None), "no_peer", why, accepting);
+                if let Some(conn) = conn {
+                    conn.refuse((route, None), "no_peer", why, accepting);
+                }
+                return;
             }
             [one] => {
-                one.link.carry(conn, route, (wait, false), accepting).await;
+                one.link
+                    .carry(&mut conn, route, (wait, false), accepting)
+                    .await;
                 return;
             }
             _ => {}
@@ -885,7 +881,6 @@ impl Target {
         let deadline = tokio::time::Instant::now() + wait;
         let turn = accepting.turn.fetch_add(1, Ordering::Relaxed);
         let mut untried = self.clone_choices();
-        let mut conn = conn;
         while !untried.choices.is_empty() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let index = match untried.pick_live(accepting.peer_balance, turn) {
@@ -900,16 +895,19 @@ impl Target {
             };
             let link = untried.choices.remove(index).link;
             let hand_back = !untried.choices.is_empty();
-            match link.carry(conn, route, (left, hand_back), accepting).await {
-                Some(back) => conn = back,
-                None => return,
+            link.carry(&mut conn, route, (left, hand_back), accepting)
+                .await;
+            if conn.is_none() {
+                return;
             }
         }
         let why = format_args!(
             "no tunnel connection to any peer ({}) within {wait:?}",
             self.peers()
         );
-        conn.refuse((route, None), "no_tunnel", why, accepting);
+        if let Some(conn) = conn {
+            conn.refuse((route, None), "no_tunnel", why, accepting);
+        }
     }
 
     fn clone_choices(&self) -> Target {
@@ -1351,8 +1349,14 @@ async fn accept(
                     continue;
                 };
                 let accepting = shared.clone();
+                let conn = AppConnection {
+                    tcp,
+                    app,
+                    arrived,
+                    counted: target.metrics.connection(),
+                };
                 shared.live.spawn(async move {
-                    target.carry(tcp, app, arrived, &accepting).await;
+                    target.carry(conn, &accepting).await;
                     drop(slot);
                 });
             }
@@ -1447,17 +1451,22 @@ async fn run(
 /// With `hand_back` (other peers could take it), a connection whose tunnel was lost before
 /// any of its bytes were read is handed back at once when no other tunnel to this peer is up,
 /// rather than waiting for a redial here.
-async fn carry<'a, D: Dialer>(
-    conn: AppConnection<'a>,
+async fn carry<D: Dialer>(
+    slot: &mut Option<AppConnection>,
     route: &RouteName,
     link: &PeerLink<D>,
     (wait, hand_back): (Duration, bool),
     accepting: &Accepting,
-) -> Option<AppConnection<'a>> {
-    let (peer, pool, app) = (&link.name, &link.pool, conn.app);
-    // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
-    #[cfg(not(target_os = "linux"))]
-    let _ = conn.tcp.set_nodelay(true);
+) {
+    let Some(app) = slot.as_ref().map(|conn| conn.app) else {
+        return;
+    };
+    let (peer, pool) = (&link.name, &link.pool);
+    let refuse = |slot: &mut Option<AppConnection>, reason, why: std::fmt::Arguments<'_>| {
+        if let Some(conn) = slot.take() {
+            conn.refuse((route, Some(peer)), reason, why, accepting);
+        }
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let mut failed = Vec::new();
     let (pooled, send, recv) = loop {
@@ -1467,11 +1476,13 @@ async fn carry<'a, D: Dialer>(
         let Some(pooled) = pool.get(wait_here, &failed).await else {
             if give_back {
                 debug!(%app, %route, %peer, "tunnel connection lost; handing the app connection to another peer");
-                return Some(conn);
+                return;
             }
-            let why = format_args!("no tunnel connection within {wait:?}");
-            conn.refuse((route, Some(peer)), "no_tunnel", why, accepting);
-            return None;
+            return refuse(
+                slot,
+                "no_tunnel",
+                format_args!("no tunnel connection within {wait:?}"),
+            );
         };
         match tokio::time::timeout(left, pooled.tunnel.open(route)).await {
             Ok(Ok((send, recv))) => break (pooled, send, recv),
@@ -1486,24 +1497,27 @@ async fn carry<'a, D: Dialer>(
                     StreamError::Refused(refusal) => refusal.name(),
                     _ => "stream_failed",
                 };
-                let why = format_args!("stream open failed: {e}");
-                conn.refuse((route, Some(peer)), reason, why, accepting);
-                return None;
+                return refuse(slot, reason, format_args!("stream open failed: {e}"));
             }
             Err(_) => {
                 let why = format_args!("stream open failed: no stream credit within {wait:?} (server at its --max-streams)");
-                conn.refuse((route, Some(peer)), "no_stream_credit", why, accepting);
-                return None;
+                return refuse(slot, "no_stream_credit", why);
             }
         }
     };
     drop(failed);
-    let AppConnection {
+    let Some(AppConnection {
         tcp,
         arrived,
         mut counted,
         ..
-    } = conn;
+    }) = slot.take()
+    else {
+        return;
+    };
+    // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp.set_nodelay(true);
     let running = pooled.carried.start();
     // The server answers the open on the stream's first read (with the first reply, or before).
     let recv = Answered {
@@ -1551,5 +1565,4 @@ async fn carry<'a, D: Dialer>(
         reason: result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
     }
     .log(accepting.access_log);
-    None
 }

@@ -440,6 +440,11 @@ fn serve<C: ServerConnection>(
     };
     let limits = ctx.limits;
     let up = ctx.metrics.tunnel_up(Direction::Accepted, "", C::TRANSPORT);
+    // A peer the server-wide allow-list does not admit is served 403 for every stream; the
+    // metrics count it as a refused handshake at once.
+    if !ctx.routes.load().admits_peer(&conn.peer().identity) {
+        (ctx.metrics).handshake_failed(Direction::Accepted, C::TRANSPORT, "not_allowed");
+    }
     let served = serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
         handle(ctx.clone(), conn, incoming)
     });
@@ -502,56 +507,27 @@ async fn handle<I: IncomingStream>(
     incoming: I,
 ) -> StreamEnd {
     let _live = ctx.live.token();
-    let arrived = tokio::time::Instant::now();
     let peer = incoming.peer().clone();
     let route = incoming.route().clone();
-    let access = |upstream: Option<&dyn std::fmt::Display>,
-                  (up, down),
-                  end,
-                  reason: Option<&dyn std::fmt::Display>| {
-        Access {
-            route: &route,
-            app: None,
-            peer: Some(&peer),
-            upstream,
-            up,
-            down,
-            since: arrived,
-            end,
-            reason,
-        }
-        .log(ctx.access_log)
-    };
-    // One line per route and reason a second: a dead upstream or a misconfigured client
-    // can cause thousands a second.
-    let warn_refused = |label: &str, reason: &'static str, why: &dyn std::fmt::Display| {
-        if let Some(suppressed) = ctx.refusals.allow((label.to_owned(), reason)) {
-            warn!(%peer, %route, %reason, suppressed, "stream refused: {why}");
-        }
-    };
-    let refused_early = |refusal: Refusal| {
-        // A route the configuration lacks is not a label: the peer chose its name.
-        let known = ctx.routes.load().upstream(&route).is_some();
-        let label = if known { route.as_str() } else { "(unknown)" };
-        if refusal != Refusal::Unavailable {
-            warn_refused(label, refusal.name(), &refusal);
-        }
-        ctx.metrics.refused(Side::Server, label, refusal.name());
-        access(None, (0, 0), ConnectionEnd::Refused, Some(&refusal.name()));
+    let log = StreamLog {
+        ctx: &ctx,
+        peer: &peer,
+        route: &route,
+        arrived: tokio::time::Instant::now(),
     };
     // During a drain, streams the client opened before it learned of it are still served.
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
         if let Some(suppressed) = ctx.throttle.allow() {
             warn!(%peer, %route, suppressed, "stream refused: at --max-connections");
         }
-        refused_early(Refusal::Unavailable);
+        log.refused_early(Refusal::Unavailable);
         return refuse(&conn, incoming, Refusal::Unavailable).await;
     };
     let decided = ctx.routes.load().decide(&peer.identity, &route).cloned();
     let upstream = match decided {
         Ok(upstream) => upstream,
         Err(refusal) => {
-            refused_early(refusal);
+            log.refused_early(refusal);
             return refuse(&conn, incoming, refusal).await;
         }
     };
@@ -560,13 +536,13 @@ async fn handle<I: IncomingStream>(
         Ok(dialed) => dialed,
         Err(failure) => {
             let reason = failure.reason();
-            warn_refused(
+            log.warn_refused(
                 route.as_str(),
                 reason,
                 &format_args!("{}: {}", failure.refusal, failure.detail),
             );
             counted.refused(reason);
-            access(
+            log.access(
                 Some(&upstream),
                 (0, 0),
                 ConnectionEnd::Refused,
@@ -575,7 +551,7 @@ async fn handle<I: IncomingStream>(
             return refuse(&conn, incoming, failure.refusal).await;
         }
     };
-    counted.opened(arrived.elapsed());
+    counted.opened(log.arrived.elapsed());
     let upstream = lease.upstream();
     let (send, recv) = match incoming.accept().await {
         Ok(halves) => halves,
@@ -588,13 +564,13 @@ async fn handle<I: IncomingStream>(
                 conn.charge("stream cancelled before it opened");
             }
             counted.ended(ConnectionEnd::Reset, 0, 0);
-            access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
+            log.access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
             return StreamEnd::of(&e);
         }
         Err(e) => {
             warn!(%peer, %route, %upstream, "stream lost before it opened: {e}");
             counted.ended(ConnectionEnd::Reset, 0, 0);
-            access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
+            log.access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
             return StreamEnd::Closed;
         }
     };
@@ -617,6 +593,66 @@ async fn handle<I: IncomingStream>(
     };
     counted.ended(end, up, down);
     let reason = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
-    access(Some(upstream), (up, down), end, reason);
+    log.access(Some(upstream), (up, down), end, reason);
     stream_end
+}
+
+/// What a stream's log lines and refusal counts need: one small value held for the stream's
+/// life (each closure holding its own references cost idle memory per stream).
+struct StreamLog<'a> {
+    ctx: &'a Context,
+    peer: &'a Arc<amb_proto::Peer>,
+    route: &'a RouteName,
+    arrived: tokio::time::Instant,
+}
+
+impl StreamLog<'_> {
+    /// The stream's access line.
+    fn access(
+        &self,
+        upstream: Option<&dyn std::fmt::Display>,
+        (up, down): (u64, u64),
+        end: ConnectionEnd,
+        reason: Option<&dyn std::fmt::Display>,
+    ) {
+        Access {
+            route: self.route,
+            app: None,
+            peer: Some(self.peer),
+            upstream,
+            up,
+            down,
+            since: self.arrived,
+            end,
+            reason,
+        }
+        .log(self.ctx.access_log)
+    }
+
+    /// One line per route and reason a second: a dead upstream or a misconfigured client can
+    /// cause thousands a second.
+    fn warn_refused(&self, label: &str, reason: &'static str, why: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.ctx.refusals.allow((label.to_owned(), reason)) {
+            let (peer, route) = (self.peer, self.route);
+            warn!(%peer, %route, %reason, suppressed, "stream refused: {why}");
+        }
+    }
+
+    /// A refusal before the route's upstreams are reached: logged, counted, an access line.
+    fn refused_early(&self, refusal: Refusal) {
+        // A route the configuration lacks is not a label: the peer chose its name.
+        let known = self.ctx.routes.load().upstream(self.route).is_some();
+        let label = if known {
+            self.route.as_str()
+        } else {
+            "(unknown)"
+        };
+        if refusal != Refusal::Unavailable {
+            self.warn_refused(label, refusal.name(), &refusal);
+        }
+        self.ctx
+            .metrics
+            .refused(Side::Server, label, refusal.name());
+        self.access(None, (0, 0), ConnectionEnd::Refused, Some(&refusal.name()));
+    }
 }

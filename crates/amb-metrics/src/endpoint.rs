@@ -108,11 +108,11 @@ fn answer(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes
             "not found: try /metrics, /healthz or /readyz\n",
         );
     }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    if request.method() != Method::GET {
         let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
         refused
             .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return refused;
     }
     match path {

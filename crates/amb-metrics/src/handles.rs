@@ -1,6 +1,7 @@
 //! Handles into [`Metrics`](crate::Metrics)' families, made once per route, upstream or tunnel
 //! connection, so counting a connection is a few atomic adds and no label lookup.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -34,9 +35,12 @@ impl ConnectionEnd {
     }
 }
 
-/// The counters of one route on one side.
+/// The counters of one route on one side; clones share them.
 #[derive(Clone, Debug)]
-pub struct RouteMetrics {
+pub struct RouteMetrics(Arc<RouteCounters>);
+
+#[derive(Debug)]
+struct RouteCounters {
     side: Side,
     route: String,
     open: Gauge,
@@ -70,7 +74,7 @@ impl RouteMetrics {
             side,
             route: route.clone(),
         };
-        RouteMetrics {
+        RouteMetrics(Arc::new(RouteCounters {
             side,
             open: m.connections_open.get_or_create_owned(&labels),
             ok: ended("ok"),
@@ -81,36 +85,37 @@ impl RouteMetrics {
             stream_open: m.stream_open.get_or_create_owned(&labels),
             refusals: m.refusals.clone(),
             route,
-        }
+        }))
     }
 
     /// The route.
     pub fn route(&self) -> &str {
-        &self.route
+        &self.0.route
     }
 
     /// The side.
     pub fn side(&self) -> Side {
-        self.side
+        self.0.side
     }
 
     /// Counts an app connection refused for `reason` before it was counted open.
     pub fn refused(&self, reason: &'static str) {
-        self.refused.inc();
+        let counters = &self.0;
+        counters.refused.inc();
         let labels = RefusalLabels {
-            side: self.side,
-            route: self.route.clone(),
+            side: counters.side,
+            route: counters.route.clone(),
             reason,
         };
-        self.refusals.get_or_create(&labels).inc();
+        counters.refusals.get_or_create(&labels).inc();
     }
 
     /// Counts an app connection open until the returned guard drops; one dropped without
     /// [`OpenConnection::ended`] counts as reset.
-    pub fn connection(&self) -> OpenConnection<'_> {
-        self.open.inc();
+    pub fn connection(&self) -> OpenConnection {
+        self.0.open.inc();
         OpenConnection {
-            route: self,
+            route: self.clone(),
             ended: false,
         }
     }
@@ -118,22 +123,22 @@ impl RouteMetrics {
 
 /// An app connection counted as open; it counts once, by the first end it is told.
 #[derive(Debug)]
-pub struct OpenConnection<'a> {
-    route: &'a RouteMetrics,
+pub struct OpenConnection {
+    route: RouteMetrics,
     ended: bool,
 }
 
-impl OpenConnection<'_> {
+impl OpenConnection {
     /// Its stream opened, `after` the connection arrived.
     pub fn opened(&self, after: Duration) {
-        self.route.stream_open.observe(after.as_secs_f64());
+        self.route.0.stream_open.observe(after.as_secs_f64());
     }
 
     /// A timer that records the stream-open time, from the arrival, when it is observed
     /// (e.g. when the server's answer arrives, later than the code that counts the end).
     pub fn open_timer(&self, since: std::time::Instant) -> OpenTimer {
         OpenTimer {
-            histogram: self.route.stream_open.clone(),
+            histogram: self.route.0.stream_open.clone(),
             since,
         }
     }
@@ -151,7 +156,7 @@ impl OpenConnection<'_> {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let r = self.route;
+        let r = &self.route.0;
         match how {
             ConnectionEnd::Ok => r.ok.inc(),
             ConnectionEnd::Reset => r.reset.inc(),
@@ -166,11 +171,12 @@ impl OpenConnection<'_> {
     }
 }
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.route.open.dec();
+        let counters = &self.route.0;
+        counters.open.dec();
         if !self.ended {
-            self.route.reset.inc();
+            counters.reset.inc();
         }
     }
 }

@@ -153,6 +153,10 @@ async fn the_endpoint_answers_its_three_paths_and_nothing_else() {
         get(addr, "POST", "/metrics").await.0,
         "HTTP/1.1 405 Method Not Allowed"
     );
+    assert_eq!(
+        get(addr, "HEAD", "/healthz").await.0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
     stop_tx.send(true).unwrap();
     serving.await.unwrap();
 }
