@@ -1,7 +1,8 @@
 //! The access log: one `info` line per app connection when it ends, under the target
 //! `amb::access` (so a log filter can route or silence it): the route, who was on the other end,
 //! the upstream, bytes each way, how long it lasted and how it ended. Both sides write it; the
-//! binary's `--access-log off` turns it off.
+//! binary's `--access-log off` turns it off. A stream its client cancelled before the server
+//! answered is counted in the metrics but has no server line (the client's side has one).
 
 use std::fmt::Display;
 

@@ -264,7 +264,9 @@ pub(crate) async fn serve_connection<C, A, H, F>(
                 Ok(Ok(incoming)) => {
                     let running = ctx.streams.start();
                     let route = incoming.route().clone();
-                    let stream = handler(ctx.clone(), incoming);
+                    // Boxed, so the task holds the stream's future once rather than once
+                    // per wrapper it passes through: it is most of an idle stream's memory.
+                    let stream = Box::pin(handler(ctx.clone(), incoming));
                     // A stream cut after a reconfiguration is logged by the cut.
                     if let Some(end) = ctx.run_revocable(route, stream).await {
                         running.ended(end);

@@ -557,6 +557,8 @@ async fn handle<I: IncomingStream>(
         Ok(halves) => halves,
         // The client cancelled the stream or lost its connection while the server dialed:
         // its own doing, and a lost connection would otherwise log once per pending stream.
+        // Counted, but no access line: a client can cancel thousands a second (rapid reset),
+        // and its own side logs the app connection.
         Err(e @ (StreamError::Reset(_) | StreamError::ConnectionLost(_))) => {
             debug!(%peer, %route, %upstream, "stream lost before it opened: {e}");
             if matches!(e, StreamError::Reset(_)) {
@@ -564,7 +566,6 @@ async fn handle<I: IncomingStream>(
                 conn.charge("stream cancelled before it opened");
             }
             counted.ended(ConnectionEnd::Reset, 0, 0);
-            log.access(Some(upstream), (0, 0), ConnectionEnd::Reset, Some(&e));
             return StreamEnd::of(&e);
         }
         Err(e) => {
