@@ -1062,7 +1062,6 @@ pub async fn wait_sample(addr: SocketAddr, series: &str, want: f64) -> String {
 
 /// Scrapes until `series` reads a value `good` accepts; the last scrape.
 pub async fn wait_until(addr: SocketAddr, series: &str, good: impl Fn(f64) -> bool) -> String {
-    let want = "the value wanted";
     let deadline = std::time::Instant::now() + READY;
     loop {
         let text = scrape(addr).await;
@@ -1071,7 +1070,7 @@ pub async fn wait_until(addr: SocketAddr, series: &str, good: impl Fn(f64) -> bo
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{series} never read {want}; last scrape:\n{text}"
+            "{series} never read the value wanted; last scrape:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -792,6 +792,7 @@ impl AppConnection {
     ) {
         let app = self.app;
         if let Some(suppressed) = accepting.refusals.allow((route.to_string(), reason)) {
+            let peer = peer.map(tracing::field::display);
             warn!(%app, %route, peer, %reason, suppressed, "{why}; resetting the app connection");
         }
         self.counted.refused(reason);

@@ -88,16 +88,6 @@ impl RouteMetrics {
         }))
     }
 
-    /// The route.
-    pub fn route(&self) -> &str {
-        &self.0.route
-    }
-
-    /// The side.
-    pub fn side(&self) -> Side {
-        self.0.side
-    }
-
     /// Counts an app connection refused for `reason` before it was counted open.
     pub fn refused(&self, reason: &'static str) {
         let counters = &self.0;
