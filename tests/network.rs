@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 per_transport!(
     lossy_jittery_link_keeps_data_exact,
-    blackhole_resets_after_idle_timeout_then_recovers,
+    blackhole_resets_after_the_deadline_then_recovers,
     a_peer_name_whose_first_address_is_dead_is_reached_at_the_next,
     a_peer_that_never_answers_is_given_up_at_the_handshake_timeout,
 );
@@ -219,7 +219,7 @@ async fn tls_chunks_of_many_streams_share_records() {
     );
 }
 
-async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
+async fn blackhole_resets_after_the_deadline_then_recovers(t: Transport) {
     let (_pki, _upstream, _server, relay, client) =
         impaired_pair(t, &["--idle-timeout", "5s"]).await;
     let ups = client.wait_pool_up(t);
@@ -233,10 +233,13 @@ async fn blackhole_resets_after_idle_timeout_then_recovers(t: Transport) {
     let _ = tcp.write_all(b"into the void").await;
     assert_reset(&mut tcp).await;
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
-        "reset after {took:?}"
-    );
+    // QUIC takes a server silent for its liveness deadline (2 s) for gone; TLS waits for the
+    // idle timeout (5 s here), as TCP itself would wait longer still.
+    let expected = match t {
+        Transport::Quic => Duration::from_millis(1500)..Duration::from_secs(4),
+        Transport::Tls => Duration::from_secs(3)..Duration::from_secs(15),
+    };
+    assert!(expected.contains(&took), "reset after {took:?}");
     client.log.wait_for(&["tunnel connection lost"]);
     client
         .log
@@ -309,4 +312,46 @@ async fn a_peer_that_never_answers_is_given_up_at_the_handshake_timeout(t: Trans
         took < Duration::from_secs(8),
         "gave up after {took:?}: {failed}"
     );
+}
+
+/// Not a test but a measurement (recorded in BENCHMARKS.md): how often a link that drops a
+/// share of its packets, but never all, makes a QUIC client take its idle server for gone (the
+/// liveness deadline). `cargo test --test network -- --ignored --nocapture liveness_false_alarms`
+/// (`AMB_ALARM_SECS` sets the time per loss rate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn liveness_false_alarms() {
+    let secs = std::env::var("AMB_ALARM_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let runs = [50_000, 100_000, 200_000, 300_000].map(|loss_ppm| async move {
+        let (_pki, _upstream, _server, relay, client) = impaired_pair(Transport::Quic, &[]).await;
+        relay.link.delay_ms.store(25, Ordering::Relaxed);
+        relay.link.loss_ppm.store(loss_ppm, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let lost = client.log.count(&["tunnel connection lost"]);
+        (loss_ppm, lost)
+    });
+    for (loss_ppm, lost) in futures_join(runs).await {
+        eprintln!(
+            "loss {}% each way, 50 ms RTT, idle tunnel, {secs} s: {lost} tunnel losses",
+            loss_ppm / 10_000
+        );
+    }
+}
+
+/// Runs the futures concurrently; their outputs in order.
+async fn futures_join<F: std::future::Future + Send + 'static, const N: usize>(
+    futures: [F; N],
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
 }

@@ -55,8 +55,8 @@ impl Fleet {
     }
 
     /// Takes server `i` away: a crash (SIGKILL) over TLS, whose tunnel's TCP connection then
-    /// ends at once; a shutdown over QUIC, whose crash a client notices only at its idle
-    /// timeout (fast crash detection over QUIC is a later issue's).
+    /// ends at once; a shutdown over QUIC, whose crash a client notices only after its
+    /// liveness deadline (tests/crash.rs), not at once.
     fn take_away(&mut self, t: Transport, i: usize) {
         let server = &mut self.servers[i];
         match t {

@@ -328,7 +328,9 @@ async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca(
     let (trust, trust_rx) = tokio::sync::watch::channel(0u64);
     let limits = amb_proto::Limits::default();
     let failed: amb_proto::OnFailedHandshake = Arc::new(|_| {});
-    let server = amb_quic::QuicServer::new(socket, tls_rx, trust_rx, limits, failed).unwrap();
+    let reset = amb_quic::ResetKey::derive(b"a test key");
+    let server =
+        amb_quic::QuicServer::new(socket, tls_rx, trust_rx, limits, failed, &reset).unwrap();
     yield_until("the server reading the client's first packet", || {
         udp_queued(addr.port()) == 0
     })

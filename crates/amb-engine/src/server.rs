@@ -11,7 +11,7 @@ use amb_proto::{
     FailedHandshake, IncomingStream, Limits, OnFailedHandshake, PeerIdentity, Refusal, RouteChange,
     RouteName, RouteTable, ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
 };
-use amb_quic::QuicServer;
+use amb_quic::{QuicServer, ResetKey};
 use amb_spec::{EtcdKey, UpstreamSetSpec, UpstreamSpec};
 use amb_tls::TlsServer;
 use arc_swap::ArcSwap;
@@ -170,7 +170,12 @@ impl Server {
                     source,
                 })?;
                 let failed = on_failed_handshake(&settings.metrics);
-                Some(QuicServer::new(udp, config, certs.trust(), limits, failed)?)
+                // From the key file as it is now: a restart with the same key recognises the
+                // connections of the process before.
+                let key = amb_pki::load_key(&settings.tls.key)?;
+                let reset = ResetKey::derive(key.secret_der());
+                let trust = certs.trust();
+                Some(QuicServer::new(udp, config, trust, limits, failed, &reset)?)
             }
             None => None,
         };

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -10,6 +11,34 @@ use tokio::sync::watch;
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
 use crate::{transport_config, tune_udp, QuicError};
+
+/// How long a client's tunnel connection may hear nothing from its server before it is taken
+/// for lost (or six round trips, on a slower link), far inside the idle timeout: a healthy
+/// server answers the client's keep-alive every [`KEEP_ALIVE`]. Over TCP the server host's
+/// kernel resets the connection of a crashed server at once; over QUIC nothing answers, and
+/// this is how the client learns of it. A link that drops everything this long is taken for a
+/// dead server too; one that drops a share of the packets is not (see BENCHMARKS.md).
+pub const LIVENESS_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The client's keep-alive: a PING after this long without sending, which the server answers.
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// Resolves once `conn` has received nothing for its liveness deadline (see
+/// [`LIVENESS_DEADLINE`]), with how long it has been silent.
+async fn unanswered(conn: &quinn::Connection) -> Duration {
+    const LOOK_EVERY: Duration = Duration::from_millis(200);
+    let mut heard = conn.stats().udp_rx.datagrams;
+    let mut heard_at = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        let received = conn.stats().udp_rx.datagrams;
+        if received != heard {
+            (heard, heard_at) = (received, tokio::time::Instant::now());
+        } else if heard_at.elapsed() >= LIVENESS_DEADLINE.max(conn.rtt() * 6) {
+            return heard_at.elapsed();
+        }
+    }
+}
 
 /// Dials QUIC tunnel connections to one server, at the addresses the engine picks.
 pub struct QuicDialer {
@@ -64,7 +93,7 @@ impl QuicDialer {
         })?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
-            crate::endpoint_config(),
+            crate::endpoint_config(None),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -161,6 +190,10 @@ impl Tunnel for QuicTunnel {
         tokio::select! {
             lost = self.conn.closed() => Retirement::Lost(lost.to_string()),
             () = drain_notice => Retirement::Draining,
+            silent = unanswered(&self.conn) => {
+                self.conn.close(VarInt::from_u32(0), b"no answer from the server");
+                Retirement::Lost(format!("no answer from the server for {silent:.1?}"))
+            }
         }
     }
 

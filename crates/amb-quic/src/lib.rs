@@ -8,7 +8,7 @@ mod client;
 mod server;
 mod stream;
 
-pub use client::{QuicDialer, QuicTunnel};
+pub use client::{QuicDialer, QuicTunnel, LIVENESS_DEADLINE};
 pub use server::{serve, QuicConnection, QuicIncoming, QuicOpening, QuicServer};
 pub use stream::{QuicRecv, QuicSend};
 
@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amb_proto::Limits;
+use aws_lc_rs::{hkdf, hmac};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
 /// The kind of handshake failure a QUIC connection's error stands for: the TLS alert in its
@@ -96,9 +97,53 @@ const STREAM_WINDOW: u32 = 4 << 20;
 /// as eight of them did with a 32 MiB window. Memory stays bounded per stream and by this.
 const CONNECTION_WINDOW: u32 = 1 << 30;
 
-/// Endpoint settings for both sides: accept datagrams up to [`MAX_DATAGRAM`].
-fn endpoint_config() -> quinn::EndpointConfig {
-    let mut config = quinn::EndpointConfig::default();
+/// The keys a server makes its stateless resets (RFC 9000 §10.3) and its connection IDs with,
+/// derived from its private key: a server restarted with the same key takes a packet of a
+/// connection its previous process held for one of its own making, and answers it with a
+/// reset the client accepts; the client redials at once instead of waiting for silence to tell.
+#[derive(Clone)]
+pub struct ResetKey {
+    reset: Arc<hmac::Key>,
+    connection_ids: u64,
+}
+
+impl ResetKey {
+    /// Derives the keys from secret material (the server's private key, DER) with
+    /// HKDF-SHA256; the material cannot be recovered from them.
+    pub fn derive(secret: &[u8]) -> Self {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"amb/1 QUIC").extract(secret);
+        let bound = "a SHA-256 block is within HKDF's output bound";
+        let reset = prk
+            .expand(&[b"stateless reset"], hmac::HMAC_SHA256)
+            .expect(bound);
+        let mut connection_ids = [0u8; 32];
+        prk.expand(&[b"connection ids"], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut connection_ids))
+            .expect(bound);
+        let (connection_ids, _) = connection_ids.split_first_chunk::<8>().expect("32 > 8");
+        ResetKey {
+            reset: Arc::new(hmac::Key::from(reset)),
+            connection_ids: u64::from_le_bytes(*connection_ids),
+        }
+    }
+}
+
+/// Endpoint settings for both sides: accept datagrams up to [`MAX_DATAGRAM`]; a server's
+/// stateless resets and connection IDs made with its [`ResetKey`] (a client's with random keys).
+fn endpoint_config(reset: Option<&ResetKey>) -> quinn::EndpointConfig {
+    let mut config = match reset {
+        Some(key) => {
+            let mut config = quinn::EndpointConfig::new(key.reset.clone());
+            let connection_ids = key.connection_ids;
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(
+                    connection_ids,
+                ))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(MAX_DATAGRAM)
         .expect("MAX_DATAGRAM is within QUIC's bounds");
@@ -119,7 +164,11 @@ fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok())
-        .keep_alive_interval(Some(limits.keep_alive_interval()))
+        .keep_alive_interval(Some(if is_server {
+            limits.keep_alive_interval()
+        } else {
+            limits.keep_alive_interval().min(client::KEEP_ALIVE)
+        }))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(32 << 20);
@@ -139,4 +188,25 @@ fn tune_udp(socket: &std::net::UdpSocket) {
 /// Lets the endpoint send its CONNECTION_CLOSE frames before the process exits.
 async fn flush_close(endpoint: &quinn::Endpoint) {
     let _ = tokio::time::timeout(std::time::Duration::from_millis(500), endpoint.wait_idle()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_keys_follow_the_secret_and_only_it() {
+        let tag = |key: &ResetKey| hmac::sign(&key.reset, b"a connection id").as_ref().to_vec();
+        let (one, again, other) = (
+            ResetKey::derive(b"server key"),
+            ResetKey::derive(b"server key"),
+            ResetKey::derive(b"another key"),
+        );
+        assert_eq!(tag(&one), tag(&again), "a restart makes the same resets");
+        assert_eq!(one.connection_ids, again.connection_ids);
+        assert_ne!(tag(&one), tag(&other));
+        assert_ne!(one.connection_ids, other.connection_ids);
+        // The two keys are not one another.
+        assert_ne!(tag(&one)[..8], one.connection_ids.to_le_bytes());
+    }
 }

@@ -40,13 +40,15 @@ pub struct QuicServer {
 impl QuicServer {
     /// Serves on an already bound UDP socket; `tls` must offer [`amb_proto::ALPN_QUIC`] and
     /// require client certificates. Each handshake takes the configuration `tls` holds at the
-    /// time; when `trust` moves (after `tls`), the connections verified before drain.
+    /// time; when `trust` moves (after `tls`), the connections verified before drain. Stateless
+    /// resets are made with `reset`.
     pub fn new(
         socket: std::net::UdpSocket,
         tls: watch::Receiver<Arc<rustls::ServerConfig>>,
         trust: watch::Receiver<u64>,
         limits: Limits,
         failed: OnFailedHandshake,
+        reset: &crate::ResetKey,
     ) -> Result<Self, QuicError> {
         let addr = socket.local_addr().map_err(|source| QuicError::Socket {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -57,7 +59,7 @@ impl QuicServer {
         let config = server_config(tls.borrow().clone(), &limits)?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
-            crate::endpoint_config(),
+            crate::endpoint_config(Some(reset)),
             Some(config.clone()),
             socket,
             Arc::new(quinn::TokioRuntime),
