@@ -14,7 +14,7 @@ use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
 use amb_proto::{AllowList, Limits, RouteName, RouteTable, San};
 use amb_spec::{
     docker_links, Balance, DockerLink, EtcdKey, HealthCheck, HealthCheckKind, HostPort,
-    ListenerSpec, PeerList, PeerSpec, RedisAuth, RouteSpec, Secret, UpstreamSetSpec,
+    ListenerSpec, PeerList, PeerSpec, RedisAuth, RouteSpec, Secret, UpstreamSetSpec, UpstreamTls,
 };
 use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
@@ -1016,6 +1016,9 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         if let Some(auth) = &route.redis_auth {
             set.redis_auth = Some(redis_auth(&name, auth.get_ref())?);
         }
+        if let Some(tls) = &route.upstream_tls {
+            set.tls = Some(upstream_tls(&name, &set, tls.get_ref())?);
+        }
         if let Some(allow) = &route.allow {
             restricted.push((name.clone(), config::allow_list(allow)?));
         }
@@ -1156,6 +1159,39 @@ fn redis_auth(route: &RouteName, auth: &config::RedisAuthFile) -> anyhow::Result
     Ok(RedisAuth {
         user: auth.user.clone(),
         password: Secret::new(password),
+    })
+}
+
+/// A route's `upstream-tls`, its files read and checked now (each reload reads them again).
+fn upstream_tls(
+    route: &RouteName,
+    set: &UpstreamSetSpec,
+    file: &config::UpstreamTlsFile,
+) -> anyhow::Result<UpstreamTls> {
+    let context = || format!("route {route}: upstream-tls");
+    let identity = file
+        .identity()
+        .map_err(anyhow::Error::msg)
+        .with_context(context)?;
+    let files = amb_pki::ServiceTlsFiles {
+        ca: file.ca.clone(),
+        identity: identity.map(|(cert, key)| (cert.to_owned(), key.to_owned())),
+    };
+    // Every upstream must have a name to verify, before anything is bound.
+    let connector = amb_engine::TlsConnector::new(&files, file.server_name.as_deref())
+        .map_err(anyhow::Error::msg)
+        .with_context(context)?;
+    for member in set.members() {
+        connector
+            .name_for(&member.upstream)
+            .map_err(anyhow::Error::msg)
+            .with_context(context)?;
+    }
+    Ok(UpstreamTls {
+        digest: files.digest().with_context(context)?,
+        ca: files.ca,
+        server_name: file.server_name.clone(),
+        identity: files.identity,
     })
 }
 

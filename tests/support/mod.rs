@@ -408,6 +408,8 @@ pub fn field(line: &str, key: &str) -> String {
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// The `redis-cli` flags its port needs: none, or TLS with a client certificate.
+    pub cli_flags: Vec<String>,
     _dir: TempDir,
 }
 
@@ -418,15 +420,25 @@ impl Redis {
 
     /// On `port` (e.g. again after it was killed).
     pub fn start_on(port: u16) -> Self {
-        Self::try_start(port, &[]).unwrap_or_else(|why| panic!("{why}"))
+        Self::try_start(port, &[], None).unwrap_or_else(|why| panic!("{why}"))
     }
 
     /// With extra `redis-server` flags, on a free port. A port taken by another test between
     /// its pick and redis's bind is picked again.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_retrying(extra, None)
+    }
+
+    /// Speaking TLS only (`--tls-port`, with `pki`'s `server` certificate), and only to
+    /// clients that present a certificate of `pki`'s CA.
+    pub fn start_tls(pki: &Pki) -> Self {
+        Self::start_retrying(&[], Some(pki))
+    }
+
+    fn start_retrying(extra: &[&str], tls: Option<&Pki>) -> Self {
         let mut last = String::new();
         for _ in 0..5 {
-            match Self::try_start(free_port(), extra) {
+            match Self::try_start(free_port(), extra, tls) {
                 Ok(redis) => return redis,
                 Err(why) => last = why,
             }
@@ -434,19 +446,42 @@ impl Redis {
         panic!("{last}")
     }
 
-    fn try_start(port: u16, extra: &[&str]) -> Result<Self, String> {
+    fn try_start(port: u16, extra: &[&str], tls: Option<&Pki>) -> Result<Self, String> {
         let dir = TempDir::new("redis");
+        let path = |pki: &Pki, name: &str| pki.path(name).display().to_string();
+        let (listen, cli_flags): (Vec<String>, Vec<String>) = match tls {
+            None => (vec!["--port".into(), port.to_string()], vec![]),
+            Some(pki) => (
+                [
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    path(pki, "server.pem"),
+                    "--tls-key-file".into(),
+                    path(pki, "server.key"),
+                    "--tls-ca-cert-file".into(),
+                    path(pki, "ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "yes".into(),
+                ]
+                .into(),
+                [
+                    "--tls".into(),
+                    "--cert".into(),
+                    path(pki, "client.pem"),
+                    "--key".into(),
+                    path(pki, "client.key"),
+                    "--cacert".into(),
+                    path(pki, "ca.pem"),
+                ]
+                .into(),
+            ),
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(extra)
             .arg("--dir")
             .arg(&dir.0)
@@ -457,20 +492,24 @@ impl Redis {
         let mut redis = Redis {
             child,
             port,
+            cli_flags,
             _dir: dir,
         };
         let deadline = Instant::now() + READY;
         // Up once it answers, if only to ask for a password; ours only while our child runs
         // (another redis may hold the port).
-        let answers =
-            || redis_cli(port, &["ping"]).is_some_and(|a| a == "PONG" || a.starts_with("NOAUTH"));
+        let answers = |redis: &Redis| {
+            redis
+                .cli(&["ping"])
+                .is_some_and(|a| a == "PONG" || a.starts_with("NOAUTH"))
+        };
         loop {
             if let Ok(Some(status)) = redis.child.try_wait() {
                 return Err(format!(
                     "redis-server on {port} exited ({status}): port taken?"
                 ));
             }
-            if answers() {
+            if answers(&redis) {
                 // Answered: ours, unless it exits on a port another one holds.
                 if redis.child.try_wait().ok().flatten().is_none() {
                     return Ok(redis);
@@ -482,6 +521,12 @@ impl Redis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `redis-cli` against it (over TLS if it speaks TLS); its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let flags: Vec<&str> = self.cli_flags.iter().map(String::as_str).collect();
+        redis_cli(self.port, &[&flags[..], args].concat())
     }
 }
 

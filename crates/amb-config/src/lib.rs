@@ -158,6 +158,8 @@ pub struct RouteFile {
     pub health_interval: Option<Duration>,
     /// `redis-auth`: credentials the server gives each new upstream connection.
     pub redis_auth: Option<Spanned<RedisAuthFile>>,
+    /// `upstream-tls`: TLS to the upstreams, verified against a CA.
+    pub upstream_tls: Option<Spanned<UpstreamTlsFile>>,
     /// `allow`: this route's own allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
 }
@@ -325,6 +327,14 @@ impl ConfigFile {
                         ));
                     }
                 }
+                if let Some(tls) = &route.upstream_tls {
+                    if let Err(e) = tls.get_ref().identity() {
+                        return Err(invalid(
+                            Some(tls.span().start),
+                            format!("route {name}: {e}"),
+                        ));
+                    }
+                }
                 if seen.insert(name.clone(), route.name.span().start).is_some() {
                     return Err(invalid(
                         Some(route.name.span().start),
@@ -410,6 +420,34 @@ pub struct RedisAuthFile {
     pub password_file: Option<PathBuf>,
     /// The environment variable holding the password.
     pub password_env: Option<String>,
+}
+
+/// `upstream-tls = { ca = "...", server-name = "...", cert = "...", key = "..." }`: TLS to a
+/// route's upstreams; their certificate must chain to `ca` and name `server-name` (each
+/// upstream's host when not given); `cert` and `key`, together, for an upstream that asks for
+/// a client certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UpstreamTlsFile {
+    /// The CA file.
+    pub ca: PathBuf,
+    /// The name the upstream's certificate must carry.
+    pub server_name: Option<String>,
+    /// A client certificate chain.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+}
+
+impl UpstreamTlsFile {
+    /// The client certificate and key: both or neither.
+    pub fn identity(&self) -> Result<Option<(&Path, &Path)>, String> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            _ => Err("upstream-tls: give `cert` and `key` together (or neither)".into()),
+        }
+    }
 }
 
 /// Where a `redis-auth` password is.

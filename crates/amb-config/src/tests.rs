@@ -314,3 +314,37 @@ fn a_client_and_its_listeners_may_name_several_peers() {
         ["c:1", "d:1"]
     );
 }
+
+#[test]
+fn upstream_tls_takes_a_ca_and_a_client_certificate_whole_or_not_at_all() {
+    let route = |tls: &str| {
+        format!("[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\nupstream-tls = {{ {tls} }}\n")
+    };
+    let file = parse(&route(
+        "ca = \"/ca.pem\", server-name = \"redis.internal\", cert = \"/c.pem\", key = \"/c.key\"",
+    ))
+    .unwrap();
+    let tls = file.server.unwrap().routes[0]
+        .upstream_tls
+        .clone()
+        .unwrap()
+        .into_inner();
+    assert_eq!(tls.server_name.as_deref(), Some("redis.internal"));
+    assert_eq!(
+        tls.identity(),
+        Ok(Some((Path::new("/c.pem"), Path::new("/c.key"))))
+    );
+    let bare = parse(&route("ca = \"/ca.pem\"")).unwrap();
+    let tls = bare.server.unwrap().routes[0].upstream_tls.clone().unwrap();
+    assert_eq!(tls.get_ref().identity(), Ok(None));
+
+    let err = parse(&route("ca = \"/ca.pem\", cert = \"/c.pem\"")).unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:5: route r: upstream-tls: give `cert` and `key` together"),
+        "{err}"
+    );
+    let err = parse(&route("cert = \"/c.pem\", key = \"/c.key\"")).unwrap_err();
+    assert!(err.contains("missing field `ca`"), "{err}");
+    let err = parse(&route("ca = \"/ca.pem\", verify = false")).unwrap_err();
+    assert!(err.contains("unknown field `verify`"), "{err}");
+}

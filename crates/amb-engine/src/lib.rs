@@ -19,7 +19,7 @@ mod upstream;
 mod upstream_set;
 
 pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners, PeerProbe};
-pub use endpoints::UpstreamStream;
+pub use endpoints::{TlsConnector, UpstreamStream};
 pub use reload::Reload;
 pub use server::{
     probe_upstreams, Registration, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,

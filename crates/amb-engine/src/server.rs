@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::access::Access;
 use crate::endpoints::{EtcdTls, Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
-use crate::relay::{relay, RelayError, Relayed};
+use crate::relay::{relay, relay_io, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
 use crate::tally::{DrainWatch, StreamEnd};
 use crate::throttle::{LogThrottle, LogThrottles};
@@ -583,6 +583,7 @@ async fn handle<I: IncomingStream>(
     let Relayed { bytes, result } = match socket {
         UpstreamStream::Tcp(tcp) => relay(tcp, send, recv).await,
         UpstreamStream::Unix(unix) => relay(unix, send, recv).await,
+        tls @ UpstreamStream::Tls(_) => relay_io(tls, send, recv).await,
     };
     // The upstream is the socket: what it sent into the tunnel went down to the app.
     let (up, down) = (bytes.from_tunnel, bytes.to_tunnel);

@@ -45,8 +45,10 @@ impl fmt::Debug for Upstream {
 /// A failed upstream dial: the refusal to answer with, and the detail to log.
 #[derive(Debug)]
 pub struct DialFailure {
-    /// The upstream refused the credentials the route sends (a 502 of its own reason).
-    pub auth: bool,
+    /// The reason metrics and the access log give, when not the refusal's own: the upstream
+    /// refused the credentials the route sends (`upstream_auth`), or its TLS handshake failed
+    /// (`upstream_tls`).
+    pub reason: Option<&'static str>,
     /// What the client is told.
     pub refusal: Refusal,
     /// What is logged.
@@ -56,11 +58,7 @@ pub struct DialFailure {
 impl DialFailure {
     /// Its reason, as metrics and the access log name it.
     pub fn reason(&self) -> &'static str {
-        if self.auth {
-            "upstream_auth"
-        } else {
-            self.refusal.name()
-        }
+        self.reason.unwrap_or(self.refusal.name())
     }
 }
 
@@ -98,12 +96,12 @@ impl Upstream {
         match tokio::time::timeout(timeout, dial).await {
             Ok(Ok(won)) => Ok(won.value),
             Ok(Err(e)) => Err(DialFailure {
-                auth: false,
+                reason: None,
                 refusal: Refusal::UpstreamRefused,
                 detail: e.to_string(),
             }),
             Err(_) => Err(DialFailure {
-                auth: false,
+                reason: None,
                 refusal: Refusal::UpstreamTimeout,
                 detail: if progress.waiting_for_source.load(Ordering::Relaxed) {
                     format!(
@@ -192,7 +190,7 @@ mod tests {
     async fn dial(upstream: &Upstream) -> Result<TcpStream, DialFailure> {
         match upstream.dial(HOUR).await? {
             UpstreamStream::Tcp(tcp) => Ok(tcp),
-            UpstreamStream::Unix(unix) => panic!("a TCP dial: {unix:?}"),
+            other => panic!("a TCP dial: {other:?}"),
         }
     }
 

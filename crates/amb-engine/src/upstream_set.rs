@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use amb_metrics::{Metrics, RouteMetrics, Side, UpstreamHealth, UpstreamMetrics};
+use amb_pki::ServiceTlsFiles;
 use amb_proto::{Refusal, RouteName};
 use amb_spec::{
     Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec, MAX_UPSTREAMS,
@@ -31,7 +32,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
-use crate::endpoints::{discover, Discovered, Located, Resolver, Role, UpstreamStream};
+use crate::endpoints::{
+    discover, Discovered, Located, Resolver, Role, TlsConnector, UpstreamStream,
+};
 use crate::upstream::{DialFailure, Upstream};
 
 /// The first back-off after a failed dial; it doubles with each failure in a row.
@@ -54,6 +57,8 @@ struct Inner {
         Resolver,
         UpstreamMetrics,
     )>,
+    /// TLS to the upstreams, if the spec asks for it; why it cannot be made, if so.
+    tls: Option<Result<TlsConnector, String>>,
     /// Round-robin's position.
     turn: AtomicUsize,
     /// The route's counters.
@@ -217,11 +222,21 @@ impl UpstreamSet {
             let dials = metrics.upstream(route.as_str(), &discovery.to_string());
             (Mutex::new(found), resolver.clone(), dials)
         });
+        let tls = spec.tls.as_ref().map(|tls| {
+            let files = ServiceTlsFiles {
+                ca: tls.ca.clone(),
+                identity: tls.identity.clone(),
+            };
+            TlsConnector::new(&files, tls.server_name.as_deref()).inspect_err(
+                |why| warn!(%route, "upstream TLS unusable: {why}; its streams are refused"),
+            )
+        });
         let set = UpstreamSet(Arc::new(Inner {
             spec: spec.clone(),
             route: route.clone(),
             members: ArcSwap::from_pointee(members),
             discovered,
+            tls,
             turn: AtomicUsize::new(0),
             metrics: metrics.route(Side::Server, route.as_str()),
         }));
@@ -310,13 +325,25 @@ impl UpstreamSet {
                 Err(f) => member.dials.failed(f.refusal == Refusal::UpstreamTimeout),
             }
             match dialed {
-                Ok(mut stream) => {
+                Ok(stream) => {
+                    // TLS and credentials fail for the route's settings, not the upstream's
+                    // health: no other member is tried.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let mut stream = match inner.secure(stream, &member.upstream, left).await {
+                        Ok(stream) => stream,
+                        Err(why) => {
+                            return Err(DialFailure {
+                                reason: Some("upstream_tls"),
+                                refusal: Refusal::UpstreamRefused,
+                                detail: format!("{}: {why}", member.upstream),
+                            })
+                        }
+                    };
                     if let Some(auth) = &inner.spec.redis_auth {
-                        // The credentials' fault, not the upstream's health: no other is tried.
                         let left = deadline.saturating_duration_since(Instant::now());
                         if let Err(why) = authenticate(&mut stream, auth, left).await {
                             return Err(DialFailure {
-                                auth: true,
+                                reason: Some("upstream_auth"),
                                 refusal: Refusal::UpstreamRefused,
                                 detail: format!(
                                     "{}: upstream auth refused: {why}",
@@ -355,7 +382,7 @@ impl UpstreamSet {
             let answered = tokio::time::timeout_at(deadline, first.wait_for(Option::is_some));
             if !matches!(answered.await, Ok(Ok(_))) {
                 return Err(DialFailure {
-                    auth: false,
+                    reason: None,
                     refusal: Refusal::NoHealthyUpstream,
                     detail: format!("{} has not answered yet", inner.spec),
                 });
@@ -369,7 +396,7 @@ impl UpstreamSet {
                 _ => "no targets".to_owned(),
             };
             return Err(DialFailure {
-                auth: false,
+                reason: None,
                 refusal: Refusal::NoHealthyUpstream,
                 detail: format!("{}: {why}", inner.spec),
             });
@@ -379,6 +406,24 @@ impl UpstreamSet {
 }
 
 impl Inner {
+    /// `stream` made TLS, when the set's upstreams speak it, within `limit`.
+    async fn secure(
+        &self,
+        stream: UpstreamStream,
+        upstream: &Upstream,
+        limit: Duration,
+    ) -> Result<UpstreamStream, String> {
+        let Some(tls) = &self.tls else {
+            return Ok(stream);
+        };
+        let tls = tls
+            .as_ref()
+            .map_err(|why| format!("upstream TLS unusable: {why}"))?;
+        tokio::time::timeout(limit, tls.connect(stream, upstream.spec()))
+            .await
+            .unwrap_or_else(|_| Err(format!("no TLS handshake within {limit:?}")))
+    }
+
     /// Whether members have health (a route of one listed upstream has none: each dial tries
     /// it; a discovered one always has, its targets come and go).
     fn keeps_health(&self, members: &[Arc<Member>]) -> bool {
@@ -483,7 +528,7 @@ impl Inner {
     fn refusal(&self, failures: Vec<String>, all_timed_out: bool) -> DialFailure {
         if failures.is_empty() {
             return DialFailure {
-                auth: false,
+                reason: None,
                 refusal: Refusal::NoHealthyUpstream,
                 detail: format!(
                     "every upstream of the route is down ({}); each is tried again when its back-off ends",
@@ -492,7 +537,7 @@ impl Inner {
             };
         }
         DialFailure {
-            auth: false,
+            reason: None,
             refusal: if all_timed_out {
                 Refusal::UpstreamTimeout
             } else {
@@ -512,12 +557,11 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
         let Some(inner) = set.upgrade() else {
             return;
         };
-        let auth = inner.spec.redis_auth.as_ref();
         inner.refresh();
         let members = inner.members.load_full();
         let probes = members
             .iter()
-            .map(|m| probe(&m.upstream, check.kind, auth, check.interval));
+            .map(|m| probe(&inner, &m.upstream, check.kind, check.interval));
         let results = join_all(probes).await;
         for (member, result) in members.iter().zip(results) {
             let now = if result.is_ok() { CHECK_UP } else { CHECK_DOWN };
@@ -545,20 +589,20 @@ async fn check_while_used(set: Weak<Inner>, check: HealthCheck) {
     }
 }
 
-/// One active check of `upstream` (authenticated with `auth`, if any), answered within
-/// `limit`.
+/// One active check of `upstream`, over TLS and authenticated as the set's connections are,
+/// answered within `limit`.
 async fn probe(
+    set: &Inner,
     upstream: &Upstream,
     kind: HealthCheckKind,
-    auth: Option<&RedisAuth>,
     limit: Duration,
 ) -> Result<(), String> {
     let checked = async {
         let stream = upstream.dial(limit).await.map_err(|f| f.detail)?;
-        match (kind, stream) {
-            (HealthCheckKind::Tcp, _) => Ok(()),
-            (_, UpstreamStream::Tcp(tcp)) => ask_redis(tcp, kind, auth).await,
-            (_, UpstreamStream::Unix(unix)) => ask_redis(unix, kind, auth).await,
+        let stream = set.secure(stream, upstream, limit).await?;
+        match kind {
+            HealthCheckKind::Tcp => Ok(()),
+            _ => ask_redis(stream, kind, set.spec.redis_auth.as_ref()).await,
         }
     };
     tokio::time::timeout(limit, checked)
@@ -622,13 +666,7 @@ async fn authenticate(
     auth: &RedisAuth,
     limit: Duration,
 ) -> Result<(), String> {
-    let exchange = async {
-        match stream {
-            UpstreamStream::Tcp(tcp) => auth_exchange(tcp, auth).await,
-            UpstreamStream::Unix(unix) => auth_exchange(unix, auth).await,
-        }
-    };
-    tokio::time::timeout(limit, exchange)
+    tokio::time::timeout(limit, auth_exchange(stream, auth))
         .await
         .unwrap_or_else(|_| Err(format!("no answer to AUTH within {limit:?}")))
 }

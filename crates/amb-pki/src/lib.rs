@@ -8,6 +8,7 @@ mod error;
 mod files;
 mod identity;
 mod issue;
+mod upstream;
 mod verify;
 
 pub use check::{
@@ -20,6 +21,7 @@ pub use identity::peer_identity;
 pub use issue::{
     init_dev_pki, issue_leaf_in_dir, CertAuthority, InitOptions, IssuedLeaf, LeafRole, LeafSpec,
 };
+pub use upstream::ServiceTlsFiles;
 pub use verify::{TooManyIntermediates, MAX_INTERMEDIATES};
 
 /// Re-exported so callers name rustls types without a direct dependency.

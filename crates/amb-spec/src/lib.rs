@@ -20,6 +20,6 @@ pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
 pub use upstreams::{
     Balance, BalanceError, HealthCheck, HealthCheckKind, HealthCheckKindError, RedisAuth, Secret,
-    UpstreamSetSpec, UpstreamsError, WeightedUpstream, DEFAULT_HEALTH_INTERVAL, MAX_UPSTREAMS,
-    MAX_WEIGHT,
+    UpstreamSetSpec, UpstreamTls, UpstreamsError, WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
+    MAX_UPSTREAMS, MAX_WEIGHT,
 };

@@ -137,6 +137,22 @@ pub struct RedisAuth {
     pub password: Secret,
 }
 
+/// TLS to a route's upstreams (`upstream-tls`): each upstream connection is a TLS connection
+/// whose certificate must chain to `ca` and name `server_name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// PEM CA certificate(s) the upstream's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// The name (DNS or IP) its certificate must carry; `None`: each upstream's host as
+    /// written.
+    pub server_name: Option<String>,
+    /// A client certificate and its key, for an upstream that asks for one.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A digest of the files' contents at the last (re)load: a reload after they changed
+    /// builds the route again.
+    pub digest: [u8; 32],
+}
+
 /// Most upstreams a route may have.
 pub const MAX_UPSTREAMS: usize = 64;
 
@@ -226,6 +242,8 @@ pub struct UpstreamSetSpec {
     pub health: Option<HealthCheck>,
     /// Credentials to give each new upstream connection, if any.
     pub redis_auth: Option<RedisAuth>,
+    /// TLS to the upstreams, if they speak it.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl UpstreamSetSpec {
@@ -248,6 +266,7 @@ impl UpstreamSetSpec {
             balance,
             health: None,
             redis_auth: None,
+            tls: None,
         })
     }
 
@@ -259,6 +278,7 @@ impl UpstreamSetSpec {
             balance,
             health: None,
             redis_auth: None,
+            tls: None,
         }
     }
 
@@ -273,6 +293,7 @@ impl UpstreamSetSpec {
             balance: Balance::default(),
             health: None,
             redis_auth: None,
+            tls: None,
         }
     }
 

@@ -1,11 +1,14 @@
-//! The connector: turns an upstream endpoint into a connected stream. TCP or a Unix socket
-//! today; the place where TLS, credentials and PROXY headers hook in.
+//! The connector: turns an upstream endpoint into a connected stream, TCP or a Unix socket,
+//! on which TLS, credentials and PROXY headers may follow.
 
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::Endpoint;
@@ -17,6 +20,75 @@ pub enum UpstreamStream {
     Tcp(TcpStream),
     /// Over a Unix socket.
     Unix(UnixStream),
+    /// TLS over one of the others.
+    Tls(Box<tokio_rustls::client::TlsStream<UpstreamStream>>),
+}
+
+/// Calls `$call` on whichever stream this is.
+macro_rules! each_stream {
+    ($self:expr, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Tcp($stream) => $call,
+            UpstreamStream::Unix($stream) => $call,
+            UpstreamStream::Tls($stream) => $call,
+        }
+    };
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            // A service that closes without TLS's close_notify (Redis does) ends its stream as
+            // a FIN would, as stunnel and HAProxy take it: the service's own framing, not TLS,
+            // tells a cut-off reply, as over plain TCP.
+            UpstreamStream::Tls(s) => match Pin::new(s).poll_read(cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
 }
 
 /// How far one dial got, so a timeout can say which step ran out.

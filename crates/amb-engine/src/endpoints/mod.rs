@@ -9,6 +9,7 @@ mod connect;
 mod discover;
 mod etcd;
 mod resolve;
+mod secure;
 mod source;
 
 pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_DELAY};
@@ -16,6 +17,7 @@ pub use connect::{Connector, DialProgress, UpstreamStream};
 pub use discover::{discover, Discovered, MAX_REFRESH, MIN_REFRESH};
 pub use etcd::{register, EtcdTls, LEASE_TTL};
 pub use resolve::{located_set, Located, Resolver, SrvAnswer};
+pub use secure::TlsConnector;
 #[cfg(test)]
 pub(crate) use source::Periods;
 pub use source::{EndpointSet, Role, Source, LOOKUP_LIMIT, RELOOKUP_AFTER_FAILURE, RESOLVE_EVERY};

@@ -1,0 +1,95 @@
+//! Interoperability with services and clients that speak TLS themselves: a route to a
+//! `redis-server` that accepts only TLS with a client certificate (`upstream-tls`). Real redis,
+//! real binaries, both transports.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+per_transport!(a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name,);
+
+/// One RESP command on a fresh connection through `listen`; the answer.
+async fn call(listen: SocketAddr, command: &[&str]) -> std::io::Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(listen).await?;
+    let mut resp = format!("*{}\r\n", command.len());
+    for arg in command {
+        resp += &format!("${}\r\n{arg}\r\n", arg.len());
+    }
+    tcp.write_all(resp.as_bytes()).await?;
+    tcp.shutdown().await?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Transport) {
+    let pki = Pki::new();
+    let redis = Redis::start_tls(&pki);
+    let other = Pki::new();
+    let path = |pki: &Pki, name: &str| pki.path(name).display().to_string();
+    let route = |name: &str, ca: &str, server_name: &str| {
+        format!(
+            "\n[[server.route]]\nname = \"{name}\"\nupstream = \"127.0.0.1:{}\"\n\
+             upstream-tls = {{ ca = \"{ca}\", server-name = \"{server_name}\", cert = \"{}\", key = \"{}\" }}\n",
+            redis.port,
+            path(&pki, "client.pem"),
+            path(&pki, "client.key"),
+        )
+    };
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nmetrics = \"127.0.0.1:0\"\n",
+        path(&pki, "server.pem"),
+        path(&pki, "server.key"),
+        path(&pki, "ca.pem"),
+    ) + &route("redis", &path(&pki, "ca.pem"), "localhost")
+        + "health-check = \"redis\"\nhealth-interval = \"200ms\"\n"
+        + &route("wrong-ca", &path(&other, "ca.pem"), "localhost")
+        + &route("wrong-name", &path(&pki, "ca.pem"), "redis.example");
+    let file = pki.path("amb.toml");
+    std::fs::write(&file, config).unwrap();
+    let server = Amb::spawn(&[
+        "server".into(),
+        "--config".into(),
+        file.display().to_string(),
+    ]);
+    let listens = [
+        "--listen",
+        "0=redis",
+        "--listen",
+        "0=wrong-ca",
+        "--listen",
+        "0=wrong-name",
+    ];
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &listens);
+    client.wait_tunnel_up();
+
+    // The health check speaks TLS, with the client certificate, too.
+    server
+        .log
+        .wait_for(&["upstream health: unchecked → up", "route=redis"]);
+    let good = client.listen_addr_for("redis");
+    assert_eq!(
+        call(good, &["SET", "greeting", "over TLS"]).await.unwrap(),
+        "+OK\r\n"
+    );
+    assert_eq!(redis.cli(&["get", "greeting"]).as_deref(), Some("over TLS"));
+
+    // A certificate of another CA, or one that does not name the server name: refused
+    // (502), with the certificate problem as the reason.
+    let metrics = metrics_addr(&server);
+    for (route, problem) in [
+        ("wrong-ca", "invalid peer certificate"),
+        ("wrong-name", "not valid for name"),
+    ] {
+        assert_reset_after_write(client.listen_addr_for(route), b"*1\r\n$4\r\nPING\r\n").await;
+        server
+            .log
+            .wait_for(&["stream refused", &format!("route={route}"), problem]);
+        let series =
+            format!(r#"amb_refusals_total{{side="server",route="{route}",reason="upstream_tls"}}"#);
+        wait_sample(metrics, &series, 1.0).await;
+    }
+}
