@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use amb_engine::endpoints::{EtcdTls, Resolver};
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, Registration, Server, ServerSettings, ServerTransports,
+    Client, ClientSettings, ClientTransport, DirectClient, DirectSettings, Registration, Server,
+    ServerSettings, ServerTransports,
 };
 use amb_metrics::Metrics;
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
@@ -505,6 +506,17 @@ struct ClientArgs {
     /// go to the others at once when one is lost or draining.
     #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
     peer: Vec<PeerList>,
+    /// Client-only mode (the stunnel client role): carry each app connection as its own TLS
+    /// connection straight to this TLS service, HOST:PORT (several separated by commas), with
+    /// no amb server. Its certificate must chain to --ca and name --server-name (default:
+    /// HOST); --cert and --key, together, present a client certificate.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "AMB_TLS_UPSTREAM",
+        conflicts_with = "peer"
+    )]
+    tls_upstream: Option<UpstreamSetSpec>,
     /// How new app connections are spread over several peers: least-conn (the one carrying
     /// the fewest), round-robin, or failover (the first up, in the order given: a standby).
     #[arg(
@@ -687,6 +699,14 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                     (path, Box::new(build))
                 });
             runtime(args.threads)?.block_on(run_server(settings, config))
+        }
+        Command::Client(client) if client.tls_upstream.is_some() => {
+            let part = matches.subcommand_matches("client");
+            let settings = direct_settings(*client, &Given(part))?;
+            runtime(args.threads)?.block_on(async {
+                DirectClient::bind(settings)?.run(shutdown_signal()).await;
+                Ok(())
+            })
         }
         Command::Client(client) => {
             let part = matches.subcommand_matches("client").cloned();
@@ -1017,7 +1037,8 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
             set.redis_auth = Some(redis_auth(&name, auth.get_ref())?);
         }
         if let Some(tls) = &route.upstream_tls {
-            set.tls = Some(upstream_tls(&name, &set, tls.get_ref())?);
+            let what = format!("route {name}: upstream-tls");
+            set.tls = Some(upstream_tls(&what, &set, tls.get_ref())?);
         }
         if let Some(allow) = &route.allow {
             restricted.push((name.clone(), config::allow_list(allow)?));
@@ -1162,13 +1183,75 @@ fn redis_auth(route: &RouteName, auth: &config::RedisAuthFile) -> anyhow::Result
     })
 }
 
-/// A route's `upstream-tls`, its files read and checked now (each reload reads them again).
+/// Client-only mode's settings (`--tls-upstream`).
+fn direct_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<DirectSettings> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?
+            .client
+            .with_context(|| format!("{}: no [client] part", path.display()))?,
+        None => ClientFile::default(),
+    };
+    let file_listens = file
+        .listeners
+        .iter()
+        .map(ListenerFile::spec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let listens = given.pick(
+        "listens",
+        args.listens,
+        Some(file_listens).filter(|l| !l.is_empty()),
+    );
+    if listens.iter().any(|l| !l.peers.is_empty()) {
+        bail!("--tls-upstream carries app connections straight to the TLS service: a listener names a peer");
+    }
+    let mut service = args
+        .tls_upstream
+        .context("client-only mode needs --tls-upstream")?;
+    let (certs, limits) = certs_and_limits!(file);
+    let (limits, max_connections) = args.limits.resolve(given, limits);
+    let (metrics_listen, access_log) =
+        args.observe
+            .resolve(given, file.metrics.map(|a| a.0), file.access_log);
+    // The CA from --ca or the certs directory; a client certificate only when both --cert and
+    // --key say so (a TLS service need not ask for one).
+    let certs_dir = given.pick("certs_dir", args.certs.certs_dir, certs.certs_dir);
+    let tls = config::UpstreamTlsFile {
+        ca: args
+            .certs
+            .ca
+            .or(certs.ca)
+            .unwrap_or_else(|| certs_dir.join("ca.pem")),
+        server_name: given.pick("server_name", args.server_name, file.server_name.map(Some)),
+        cert: args.certs.cert.or(certs.cert),
+        key: args.certs.key.or(certs.key),
+    };
+    service.tls = Some(upstream_tls("--tls-upstream", &service, &tls)?);
+    Ok(DirectSettings {
+        service,
+        listens,
+        connect_timeout: limits.handshake_timeout,
+        max_connections,
+        drain_timeout: limits.drain_timeout,
+        dns_server: given.pick(
+            "dns_server",
+            args.dns_server,
+            file.dns_server.map(|a| Some(a.0)),
+        ),
+        metrics: process_metrics(),
+        metrics_listen,
+        access_log,
+    })
+}
+
+/// TLS to a service (a route's `upstream-tls`, or `--tls-upstream`), its files read and
+/// checked now (each reload reads them again); `what` names the setting in errors.
 fn upstream_tls(
-    route: &RouteName,
+    what: &str,
     set: &UpstreamSetSpec,
     file: &config::UpstreamTlsFile,
 ) -> anyhow::Result<UpstreamTls> {
-    let context = || format!("route {route}: upstream-tls");
+    let context = || what.to_owned();
     let identity = file
         .identity()
         .map_err(anyhow::Error::msg)

@@ -93,3 +93,56 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
         wait_sample(metrics, &series, 1.0).await;
     }
 }
+
+/// `amb client --tls-upstream`: no amb server, each app connection its own TLS connection to
+/// the service, verified against --ca and presenting --cert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_only_mode_reaches_a_tls_only_redis_and_refuses_a_wrong_name() {
+    let pki = Pki::new();
+    let redis = Redis::start_tls(&pki);
+    let path = |name: &str| pki.path(name).display().to_string();
+    let direct = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "client",
+            "--listen",
+            "0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--tls-upstream",
+            &format!("localhost:{}", redis.port),
+            "--ca",
+            &path("ca.pem"),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Amb::spawn(&args)
+    };
+    let identity = ["--cert", &path("client.pem"), "--key", &path("client.key")];
+    let client = direct(&identity);
+    let listen = client.listen_addr();
+    assert_eq!(
+        call(listen, &["SET", "greeting", "straight"])
+            .await
+            .unwrap(),
+        "+OK\r\n"
+    );
+    assert_eq!(redis.cli(&["get", "greeting"]).as_deref(), Some("straight"));
+    assert_eq!(
+        call(listen, &["GET", "greeting"]).await.unwrap(),
+        "$8\r\nstraight\r\n"
+    );
+    let metrics = metrics_addr(&client);
+    let ok = r#"amb_connections_total{side="client",route="default",end="ok"}"#;
+    wait_sample(metrics, ok, 2.0).await;
+
+    // A server name the certificate lacks: refused at the handshake, the app reset.
+    let wrong = direct(&[&identity[..], &["--server-name", "redis.example"]].concat());
+    assert_reset_after_write(wrong.listen_addr(), b"*1\r\n$4\r\nPING\r\n").await;
+    let refused = r#"amb_refusals_total{side="client",route="default",reason="upstream_tls"}"#;
+    wait_sample(metrics_addr(&wrong), refused, 1.0).await;
+
+    // No client certificate, which this redis demands: the app is reset, not answered.
+    let anonymous = direct(&[]);
+    assert_reset_after_write(anonymous.listen_addr(), b"*1\r\n$4\r\nPING\r\n").await;
+}

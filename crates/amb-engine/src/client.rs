@@ -773,17 +773,17 @@ struct Target {
 }
 
 /// An app connection on its way: its socket, where and when it came from, its count.
-struct AppConnection {
-    tcp: TcpStream,
-    app: SocketAddr,
-    arrived: Instant,
-    counted: OpenConnection,
+pub(crate) struct AppConnection {
+    pub(crate) tcp: TcpStream,
+    pub(crate) app: SocketAddr,
+    pub(crate) arrived: Instant,
+    pub(crate) counted: OpenConnection,
 }
 
 impl AppConnection {
     /// Refuses it (resets the app's socket) for `reason` (`why`, to log), after trying `peer`
     /// if any: a warning (at most one a second per route and reason), counted, one access line.
-    fn refuse(
+    pub(crate) fn refuse(
         mut self,
         (route, peer): (&RouteName, Option<&String>),
         reason: &'static str,
@@ -942,8 +942,8 @@ impl Target {
 }
 
 /// What every listener's accept loop shares.
-struct Accepting {
-    live: TaskTracker,
+pub(crate) struct Accepting {
+    pub(crate) live: TaskTracker,
     slots: Arc<Semaphore>,
     throttle: LogThrottle,
     tunnel_wait: Duration,
@@ -951,9 +951,32 @@ struct Accepting {
     peer_balance: Balance,
     /// Round-robin's position over peers.
     turn: AtomicUsize,
-    access_log: bool,
+    pub(crate) access_log: bool,
     /// Refusals logged at most once a second per route and reason.
-    refusals: LogThrottles<(String, &'static str)>,
+    pub(crate) refusals: LogThrottles<(String, &'static str)>,
+}
+
+impl Accepting {
+    /// For listeners that carry up to `max_connections` app connections at once, waiting up
+    /// to `tunnel_wait` for a tunnel and spreading them over peers as `peer_balance` says.
+    pub(crate) fn new(
+        max_connections: usize,
+        tunnel_wait: Duration,
+        peer_balance: Balance,
+        access_log: bool,
+    ) -> Self {
+        Accepting {
+            live: TaskTracker::new(),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            throttle: LogThrottle::default(),
+            tunnel_wait,
+            max_connections,
+            peer_balance,
+            turn: AtomicUsize::new(0),
+            access_log,
+            refusals: LogThrottles::default(),
+        }
+    }
 }
 
 /// A link in service, and what stops its supervisors.
@@ -1321,10 +1344,35 @@ impl Running {
     }
 }
 
+/// Where a listener's app connections go: over tunnel connections ([`Target`]), or each
+/// straight to a TLS service ([`crate::direct`]).
+pub(crate) trait Carrier: Send + Sync + 'static {
+    /// The route its connections are counted and logged under.
+    fn route(&self) -> &RouteName;
+    /// Counts a new app connection open.
+    fn counted(&self) -> OpenConnection;
+    /// Carries one app connection to its end.
+    fn carry(&self, conn: AppConnection, accepting: &Accepting) -> impl Future<Output = ()> + Send;
+}
+
+impl Carrier for Target {
+    fn route(&self) -> &RouteName {
+        &self.route
+    }
+
+    fn counted(&self) -> OpenConnection {
+        self.metrics.connection()
+    }
+
+    fn carry(&self, conn: AppConnection, accepting: &Accepting) -> impl Future<Output = ()> + Send {
+        Target::carry(self, conn, accepting)
+    }
+}
+
 /// One listener's accept loop, until `stop`.
-async fn accept(
+pub(crate) async fn accept<C: Carrier>(
     listener: TcpListener,
-    target: Arc<ArcSwap<Target>>,
+    target: Arc<ArcSwap<C>>,
     mut stop: watch::Receiver<bool>,
     shared: Arc<Accepting>,
 ) {
@@ -1338,24 +1386,18 @@ async fn accept(
             Ok((tcp, app)) => {
                 let arrived = Instant::now();
                 let target = target.load_full();
-                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
-                    let conn = AppConnection {
-                        tcp,
-                        app,
-                        arrived,
-                        counted: target.metrics.connection(),
-                    };
-                    let why = format_args!("at --max-connections {max}");
-                    conn.refuse((&target.route, None), "unavailable", why, &shared);
-                    continue;
-                };
-                let accepting = shared.clone();
                 let conn = AppConnection {
                     tcp,
                     app,
                     arrived,
-                    counted: target.metrics.connection(),
+                    counted: target.counted(),
                 };
+                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+                    let why = format_args!("at --max-connections {max}");
+                    conn.refuse((target.route(), None), "unavailable", why, &shared);
+                    continue;
+                };
+                let accepting = shared.clone();
                 shared.live.spawn(async move {
                     target.carry(conn, &accepting).await;
                     drop(slot);
@@ -1382,17 +1424,12 @@ async fn run(
     mut relisten: mpsc::UnboundedReceiver<Relisten>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let accepting = Arc::new(Accepting {
-        live: TaskTracker::new(),
-        slots: Arc::new(Semaphore::new(settings.max_connections)),
-        throttle: LogThrottle::default(),
-        tunnel_wait: settings.tunnel_wait,
-        max_connections: settings.max_connections,
-        peer_balance: settings.peer_balance,
-        turn: AtomicUsize::new(0),
-        access_log: settings.access_log,
-        refusals: LogThrottles::default(),
-    });
+    let accepting = Arc::new(Accepting::new(
+        settings.max_connections,
+        settings.tunnel_wait,
+        settings.peer_balance,
+        settings.access_log,
+    ));
     let mut running = Running {
         links: HashMap::new(),
         discoveries: Vec::new(),

@@ -8,6 +8,7 @@
 
 mod access;
 mod client;
+mod direct;
 pub mod endpoints;
 mod lifecycle;
 pub mod relay;
@@ -19,6 +20,7 @@ mod upstream;
 mod upstream_set;
 
 pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners, PeerProbe};
+pub use direct::{DirectClient, DirectSettings};
 pub use endpoints::{TlsConnector, UpstreamStream};
 pub use reload::Reload;
 pub use server::{

@@ -202,8 +202,21 @@ impl Drop for Lease {
 
 impl UpstreamSet {
     /// The upstreams `spec` describes, for `route` (named in health log lines); names are
-    /// looked up by `resolver`; connections and dials are counted in `metrics`.
+    /// looked up by `resolver`; connections and dials are counted in `metrics`, as the
+    /// server's.
     pub fn new(
+        route: &RouteName,
+        spec: &UpstreamSetSpec,
+        resolver: &Resolver,
+        metrics: &Metrics,
+    ) -> Self {
+        Self::on_side(Side::Server, route, spec, resolver, metrics)
+    }
+
+    /// [`UpstreamSet::new`], its connections counted as `side`'s (a client in client-only
+    /// mode dials TLS services itself).
+    pub fn on_side(
+        side: Side,
         route: &RouteName,
         spec: &UpstreamSetSpec,
         resolver: &Resolver,
@@ -238,7 +251,7 @@ impl UpstreamSet {
             discovered,
             tls,
             turn: AtomicUsize::new(0),
-            metrics: metrics.route(Side::Server, route.as_str()),
+            metrics: metrics.route(side, route.as_str()),
         }));
         if let Some(check) = spec.health {
             tokio::spawn(check_while_used(Arc::downgrade(&set.0), check));

@@ -24,6 +24,24 @@ pub enum UpstreamStream {
     Tls(Box<tokio_rustls::client::TlsStream<UpstreamStream>>),
 }
 
+impl UpstreamStream {
+    /// Drops the connection with a TCP RST where TCP is underneath: a FIN would tell the
+    /// service the app finished cleanly.
+    pub fn abort(self) {
+        self.set_zero_linger();
+    }
+
+    fn set_zero_linger(&self) {
+        match self {
+            UpstreamStream::Tcp(tcp) => {
+                let _ = tcp.set_zero_linger();
+            }
+            UpstreamStream::Unix(_) => {}
+            UpstreamStream::Tls(tls) => tls.get_ref().0.set_zero_linger(),
+        }
+    }
+}
+
 /// Calls `$call` on whichever stream this is.
 macro_rules! each_stream {
     ($self:expr, $stream:ident => $call:expr) => {
