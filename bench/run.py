@@ -515,7 +515,8 @@ class Bench:
             if self.amb_two_upstreams and upstream == self.redis_port:
                 dial = f"{HOST}:{upstream},127.0.0.2:{upstream}"
             argv = [self.amb, "server", "--listen", f"{HOST}:{srv_port}", "--upstream", dial,
-                    "--certs-dir", c, "--transport", transport, *self.args.amb_server_arg]
+                    "--certs-dir", c, *_transport(transport, self.args.amb_server_arg),
+                    *self.args.amb_server_arg]
         server = spawn(argv, self.path(f"{tag}-server.log"))
         inst.procs.append(server)
         if amb:
@@ -542,7 +543,8 @@ class Bench:
         else:
             transport = pair.split("-")[1]
             argv = [self.amb, "client", "--listen", f"{HOST}:{local}", *self._peer(tag, target),
-                    "--transport", transport, "--certs-dir", c, *self.args.amb_client_arg]
+                    *_transport(transport, self.args.amb_client_arg), "--certs-dir", c,
+                    *self.args.amb_client_arg]
         client = spawn(argv, self.path(f"{tag}-client.log"))
         inst.procs.append(client)
         if amb:
@@ -552,6 +554,12 @@ class Bench:
         wait_listen(local, client)
         inst.local_port = local
         inst.sides = [client, server]
+
+
+def _transport(transport: str, extra: list[str]) -> list[str]:
+    """The pair's --transport, unless the extra arguments give their own (e.g. auto)."""
+    given = any(a == "--transport" or a.startswith("--transport=") for a in extra)
+    return [] if given else ["--transport", transport]
 
 
 def _amb_connections(extra: list[str], pair: str) -> int:

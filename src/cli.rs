@@ -424,6 +424,15 @@ struct ServerArgs {
     /// A named route: NAME=UPSTREAM[,UPSTREAM...], each HOST:PORT or unix:PATH (repeatable).
     #[arg(long = "route", value_name = "NAME=UPSTREAMS", env = "AMB_ROUTE")]
     routes: Vec<RouteSpec>,
+    /// The route a standard TLS client (no ALPN: redis-cli --tls, stunnel) is served when its
+    /// SNI names no route; it presents a client certificate as a tunnel client does.
+    #[arg(
+        long,
+        value_name = "ROUTE",
+        default_value = "default",
+        env = "AMB_TLS_ROUTE"
+    )]
+    tls_route: RouteName,
     /// How a route of several upstreams spreads new connections over those up: least-conn
     /// (the less loaded of two picked by weight), round-robin (by weight), or failover (the
     /// first up, in the order given). A route's own `balance` in --config wins.
@@ -490,7 +499,12 @@ enum ServerTransportArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ClientTransportArg {
+    /// QUIC where it works, else TLS (UDP blocked, or a server serving TLS only); new app
+    /// connections move back to QUIC once it works.
+    Auto,
+    /// QUIC over UDP only.
     Quic,
+    /// HTTP/2 over TLS 1.3 over TCP only.
     Tls,
 }
 
@@ -542,7 +556,7 @@ struct ClientArgs {
     #[arg(long, default_value = "127.0.0.1", env = "AMB_LISTEN_ADDR")]
     listen_addr: std::net::IpAddr,
     /// Tunnel transport.
-    #[arg(long, value_enum, default_value = "quic", env = "AMB_TRANSPORT")]
+    #[arg(long, value_enum, default_value = "auto", env = "AMB_TRANSPORT")]
     transport: ClientTransportArg,
     /// Name the server certificate must be valid for (default: HOST of --peer, or each SRV
     /// record's target).
@@ -1310,10 +1324,12 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
     let file_transport = file.transport.map(|t| match t {
         config::ClientTransport::Quic => ClientTransportArg::Quic,
         config::ClientTransport::Tls => ClientTransportArg::Tls,
+        config::ClientTransport::Auto => ClientTransportArg::Auto,
     });
     let transport = match given.pick("transport", args.transport, file_transport) {
         ClientTransportArg::Quic => ClientTransport::Quic,
         ClientTransportArg::Tls => ClientTransport::Tls,
+        ClientTransportArg::Auto => ClientTransport::Auto,
     };
     let file_listens = file
         .listeners
@@ -1364,7 +1380,7 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         listens,
         limits,
         connections: connections.unwrap_or(match transport {
-            ClientTransport::Quic => 1,
+            ClientTransport::Quic | ClientTransport::Auto => 1,
             ClientTransport::Tls => 2,
         }),
         tunnel_wait: given.pick(

@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod impair;
+pub mod netns;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

@@ -64,6 +64,8 @@ pub enum ClientTransport {
     Quic,
     /// HTTP/2 over TLS 1.3.
     Tls,
+    /// QUIC where it works, else TLS.
+    Auto,
 }
 
 /// `access-log`: on or off.

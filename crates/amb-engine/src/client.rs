@@ -49,6 +49,20 @@ pub enum ClientTransport {
     Quic,
     /// HTTP/2 over TLS 1.3 over TCP.
     Tls,
+    /// QUIC where it works, else TLS: both are kept dialed (TLS with one connection), new
+    /// app connections go over QUIC while it has a tunnel connection up, else over TLS.
+    Auto,
+}
+
+impl ClientTransport {
+    /// The ALPNs its tunnel connections speak.
+    fn alpns(self) -> &'static [&'static [u8]] {
+        match self {
+            ClientTransport::Quic => &[ALPN_QUIC],
+            ClientTransport::Tls => &[ALPN_H2],
+            ClientTransport::Auto => &[ALPN_QUIC, ALPN_H2],
+        }
+    }
 }
 
 /// Everything the client needs.
@@ -114,7 +128,8 @@ struct Listener {
 struct LinkMaker {
     transport: ClientTransport,
     server_name: Option<String>,
-    tls: watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>,
+    /// The configuration of each ALPN the transport speaks (QUIC's first).
+    tls: Vec<watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>>,
     limits: Limits,
     resolver: Resolver,
     metrics: Arc<Metrics>,
@@ -125,6 +140,7 @@ impl LinkMaker {
         match self.transport {
             ClientTransport::Quic => "quic",
             ClientTransport::Tls => "tls",
+            ClientTransport::Auto => "auto",
         }
     }
 
@@ -135,17 +151,43 @@ impl LinkMaker {
             EngineError::Config(format!("peer {peer} is a discovered set, not one server"))
         })?;
         let server_name = self.server_name.clone().unwrap_or_else(|| addr.host());
-        let (tls, limits) = (self.tls.clone(), self.limits);
+        let limits = self.limits;
         let source = peer_source(peer, addr, &self.resolver);
+        let (first, last) = (self.tls[0].clone(), self.tls[self.tls.len() - 1].clone());
+        let quic = |tls| -> Result<_, EngineError> {
+            let dialer = QuicDialer::new(tls, server_name.clone(), limits)?;
+            Ok(PeerLink::new(
+                peer,
+                label,
+                source.clone(),
+                "quic",
+                dialer,
+                self,
+            ))
+        };
+        let tls = |tls| -> Result<_, EngineError> {
+            let dialer = TlsDialer::new(tls, &server_name, limits)?;
+            Ok(PeerLink::new(
+                peer,
+                label,
+                source.clone(),
+                "tls",
+                dialer,
+                self,
+            ))
+        };
         Ok(match self.transport {
-            ClientTransport::Quic => {
-                let dialer = QuicDialer::new(tls, server_name, limits)?;
-                Link::Quic(PeerLink::new(peer, label, source, "quic", dialer, self))
-            }
-            ClientTransport::Tls => {
-                let dialer = TlsDialer::new(tls, &server_name, limits)?;
-                Link::Tls(PeerLink::new(peer, label, source, "tls", dialer, self))
-            }
+            ClientTransport::Quic => Link::Quic(quic(first)?),
+            ClientTransport::Tls => Link::Tls(tls(first)?),
+            ClientTransport::Auto => Link::Auto(Arc::new(AutoLink {
+                quic: {
+                    let quic = quic(first)?;
+                    quic.covered.store(true, Ordering::Relaxed);
+                    quic
+                },
+                tls: tls(last)?,
+                over_tls: AtomicBool::new(false),
+            })),
         })
     }
 }
@@ -196,15 +238,15 @@ fn prepare(
     EngineError,
 > {
     let listens = with_peers(settings.listens.clone(), &settings.peers)?;
-    let alpn = match settings.transport {
-        ClientTransport::Quic => ALPN_QUIC,
-        ClientTransport::Tls => ALPN_H2,
-    };
-    let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, &[alpn])?;
+    let alpns = settings.transport.alpns();
+    let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, alpns)?;
     let makes = LinkMaker {
         transport: settings.transport,
         server_name: settings.server_name.clone(),
-        tls: certs.subscribe(alpn).expect("loaded for this ALPN"),
+        tls: alpns
+            .iter()
+            .map(|alpn| certs.subscribe(alpn).expect("loaded for this ALPN"))
+            .collect(),
         limits: settings.limits,
         resolver: Resolver::new(settings.dns_server, settings.etcd_tls.clone()),
         metrics: settings.metrics.clone(),
@@ -278,7 +320,8 @@ impl Client {
         // Served to the end of the drain: `/readyz` says the client is shutting down.
         let _endpoint = endpoint.serve(&settings.metrics);
         let (stop_tx, stop) = watch::channel(false);
-        let watch = (makes.tls.clone(), certs.trust());
+        // Every ALPN's configuration changes at once: the first tells a reload.
+        let watch = (makes.tls[0].clone(), certs.trust());
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
             run(links, watch, listeners, makes, settings, relisten, shutdown).await;
@@ -444,6 +487,9 @@ struct PeerLink<D: Dialer> {
     /// The peer as configured (a discovered server's set), for metrics.
     label: String,
     transport: &'static str,
+    /// Another transport carries while this one cannot connect (auto's QUIC): its failed
+    /// dials are debug lines.
+    covered: AtomicBool,
     dialer: D,
     balancer: Balancer,
     pool: Pool<D::Tunnel>,
@@ -465,6 +511,7 @@ impl<D: Dialer> PeerLink<D> {
             name: peer.to_string(),
             label: label.to_owned(),
             transport,
+            covered: AtomicBool::new(false),
             dialer,
             balancer: Balancer::new(source),
             pool: Pool {
@@ -526,40 +573,34 @@ impl<D: Dialer> PeerLink<D> {
     }
 }
 
-/// A peer's link, whatever its transport: what listeners hold, so that they can route to
-/// several peers and transports. Dispatch is once per app connection.
-#[derive(Clone)]
-enum Link {
-    Quic(Arc<PeerLink<QuicDialer>>),
-    Tls(Arc<PeerLink<TlsDialer>>),
-}
-
-/// Calls `$body` with the link's typed [`PeerLink`] bound to `$link`.
-macro_rules! with_link {
-    ($self:expr, $link:ident => $body:expr) => {
-        match $self {
-            Link::Quic($link) => $body,
-            Link::Tls($link) => $body,
-        }
-    };
-}
-
-impl Link {
-    fn peer(&self) -> &PeerSpec {
-        with_link!(self, link => &link.peer)
+impl<D: Dialer> PeerLink<D> {
+    /// App connections on its tunnel connections in service; `None` if none is up.
+    fn live_load(&self) -> Option<usize> {
+        let live = self.pool.live.borrow();
+        (!live.is_empty()).then(|| live.iter().map(|(_, p)| p.carried.running()).sum())
     }
 
-    fn name(&self) -> &str {
-        with_link!(self, link => &link.name)
+    /// Resolves once a tunnel connection to the peer is in service.
+    async fn wait_live(&self) {
+        let mut live = self.pool.live.subscribe();
+        let _ = live.wait_for(|v| !v.is_empty()).await;
     }
 
-    fn transport(&self) -> &'static str {
-        with_link!(self, link => link.transport)
+    /// One tunnel connection, dialed and closed again: what answered and what it presented
+    /// (read by `presented`).
+    async fn probe(
+        &self,
+        presented: impl Fn(&D::Tunnel) -> Option<CertificateDer<'static>>,
+    ) -> Result<(String, Option<CertificateDer<'static>>), String> {
+        let (tunnel, addr) = self.dial_at().await.map_err(|e| e.to_string())?;
+        let presented = presented(&tunnel);
+        tunnel.close().await;
+        Ok((addr.to_string(), presented))
     }
 
     /// Keeps `count` tunnel connections up until `stop`.
     fn supervise(
-        &self,
+        self: &Arc<Self>,
         count: usize,
         certs: &CertsWatch,
         stop: &watch::Receiver<bool>,
@@ -567,8 +608,99 @@ impl Link {
     ) {
         for slot in 0..count {
             let (certs, stop) = (certs.clone(), stop.clone());
-            with_link!(self, link => tasks.spawn(supervise(slot, link.clone(), certs, stop)));
+            tasks.spawn(supervise(slot, self.clone(), certs, stop));
         }
+    }
+}
+
+/// Transport `auto`'s link to a peer: QUIC and TLS both kept dialed; new app connections go
+/// over QUIC while it has a tunnel connection up, else over TLS, else over the first of the
+/// two to get one. QUIC's supervisors keep redialing (backing off) while TLS carries.
+struct AutoLink {
+    quic: Arc<PeerLink<QuicDialer>>,
+    tls: Arc<PeerLink<TlsDialer>>,
+    /// New app connections went over TLS last: a change is logged.
+    over_tls: AtomicBool,
+}
+
+impl AutoLink {
+    /// Whether a new app connection goes over TLS: QUIC has no tunnel connection up and TLS
+    /// has, or (neither has) TLS gets one first within `wait`. `None`: neither within `wait`.
+    async fn over_tls(&self, wait: Duration) -> Option<bool> {
+        let over_tls = match (self.quic.live_load(), self.tls.live_load()) {
+            (Some(_), _) => false,
+            (None, Some(_)) => true,
+            (None, None) => tokio::time::timeout(wait, async {
+                tokio::select! {
+                    biased;
+                    () = self.quic.wait_live() => false,
+                    () = self.tls.wait_live() => true,
+                }
+            })
+            .await
+            .ok()?,
+        };
+        if self.over_tls.swap(over_tls, Ordering::Relaxed) != over_tls {
+            let peer = &self.quic.name;
+            match over_tls {
+                true => {
+                    info!(%peer, transport = "tls", "carrying new app connections over TLS: no QUIC tunnel connection is up (UDP blocked, or the server serves TLS only); QUIC is still dialed")
+                }
+                false => {
+                    info!(%peer, transport = "quic", "carrying new app connections over QUIC again")
+                }
+            }
+        }
+        Some(over_tls)
+    }
+}
+
+/// A peer's link, whatever its transport: what listeners hold, so that they can route to
+/// several peers and transports. Dispatch is once per app connection.
+#[derive(Clone)]
+enum Link {
+    Quic(Arc<PeerLink<QuicDialer>>),
+    Tls(Arc<PeerLink<TlsDialer>>),
+    Auto(Arc<AutoLink>),
+}
+
+/// Calls `$body` with the link's typed [`PeerLink`] bound to `$link`; for an [`AutoLink`],
+/// `$auto_body` with it bound to `$auto`.
+macro_rules! with_link {
+    ($self:expr, $link:ident => $body:expr, $auto:ident => $auto_body:expr) => {
+        match $self {
+            Link::Quic($link) => $body,
+            Link::Tls($link) => $body,
+            Link::Auto($auto) => $auto_body,
+        }
+    };
+}
+
+impl Link {
+    fn peer(&self) -> &PeerSpec {
+        with_link!(self, link => &link.peer, auto => &auto.quic.peer)
+    }
+
+    fn name(&self) -> &str {
+        with_link!(self, link => &link.name, auto => &auto.quic.name)
+    }
+
+    fn transport(&self) -> &'static str {
+        with_link!(self, link => link.transport, _auto => "auto")
+    }
+
+    /// Keeps `count` tunnel connections up until `stop` (an auto link's TLS, one).
+    fn supervise(
+        &self,
+        count: usize,
+        certs: &CertsWatch,
+        stop: &watch::Receiver<bool>,
+        tasks: &TaskTracker,
+    ) {
+        with_link!(self, link => link.supervise(count, certs, stop, tasks), auto => {
+            auto.quic.supervise(count, certs, stop, tasks);
+            auto.tls.supervise(1, certs, stop, tasks);
+        })
     }
 
     /// Carries the app connection in `conn` over a pooled tunnel connection; with `hand_back`,
@@ -580,42 +712,56 @@ impl Link {
         (wait, hand_back): (Duration, bool),
         accepting: &Accepting,
     ) {
-        with_link!(self, link => carry(conn, route, link, (wait, hand_back), accepting).await)
+        with_link!(self, link => carry(conn, route, link, (wait, hand_back), accepting).await, auto => {
+            let started = Instant::now();
+            let rest = |started: Instant| wait.saturating_sub(started.elapsed());
+            match auto.over_tls(wait).await {
+                Some(false) => carry(conn, route, &auto.quic, (rest(started), hand_back), accepting).await,
+                Some(true) => carry(conn, route, &auto.tls, (rest(started), hand_back), accepting).await,
+                // Neither came up: QUIC's carry, given no time left, refuses it (or hands it back).
+                None => carry(conn, route, &auto.quic, (Duration::ZERO, hand_back), accepting).await,
+            }
+        })
     }
 
     async fn close(&self) {
-        with_link!(self, link => link.close().await)
+        with_link!(self, link => link.close().await, auto => {
+            tokio::join!(auto.quic.close(), auto.tls.close());
+        })
     }
 
-    /// One tunnel connection, dialed and closed again: what answered and what it presented.
+    /// One tunnel connection, dialed and closed again: what answered and what it presented
+    /// (an auto link's over QUIC, else over TLS).
     async fn probe(&self) -> Result<(String, Option<CertificateDer<'static>>), String> {
-        with_link!(self, link => {
-            let (tunnel, addr) = link.dial_at().await.map_err(|e| e.to_string())?;
-            let presented = tunnel.peer_certificate();
-            tunnel.close().await;
-            Ok((addr.to_string(), presented))
+        with_link!(self, link => link.probe(|t| t.peer_certificate()).await, auto => {
+            match auto.quic.probe(|t| t.peer_certificate()).await {
+                Ok(found) => Ok(found),
+                Err(quic) => auto.tls.probe(|t| t.peer_certificate()).await
+                    .map_err(|tls| format!("QUIC: {quic}; TLS: {tls}")),
+            }
         })
     }
 
     /// App connections on its tunnel connections in service; `None` if none is up.
     fn live_load(&self) -> Option<usize> {
-        with_link!(self, link => {
-            let live = link.pool.live.borrow();
-            (!live.is_empty()).then(|| live.iter().map(|(_, p)| p.carried.running()).sum())
-        })
+        with_link!(self, link => link.live_load(), auto => auto.quic.live_load().or_else(|| auto.tls.live_load()))
     }
 
     /// Resolves once a tunnel connection to the peer is in service.
     async fn wait_live(&self) {
-        with_link!(self, link => {
-            let mut live = link.pool.live.subscribe();
-            let _ = live.wait_for(|v| !v.is_empty()).await;
+        with_link!(self, link => link.wait_live().await, auto => {
+            tokio::select! {
+                () = auto.quic.wait_live() => {}
+                () = auto.tls.wait_live() => {}
+            }
         })
     }
 
     /// Lets the peer go (see [`PeerLink::retire`]).
     async fn retire(self, drain_timeout: Duration) {
-        with_link!(self, link => link.retire(drain_timeout).await)
+        with_link!(self, link => link.retire(drain_timeout).await, auto => {
+            tokio::join!(auto.quic.retire(drain_timeout), auto.tls.retire(drain_timeout));
+        })
     }
 }
 
@@ -660,7 +806,11 @@ async fn supervise<D: Dialer>(
         let mut current = match dialed {
             Ok(tunnel) => pooled(tunnel),
             Err(e) => {
-                warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");
+                if link.covered.load(Ordering::Relaxed) {
+                    debug!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");
+                } else {
+                    warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {backoff:?}");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => return,
