@@ -1162,6 +1162,7 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         metrics: process_metrics(),
         metrics_listen,
         access_log,
+        tls_route: given.pick("tls_route", args.tls_route, file.tls_route.map(|r| r.0)),
     })
 }
 

@@ -146,3 +146,103 @@ async fn client_only_mode_reaches_a_tls_only_redis_and_refuses_a_wrong_name() {
     let anonymous = direct(&[]);
     assert_reset_after_write(anonymous.listen_addr(), b"*1\r\n$4\r\nPING\r\n").await;
 }
+
+/// `redis-cli --tls` with a client certificate straight to `amb server`: no amb client. It
+/// reaches the route its SNI names, else `--tls-route`; without a certificate, or with one of
+/// another CA, it is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_tls_clients_reach_amb_server_directly() {
+    let pki = Pki::new();
+    let (main, cache) = (Redis::start(), Redis::start());
+    let routes = [
+        "--route".to_owned(),
+        format!("main=127.0.0.1:{}", main.port),
+        "--route".to_owned(),
+        format!("cache=127.0.0.1:{}", cache.port),
+        "--tls-route".to_owned(),
+        "main".to_owned(),
+        "--metrics".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let server = Amb::server(&pki, 0, &routes);
+    let port = server.server_addr().port();
+    let path = |pki: &Pki, name: &str| pki.path(name).display().to_string();
+    let ca = path(&pki, "ca.pem");
+    let tls_cli = |identity: Option<&Pki>, args: &[&str]| {
+        let mut flags = vec!["--tls".to_owned(), "--cacert".to_owned(), ca.clone()];
+        if let Some(pki) = identity {
+            flags.extend(["--cert".into(), path(pki, "client.pem")]);
+            flags.extend(["--key".into(), path(pki, "client.key")]);
+        }
+        let flags: Vec<&str> = flags
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect();
+        redis_cli(port, &flags)
+    };
+
+    // No SNI naming a route: the --tls-route.
+    assert_eq!(
+        tls_cli(Some(&pki), &["set", "k", "main"]).as_deref(),
+        Some("OK")
+    );
+    assert_eq!(main.cli(&["get", "k"]).as_deref(), Some("main"));
+    // The SNI names a route.
+    assert_eq!(
+        tls_cli(Some(&pki), &["--sni", "cache", "set", "k", "cache"]).as_deref(),
+        Some("OK")
+    );
+    assert_eq!(cache.cli(&["get", "k"]).as_deref(), Some("cache"));
+    // An SNI naming no route falls back to the --tls-route, never to an address.
+    assert_eq!(
+        tls_cli(Some(&pki), &["--sni", "redis.example", "get", "k"]).as_deref(),
+        Some("main")
+    );
+
+    // No certificate, or one of another CA: refused at the handshake, counted, nothing dialed.
+    let metrics = metrics_addr(&server);
+    assert_eq!(tls_cli(None, &["get", "k"]), None);
+    let series = r#"amb_handshake_failures_total{direction="accepted",transport="tls",reason="no_certificate"}"#;
+    wait_sample(metrics, series, 1.0).await;
+    let stranger = Pki::new();
+    assert_eq!(tls_cli(Some(&stranger), &["get", "k"]), None);
+    let main_ok = r#"amb_connections_total{side="server",route="main",end="ok"}"#;
+    let text = wait_sample(metrics, main_ok, 2.0).await;
+    // The allow-lists hold as for tunnels: a verified client not on the list gets nothing.
+    let guarded = Amb::server(
+        &pki,
+        0,
+        &[
+            "--upstream",
+            &format!("127.0.0.1:{}", main.port),
+            "--allow",
+            "uri:spiffe://amb/someone-else",
+        ],
+    );
+    let guarded_port = guarded.server_addr().port();
+    let mut flags: Vec<String> = [
+        "--tls",
+        "--cacert",
+        &ca,
+        "--cert",
+        &path(&pki, "client.pem"),
+    ]
+    .map(String::from)
+    .into();
+    flags.extend([
+        "--key".into(),
+        path(&pki, "client.key"),
+        "get".into(),
+        "k".into(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    assert_eq!(redis_cli(guarded_port, &flags), None);
+
+    let refused = r#"amb_connections_total{side="server",route="main",end="refused"}"#;
+    assert!(
+        matches!(sample(&text, refused), None | Some(0.0)),
+        "a refused handshake reached a route"
+    );
+}

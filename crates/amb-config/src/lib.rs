@@ -100,6 +100,8 @@ pub struct ServerFile {
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `connect-timeout`.
     pub connect_timeout: Option<Duration>,
+    /// `tls-route`: the route a standard TLS client is served when its SNI names none.
+    pub tls_route: Option<Parsed<RouteName>>,
     /// `register`: the etcd key (`etcd://HOST:PORT/PREFIX/NAME`) the server registers at.
     pub register: Option<Parsed<EtcdKey>>,
     /// `advertise`: the address it registers, HOST:PORT.

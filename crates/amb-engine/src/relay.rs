@@ -345,7 +345,7 @@ async fn io_to_tunnel<S: StreamSend>(
             .await
             .map_err(RelayError::Socket)?;
         if n == 0 {
-            send.finish()?;
+            send.finish().await?;
             return Ok(());
         }
         *total += n as u64;
@@ -397,7 +397,7 @@ async fn socket_to_tunnel<S: StreamSend>(
         socket.readable().await.map_err(RelayError::Socket)?;
         match reads.read(socket) {
             Ok((0, _)) => {
-                send.finish()?;
+                send.finish().await?;
                 socket_ended.store(true, Ordering::Relaxed);
                 return Ok(());
             }
@@ -631,7 +631,7 @@ mod tests {
                 .send(Some(data))
                 .map_err(|_| StreamError::ConnectionLost("gone".into()))
         }
-        fn finish(&mut self) -> Result<(), StreamError> {
+        async fn finish(&mut self) -> Result<(), StreamError> {
             let _ = self.0.send(None);
             Ok(())
         }

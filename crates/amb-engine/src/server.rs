@@ -13,7 +13,7 @@ use amb_proto::{
 };
 use amb_quic::{QuicServer, ResetKey};
 use amb_spec::{EtcdKey, UpstreamSetSpec, UpstreamSpec};
-use amb_tls::TlsServer;
+use amb_tls::{RawTls, TlsServer};
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -72,6 +72,8 @@ pub struct ServerSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// One `info` line per stream when it ends.
     pub access_log: bool,
+    /// Where a standard TLS client's connection (no ALPN) goes when its SNI names no route.
+    pub tls_route: RouteName,
 }
 
 /// A server's entry in an etcd registry: `key` = `advertise`, under a lease renewed while the
@@ -202,6 +204,18 @@ impl Server {
             live: TaskTracker::new(),
             metrics,
             access_log: settings.access_log,
+        });
+        // Standard TLS clients go to the route their SNI names, if the routes have it now.
+        let tls = tls.map(|server| {
+            let routes = Arc::downgrade(&ctx);
+            server.serving_raw(RawTls {
+                default: settings.tls_route.clone(),
+                exists: Arc::new(move |route| {
+                    routes
+                        .upgrade()
+                        .is_some_and(|ctx| ctx.routes.load().upstream(route).is_some())
+                }),
+            })
         });
         let reporting = Arc::downgrade(&ctx);
         ctx.metrics.report_health(move |out| {

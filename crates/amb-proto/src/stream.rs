@@ -42,7 +42,7 @@ pub trait StreamSend: Send + 'static {
     /// Sends `data`, waiting for flow-control credit: this is where backpressure comes from.
     fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), StreamError>> + Send;
     /// Half-closes: the peer reads a clean end of stream after what was sent.
-    fn finish(&mut self) -> Result<(), StreamError>;
+    fn finish(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
     /// Aborts: the peer sees a reset carrying `code`; unsent bytes are dropped.
     fn reset(&mut self, code: ResetCode);
     /// After [`finish`](Self::finish): resolves once the peer has acknowledged everything sent

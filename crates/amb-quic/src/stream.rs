@@ -40,7 +40,7 @@ impl StreamSend for QuicSend {
     async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
         self.0.write_chunk(data).await.map_err(write_error)
     }
-    fn finish(&mut self) -> Result<(), StreamError> {
+    async fn finish(&mut self) -> Result<(), StreamError> {
         self.0
             .finish()
             .map_err(|e| StreamError::Protocol(e.to_string()))

@@ -4,11 +4,15 @@
 
 mod client;
 mod coalesce;
+mod raw;
 mod server;
 mod stream;
 
 pub use client::{TlsDialer, TlsTunnel};
-pub use server::{serve, TlsConnection, TlsIncoming, TlsOpening, TlsServer};
+pub use raw::{RawRecv, RawSend, RawTls};
+pub use server::{
+    serve, ServerRecv, ServerSend, TlsConnection, TlsIncoming, TlsOpening, TlsServer,
+};
 pub use stream::{H2Recv, H2Send};
 
 /// HTTP/2 stream window: bandwidth-delay product of a fast link.

@@ -9,20 +9,21 @@ use std::task::Poll;
 use amb_proto::{
     Close, Closer, ConnectionEnd, DrainCause, FailedHandshake, HandshakeFailure, IncomingStream,
     Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer, PeerIdentity, Refusal, ResetCode,
-    RouteName, ServerConnection, StreamError,
+    RouteName, ServerConnection, StreamError, StreamRecv, StreamSend,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::coalesce::{coalesce, Coalesce, Flusher};
+use crate::raw::{RawRecv, RawSend, RawTls};
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
@@ -38,6 +39,8 @@ pub struct TlsServer {
     limits: Limits,
     connections: TaskTracker,
     failed: OnFailedHandshake,
+    /// Where standard TLS clients (no ALPN) go; `None`: they are not served.
+    raw: Option<RawTls>,
 }
 
 impl TlsServer {
@@ -59,7 +62,15 @@ impl TlsServer {
             limits,
             connections: TaskTracker::new(),
             failed,
+            raw: None,
         }
+    }
+
+    /// Also serves standard TLS clients, which offer no ALPN: each connection is one app
+    /// connection, routed as `raw` says.
+    pub fn serving_raw(mut self, raw: RawTls) -> Self {
+        self.raw = Some(raw);
+        self
     }
 
     /// After `serve` returned: resolves once every connection has finished its streams, sent
@@ -100,11 +111,13 @@ where
         let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
         let (limits, handler, failed) = (server.limits, handler.clone(), server.failed.clone());
+        let raw = server.raw.clone();
         server.connections.spawn(async move {
             tune_tcp(&tcp);
             let timeout = limits.handshake_timeout;
-            let handshake = tokio::time::timeout(timeout, handshake(acceptor, tcp, limits));
-            let (conn, flusher, identity) = match handshake.await {
+            let handshake =
+                tokio::time::timeout(timeout, handshake(acceptor, tcp, limits, raw.as_ref()));
+            let handshaken = match handshake.await {
                 Ok(Ok(done)) => done,
                 Ok(Err((kind, why))) => {
                     return failed(FailedHandshake {
@@ -123,35 +136,71 @@ where
                     })
                 }
             };
-            let peer = Arc::new(Peer { identity, addr });
-            let lingerer = flusher.lingerer();
             let kill = Arc::new(Notify::new());
-            let serving = handler(TlsConnection { conn, peer, kill }, verified_under);
-            flusher.run(pin!(serving)).await;
-            lingerer.linger(LINGER).await;
+            match handshaken {
+                Handshaken::Tunnel(conn, flusher, identity) => {
+                    let peer = Arc::new(Peer { identity, addr });
+                    let lingerer = flusher.lingerer();
+                    let conn = TlsConnection {
+                        kind: Kind::H2(conn),
+                        peer,
+                        kill,
+                    };
+                    flusher.run(pin!(handler(conn, verified_under))).await;
+                    lingerer.linger(LINGER).await;
+                }
+                Handshaken::Raw(tls, identity, route) => {
+                    let peer = Arc::new(Peer { identity, addr });
+                    let (live, ended) = mpsc::channel(1);
+                    let conn = TlsConnection {
+                        kind: Kind::Raw(Box::new(RawConnection {
+                            stream: Some((tls, route)),
+                            live: Some(live),
+                            ended,
+                            killed: watch::Sender::new(false),
+                        })),
+                        peer,
+                        kill,
+                    };
+                    handler(conn, verified_under).await;
+                }
+            }
         });
     }
 }
 
 type Connection = h2::server::Connection<Coalesce<TlsStream<TcpStream>>, Bytes>;
 
-/// The TLS and HTTP/2 handshakes of one connection; the client's identity from its certificate.
+/// A connection past its handshakes.
+enum Handshaken {
+    /// A tunnel connection (HTTP/2), its writes coalesced, and the client's identity.
+    Tunnel(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity),
+    /// A standard TLS client's connection (no ALPN), its identity, and its route.
+    Raw(TlsStream<TcpStream>, PeerIdentity, RouteName),
+}
+
+/// The TLS and HTTP/2 handshakes of one connection (TLS only for a standard TLS client, when
+/// `raw` serves them); the client's identity from its certificate.
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     limits: Limits,
-) -> Result<(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity), (HandshakeFailure, String)> {
+    raw: Option<&RawTls>,
+) -> Result<Handshaken, (HandshakeFailure, String)> {
     let tls = acceptor
         .accept(tcp)
         .await
         .map_err(|e| (crate::tls_failure(&e), format!("TLS handshake failed: {e}")))?;
-    let identity = tls
-        .get_ref()
-        .1
+    let session = &tls.get_ref().1;
+    let identity = session
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(amb_pki::peer_identity)
         .unwrap_or_default();
+    if let (None, Some(raw)) = (session.alpn_protocol(), raw) {
+        let route = raw.route_for(session.server_name());
+        return Ok(Handshaken::Raw(tls, identity, route));
+    }
     let (io, flusher) = coalesce(tls);
     let conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -165,15 +214,62 @@ async fn handshake(
             let why = format!("HTTP/2 handshake failed: {e}");
             (HandshakeFailure::Other, why)
         })?;
-    Ok((conn, flusher, identity))
+    Ok(Handshaken::Tunnel(conn, flusher, identity))
 }
 
-/// One verified TLS tunnel connection (HTTP/2), driven by the engine's lifecycle.
+/// One verified TLS connection, driven by the engine's lifecycle: a tunnel connection
+/// (HTTP/2), or a standard TLS client's, which is one stream.
 pub struct TlsConnection {
-    conn: Connection,
+    kind: Kind,
     peer: Arc<Peer>,
     /// Wakes [`ServerConnection::next`] to close the connection (h2's is driven there).
     kill: Arc<Notify>,
+}
+
+// The tunnel connection, the common kind, stays inline; the rare raw one is boxed.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    H2(Connection),
+    /// Boxed: a tunnel connection need not carry a TLS stream's room.
+    Raw(Box<RawConnection>),
+}
+
+/// A standard TLS client's connection: its one stream, handed out once.
+struct RawConnection {
+    stream: Option<(TlsStream<TcpStream>, RouteName)>,
+    /// Cloned into the stream's halves; `ended` yields `None` once all are gone.
+    live: Option<mpsc::Sender<()>>,
+    ended: mpsc::Receiver<()>,
+    /// Tells the stream's receiving half the connection is closed at once.
+    killed: watch::Sender<bool>,
+}
+
+impl RawConnection {
+    /// The stream, the first time; then waits for its end (or closes it at once on `kill`).
+    async fn next(&mut self, peer: &Arc<Peer>, kill: &Notify) -> Result<TlsOpening, ConnectionEnd> {
+        if let (Some((tls, route)), Some(live)) = (self.stream.take(), self.live.take()) {
+            return Ok(TlsOpening::Raw(TlsIncoming::Raw {
+                tls: Box::new(tls),
+                route,
+                peer: peer.clone(),
+                live,
+                killed: self.killed.subscribe(),
+            }));
+        }
+        loop {
+            tokio::select! {
+                _ = self.ended.recv() => break,
+                () = kill.notified() => {
+                    self.killed.send_replace(true);
+                }
+            }
+        }
+        Err(ConnectionEnd {
+            why: "closed by the client".to_owned(),
+            peer_broke_protocol: false,
+            closed_here: *self.killed.borrow(),
+        })
+    }
 }
 
 impl ServerConnection for TlsConnection {
@@ -185,16 +281,20 @@ impl ServerConnection for TlsConnection {
     }
 
     async fn next(&mut self) -> Result<TlsOpening, ConnectionEnd> {
+        let conn = match &mut self.kind {
+            Kind::H2(conn) => conn,
+            Kind::Raw(raw) => return raw.next(&self.peer, &self.kill).await,
+        };
         let next = loop {
             tokio::select! {
-                next = self.conn.accept() => break next,
+                next = conn.accept() => break next,
                 () = self.kill.notified() => {
-                    self.conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 }
             }
         };
         match next {
-            Some(Ok((request, respond))) => Ok(TlsOpening {
+            Some(Ok((request, respond))) => Ok(TlsOpening::H2 {
                 request,
                 respond,
                 peer: self.peer.clone(),
@@ -216,8 +316,11 @@ impl ServerConnection for TlsConnection {
     }
 
     /// A GOAWAY: h2 refuses later streams and closes once the running ones end.
+    /// A standard TLS client's connection has one stream, and ends with it.
     fn drain(&mut self, _cause: DrainCause) -> Option<impl Future<Output = ()> + Send + 'static> {
-        self.conn.graceful_shutdown();
+        if let Kind::H2(conn) = &mut self.kind {
+            conn.graceful_shutdown();
+        }
         None::<std::future::Ready<()>>
     }
 
@@ -227,22 +330,34 @@ impl ServerConnection for TlsConnection {
     }
 }
 
-/// A CONNECT stream the client opened, its request not read yet.
-pub struct TlsOpening {
-    request: http::Request<RecvStream>,
-    respond: SendResponse<Bytes>,
-    peer: Arc<Peer>,
+/// A CONNECT stream the client opened, its request not read yet; or a standard TLS
+/// client's connection, its route known.
+pub enum TlsOpening {
+    /// An HTTP/2 CONNECT.
+    H2 {
+        /// The request.
+        request: http::Request<RecvStream>,
+        /// Where its answer goes.
+        respond: SendResponse<Bytes>,
+        /// Who opened it.
+        peer: Arc<Peer>,
+    },
+    /// A standard TLS client's connection.
+    Raw(TlsIncoming),
 }
 
 impl OpeningStream for TlsOpening {
     type Incoming = TlsIncoming;
 
     async fn open(self) -> Result<TlsIncoming, OpenFailure> {
-        let TlsOpening {
-            request,
-            mut respond,
-            peer,
-        } = self;
+        let (request, mut respond, peer) = match self {
+            TlsOpening::H2 {
+                request,
+                respond,
+                peer,
+            } => (request, respond, peer),
+            TlsOpening::Raw(incoming) => return Ok(incoming),
+        };
         let (parts, body) = request.into_parts();
         let route = (parts.method == Method::CONNECT)
             .then(|| {
@@ -253,7 +368,7 @@ impl OpeningStream for TlsOpening {
             })
             .flatten();
         match route {
-            Some(Ok(route)) => Ok(TlsIncoming {
+            Some(Ok(route)) => Ok(TlsIncoming::H2 {
                 respond,
                 body,
                 route,
@@ -277,12 +392,33 @@ impl OpeningStream for TlsOpening {
     }
 }
 
-/// An HTTP/2 CONNECT stream waiting for the engine's decision.
-pub struct TlsIncoming {
-    respond: SendResponse<Bytes>,
-    body: RecvStream,
-    route: RouteName,
-    peer: Arc<Peer>,
+/// An HTTP/2 CONNECT stream, or a standard TLS client's connection, waiting for the engine's
+/// decision.
+pub enum TlsIncoming {
+    /// An HTTP/2 CONNECT stream.
+    H2 {
+        /// Where its answer goes.
+        respond: SendResponse<Bytes>,
+        /// Its request body: the app's bytes.
+        body: RecvStream,
+        /// The route it asked for.
+        route: RouteName,
+        /// Who opened it.
+        peer: Arc<Peer>,
+    },
+    /// A standard TLS client's connection.
+    Raw {
+        /// The connection.
+        tls: Box<TlsStream<TcpStream>>,
+        /// The route its SNI named, or the server's `tls-route`.
+        route: RouteName,
+        /// Who the client is.
+        peer: Arc<Peer>,
+        /// Held by the stream's halves: the connection ends when they are gone.
+        live: mpsc::Sender<()>,
+        /// Turns true when the connection is closed at once.
+        killed: watch::Receiver<bool>,
+    },
 }
 
 fn response(status: u16) -> Response<()> {
@@ -292,24 +428,52 @@ fn response(status: u16) -> Response<()> {
 }
 
 impl IncomingStream for TlsIncoming {
-    type Send = H2Send;
-    type Recv = H2Recv;
+    type Send = ServerSend;
+    type Recv = ServerRecv;
 
     fn route(&self) -> &RouteName {
-        &self.route
+        match self {
+            TlsIncoming::H2 { route, .. } | TlsIncoming::Raw { route, .. } => route,
+        }
     }
 
     fn peer(&self) -> &Arc<Peer> {
-        &self.peer
+        match self {
+            TlsIncoming::H2 { peer, .. } | TlsIncoming::Raw { peer, .. } => peer,
+        }
     }
 
-    async fn accept(mut self) -> Result<(H2Send, H2Recv), StreamError> {
-        match self.respond.send_response(response(200), false) {
-            Ok(send) => Ok((H2Send::new(send, None), H2Recv::Body(self.body))),
+    async fn accept(self) -> Result<(ServerSend, ServerRecv), StreamError> {
+        let (mut respond, body) = match self {
+            TlsIncoming::H2 { respond, body, .. } => (respond, body),
+            TlsIncoming::Raw {
+                tls, live, killed, ..
+            } => {
+                let socket = crate::raw::socket_of(&tls);
+                let (reader, writer) = tokio::io::split(*tls);
+                let send = RawSend {
+                    writer,
+                    socket,
+                    _live: live.clone(),
+                };
+                let recv = RawRecv {
+                    reader,
+                    buf: bytes::BytesMut::new(),
+                    killed,
+                    _live: live,
+                };
+                return Ok((ServerSend::Raw(send), ServerRecv::Raw(recv)));
+            }
+        };
+        match respond.send_response(response(200), false) {
+            Ok(send) => Ok((
+                ServerSend::H2(H2Send::new(send, None)),
+                ServerRecv::H2(H2Recv::Body(body)),
+            )),
             Err(e) => {
                 // h2 reports only a misuse here; the stream's state says why it is gone (reset
                 // by the client, which the engine charges, or its connection lost).
-                let gone = poll_fn(|cx| Poll::Ready(self.respond.poll_reset(cx))).await;
+                let gone = poll_fn(|cx| Poll::Ready(respond.poll_reset(cx))).await;
                 Err(match gone {
                     Poll::Ready(Ok(reason)) => StreamError::Reset(ResetCode(reason.into())),
                     Poll::Ready(Err(why)) => h2_error(why),
@@ -321,13 +485,95 @@ impl IncomingStream for TlsIncoming {
         }
     }
 
-    async fn refuse(mut self, why: Refusal) {
-        let mut answer = response(why.http_status());
-        // The precise refusal, as QUIC's status byte: 503 stands for two.
-        answer.headers_mut().insert(
-            amb_proto::REFUSAL_HEADER,
-            http::HeaderValue::from(u16::from(why.status_byte())),
-        );
-        let _ = self.respond.send_response(answer, true);
+    async fn refuse(self, why: Refusal) {
+        match self {
+            TlsIncoming::H2 { mut respond, .. } => {
+                let mut answer = response(why.http_status());
+                // The precise refusal, as QUIC's status byte: 503 stands for two.
+                answer.headers_mut().insert(
+                    amb_proto::REFUSAL_HEADER,
+                    http::HeaderValue::from(u16::from(why.status_byte())),
+                );
+                let _ = respond.send_response(answer, true);
+            }
+            // A standard TLS client has no answer to read: its connection is reset, as a
+            // tunnel client resets its app's.
+            TlsIncoming::Raw { tls, .. } => {
+                let _ = tls.get_ref().0.set_zero_linger();
+            }
+        }
+    }
+}
+
+/// A server stream's sending half: HTTP/2's, or a standard TLS client's connection's.
+pub enum ServerSend {
+    /// An HTTP/2 CONNECT stream.
+    H2(H2Send),
+    /// A standard TLS client's connection.
+    Raw(RawSend),
+}
+
+/// A server stream's receiving half: HTTP/2's, or a standard TLS client's connection's.
+pub enum ServerRecv {
+    /// An HTTP/2 CONNECT stream.
+    H2(H2Recv),
+    /// A standard TLS client's connection.
+    Raw(RawRecv),
+}
+
+impl StreamSend for ServerSend {
+    async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
+        match self {
+            ServerSend::H2(h2) => h2.send(data).await,
+            ServerSend::Raw(raw) => raw.send(data).await,
+        }
+    }
+
+    async fn finish(&mut self) -> Result<(), StreamError> {
+        match self {
+            ServerSend::H2(h2) => h2.finish().await,
+            ServerSend::Raw(raw) => raw.finish().await,
+        }
+    }
+
+    fn reset(&mut self, code: ResetCode) {
+        match self {
+            ServerSend::H2(h2) => h2.reset(code),
+            ServerSend::Raw(raw) => raw.reset(code),
+        }
+    }
+
+    async fn delivered(&mut self) {
+        match self {
+            ServerSend::H2(h2) => h2.delivered().await,
+            ServerSend::Raw(raw) => raw.delivered().await,
+        }
+    }
+}
+
+impl StreamRecv for ServerRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        match self {
+            ServerRecv::H2(h2) => h2.recv().await,
+            ServerRecv::Raw(raw) => raw.recv().await,
+        }
+    }
+
+    async fn recv_batch(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<bool, StreamError> {
+        match self {
+            ServerRecv::H2(h2) => h2.recv_batch(batch, max).await,
+            ServerRecv::Raw(raw) => raw.recv_batch(batch, max).await,
+        }
+    }
+
+    fn stop(&mut self, code: ResetCode) {
+        match self {
+            ServerRecv::H2(h2) => h2.stop(code),
+            ServerRecv::Raw(raw) => raw.stop(code),
+        }
     }
 }

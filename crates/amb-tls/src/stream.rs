@@ -83,7 +83,7 @@ impl StreamSend for H2Send {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), StreamError> {
+    async fn finish(&mut self) -> Result<(), StreamError> {
         self.stream.send_data(Bytes::new(), true).map_err(h2_error)
     }
 
