@@ -30,7 +30,10 @@ pub fn open_header(data: &[u8]) {
     match decode_open_header(data) {
         Ok(Some(header)) => {
             assert!(header.len <= data.len() && header.len <= MAX_HEADER_LEN);
-            assert_eq!(&encode_open_header(&header.route)[..], &data[..header.len]);
+            assert_eq!(
+                &encode_open_header(&header.route, header.app)[..],
+                &data[..header.len]
+            );
         }
         Ok(None) => assert!(data.len() < MAX_HEADER_LEN, "needs more after the bound"),
         Err(_) => {}

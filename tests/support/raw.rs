@@ -228,7 +228,7 @@ pub async fn expect_closed_for_abuse(conn: &quinn::Connection) {
 
 /// The stream-open header amb writes first on every QUIC stream.
 pub fn open_header(route: &str) -> Vec<u8> {
-    amb_proto::encode_open_header(&route.parse().unwrap()).to_vec()
+    amb_proto::encode_open_header(&route.parse().unwrap(), None).to_vec()
 }
 
 /// A client that would resume sessions and send 0-RTT data if the server let it: the amb client

@@ -12,8 +12,8 @@ use std::str::FromStr;
 
 use amb_proto::{AllowList, RouteName, San, WildcardError};
 use amb_spec::{
-    Balance, EtcdKey, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, UpstreamSetSpec,
-    WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
+    Balance, EtcdKey, HealthCheck, HealthCheckKind, ListenerSpec, PeerSpec, ProxyProtocol,
+    UpstreamSetSpec, WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
 };
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -164,6 +164,8 @@ pub struct RouteFile {
     pub redis_auth: Option<Spanned<RedisAuthFile>>,
     /// `upstream-tls`: TLS to the upstreams, verified against a CA.
     pub upstream_tls: Option<Spanned<UpstreamTlsFile>>,
+    /// `proxy-protocol`: `v2` sends a PROXY protocol v2 header on each upstream connection.
+    pub proxy_protocol: Option<Parsed<ProxyProtocol>>,
     /// `allow`: this route's own allow-list.
     pub allow: Option<Spanned<Vec<Parsed<San>>>>,
 }
@@ -408,6 +410,7 @@ impl RouteFile {
             (None, Some(_)) => return Err("`health-interval` without a `health-check`".into()),
             (None, None) => defaults.health,
         };
+        set.proxy_protocol = self.proxy_protocol.as_ref().map(|p| p.0);
         Ok(set)
     }
 }

@@ -348,3 +348,20 @@ fn upstream_tls_takes_a_ca_and_a_client_certificate_whole_or_not_at_all() {
     let err = parse(&route("ca = \"/ca.pem\", verify = false")).unwrap_err();
     assert!(err.contains("unknown field `verify`"), "{err}");
 }
+
+#[test]
+fn proxy_protocol_is_v2_or_refused_with_its_line() {
+    let route = |value: &str| {
+        format!("[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\nproxy-protocol = \"{value}\"\n")
+    };
+    let file = parse(&route("v2")).unwrap();
+    let set = file.server.unwrap().routes[0]
+        .upstream_set(&RouteDefaults::default())
+        .unwrap();
+    assert_eq!(set.proxy_protocol, Some(amb_spec::ProxyProtocol::V2));
+    let err = parse(&route("v1")).unwrap_err();
+    assert!(
+        err.starts_with("amb.toml:5") && err.contains("proxy-protocol \"v1\": write v2"),
+        "{err}"
+    );
+}

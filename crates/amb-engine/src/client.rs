@@ -14,7 +14,8 @@ use amb_metrics::{
 };
 use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{
-    Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel, ALPN_H2, ALPN_QUIC,
+    AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel, ALPN_H2,
+    ALPN_QUIC,
 };
 use amb_quic::QuicDialer;
 use amb_spec::{
@@ -1646,8 +1647,14 @@ async fn carry<D: Dialer>(
     (wait, hand_back): (Duration, bool),
     accepting: &Accepting,
 ) {
-    let Some(app) = slot.as_ref().map(|conn| conn.app) else {
+    let Some((app, destination)) = slot.as_ref().map(|conn| (conn.app, conn.tcp.local_addr()))
+    else {
         return;
+    };
+    // What the server's PROXY header tells an upstream, where its route sends one.
+    let origin = AppAddrs {
+        source: app,
+        destination: destination.unwrap_or(app),
     };
     let (peer, pool) = (&link.name, &link.pool);
     let refuse = |slot: &mut Option<AppConnection>, reason, why: std::fmt::Arguments<'_>| {
@@ -1672,7 +1679,7 @@ async fn carry<D: Dialer>(
                 format_args!("no tunnel connection within {wait:?}"),
             );
         };
-        match tokio::time::timeout(left, pooled.tunnel.open(route)).await {
+        match tokio::time::timeout(left, pooled.tunnel.open(route, origin)).await {
             Ok(Ok((send, recv))) => break (pooled, send, recv),
             // The tunnel died under us and no app byte was read yet: take another, or the one
             // the supervisor dials next, within the same wait.

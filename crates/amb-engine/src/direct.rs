@@ -175,7 +175,7 @@ impl Carrier for Direct {
 
     async fn carry(&self, conn: AppConnection, accepting: &Accepting) {
         let route = &self.route;
-        let (stream, lease) = match self.service.dial(self.connect_timeout).await {
+        let (stream, lease) = match self.service.dial(self.connect_timeout, None).await {
             Ok(dialed) => dialed,
             Err(failure) => {
                 let why = format_args!("{}", failure.detail);

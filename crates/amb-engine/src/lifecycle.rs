@@ -444,6 +444,9 @@ mod tests {
         fn route(&self) -> &RouteName {
             &self.route
         }
+        fn app(&self) -> Option<amb_proto::AppAddrs> {
+            None
+        }
         fn peer(&self) -> &Arc<Peer> {
             &self.peer
         }

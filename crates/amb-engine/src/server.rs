@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::access::Access;
-use crate::endpoints::{EtcdTls, Resolver, UpstreamStream};
+use crate::endpoints::{EtcdTls, Origin, Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
 use crate::relay::{relay, relay_io, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
@@ -551,7 +551,11 @@ async fn handle<I: IncomingStream>(
         }
     };
     let mut counted = upstream.metrics().connection();
-    let (socket, lease) = match upstream.dial(ctx.connect_timeout).await {
+    let origin = Origin {
+        app: incoming.app(),
+        identity: &peer.identity,
+    };
+    let (socket, lease) = match upstream.dial(ctx.connect_timeout, Some(&origin)).await {
         Ok(dialed) => dialed,
         Err(failure) => {
             let reason = failure.reason();

@@ -22,7 +22,8 @@ use amb_metrics::{Metrics, RouteMetrics, Side, UpstreamHealth, UpstreamMetrics};
 use amb_pki::ServiceTlsFiles;
 use amb_proto::{Refusal, RouteName};
 use amb_spec::{
-    Balance, HealthCheck, HealthCheckKind, RedisAuth, UpstreamSetSpec, UpstreamSpec, MAX_UPSTREAMS,
+    Balance, HealthCheck, HealthCheckKind, ProxyProtocol, RedisAuth, UpstreamSetSpec, UpstreamSpec,
+    MAX_UPSTREAMS,
 };
 use arc_swap::ArcSwap;
 use futures_util::future::join_all;
@@ -33,7 +34,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use crate::endpoints::{
-    discover, Discovered, Located, Resolver, Role, TlsConnector, UpstreamStream,
+    discover, proxy_v2_header, Discovered, Located, Origin, Resolver, Role, TlsConnector,
+    UpstreamStream,
 };
 use crate::upstream::{DialFailure, Upstream};
 
@@ -282,9 +284,14 @@ impl UpstreamSet {
         }));
     }
 
-    /// Connects one app connection: members in the order the balance mode picks, each that
-    /// fails marked down, until one answers or `timeout` has passed.
-    pub async fn dial(&self, timeout: Duration) -> Result<(UpstreamStream, Lease), DialFailure> {
+    /// Connects one app connection (for `origin`, which a PROXY header tells): members in the
+    /// order the balance mode picks, each that fails marked down, until one answers or
+    /// `timeout` has passed.
+    pub async fn dial(
+        &self,
+        timeout: Duration,
+        origin: Option<&Origin<'_>>,
+    ) -> Result<(UpstreamStream, Lease), DialFailure> {
         let inner = &*self.0;
         let deadline = Instant::now() + timeout;
         let members = self.members(deadline).await?;
@@ -339,14 +346,15 @@ impl UpstreamSet {
             }
             match dialed {
                 Ok(stream) => {
-                    // TLS and credentials fail for the route's settings, not the upstream's
-                    // health: no other member is tried.
+                    // The PROXY header, TLS and credentials fail for the route's settings, not
+                    // the upstream's health: no other member is tried.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    let mut stream = match inner.secure(stream, &member.upstream, left).await {
+                    let prepared = inner.prepare(stream, &member.upstream, origin, left);
+                    let mut stream = match prepared.await {
                         Ok(stream) => stream,
-                        Err(why) => {
+                        Err(Unprepared { tls, why }) => {
                             return Err(DialFailure {
-                                reason: Some("upstream_tls"),
+                                reason: tls.then_some("upstream_tls"),
                                 refusal: Refusal::UpstreamRefused,
                                 detail: format!("{}: {why}", member.upstream),
                             })
@@ -418,23 +426,43 @@ impl UpstreamSet {
     }
 }
 
+/// Why a connected upstream stream could not be readied: its TLS failed, or it did not take
+/// the PROXY header.
+struct Unprepared {
+    tls: bool,
+    why: String,
+}
+
 impl Inner {
-    /// `stream` made TLS, when the set's upstreams speak it, within `limit`.
-    async fn secure(
+    /// `stream` readied for the app's bytes, within `limit`: the route's PROXY header for
+    /// `origin` (LOCAL without one: the ambassador's own connection), then TLS, when the set's
+    /// upstreams want them.
+    async fn prepare(
         &self,
-        stream: UpstreamStream,
+        mut stream: UpstreamStream,
         upstream: &Upstream,
+        origin: Option<&Origin<'_>>,
         limit: Duration,
-    ) -> Result<UpstreamStream, String> {
+    ) -> Result<UpstreamStream, Unprepared> {
+        if let Some(ProxyProtocol::V2) = self.spec.proxy_protocol {
+            let header = proxy_v2_header(origin);
+            let refused = |why| Unprepared { tls: false, why };
+            tokio::time::timeout(limit, stream.write_all(&header))
+                .await
+                .map_err(|_| refused(format!("PROXY header not taken within {limit:?}")))?
+                .map_err(|e| refused(format!("sending the PROXY header: {e}")))?;
+        }
         let Some(tls) = &self.tls else {
             return Ok(stream);
         };
+        let failed = |why| Unprepared { tls: true, why };
         let tls = tls
             .as_ref()
-            .map_err(|why| format!("upstream TLS unusable: {why}"))?;
+            .map_err(|why| failed(format!("upstream TLS unusable: {why}")))?;
         tokio::time::timeout(limit, tls.connect(stream, upstream.spec()))
             .await
             .unwrap_or_else(|_| Err(format!("no TLS handshake within {limit:?}")))
+            .map_err(failed)
     }
 
     /// Whether members have health (a route of one listed upstream has none: each dial tries
@@ -612,7 +640,8 @@ async fn probe(
 ) -> Result<(), String> {
     let checked = async {
         let stream = upstream.dial(limit).await.map_err(|f| f.detail)?;
-        let stream = set.secure(stream, upstream, limit).await?;
+        let prepared = set.prepare(stream, upstream, None, limit).await;
+        let stream = prepared.map_err(|unprepared| unprepared.why)?;
         match kind {
             HealthCheckKind::Tcp => Ok(()),
             _ => ask_redis(stream, kind, set.spec.redis_auth.as_ref()).await,

@@ -146,7 +146,7 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ServerConfig>,
         .with_client_cert_verifier(Arc::new(StrictClientVerifier(webpki)))
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(tls)?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = amb_proto::alpn_offers(alpn);
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
@@ -174,7 +174,7 @@ pub fn client_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientConfig>,
         .with_custom_certificate_verifier(Arc::new(StrictServerVerifier(webpki)))
         .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(tls)?;
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = amb_proto::alpn_offers(alpn);
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;
     Ok(Arc::new(config))

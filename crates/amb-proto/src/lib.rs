@@ -18,7 +18,9 @@ pub use connection::{
     Close, Closer, ConnectionEnd, DrainCause, OpenFailure, OpeningStream, ServerConnection,
 };
 pub use handshake::{FailedHandshake, HandshakeFailure, OnFailedHandshake};
-pub use header::{decode_open_header, encode_open_header, HeaderError, OpenHeader};
+pub use header::{
+    decode_open_header, encode_open_header, open_header_needs, AppAddrs, HeaderError, OpenHeader,
+};
 pub use identity::{AllowList, Peer, PeerIdentity, San, SanParseError, WildcardError};
 pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
@@ -28,7 +30,27 @@ pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, St
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.
 pub const ALPN_QUIC: &[u8] = b"amb/1";
+/// ALPN protocol id of amb over QUIC whose stream-open headers may carry the app's connection
+/// (version 2). Offered first beside [`ALPN_QUIC`], so either side of a version before it
+/// still meets the other on version 1.
+pub const ALPN_QUIC_2: &[u8] = b"amb/2";
 /// ALPN protocol id of amb over TLS: HTTP/2, whose CONNECT streams carry app connections.
 pub const ALPN_H2: &[u8] = b"h2";
-/// Wire version written at the start of every QUIC stream-open header.
+/// Wire version written at the start of every QUIC stream-open header that carries no app
+/// addresses (and in the server's welcome).
 pub const WIRE_VERSION: u8 = 1;
+
+/// The ALPN ids a configuration for `alpn` offers, most preferred first: QUIC's two versions,
+/// or `alpn` alone.
+pub fn alpn_offers(alpn: &[u8]) -> Vec<Vec<u8>> {
+    if alpn == ALPN_QUIC || alpn == ALPN_QUIC_2 {
+        vec![ALPN_QUIC_2.to_vec(), ALPN_QUIC.to_vec()]
+    } else {
+        vec![alpn.to_vec()]
+    }
+}
+
+/// Header names a TLS client's CONNECT carries the app's connection in (`IP:PORT`).
+pub const APP_SOURCE_HEADER: &str = "amb-app-source";
+/// See [`APP_SOURCE_HEADER`].
+pub const APP_DESTINATION_HEADER: &str = "amb-app-destination";

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::header::AppAddrs;
 use crate::identity::Peer;
 use crate::route::RouteName;
 use crate::status::{Refusal, ResetCode};
@@ -88,6 +89,8 @@ pub trait IncomingStream: Send + 'static {
     type Recv: StreamRecv;
     /// The route the peer asked for.
     fn route(&self) -> &RouteName;
+    /// The app's connection, as the peer told it (a client of before version 2 does not).
+    fn app(&self) -> Option<AppAddrs>;
     /// Who opened the stream.
     fn peer(&self) -> &Arc<Peer>;
     /// Answers "open": the relay may start.
@@ -102,11 +105,12 @@ pub trait Tunnel: Send + Sync + 'static {
     type Send: StreamSend;
     /// Receiving half of an opened stream; its first `recv` yields the server's answer.
     type Recv: StreamRecv;
-    /// Opens a stream to `route`. Returns at once, without waiting for the server's answer, so
-    /// the app's first bytes travel with the open.
+    /// Opens a stream to `route` for the app connection `app`. Returns at once, without
+    /// waiting for the server's answer, so the app's first bytes travel with the open.
     fn open(
         &self,
         route: &RouteName,
+        app: AppAddrs,
     ) -> impl Future<Output = Result<(Self::Send, Self::Recv), StreamError>> + Send;
     /// Resolves once the connection takes no new streams: it is gone, or the server is
     /// draining it (its live streams run on to their end).

@@ -27,7 +27,7 @@ proptest! {
 
     #[test]
     fn header_round_trips_with_any_trailing_bytes(route in route_name(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
-        let mut wire = encode_open_header(&route).to_vec();
+        let mut wire = encode_open_header(&route, None).to_vec();
         let header_len = wire.len();
         wire.extend_from_slice(&tail);
         let decoded = decode_open_header(&wire).unwrap().unwrap();
@@ -42,7 +42,7 @@ proptest! {
             prop_assert!(h.len <= input.len());
             prop_assert!(h.len <= MAX_HEADER_LEN);
             // What was accepted is exactly what the encoder writes.
-            prop_assert_eq!(&encode_open_header(&h.route)[..], &input[..h.len]);
+            prop_assert_eq!(&encode_open_header(&h.route, h.app)[..], &input[..h.len]);
         }
     }
 

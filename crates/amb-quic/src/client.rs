@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_proto::{encode_open_header, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
+use amb_proto::{
+    encode_open_header, AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel,
+};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{ClientConfig, Endpoint, VarInt};
 use tokio::sync::watch;
@@ -132,7 +134,17 @@ impl Dialer for QuicDialer {
             Ok(Err(why)) => return Err(rejected(why)),
             Err(_) => return Err(rejected("no welcome from the server in time".into())),
         }
-        Ok(QuicTunnel { conn, endpoint })
+        // A server of version 2 tells the app's connection in each stream's header.
+        let tells_app = conn
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .is_some_and(|alpn| alpn == amb_proto::ALPN_QUIC_2);
+        Ok(QuicTunnel {
+            conn,
+            endpoint,
+            tells_app,
+        })
     }
 }
 
@@ -142,6 +154,8 @@ impl Dialer for QuicDialer {
 pub struct QuicTunnel {
     conn: quinn::Connection,
     endpoint: Endpoint,
+    /// The server speaks version 2 (ALPN `amb/2`): stream headers carry the app's connection.
+    tells_app: bool,
 }
 
 impl QuicTunnel {
@@ -159,13 +173,18 @@ impl Tunnel for QuicTunnel {
     type Send = QuicSend;
     type Recv = QuicRecv;
 
-    async fn open(&self, route: &RouteName) -> Result<(QuicSend, QuicRecv), StreamError> {
+    async fn open(
+        &self,
+        route: &RouteName,
+        app: AppAddrs,
+    ) -> Result<(QuicSend, QuicRecv), StreamError> {
         let (mut send, recv) = self
             .conn
             .open_bi()
             .await
             .map_err(|e| StreamError::ConnectionLost(e.to_string()))?;
-        send.write_chunk(encode_open_header(route))
+        let app = self.tells_app.then_some(app);
+        send.write_chunk(encode_open_header(route, app))
             .await
             .map_err(write_error)?;
         Ok((

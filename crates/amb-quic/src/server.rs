@@ -8,9 +8,9 @@ use std::sync::Arc;
 use amb_proto::header::MAX_HEADER_LEN;
 use amb_proto::status::STATUS_OPEN;
 use amb_proto::{
-    decode_open_header, Close, Closer, ConnectionEnd, DrainCause, FailedHandshake,
-    HandshakeFailure, IncomingStream, Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer,
-    Refusal, ResetCode, RouteName, ServerConnection, StreamError,
+    decode_open_header, open_header_needs, AppAddrs, Close, Closer, ConnectionEnd, DrainCause,
+    FailedHandshake, HandshakeFailure, IncomingStream, Limits, OnFailedHandshake, OpenFailure,
+    OpeningStream, Peer, Refusal, ResetCode, RouteName, ServerConnection, StreamError,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, VarInt};
@@ -317,10 +317,11 @@ impl OpeningStream for QuicOpening {
                         send,
                         recv,
                         route: header.route,
+                        app: header.app,
                         peer,
                     });
                 }
-                Ok(None) => want = 2 + usize::from(buf[1]),
+                Ok(None) => want = open_header_needs(&buf[..have]),
                 Err(e) => {
                     send_refusal(&mut send, &mut recv, Refusal::BadRequest).await;
                     return Err(OpenFailure {
@@ -338,6 +339,7 @@ pub struct QuicIncoming {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     route: RouteName,
+    app: Option<AppAddrs>,
     peer: Arc<Peer>,
 }
 
@@ -347,6 +349,10 @@ impl IncomingStream for QuicIncoming {
 
     fn route(&self) -> &RouteName {
         &self.route
+    }
+
+    fn app(&self) -> Option<AppAddrs> {
+        self.app
     }
 
     fn peer(&self) -> &Arc<Peer> {

@@ -19,7 +19,7 @@ pub use peer::{PeerList, PeerSpec, PeerSpecError};
 pub use route::{RouteSpec, RouteSpecError};
 pub use upstream::{UpstreamSpec, UpstreamSpecError, UpstreamTarget};
 pub use upstreams::{
-    Balance, BalanceError, HealthCheck, HealthCheckKind, HealthCheckKindError, RedisAuth, Secret,
-    UpstreamSetSpec, UpstreamTls, UpstreamsError, WeightedUpstream, DEFAULT_HEALTH_INTERVAL,
-    MAX_UPSTREAMS, MAX_WEIGHT,
+    Balance, BalanceError, HealthCheck, HealthCheckKind, HealthCheckKindError, ProxyProtocol,
+    ProxyProtocolError, RedisAuth, Secret, UpstreamSetSpec, UpstreamTls, UpstreamsError,
+    WeightedUpstream, DEFAULT_HEALTH_INTERVAL, MAX_UPSTREAMS, MAX_WEIGHT,
 };

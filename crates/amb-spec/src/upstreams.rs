@@ -86,6 +86,24 @@ pub struct HealthCheckKindError(String);
 
 by_name!(HealthCheckKind, HealthCheckKindError);
 
+/// The PROXY protocol header a route sends first on each upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    /// Version 2 (binary), with the peer's identity in a TLV.
+    V2,
+}
+
+impl ProxyProtocol {
+    const NAMES: [(&'static str, ProxyProtocol); 1] = [("v2", ProxyProtocol::V2)];
+}
+
+/// Why a PROXY protocol version is not one amb sends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("proxy-protocol {0:?}: write v2")]
+pub struct ProxyProtocolError(String);
+
+by_name!(ProxyProtocol, ProxyProtocolError);
+
 /// An active health check: what to ask, and how often.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
@@ -244,6 +262,8 @@ pub struct UpstreamSetSpec {
     pub redis_auth: Option<RedisAuth>,
     /// TLS to the upstreams, if they speak it.
     pub tls: Option<UpstreamTls>,
+    /// The PROXY protocol header sent first on each upstream connection, if any.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl UpstreamSetSpec {
@@ -267,6 +287,7 @@ impl UpstreamSetSpec {
             health: None,
             redis_auth: None,
             tls: None,
+            proxy_protocol: None,
         })
     }
 
@@ -279,6 +300,7 @@ impl UpstreamSetSpec {
             health: None,
             redis_auth: None,
             tls: None,
+            proxy_protocol: None,
         }
     }
 
@@ -294,6 +316,7 @@ impl UpstreamSetSpec {
             health: None,
             redis_auth: None,
             tls: None,
+            proxy_protocol: None,
         }
     }
 

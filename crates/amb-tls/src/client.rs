@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use amb_proto::{Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
+use amb_proto::{AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, Tunnel};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
@@ -219,7 +219,11 @@ impl Tunnel for TlsTunnel {
     type Send = H2Send;
     type Recv = H2Recv;
 
-    async fn open(&self, route: &RouteName) -> Result<(H2Send, H2Recv), StreamError> {
+    async fn open(
+        &self,
+        route: &RouteName,
+        app: AppAddrs,
+    ) -> Result<(H2Send, H2Recv), StreamError> {
         // At the server's limit, wait for a stream to end; the caller bounds the wait by
         // `--tunnel-wait`, and giving up here leaves nothing behind.
         let slot = tokio::select! {
@@ -237,9 +241,15 @@ impl Tunnel for TlsTunnel {
             .authority(route.as_str())
             .build()
             .map_err(|e| StreamError::Protocol(format!("route {route} as authority: {e}")))?;
+        // A server of before version 2 ignores these headers.
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(uri)
+            .header(amb_proto::APP_SOURCE_HEADER, app.source.to_string())
+            .header(
+                amb_proto::APP_DESTINATION_HEADER,
+                app.destination.to_string(),
+            )
             .body(())
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
         let (response, send) = sender.send_request(request, false).map_err(h2_error)?;

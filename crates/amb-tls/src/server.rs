@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use amb_proto::{
-    Close, Closer, ConnectionEnd, DrainCause, FailedHandshake, HandshakeFailure, IncomingStream,
-    Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer, PeerIdentity, Refusal, ResetCode,
-    RouteName, ServerConnection, StreamError, StreamRecv, StreamSend,
+    AppAddrs, Close, Closer, ConnectionEnd, DrainCause, FailedHandshake, HandshakeFailure,
+    IncomingStream, Limits, OnFailedHandshake, OpenFailure, OpeningStream, Peer, PeerIdentity,
+    Refusal, ResetCode, RouteName, ServerConnection, StreamError, StreamRecv, StreamSend,
 };
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -248,9 +248,18 @@ impl RawConnection {
     /// The stream, the first time; then waits for its end (or closes it at once on `kill`).
     async fn next(&mut self, peer: &Arc<Peer>, kill: &Notify) -> Result<TlsOpening, ConnectionEnd> {
         if let (Some((tls, route)), Some(live)) = (self.stream.take(), self.live.take()) {
+            let tcp = tls.get_ref().0;
+            let app = match (tcp.peer_addr(), tcp.local_addr()) {
+                (Ok(source), Ok(destination)) => Some(AppAddrs {
+                    source,
+                    destination,
+                }),
+                _ => None,
+            };
             return Ok(TlsOpening::Raw(TlsIncoming::Raw {
                 tls: Box::new(tls),
                 route,
+                app,
                 peer: peer.clone(),
                 live,
                 killed: self.killed.subscribe(),
@@ -367,11 +376,27 @@ impl OpeningStream for TlsOpening {
                     .map(|a| a.as_str().parse::<RouteName>())
             })
             .flatten();
+        // The app's connection, from a client of version 2.
+        let addr = |name| {
+            let value = parts.headers.get(name)?.to_str().ok()?;
+            value.parse::<std::net::SocketAddr>().ok()
+        };
+        let app = match (
+            addr(amb_proto::APP_SOURCE_HEADER),
+            addr(amb_proto::APP_DESTINATION_HEADER),
+        ) {
+            (Some(source), Some(destination)) => Some(AppAddrs {
+                source,
+                destination,
+            }),
+            _ => None,
+        };
         match route {
             Some(Ok(route)) => Ok(TlsIncoming::H2 {
                 respond,
                 body,
                 route,
+                app,
                 peer,
             }),
             other => {
@@ -403,6 +428,8 @@ pub enum TlsIncoming {
         body: RecvStream,
         /// The route it asked for.
         route: RouteName,
+        /// The app's connection, if the client told it.
+        app: Option<AppAddrs>,
         /// Who opened it.
         peer: Arc<Peer>,
     },
@@ -412,6 +439,8 @@ pub enum TlsIncoming {
         tls: Box<TlsStream<TcpStream>>,
         /// The route its SNI named, or the server's `tls-route`.
         route: RouteName,
+        /// The client's connection: it is the app.
+        app: Option<AppAddrs>,
         /// Who the client is.
         peer: Arc<Peer>,
         /// Held by the stream's halves: the connection ends when they are gone.
@@ -434,6 +463,12 @@ impl IncomingStream for TlsIncoming {
     fn route(&self) -> &RouteName {
         match self {
             TlsIncoming::H2 { route, .. } | TlsIncoming::Raw { route, .. } => route,
+        }
+    }
+
+    fn app(&self) -> Option<AppAddrs> {
+        match self {
+            TlsIncoming::H2 { app, .. } | TlsIncoming::Raw { app, .. } => *app,
         }
     }
 

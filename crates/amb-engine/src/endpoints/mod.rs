@@ -8,6 +8,7 @@ mod balance;
 mod connect;
 mod discover;
 mod etcd;
+mod proxy;
 mod resolve;
 mod secure;
 mod source;
@@ -16,6 +17,7 @@ pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_
 pub use connect::{Connector, DialProgress, UpstreamStream};
 pub use discover::{discover, Discovered, MAX_REFRESH, MIN_REFRESH};
 pub use etcd::{register, EtcdTls, LEASE_TTL};
+pub use proxy::{proxy_v2_header, Origin, PP2_TYPE_AMB_IDENTITY};
 pub use resolve::{located_set, Located, Resolver, SrvAnswer};
 pub use secure::TlsConnector;
 #[cfg(test)]
