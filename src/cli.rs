@@ -1,7 +1,7 @@
 //! Command-line parsing and wiring: each subcommand turns flags into engine settings.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -714,13 +714,15 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 });
             runtime(args.threads)?.block_on(run_server(settings, config))
         }
-        Command::Client(client) if client.tls_upstream.is_some() => {
+        Command::Client(client)
+            if client.tls_upstream.is_some()
+                || client_part(client.config.as_deref())?
+                    .tls_upstream
+                    .is_some() =>
+        {
             let part = matches.subcommand_matches("client");
             let settings = direct_settings(*client, &Given(part))?;
-            runtime(args.threads)?.block_on(async {
-                DirectClient::bind(settings)?.run(shutdown_signal()).await;
-                Ok(())
-            })
+            runtime(args.threads)?.block_on(run_direct(settings))
         }
         Command::Client(client) => {
             let part = matches.subcommand_matches("client").cloned();
@@ -745,17 +747,32 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 Some(_) => Some(server_settings(part_args("server", &path)?, &Given(None))?),
                 None => None,
             };
-            let mut client = match file.client {
-                Some(_) => Some(client_settings(part_args("client", &path)?, &Given(None))?),
-                None => None,
+            let direct = file
+                .client
+                .as_ref()
+                .is_some_and(|c| c.tls_upstream.is_some());
+            let (mut client, mut direct) = match file.client {
+                None => (None, None),
+                Some(_) if direct => {
+                    let settings = direct_settings(part_args("client", &path)?, &Given(None))?;
+                    (None, Some(settings))
+                }
+                Some(_) => {
+                    let settings = client_settings(part_args("client", &path)?, &Given(None))?;
+                    (Some(settings), None)
+                }
             };
             // One process, one set of metrics: an address both parts name is served once.
-            if let (Some(s), Some(c)) = (&server, &mut client) {
-                if s.metrics_listen.is_some() && s.metrics_listen == c.metrics_listen {
-                    c.metrics_listen = None;
+            if let Some(s) = &server {
+                let client_listen = client.as_mut().map(|c| &mut c.metrics_listen);
+                let direct_listen = direct.as_mut().map(|d| &mut d.metrics_listen);
+                for listen in client_listen.into_iter().chain(direct_listen) {
+                    if s.metrics_listen.is_some() && s.metrics_listen == *listen {
+                        *listen = None;
+                    }
                 }
             }
-            if server.is_none() && client.is_none() {
+            if server.is_none() && client.is_none() && direct.is_none() {
                 bail!("{path}: neither a [server] nor a [client] part: nothing to run");
             }
             let server_build = {
@@ -787,7 +804,13 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                         None => Ok(()),
                     }
                 };
-                tokio::try_join!(server, client).map(drop)
+                let direct = async {
+                    match direct {
+                        Some(settings) => run_direct(settings).await,
+                        None => Ok(()),
+                    }
+                };
+                tokio::try_join!(server, client, direct).map(drop)
             })
         }
         Command::Completions { shell } => {
@@ -1200,28 +1223,14 @@ fn redis_auth(route: &RouteName, auth: &config::RedisAuthFile) -> anyhow::Result
 
 /// Client-only mode's settings (`--tls-upstream`).
 fn direct_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<DirectSettings> {
-    let file = match &args.config {
-        Some(path) => ConfigFile::load(path)?
-            .client
-            .with_context(|| format!("{}: no [client] part", path.display()))?,
-        None => ClientFile::default(),
-    };
-    let file_listens = file
-        .listeners
-        .iter()
-        .map(ListenerFile::spec)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let listens = given.pick(
-        "listens",
-        args.listens,
-        Some(file_listens).filter(|l| !l.is_empty()),
-    );
-    if listens.iter().any(|l| !l.peers.is_empty()) {
-        bail!("--tls-upstream carries app connections straight to the TLS service: a listener names a peer");
+    let file = client_part(args.config.as_deref())?;
+    let listens = listeners(given, args.listens, &file)?;
+    if listens.iter().any(|l| !l.peers.is_empty()) || !file.peer_list().is_empty() {
+        bail!("tls-upstream carries app connections straight to the TLS service: give no peer");
     }
-    let mut service = args
-        .tls_upstream
+    let file_service = file.tls_upstream.clone().map(|s| Some(s.0));
+    let mut service = given
+        .pick("tls_upstream", args.tls_upstream, file_service)
         .context("client-only mode needs --tls-upstream")?;
     let (certs, limits) = certs_and_limits!(file);
     let (limits, max_connections) = args.limits.resolve(given, limits);
@@ -1315,13 +1324,37 @@ async fn run_server(
 }
 
 /// The client's settings: its flags and variables over its config file's [client] part.
-fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<ClientSettings> {
-    let file = match &args.config {
+/// The config file's `[client]` part (empty without a file).
+fn client_part(config: Option<&Path>) -> anyhow::Result<ClientFile> {
+    Ok(match config {
         Some(path) => ConfigFile::load(path)?
             .client
             .with_context(|| format!("{}: no [client] part", path.display()))?,
         None => ClientFile::default(),
-    };
+    })
+}
+
+/// The listeners: the flags' (or variables'), else the file's.
+fn listeners(
+    given: &Given<'_>,
+    flags: Vec<ListenerSpec>,
+    file: &ClientFile,
+) -> anyhow::Result<Vec<ListenerSpec>> {
+    let file_listens = file
+        .listeners
+        .iter()
+        .map(ListenerFile::spec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    Ok(given.pick(
+        "listens",
+        flags,
+        Some(file_listens).filter(|l| !l.is_empty()),
+    ))
+}
+
+fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<ClientSettings> {
+    let file = client_part(args.config.as_deref())?;
     let file_transport = file.transport.map(|t| match t {
         config::ClientTransport::Quic => ClientTransportArg::Quic,
         config::ClientTransport::Tls => ClientTransportArg::Tls,
@@ -1332,17 +1365,7 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         ClientTransportArg::Tls => ClientTransport::Tls,
         ClientTransportArg::Auto => ClientTransport::Auto,
     };
-    let file_listens = file
-        .listeners
-        .iter()
-        .map(ListenerFile::spec)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let mut listens = given.pick(
-        "listens",
-        args.listens,
-        Some(file_listens).filter(|l| !l.is_empty()),
-    );
+    let mut listens = listeners(given, args.listens, &file)?;
     if args.from_env {
         for link in docker_links_from_env()? {
             let peer = link.addr.to_string().parse().map_err(anyhow::Error::msg)?;
@@ -1416,6 +1439,12 @@ async fn run_client(
         config.map(|(path, build)| reconfigure::client_listeners(path, build, client.listeners()));
     keep_current(client.reload(), config, check_every);
     client.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Runs a client in client-only mode until SIGINT or SIGTERM.
+async fn run_direct(settings: DirectSettings) -> anyhow::Result<()> {
+    DirectClient::bind(settings)?.run(shutdown_signal()).await;
     Ok(())
 }
 

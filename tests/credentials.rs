@@ -6,32 +6,16 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 per_transport!(apps_reach_a_password_protected_redis_without_a_password,);
 
 const PASSWORD: &str = "requirepass-Secret-7f3a";
 const APP_PASSWORD: &str = "acl-Secret-91c2";
 const WRONG: &str = "wrong-Secret-44d0";
-
-/// Sends one RESP command on a fresh connection through `listen`; the answer's bytes.
-async fn call(listen: SocketAddr, command: &[&str]) -> std::io::Result<String> {
-    let mut tcp = tokio::net::TcpStream::connect(listen).await?;
-    let mut resp = format!("*{}\r\n", command.len());
-    for arg in command {
-        resp += &format!("${}\r\n{arg}\r\n", arg.len());
-    }
-    tcp.write_all(resp.as_bytes()).await?;
-    tcp.shutdown().await?;
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await?;
-    Ok(answer)
-}
 
 fn secret_file(pki: &Pki, name: &str, secret: &str, mode: u32) -> String {
     let path = pki.path(name);
@@ -98,10 +82,13 @@ async fn apps_reach_a_password_protected_redis_without_a_password(t: Transport) 
 
     // The app sends no AUTH of its own.
     let secret = client.listen_addr_for("secret");
-    assert_eq!(call(secret, &["INCR", "hits"]).await.unwrap(), ":1\r\n");
+    assert_eq!(
+        resp_call(secret, &["INCR", "hits"]).await.unwrap(),
+        ":1\r\n"
+    );
     let acl = client.listen_addr_for("acl");
     assert_eq!(
-        call(acl, &["ACL", "WHOAMI"]).await.unwrap(),
+        resp_call(acl, &["ACL", "WHOAMI"]).await.unwrap(),
         "$3\r\napp\r\n"
     );
 

@@ -1,29 +1,13 @@
 //! Interoperability with services and clients that speak TLS themselves: a route to a
-//! `redis-server` that accepts only TLS with a client certificate (`upstream-tls`). Real redis,
-//! real binaries, both transports.
+//! `redis-server` that accepts only TLS with a client certificate (`upstream-tls`), client-only
+//! mode to it (`--tls-upstream`), and `redis-cli --tls` straight to `amb server`. Real redis,
+//! real binaries.
 
 mod support;
 
-use std::net::SocketAddr;
-
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 per_transport!(a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name,);
-
-/// One RESP command on a fresh connection through `listen`; the answer.
-async fn call(listen: SocketAddr, command: &[&str]) -> std::io::Result<String> {
-    let mut tcp = tokio::net::TcpStream::connect(listen).await?;
-    let mut resp = format!("*{}\r\n", command.len());
-    for arg in command {
-        resp += &format!("${}\r\n{arg}\r\n", arg.len());
-    }
-    tcp.write_all(resp.as_bytes()).await?;
-    tcp.shutdown().await?;
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await?;
-    Ok(answer)
-}
 
 async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Transport) {
     let pki = Pki::new();
@@ -72,7 +56,9 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
         .wait_for(&["upstream health: unchecked → up", "route=redis"]);
     let good = client.listen_addr_for("redis");
     assert_eq!(
-        call(good, &["SET", "greeting", "over TLS"]).await.unwrap(),
+        resp_call(good, &["SET", "greeting", "over TLS"])
+            .await
+            .unwrap(),
         "+OK\r\n"
     );
     assert_eq!(redis.cli(&["get", "greeting"]).as_deref(), Some("over TLS"));
@@ -122,14 +108,14 @@ async fn client_only_mode_reaches_a_tls_only_redis_and_refuses_a_wrong_name() {
     let client = direct(&identity);
     let listen = client.listen_addr();
     assert_eq!(
-        call(listen, &["SET", "greeting", "straight"])
+        resp_call(listen, &["SET", "greeting", "straight"])
             .await
             .unwrap(),
         "+OK\r\n"
     );
     assert_eq!(redis.cli(&["get", "greeting"]).as_deref(), Some("straight"));
     assert_eq!(
-        call(listen, &["GET", "greeting"]).await.unwrap(),
+        resp_call(listen, &["GET", "greeting"]).await.unwrap(),
         "$8\r\nstraight\r\n"
     );
     let metrics = metrics_addr(&client);
@@ -145,6 +131,31 @@ async fn client_only_mode_reaches_a_tls_only_redis_and_refuses_a_wrong_name() {
     // No client certificate, which this redis demands: the app is reset, not answered.
     let anonymous = direct(&[]);
     assert_reset_after_write(anonymous.listen_addr(), b"*1\r\n$4\r\nPING\r\n").await;
+
+    // The same from a config file's [client] part.
+    let file = pki.path("direct.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[client]\ntls-upstream = \"localhost:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[[client.listen]]\nlisten = \"0\"\n",
+            redis.port,
+            path("ca.pem"),
+            path("client.pem"),
+            path("client.key")
+        ),
+    )
+    .unwrap();
+    let configured = Amb::spawn(&[
+        "client".into(),
+        "--config".into(),
+        file.display().to_string(),
+    ]);
+    assert_eq!(
+        resp_call(configured.listen_addr(), &["GET", "greeting"])
+            .await
+            .unwrap(),
+        "$8\r\nstraight\r\n"
+    );
 }
 
 /// `redis-cli --tls` with a client certificate straight to `amb server`: no amb client. It

@@ -562,6 +562,21 @@ pub async fn incr(listen: SocketAddr) -> bool {
     }
 }
 
+/// One RESP command on a fresh connection through `listen`, the write side closed after it;
+/// everything answered.
+pub async fn resp_call(listen: SocketAddr, command: &[&str]) -> std::io::Result<String> {
+    let mut tcp = TcpStream::connect(listen).await?;
+    let mut resp = format!("*{}\r\n", command.len());
+    for arg in command {
+        resp += &format!("${}\r\n{arg}\r\n", arg.len());
+    }
+    tcp.write_all(resp.as_bytes()).await?;
+    tcp.shutdown().await?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// How many `INCR hits` reached this redis.
 pub fn hits(redis: &Redis) -> usize {
     redis_cli(redis.port, &["get", "hits"])

@@ -180,6 +180,9 @@ pub struct ClientFile {
     pub peers: Option<Vec<Parsed<PeerSpec>>>,
     /// `peer-balance`: how new app connections are spread over several peers.
     pub peer_balance: Option<Parsed<Balance>>,
+    /// `tls-upstream`: client-only mode, each app connection its own TLS connection to this
+    /// service (or these, separated by commas); no peer then.
+    pub tls_upstream: Option<Parsed<UpstreamSetSpec>>,
     /// `transport`.
     pub transport: Option<ClientTransport>,
     /// `server-name`.
