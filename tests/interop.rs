@@ -13,6 +13,7 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
     let pki = Pki::new();
     let redis = Redis::start_tls(&pki);
     let other = Pki::new();
+    let stranger = Redis::start_tls(&other);
     let path = |pki: &Pki, name: &str| pki.path(name).display().to_string();
     let route = |name: &str, ca: &str, server_name: &str| {
         format!(
@@ -31,7 +32,18 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
     ) + &route("redis", &path(&pki, "ca.pem"), "localhost")
         + "health-check = \"redis\"\nhealth-interval = \"200ms\"\n"
         + &route("wrong-ca", &path(&other, "ca.pem"), "localhost")
-        + &route("wrong-name", &path(&pki, "ca.pem"), "redis.example");
+        + &route("wrong-name", &path(&pki, "ca.pem"), "redis.example")
+        // Two upstreams, the second with a certificate of another CA: it is marked down and
+        // every connection lands on the first.
+        + &format!(
+            "\n[[server.route]]\nname = \"pair\"\nupstreams = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             upstream-tls = {{ ca = \"{}\", server-name = \"localhost\", cert = \"{}\", key = \"{}\" }}\n",
+            redis.port,
+            stranger.port,
+            path(&pki, "ca.pem"),
+            path(&pki, "client.pem"),
+            path(&pki, "client.key"),
+        );
     let file = pki.path("amb.toml");
     std::fs::write(&file, config).unwrap();
     let server = Amb::spawn(&[
@@ -46,6 +58,8 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
         "0=wrong-ca",
         "--listen",
         "0=wrong-name",
+        "--listen",
+        "0=pair",
     ];
     let client = Amb::client(&pki, "client", server.server_addr(), t, &listens);
     client.wait_tunnel_up();
@@ -62,6 +76,17 @@ async fn a_route_reaches_a_tls_only_redis_and_refuses_a_wrong_ca_or_name(t: Tran
         "+OK\r\n"
     );
     assert_eq!(redis.cli(&["get", "greeting"]).as_deref(), Some("over TLS"));
+
+    let pair = client.listen_addr_for("pair");
+    for i in 0..10 {
+        let key = format!("pair-{i}");
+        assert_eq!(
+            resp_call(pair, &["SET", &key, "x"]).await.unwrap(),
+            "+OK\r\n",
+            "connection {i} of the pair failed"
+        );
+    }
+    assert_eq!(redis.cli(&["exists", "pair-9"]).as_deref(), Some("1"));
 
     // A certificate of another CA, or one that does not name the server name: refused
     // (502), with the certificate problem as the reason.

@@ -601,7 +601,15 @@ async fn handle<I: IncomingStream>(
     let Relayed { bytes, result } = match socket {
         UpstreamStream::Tcp(tcp) => relay(tcp, send, recv).await,
         UpstreamStream::Unix(unix) => relay(unix, send, recv).await,
-        tls @ UpstreamStream::Tls(_) => relay_io(tls, send, recv).await,
+        tls @ UpstreamStream::Tls(_) => {
+            // A RST to the service unless the relay ends cleanly, as the socket relay does.
+            let guard = tls.reset_unless_finished();
+            let relayed = relay_io(tls, send, recv).await;
+            if relayed.result.is_ok() {
+                guard.finished();
+            }
+            relayed
+        }
     };
     // The upstream is the socket: what it sent into the tunnel went down to the app.
     let (up, down) = (bytes.from_tunnel, bytes.to_tunnel);

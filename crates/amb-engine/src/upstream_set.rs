@@ -299,7 +299,7 @@ impl UpstreamSet {
         // Bit i: member i was tried for this connection (a set has at most 64).
         let mut tried = 0u64;
         let mut failures: Vec<String> = Vec::new();
-        let mut all_timed_out = true;
+        let (mut all_timed_out, mut all_tls) = (true, true);
         loop {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
@@ -330,7 +330,12 @@ impl UpstreamSet {
                 }
             };
             let Some(index) = picked.filter(|_| !left.is_zero()) else {
-                return Err(inner.refusal(failures, all_timed_out));
+                let tls = all_tls && !failures.is_empty();
+                let mut refusal = inner.refusal(failures, all_timed_out);
+                if tls {
+                    refusal.reason = Some("upstream_tls");
+                }
+                return Err(refusal);
             };
             tried |= 1 << index;
             // The time left, shared among the members still to try, so one that does not
@@ -339,27 +344,25 @@ impl UpstreamSet {
             let member = &members[index];
             let lease = Lease::new(member);
             let dialing = Instant::now();
-            let dialed = member.upstream.dial(limit).await;
+            // The PROXY header and TLS are part of reaching this member, within its share of
+            // the time: one that fails them (a wrong certificate, a stalled handshake) is
+            // marked down as a refused dial is, and the next one tried.
+            let dialed = match member.upstream.dial(limit).await {
+                Ok(stream) => {
+                    let limit = limit.saturating_sub(dialing.elapsed());
+                    let prepared = inner.prepare(stream, &member.upstream, origin, limit);
+                    prepared.await.map_err(Unprepared::into_failure)
+                }
+                Err(failure) => Err(failure),
+            };
             match &dialed {
                 Ok(_) => member.dials.connected(dialing.elapsed()),
                 Err(f) => member.dials.failed(f.refusal == Refusal::UpstreamTimeout),
             }
             match dialed {
-                Ok(stream) => {
-                    // The PROXY header, TLS and credentials fail for the route's settings, not
-                    // the upstream's health: no other member is tried.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let prepared = inner.prepare(stream, &member.upstream, origin, left);
-                    let mut stream = match prepared.await {
-                        Ok(stream) => stream,
-                        Err(Unprepared { tls, why }) => {
-                            return Err(DialFailure {
-                                reason: tls.then_some("upstream_tls"),
-                                refusal: Refusal::UpstreamRefused,
-                                detail: format!("{}: {why}", member.upstream),
-                            })
-                        }
-                    };
+                Ok(mut stream) => {
+                    // Credentials fail for the route's settings, not the upstream's health: no
+                    // other member is tried.
                     if let Some(auth) = &inner.spec.redis_auth {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if let Err(why) = authenticate(&mut stream, auth, left).await {
@@ -381,6 +384,7 @@ impl UpstreamSet {
                 Err(failure) => {
                     drop(lease);
                     all_timed_out &= failure.refusal == Refusal::UpstreamTimeout;
+                    all_tls &= failure.reason == Some("upstream_tls");
                     if keeps_health {
                         inner.mark_down(member, &failure);
                     }
@@ -427,10 +431,25 @@ impl UpstreamSet {
 }
 
 /// Why a connected upstream stream could not be readied: its TLS failed, or it did not take
-/// the PROXY header.
+/// the PROXY header; in time, or not.
 struct Unprepared {
     tls: bool,
+    timed_out: bool,
     why: String,
+}
+
+impl Unprepared {
+    /// As a dial's failure: 504 if it ran out of time, else 502; `upstream_tls` for TLS.
+    fn into_failure(self) -> DialFailure {
+        DialFailure {
+            reason: self.tls.then_some("upstream_tls"),
+            refusal: match self.timed_out {
+                true => Refusal::UpstreamTimeout,
+                false => Refusal::UpstreamRefused,
+            },
+            detail: self.why,
+        }
+    }
 }
 
 impl Inner {
@@ -445,24 +464,33 @@ impl Inner {
         limit: Duration,
     ) -> Result<UpstreamStream, Unprepared> {
         if let Some(ProxyProtocol::V2) = self.spec.proxy_protocol {
-            let header = proxy_v2_header(origin);
-            let refused = |why| Unprepared { tls: false, why };
+            let refused = |timed_out, why| Unprepared {
+                tls: false,
+                timed_out,
+                why,
+            };
+            // Never the app's bytes without the header: an upstream would parse them as one.
+            let header = proxy_v2_header(origin).map_err(|e| refused(false, e))?;
             tokio::time::timeout(limit, stream.write_all(&header))
                 .await
-                .map_err(|_| refused(format!("PROXY header not taken within {limit:?}")))?
-                .map_err(|e| refused(format!("sending the PROXY header: {e}")))?;
+                .map_err(|_| refused(true, format!("PROXY header not taken within {limit:?}")))?
+                .map_err(|e| refused(false, format!("sending the PROXY header: {e}")))?;
         }
         let Some(tls) = &self.tls else {
             return Ok(stream);
         };
-        let failed = |why| Unprepared { tls: true, why };
+        let failed = |timed_out, why| Unprepared {
+            tls: true,
+            timed_out,
+            why,
+        };
         let tls = tls
             .as_ref()
-            .map_err(|why| failed(format!("upstream TLS unusable: {why}")))?;
-        tokio::time::timeout(limit, tls.connect(stream, upstream.spec()))
-            .await
-            .unwrap_or_else(|_| Err(format!("no TLS handshake within {limit:?}")))
-            .map_err(failed)
+            .map_err(|why| failed(false, format!("upstream TLS unusable: {why}")))?;
+        match tokio::time::timeout(limit, tls.connect(stream, upstream.spec())).await {
+            Ok(connected) => connected.map_err(|why| failed(false, why)),
+            Err(_) => Err(failed(true, format!("no TLS handshake within {limit:?}"))),
+        }
     }
 
     /// Whether members have health (a route of one listed upstream has none: each dial tries

@@ -154,6 +154,7 @@ where
                     let (live, ended) = mpsc::channel(1);
                     let conn = TlsConnection {
                         kind: Kind::Raw(Box::new(RawConnection {
+                            socket: crate::raw::socket_of(&tls),
                             stream: Some((tls, route)),
                             live: Some(live),
                             ended,
@@ -236,6 +237,8 @@ enum Kind {
 
 /// A standard TLS client's connection: its one stream, handed out once.
 struct RawConnection {
+    /// The connection's socket, to close it at once whichever half is busy.
+    socket: Option<socket2::Socket>,
     stream: Option<(TlsStream<TcpStream>, RouteName)>,
     /// Cloned into the stream's halves; `ended` yields `None` once all are gone.
     live: Option<mpsc::Sender<()>>,
@@ -269,7 +272,13 @@ impl RawConnection {
             tokio::select! {
                 _ = self.ended.recv() => break,
                 () = kill.notified() => {
+                    // Both halves fail at once, whichever is waiting (a reader that saw the
+                    // client's end waits on nothing here).
                     self.killed.send_replace(true);
+                    crate::raw::abort(&self.socket);
+                    if let Some(socket) = &self.socket {
+                        let _ = socket.shutdown(std::net::Shutdown::Both);
+                    }
                 }
             }
         }

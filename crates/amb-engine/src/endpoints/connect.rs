@@ -28,16 +28,47 @@ impl UpstreamStream {
     /// Drops the connection with a TCP RST where TCP is underneath: a FIN would tell the
     /// service the app finished cleanly.
     pub fn abort(self) {
-        self.set_zero_linger();
+        if let Some(tcp) = self.tcp() {
+            let _ = tcp.set_zero_linger();
+        }
     }
 
-    fn set_zero_linger(&self) {
+    /// A guard that makes this connection's close a TCP RST unless it is told the relay
+    /// finished cleanly: for a stream handed away whole (a TLS upstream's relay), which may
+    /// fail or be dropped (its stream cut off) with no other way to reset it.
+    pub fn reset_unless_finished(&self) -> ResetUnlessFinished {
+        use std::os::fd::AsFd;
+        let socket = self
+            .tcp()
+            .and_then(|tcp| tcp.as_fd().try_clone_to_owned().ok())
+            .map(socket2::Socket::from);
+        ResetUnlessFinished(socket)
+    }
+
+    /// The TCP connection underneath, if any.
+    fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            UpstreamStream::Tcp(tcp) => {
-                let _ = tcp.set_zero_linger();
-            }
-            UpstreamStream::Unix(_) => {}
-            UpstreamStream::Tls(tls) => tls.get_ref().0.set_zero_linger(),
+            UpstreamStream::Tcp(tcp) => Some(tcp),
+            UpstreamStream::Unix(_) => None,
+            UpstreamStream::Tls(tls) => tls.get_ref().0.tcp(),
+        }
+    }
+}
+
+/// See [`UpstreamStream::reset_unless_finished`]; holds a duplicate of the socket's descriptor.
+pub struct ResetUnlessFinished(Option<socket2::Socket>);
+
+impl ResetUnlessFinished {
+    /// The relay finished cleanly: the connection closes as it would.
+    pub fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ResetUnlessFinished {
+    fn drop(&mut self) {
+        if let Some(socket) = &self.0 {
+            let _ = socket.set_linger(Some(Duration::ZERO));
         }
     }
 }

@@ -14,7 +14,7 @@ mod secure;
 mod source;
 
 pub use balance::{dial_order, race, Balancer, DialError, Failures, Won, ATTEMPT_DELAY};
-pub use connect::{Connector, DialProgress, UpstreamStream};
+pub use connect::{Connector, DialProgress, ResetUnlessFinished, UpstreamStream};
 pub use discover::{discover, Discovered, MAX_REFRESH, MIN_REFRESH};
 pub use etcd::{register, EtcdTls, LEASE_TTL};
 pub use proxy::{proxy_v2_header, Origin, PP2_TYPE_AMB_IDENTITY};

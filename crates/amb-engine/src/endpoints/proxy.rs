@@ -36,7 +36,8 @@ fn identity_name(identity: &PeerIdentity) -> Option<&str> {
 
 /// The header for a connection made for `origin`: PROXY with the app's addresses and the
 /// identity TLV; LOCAL (the ambassador's own connection, as a health check's) without one.
-pub fn proxy_v2_header(origin: Option<&Origin<'_>>) -> Vec<u8> {
+/// An error (an identity too long for a TLV) means no header: the caller refuses the stream.
+pub fn proxy_v2_header(origin: Option<&Origin<'_>>) -> Result<Vec<u8>, String> {
     let header = match origin {
         Some(origin) => {
             let (addresses, protocol) = match origin.app {
@@ -66,8 +67,7 @@ pub fn proxy_v2_header(origin: Option<&Origin<'_>>) -> Vec<u8> {
         )
         .build(),
     };
-    // Writing into a Vec cannot fail, and a SAN (at most a few hundred bytes) fits a TLV.
-    header.unwrap_or_default()
+    header.map_err(|e| format!("building the PROXY header: {e}"))
 }
 
 #[cfg(test)]
@@ -95,7 +95,7 @@ mod tests {
             app: Some(app),
             identity: &peer,
         };
-        let bytes = proxy_v2_header(Some(&origin));
+        let bytes = proxy_v2_header(Some(&origin)).unwrap();
         let header = Header::try_from(bytes.as_slice()).unwrap();
         assert_eq!(header.command, Command::Proxy);
         assert_eq!(
@@ -122,7 +122,7 @@ mod tests {
             app: Some(app),
             identity: &peer,
         };
-        let bytes = proxy_v2_header(Some(&origin));
+        let bytes = proxy_v2_header(Some(&origin)).unwrap();
         let header = Header::try_from(bytes.as_slice()).unwrap();
         assert_eq!(
             header.addresses,
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn without_an_origin_the_header_is_local() {
-        let bytes = proxy_v2_header(None);
+        let bytes = proxy_v2_header(None).unwrap();
         let header = Header::try_from(bytes.as_slice()).unwrap();
         assert_eq!(header.command, Command::Local);
         assert_eq!(header.addresses, Addresses::Unspecified);
@@ -144,7 +144,8 @@ mod tests {
         let bytes = proxy_v2_header(Some(&Origin {
             app: None,
             identity: &peer,
-        }));
+        }))
+        .unwrap();
         let header = Header::try_from(bytes.as_slice()).unwrap();
         assert_eq!(header.command, Command::Proxy);
         assert_eq!(header.addresses, Addresses::Unspecified);
