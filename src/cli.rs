@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use amb_engine::endpoints::{EtcdTls, Resolver};
 use amb_engine::{
-    Client, ClientSettings, ClientTransport, DirectClient, DirectSettings, Registration, Server,
-    ServerSettings, ServerTransports,
+    AcceptSettings, Client, ClientSettings, ClientTransport, DirectClient, DirectSettings,
+    Registration, Server, ServerSettings, ServerTransports,
 };
 use amb_metrics::Metrics;
 use amb_pki::{Finding, InitOptions, LeafRole, Severity, TlsFiles};
@@ -413,9 +413,15 @@ struct ServerArgs {
     /// Config file (TOML) whose [server] part sets what no flag or variable sets.
     #[arg(long, value_name = "FILE", env = "AMB_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on (TCP for TLS, UDP for QUIC).
+    /// Address to listen on (TCP for TLS, UDP for QUIC). With --peer, the server listens
+    /// only if this is given.
     #[arg(long, default_value = "0.0.0.0:7443", env = "AMB_LISTEN")]
     listen: std::net::SocketAddr,
+    /// Reverse tunnel: dial the app side's `amb client --accept` at HOST:PORT and serve the
+    /// streams it opens (for a service nothing may connect to: behind NAT, egress only).
+    /// Repeatable, or several separated by commas; each is kept connected.
+    #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
+    peer: Vec<PeerList>,
     /// Upstream(s) of the route named `default`: HOST:PORT, or unix:PATH for a service on this
     /// host (no TCP handshake per connection); several separated by commas, each optionally
     /// followed by ` weight=N`. A name is looked up every 5 s, not per connection.
@@ -540,6 +546,26 @@ struct ClientArgs {
         env = "AMB_PEER_BALANCE"
     )]
     peer_balance: Balance,
+    /// Reverse tunnels: take the tunnel connections of service-side ambassadors (`amb server
+    /// --peer`) at ADDR:PORT (TCP for TLS, UDP for QUIC) and carry the listeners without a peer
+    /// of their own over them. Needs --allow.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        env = "AMB_ACCEPT",
+        conflicts_with = "tls_upstream"
+    )]
+    accept: Option<SocketAddr>,
+    /// With --accept: the service-side identities taken in, dns:X, uri:Y or ip:Z (exact
+    /// match); any other certificate of the CA is turned away.
+    #[arg(
+        long = "allow",
+        value_name = "SAN",
+        env = "AMB_ALLOW",
+        value_delimiter = ',',
+        requires = "accept"
+    )]
+    allow: Vec<San>,
     /// Local listener: [ADDR:]PORT[=ROUTE]; a bare PORT binds 127.0.0.1 (repeatable).
     #[arg(
         long = "listen",
@@ -733,7 +759,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 .map(|path| -> (PathBuf, ListenerBuilder) {
                     let build = move || {
                         let settings = client_settings(*client.clone(), &Given(part.as_ref()))?;
-                        Ok((settings.listens, settings.peers))
+                        Ok(listeners_part(settings))
                     };
                     (path, Box::new(build))
                 });
@@ -783,7 +809,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             };
             let client_build = move || -> anyhow::Result<_> {
                 let settings = client_settings(part_args("client", &path)?, &Given(None))?;
-                Ok((settings.listens, settings.peers))
+                Ok(listeners_part(settings))
             };
             runtime(args.threads)?.block_on(async {
                 let server = async {
@@ -1128,7 +1154,20 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
         config::ServerTransport::Tls => ServerTransportArg::Tls,
         config::ServerTransport::Both => ServerTransportArg::Both,
     });
-    let listen = given.pick("listen", args.listen, file.listen.map(|l| l.0));
+    let file_listen = file.listen.as_ref().map(|l| l.0);
+    let listen = given.pick("listen", args.listen, file_listen);
+    let file_peers: Vec<PeerSpec> = file.peers.iter().flatten().map(|p| p.0.clone()).collect();
+    let flag_peers = args.peer.into_iter().flat_map(|list| list.0).collect();
+    let peers: Vec<PeerSpec> = given.pick(
+        "peer",
+        flag_peers,
+        Some(file_peers).filter(|p| !p.is_empty()),
+    );
+    if let Some(set) = peers.iter().find(|p| p.addr().is_none()) {
+        bail!("--peer {set}: a server dials app sides at HOST:PORT, not a discovered set");
+    }
+    // Dialing out, the server listens only where told to.
+    let listens = peers.is_empty() || given.given("listen") || file_listen.is_some();
     let register = given.pick("register", args.register, file.register.map(|r| Some(r.0)));
     let advertise = given.pick("advertise", args.advertise, file.advertise.map(Some));
     let register = match (register, advertise) {
@@ -1157,7 +1196,8 @@ fn server_settings(args: ServerArgs, given: &Given<'_>) -> anyhow::Result<Server
     let (tls, reload_check) = args.certs.resolve(given, "server", certs)?;
     let (limits, max_connections) = args.limits.resolve(given, limits);
     Ok(ServerSettings {
-        listen,
+        listen: listens.then_some(listen),
+        peers,
         transports: match given.pick("transport", args.transport, file_transport) {
             ServerTransportArg::Quic => ServerTransports::Quic,
             ServerTransportArg::Tls => ServerTransports::Tls,
@@ -1304,9 +1344,14 @@ fn upstream_tls(
 
 /// Builds a server's routes again from its config file.
 type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync>;
-/// Builds a client's listeners and default peer again from its config file.
-type ListenerBuilder =
-    Box<dyn Fn() -> anyhow::Result<(Vec<ListenerSpec>, Vec<PeerSpec>)> + Send + Sync>;
+/// Builds a client's listeners, default peers and accept allow-list again from its config file.
+type ListenerBuilder = Box<dyn Fn() -> anyhow::Result<reconfigure::ListenersPart> + Send + Sync>;
+
+/// What a reload of a client's file swaps in.
+fn listeners_part(settings: ClientSettings) -> reconfigure::ListenersPart {
+    let allow = settings.accept.map(|accept| accept.allow);
+    (settings.listens, settings.peers, allow)
+}
 
 /// Runs a server; with `config` (its file, and how to build routes from it) the routes follow
 /// the file.
@@ -1379,8 +1424,22 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
     let file_peers = Some(file.peer_list()).filter(|p| !p.is_empty());
     let flag_peers = args.peer.into_iter().flat_map(|list| list.0).collect();
     let peers = given.pick("peer", flag_peers, file_peers);
-    if peers.is_empty() && listens.iter().any(|l| l.peers.is_empty()) {
-        bail!("no peer: give --peer HOST:PORT (or `peer` in the [client] part of --config)");
+    let accept = given.pick(
+        "accept",
+        args.accept,
+        file.accept.as_ref().map(|a| Some(a.0)),
+    );
+    if peers.is_empty() && accept.is_none() && listens.iter().any(|l| l.peers.is_empty()) {
+        bail!("no peer: give --peer HOST:PORT, or --accept ADDR:PORT for service-side ambassadors to connect to (or `peer` / `accept` in the [client] part of --config)");
+    }
+    let file_allow = file.allow.as_ref().map(|list| {
+        let entries = list.get_ref().iter();
+        entries.map(|san| san.0.clone()).collect()
+    });
+    let allow = AllowList::new(given.pick("allow", args.allow, file_allow))?;
+    let accept = accept.map(|addr| AcceptSettings { addr, allow });
+    if let Some(accept) = &accept {
+        accept.validate()?;
     }
     let peer_balance = given.pick(
         "peer_balance",
@@ -1424,6 +1483,7 @@ fn client_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Client
         metrics: process_metrics(),
         metrics_listen,
         access_log,
+        accept,
     })
 }
 

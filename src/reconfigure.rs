@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amb_engine::{Listeners, Reload, Routes};
-use amb_proto::RouteTable;
+use amb_proto::{AllowList, RouteTable};
 use amb_spec::{ListenerSpec, PeerSpec, UpstreamSetSpec};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -53,10 +53,15 @@ pub fn server_routes(
     }
 }
 
-/// A client's listeners follow the file: `build` reads them and the default peer.
+/// What a client's file reload swaps in: its listeners, the default peers, and (accepting
+/// service-side ambassadors) their allow-list.
+pub type ListenersPart = (Vec<ListenerSpec>, Vec<PeerSpec>, Option<AllowList>);
+
+/// A client's listeners follow the file: `build` reads them, the default peers and the
+/// allow-list of service-side ambassadors.
 pub fn client_listeners(
     path: PathBuf,
-    build: impl Fn() -> anyhow::Result<(Vec<ListenerSpec>, Vec<PeerSpec>)> + Send + Sync + 'static,
+    build: impl Fn() -> anyhow::Result<ListenersPart> + Send + Sync + 'static,
     listeners: Listeners,
 ) -> Reconfigure {
     let build = Arc::new(build);
@@ -66,8 +71,8 @@ pub fn client_listeners(
         apply: Box::new(move || {
             let (built, listeners) = (build(), listeners.clone());
             Box::pin(async move {
-                let (listens, peers) = built?;
-                Ok(listeners.replace(listens, peers).await?)
+                let (listens, peers, allow) = built?;
+                Ok(listeners.replace(listens, peers, allow).await?)
             })
         }),
     }

@@ -8,8 +8,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use support::impair::Relay;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,50 +29,6 @@ async fn impaired_pair(t: Transport, client_extra: &[&str]) -> (Pki, Upstream, A
     let client = Amb::client(&pki, "client", relay.addr, t, client_extra);
     client.wait_tunnel_up();
     (pki, upstream, server, relay, client)
-}
-
-/// Sends `len` random bytes through the echo and checks they come back exactly; `midway` runs
-/// once a third has come back.
-async fn echo_exact(
-    addr: std::net::SocketAddr,
-    len: usize,
-    midway: impl std::future::Future<Output = ()>,
-) {
-    let mut payload = vec![0u8; len];
-    rand::rng().fill_bytes(&mut payload);
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut r, mut w) = tcp.split();
-    let send = async {
-        for chunk in payload.chunks(64 << 10) {
-            w.write_all(chunk).await.unwrap();
-        }
-        w.shutdown().await.unwrap();
-    };
-    let recv = async {
-        let mut got = Vec::with_capacity(len);
-        let mut buf = vec![0u8; 64 << 10];
-        let mut midway = Some(midway);
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                return got;
-            }
-            got.extend_from_slice(&buf[..n]);
-            if got.len() >= len / 3 {
-                if let Some(f) = midway.take() {
-                    f.await;
-                }
-            }
-        }
-    };
-    let ((), got) = tokio::time::timeout(READY * 6, async { tokio::join!(send, recv) })
-        .await
-        .expect("transfer stalled");
-    assert_eq!(got.len(), len);
-    assert!(
-        Sha256::digest(&got) == Sha256::digest(&payload),
-        "bytes altered on the impaired link"
-    );
 }
 
 async fn lossy_jittery_link_keeps_data_exact(t: Transport) {

@@ -343,8 +343,8 @@ async fn a_quic_handshake_begun_before_a_ca_change_is_verified_under_the_new_ca(
     trust.send_replace(1);
     let (_stop, stop) = tokio::sync::watch::channel(false);
     // Holds each connection it is given open, as the engine would.
-    let handler = |conn: amb_quic::QuicConnection, _verified_under| async move {
-        let _conn = conn;
+    let handler = |accepted: amb_quic::QuicAccepted, _verified_under| async move {
+        let _conn = accepted.into_connection().await;
         std::future::pending::<()>().await
     };
     tokio::spawn(async move { amb_quic::serve(&server, stop, handler).await });

@@ -1136,3 +1136,48 @@ pub async fn wait_until(addr: SocketAddr, series: &str, good: impl Fn(f64) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends `len` random bytes through the echo and checks they come back exactly; `midway` runs
+/// once a third has come back.
+pub async fn echo_exact(
+    addr: std::net::SocketAddr,
+    len: usize,
+    midway: impl std::future::Future<Output = ()>,
+) {
+    let mut payload = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut payload);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = tcp.split();
+    let send = async {
+        for chunk in payload.chunks(64 << 10) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::with_capacity(len);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut midway = Some(midway);
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() >= len / 3 {
+                if let Some(f) = midway.take() {
+                    f.await;
+                }
+            }
+        }
+    };
+    let ((), got) = tokio::time::timeout(READY * 6, async { tokio::join!(send, recv) })
+        .await
+        .expect("transfer stalled");
+    assert_eq!(got.len(), len);
+    assert!(
+        <sha2::Sha256 as sha2::Digest>::digest(&got)
+            == <sha2::Sha256 as sha2::Digest>::digest(&payload),
+        "bytes altered on the impaired link"
+    );
+}

@@ -85,6 +85,9 @@ pub enum Switch {
 pub struct ServerFile {
     /// `listen`: the tunnel endpoint, ADDR:PORT.
     pub listen: Option<Parsed<SocketAddr>>,
+    /// `peers`: app sides this server dials (reverse tunnels), each HOST:PORT; with them, the
+    /// server listens only if `listen` is given too.
+    pub peers: Option<Vec<Parsed<PeerSpec>>>,
     /// `transport`.
     pub transport: Option<ServerTransport>,
     /// `upstream`: the route named `default`, as `--upstream` (one, or several separated by
@@ -180,6 +183,11 @@ pub struct ClientFile {
     pub peers: Option<Vec<Parsed<PeerSpec>>>,
     /// `peer-balance`: how new app connections are spread over several peers.
     pub peer_balance: Option<Parsed<Balance>>,
+    /// `accept`: where service-side ambassadors connect in (reverse tunnels), ADDR:PORT; the
+    /// listeners without a peer of their own carry over them.
+    pub accept: Option<Parsed<SocketAddr>>,
+    /// `allow`: the service-side identities `accept` takes in (required with it).
+    pub allow: Option<Spanned<Vec<Parsed<San>>>>,
     /// `tls-upstream`: client-only mode, each app connection its own TLS connection to this
     /// service (or these, separated by commas); no peer then.
     pub tls_upstream: Option<Parsed<UpstreamSetSpec>>,

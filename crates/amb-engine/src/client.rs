@@ -14,8 +14,8 @@ use amb_metrics::{
 };
 use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{
-    AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel, ALPN_H2,
-    ALPN_QUIC,
+    AllowList, AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel,
+    ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicDialer;
 use amb_spec::{
@@ -38,6 +38,7 @@ use crate::endpoints::{
 };
 use crate::relay::{relay, reset_tcp, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
+use crate::reverse::{AcceptSettings, AppSide, AppSideListeners};
 use crate::tally::{StreamEnd, StreamTally};
 use crate::throttle::{LogThrottle, LogThrottles};
 use crate::upstream_set::{pick, srv_weight, Candidate};
@@ -101,6 +102,9 @@ pub struct ClientSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// One `info` line per app connection when it ends.
     pub access_log: bool,
+    /// Where service-side ambassadors connect in (reverse tunnels), if anywhere: listeners
+    /// without peers of their own carry over their tunnel connections.
+    pub accept: Option<AcceptSettings>,
 }
 
 /// A bound client, ready to run.
@@ -116,6 +120,8 @@ pub struct Client {
         mpsc::UnboundedSender<Relisten>,
         mpsc::UnboundedReceiver<Relisten>,
     ),
+    /// Where service-side ambassadors connect in, if anywhere.
+    app_side: Option<(Arc<AppSide>, AppSideListeners)>,
 }
 
 /// A bound listener, as configured (its peers filled in; their links are in [`Client`]'s
@@ -157,24 +163,26 @@ impl LinkMaker {
         let (first, last) = (self.tls[0].clone(), self.tls[self.tls.len() - 1].clone());
         let quic = |tls| -> Result<_, EngineError> {
             let dialer = QuicDialer::new(tls, server_name.clone(), limits)?;
+            let metrics = (self.limits, &self.metrics);
             Ok(PeerLink::new(
                 peer,
                 label,
                 source.clone(),
                 "quic",
                 dialer,
-                self,
+                metrics,
             ))
         };
         let tls = |tls| -> Result<_, EngineError> {
             let dialer = TlsDialer::new(tls, &server_name, limits)?;
+            let metrics = (self.limits, &self.metrics);
             Ok(PeerLink::new(
                 peer,
                 label,
                 source.clone(),
                 "tls",
                 dialer,
-                self,
+                metrics,
             ))
         };
         Ok(match self.transport {
@@ -199,10 +207,11 @@ fn located_peer(server: &Located) -> Option<PeerSpec> {
 }
 
 /// Each listener with its peers: its own, else the client's. An error names a listener that
-/// has neither.
+/// has neither, unless the client `accepts` service-side ambassadors (which carry it).
 fn with_peers(
     listens: Vec<ListenerSpec>,
     peers: &[PeerSpec],
+    accepts: bool,
 ) -> Result<Vec<ListenerSpec>, EngineError> {
     if listens.is_empty() {
         return Err(EngineError::Config(
@@ -215,7 +224,7 @@ fn with_peers(
             if spec.peers.is_empty() {
                 spec.peers = peers.to_vec();
             }
-            match spec.peers.is_empty() {
+            match spec.peers.is_empty() && !accepts {
                 false => Ok(spec),
                 true => Err(EngineError::Config(format!(
                     "listener {} has no peer: give --peer HOST:PORT (or `peer` in the config file)",
@@ -238,7 +247,11 @@ fn prepare(
     ),
     EngineError,
 > {
-    let listens = with_peers(settings.listens.clone(), &settings.peers)?;
+    let listens = with_peers(
+        settings.listens.clone(),
+        &settings.peers,
+        settings.accept.is_some(),
+    )?;
     let alpns = settings.transport.alpns();
     let certs = Certs::load(settings.tls.clone(), amb_pki::client_config, alpns)?;
     let makes = LinkMaker {
@@ -260,6 +273,24 @@ impl Client {
     pub fn bind(settings: ClientSettings) -> Result<Self, EngineError> {
         let (listens, certs, makes) = prepare(&settings)?;
         let certs = certs.counted_in(&settings.metrics, Side::Client);
+        let app_side = match &settings.accept {
+            Some(accept) => {
+                let transports = match settings.transport {
+                    ClientTransport::Quic => (true, false),
+                    ClientTransport::Tls => (false, true),
+                    ClientTransport::Auto => (true, true),
+                };
+                let (limits, metrics) = (settings.limits, &settings.metrics);
+                Some(AppSide::bind(
+                    accept,
+                    transports,
+                    &settings.tls,
+                    limits,
+                    metrics,
+                )?)
+            }
+            None => None,
+        };
         let mut links: Vec<Link> = Vec::new();
         let mut listeners = Vec::new();
         for spec in listens {
@@ -283,6 +314,7 @@ impl Client {
             makes,
             reload: Reload::default(),
             relisten: mpsc::unbounded_channel(),
+            app_side,
         })
     }
 
@@ -317,18 +349,38 @@ impl Client {
             makes,
             reload,
             relisten: (_, relisten),
+            app_side,
         } = self;
         // Served to the end of the drain: `/readyz` says the client is shutting down.
         let _endpoint = endpoint.serve(&settings.metrics);
         let (stop_tx, stop) = watch::channel(false);
         // Every ALPN's configuration changes at once: the first tells a reload.
         let watch = (makes.tls[0].clone(), certs.trust());
+        let (side, accepting) = match app_side {
+            Some((side, listeners)) => {
+                let reloads = (reload.clone(), settings.reload_check);
+                (
+                    Some(side.clone()),
+                    Some(listeners.run(side, reloads, stop.clone())),
+                )
+            }
+            None => (None, None),
+        };
+        let accepting = async {
+            if let Some(accepting) = accepting {
+                accepting.await;
+            }
+        };
         let certs = certs.keep_current(reload, settings.reload_check, stop);
         let serving = async move {
-            run(links, watch, listeners, makes, settings, relisten, shutdown).await;
+            let carriers = (links, side);
+            run(
+                carriers, watch, listeners, makes, settings, relisten, shutdown,
+            )
+            .await;
             let _ = stop_tx.send(true);
         };
-        tokio::join!(certs, serving);
+        tokio::join!(certs, serving, accepting);
     }
 }
 
@@ -399,6 +451,7 @@ pub struct Listeners(mpsc::UnboundedSender<Relisten>);
 struct Relisten {
     listens: Vec<ListenerSpec>,
     peers: Vec<PeerSpec>,
+    accept_allow: Option<AllowList>,
     done: oneshot::Sender<Result<usize, EngineError>>,
 }
 
@@ -408,11 +461,13 @@ impl Listeners {
     /// or peer changed keeps its socket and sends new connections to the new target. All or
     /// nothing: if a new listener cannot be bound, nothing changes. A peer no listener uses
     /// any more is let go once its app connections end (within the drain timeout). Logs each
-    /// listener added, removed or changed; returns how many.
+    /// listener added, removed or changed; returns how many. `accept_allow`: a client that
+    /// accepts service-side ambassadors takes their new allow-list (see `--allow`).
     pub async fn replace(
         &self,
         listens: Vec<ListenerSpec>,
         peers: Vec<PeerSpec>,
+        accept_allow: Option<AllowList>,
     ) -> Result<usize, EngineError> {
         let (done, outcome) = oneshot::channel();
         let stopped = || EngineError::Config("the client has stopped".into());
@@ -420,6 +475,7 @@ impl Listeners {
             .send(Relisten {
                 listens,
                 peers,
+                accept_allow,
                 done,
             })
             .map_err(|_| stopped())?;
@@ -428,34 +484,48 @@ impl Listeners {
 }
 
 /// A tunnel connection in the pool, with the app connections it carries.
-struct Pooled<T> {
-    tunnel: T,
-    carried: StreamTally,
+pub(crate) struct Pooled<T> {
+    pub(crate) tunnel: T,
+    pub(crate) carried: StreamTally,
     /// The server drains it: a loss from now on is the end of that drain, logged per app
     /// connection since no line for the connection follows.
-    draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Counts it as up while it lives.
-    _up: TunnelUp,
+    pub(crate) _up: TunnelUp,
 }
 
 /// The live tunnel connections, each tagged with its pool slot.
 type Live<T> = watch::Sender<Vec<(usize, Arc<Pooled<T>>)>>;
 
-struct Pool<T> {
-    live: Live<T>,
+pub(crate) struct Pool<T> {
+    pub(crate) live: Live<T>,
     next: AtomicUsize,
+    /// New app connections go to the connection carrying the fewest (the service-side
+    /// ambassadors connected to an app side); else in turn.
+    least_loaded: bool,
+}
+
+impl<T> Pool<T> {
+    /// An empty pool.
+    pub(crate) fn new(least_loaded: bool) -> Self {
+        Pool {
+            live: watch::Sender::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            least_loaded,
+        }
+    }
 }
 
 impl<T: Tunnel> Pool<T> {
     /// Takes `pooled` out of the pool: no new app connection goes to it.
-    fn remove(&self, pooled: &Arc<Pooled<T>>) {
+    pub(crate) fn remove(&self, pooled: &Arc<Pooled<T>>) {
         self.live
             .send_modify(|v| v.retain(|(_, p)| !Arc::ptr_eq(p, pooled)));
     }
 
     /// Takes `pooled` out of the pool and lets the app connections on it finish there (a loss
     /// from now on is logged per app connection); returns how many there are.
-    fn let_go(&self, pooled: &Arc<Pooled<T>>) -> usize {
+    pub(crate) fn let_go(&self, pooled: &Arc<Pooled<T>>) -> usize {
         self.remove(pooled);
         pooled.draining.store(true, Ordering::Relaxed);
         pooled.carried.cut_off()
@@ -472,22 +542,52 @@ impl<T: Tunnel> Pool<T> {
             .ok()?;
         let count = live.iter().filter(|e| usable(e)).count();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        if self.least_loaded {
+            // From a turning start, so that equally loaded connections take turns.
+            let from_i = live
+                .iter()
+                .filter(|e| usable(e))
+                .cycle()
+                .skip(i)
+                .take(count);
+            return from_i
+                .min_by_key(|(_, t)| t.carried.running())
+                .map(|(_, t)| t.clone());
+        }
         live.iter()
             .filter(|e| usable(e))
             .nth(i)
             .map(|(_, t)| t.clone())
     }
+
+    /// App connections on its connections in service; `None` if none is up.
+    pub(crate) fn live_load(&self) -> Option<usize> {
+        let live = self.live.borrow();
+        (!live.is_empty()).then(|| live.iter().map(|(_, p)| p.carried.running()).sum())
+    }
+
+    /// Resolves once a connection is in service.
+    pub(crate) async fn wait_live(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|v| !v.is_empty()).await;
+    }
+
+    /// Closes every connection in it.
+    pub(crate) async fn close(&self) {
+        let tunnels = self.live.send_replace(Vec::new());
+        join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
+    }
 }
 
 /// The tunnel connections to one peer over one transport: the dialer, the balancer over the
 /// peer's addresses, and the pool of warm connections.
-struct PeerLink<D: Dialer> {
+pub(crate) struct PeerLink<D: Dialer> {
     peer: PeerSpec,
     /// The peer, for logs.
     name: String,
     /// The peer as configured (a discovered server's set), for metrics.
     label: String,
-    transport: &'static str,
+    pub(crate) transport: &'static str,
     /// Another transport carries while this one cannot connect (auto's QUIC): its failed
     /// dials are debug lines.
     covered: AtomicBool,
@@ -499,13 +599,15 @@ struct PeerLink<D: Dialer> {
 }
 
 impl<D: Dialer> PeerLink<D> {
-    fn new(
+    /// The link to `peer` (`label` for metrics) over `transport`, dialed by `dialer` at the
+    /// addresses `source` gives.
+    pub(crate) fn new(
         peer: &PeerSpec,
         label: &str,
         source: Arc<crate::endpoints::Source>,
         transport: &'static str,
         dialer: D,
-        makes: &LinkMaker,
+        (limits, metrics): (Limits, &Arc<Metrics>),
     ) -> Arc<Self> {
         Arc::new(PeerLink {
             peer: peer.clone(),
@@ -515,18 +617,20 @@ impl<D: Dialer> PeerLink<D> {
             covered: AtomicBool::new(false),
             dialer,
             balancer: Balancer::new(source),
-            pool: Pool {
-                live: watch::Sender::new(Vec::new()),
-                next: AtomicUsize::new(0),
-            },
-            limits: makes.limits,
-            metrics: makes.metrics.clone(),
+            pool: Pool::new(false),
+            limits,
+            metrics: metrics.clone(),
         })
+    }
+
+    /// The peer, for logs.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     /// Dials a tunnel connection: the peer's addresses come from its source, in this dial's
     /// turn, raced after Happy Eyeballs within the handshake timeout.
-    async fn dial(&self) -> Result<D::Tunnel, DialError<String>> {
+    pub(crate) async fn dial(&self) -> Result<D::Tunnel, DialError<String>> {
         self.dial_at().await.map(|(tunnel, _)| tunnel)
     }
 
@@ -557,11 +661,12 @@ impl<D: Dialer> PeerLink<D> {
         }
         Ok((won.value, won.addr))
     }
+}
 
+impl<D: Dialer<Tunnel: Tunnel>> PeerLink<D> {
     /// Closes every pooled connection (at shutdown, after the drain).
     async fn close(&self) {
-        let tunnels = self.pool.live.send_replace(Vec::new());
-        join_all(tunnels.iter().map(|(_, pooled)| pooled.tunnel.close())).await;
+        self.pool.close().await;
     }
 
     /// Once its supervisors stopped: closes every pooled connection when the app connections
@@ -574,17 +679,15 @@ impl<D: Dialer> PeerLink<D> {
     }
 }
 
-impl<D: Dialer> PeerLink<D> {
+impl<D: Dialer<Tunnel: Tunnel>> PeerLink<D> {
     /// App connections on its tunnel connections in service; `None` if none is up.
     fn live_load(&self) -> Option<usize> {
-        let live = self.pool.live.borrow();
-        (!live.is_empty()).then(|| live.iter().map(|(_, p)| p.carried.running()).sum())
+        self.pool.live_load()
     }
 
     /// Resolves once a tunnel connection to the peer is in service.
     async fn wait_live(&self) {
-        let mut live = self.pool.live.subscribe();
-        let _ = live.wait_for(|v| !v.is_empty()).await;
+        self.pool.wait_live().await;
     }
 
     /// One tunnel connection, dialed and closed again: what answered and what it presented
@@ -713,14 +816,14 @@ impl Link {
         (wait, hand_back): (Duration, bool),
         accepting: &Accepting,
     ) {
-        with_link!(self, link => carry(conn, route, link, (wait, hand_back), accepting).await, auto => {
+        with_link!(self, link => carry(conn, route, (&link.name, &link.pool), (wait, hand_back), accepting).await, auto => {
             let started = Instant::now();
             let rest = |started: Instant| wait.saturating_sub(started.elapsed());
             match auto.over_tls(wait).await {
-                Some(false) => carry(conn, route, &auto.quic, (rest(started), hand_back), accepting).await,
-                Some(true) => carry(conn, route, &auto.tls, (rest(started), hand_back), accepting).await,
+                Some(false) => carry(conn, route, (&auto.quic.name, &auto.quic.pool), (rest(started), hand_back), accepting).await,
+                Some(true) => carry(conn, route, (&auto.tls.name, &auto.tls.pool), (rest(started), hand_back), accepting).await,
                 // Neither came up: QUIC's carry, given no time left, refuses it (or hands it back).
-                None => carry(conn, route, &auto.quic, (Duration::ZERO, hand_back), accepting).await,
+                None => carry(conn, route, (&auto.quic.name, &auto.quic.pool), (Duration::ZERO, hand_back), accepting).await,
             }
         })
     }
@@ -770,7 +873,7 @@ impl Link {
 /// certificates are reloaded, a connection made with them replaces the slot's before it leaves
 /// the pool (its app connections finish on it). If that dial fails, the slot keeps the old one,
 /// unless the trusted CAs changed: a connection verified under CAs no longer trusted leaves.
-async fn supervise<D: Dialer>(
+async fn supervise<D: Dialer<Tunnel: Tunnel>>(
     slot: usize,
     link: Arc<PeerLink<D>>,
     (mut certs, mut trust): CertsWatch,
@@ -919,6 +1022,8 @@ type CertsWatch = (
 struct Target {
     route: RouteName,
     choices: Vec<Choice>,
+    /// With no choices: the service-side ambassadors connected in carry its connections.
+    accepted: Option<Arc<AppSide>>,
     /// The route's counters.
     metrics: RouteMetrics,
 }
@@ -936,7 +1041,7 @@ impl AppConnection {
     /// if any: a warning (at most one a second per route and reason), counted, one access line.
     pub(crate) fn refuse(
         mut self,
-        (route, peer): (&RouteName, Option<&String>),
+        (route, peer): (&RouteName, Option<&str>),
         reason: &'static str,
         why: std::fmt::Arguments<'_>,
         accepting: &Accepting,
@@ -950,7 +1055,7 @@ impl AppConnection {
         Access {
             route,
             app: Some(&self.app),
-            peer: peer.map(|p| p as &dyn std::fmt::Display),
+            peer: peer.as_ref().map(|p| p as &dyn std::fmt::Display),
             upstream: None,
             up: 0,
             down: 0,
@@ -1015,6 +1120,12 @@ impl Target {
         let (route, wait) = (&self.route, accepting.tunnel_wait);
         let mut conn = Some(conn);
         match &self.choices[..] {
+            [] if self.accepted.is_some() => {
+                if let Some(side) = &self.accepted {
+                    side.carry(&mut conn, route, accepting).await;
+                }
+                return;
+            }
             [] => {
                 let why = format_args!("no peer discovered yet");
                 if let Some(conn) = conn {
@@ -1066,12 +1177,27 @@ impl Target {
         Target {
             route: self.route.clone(),
             choices: self.choices.clone(),
+            accepted: self.accepted.clone(),
             metrics: self.metrics.clone(),
         }
     }
 
     /// Whether a new app connection would find a tunnel connection up now; else why not.
     fn ready(&self) -> Result<(), String> {
+        if let Some(side) = self
+            .choices
+            .is_empty()
+            .then_some(())
+            .and(self.accepted.as_ref())
+        {
+            return match side.live_load() {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "route {}: no service-side ambassador connected",
+                    self.route
+                )),
+            };
+        }
         match self.choices.iter().any(|c| c.link.live_load().is_some()) {
             true => Ok(()),
             false if self.choices.is_empty() => {
@@ -1167,6 +1293,8 @@ struct Running {
     drain_timeout: Duration,
     supervisors: TaskTracker,
     ready: Arc<ClientReady>,
+    /// The service-side ambassadors connected in, if the client accepts them.
+    app_side: Option<Arc<AppSide>>,
 }
 
 /// A client's `/readyz`: ready while it serves and each listener can reach one of its peers
@@ -1250,6 +1378,11 @@ impl Running {
         Target {
             route: spec.route.clone(),
             choices: self.choices_for(spec),
+            accepted: spec
+                .peers
+                .is_empty()
+                .then(|| self.app_side.clone())
+                .flatten(),
             metrics: self.makes.metrics.route(Side::Client, spec.route.as_str()),
         }
     }
@@ -1258,7 +1391,10 @@ impl Running {
         let (stop, stopped) = watch::channel(false);
         let target = self.target(&spec);
         if let Ok(addr) = socket.local_addr() {
-            let peers: Vec<String> = spec.peers.iter().map(ToString::to_string).collect();
+            let mut peers: Vec<String> = spec.peers.iter().map(ToString::to_string).collect();
+            if let Some(side) = &target.accepted {
+                peers.push(format!("accepted on {}", side.name()));
+            }
             let (route, peer, transport) =
                 (&spec.route, peers.join(","), self.makes.transport_name());
             info!(listen = %addr, %route, %peer, transport, "amb client listening");
@@ -1284,7 +1420,7 @@ impl Running {
         listens: Vec<ListenerSpec>,
         peers: &[PeerSpec],
     ) -> Result<usize, EngineError> {
-        let listens = with_peers(listens, peers)?;
+        let listens = with_peers(listens, peers, self.app_side.is_some())?;
         let running: Vec<ListenerSpec> = self.listeners.iter().map(|l| l.spec.clone()).collect();
         let changes = diff_listeners(&running, &listens);
         // Everything that can fail first: the links to new peers, the new sockets.
@@ -1566,8 +1702,9 @@ pub(crate) async fn accept<C: Carrier>(
     }
 }
 
+/// Runs the listeners over the `links` to peers and the service sides connected to `app_side`.
 async fn run(
-    links: Vec<Link>,
+    (links, app_side): (Vec<Link>, Option<Arc<AppSide>>),
     certs: CertsWatch,
     listeners: Vec<Listener>,
     makes: LinkMaker,
@@ -1592,6 +1729,7 @@ async fn run(
         drain_timeout: settings.limits.drain_timeout,
         supervisors: TaskTracker::new(),
         ready: Arc::default(),
+        app_side,
     };
     settings.metrics.add_readiness(running.ready.clone());
     for link in &links {
@@ -1610,8 +1748,12 @@ async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(Relisten { listens, peers, done }) = relisten.recv() => {
-                let _ = done.send(running.relisten(listens, &peers));
+            Some(Relisten { listens, peers, accept_allow, done }) = relisten.recv() => {
+                let reallowed = match (&running.app_side, accept_allow) {
+                    (Some(side), Some(allow)) => side.reallow(allow),
+                    _ => Ok(()),
+                };
+                let _ = done.send(reallowed.and_then(|()| running.relisten(listens, &peers)));
             }
             () = running.next_discovery() => running.rediscover(),
         }
@@ -1632,6 +1774,9 @@ async fn run(
     }
     running.supervisors.close();
     join_all(running.links.values().map(|l| l.link.close())).await;
+    if let Some(side) = &running.app_side {
+        side.close().await;
+    }
     info!("amb client stopped");
 }
 
@@ -1640,10 +1785,10 @@ async fn run(
 /// With `hand_back` (other peers could take it), a connection whose tunnel was lost before
 /// any of its bytes were read is handed back at once when no other tunnel to this peer is up,
 /// rather than waiting for a redial here.
-async fn carry<D: Dialer>(
+pub(crate) async fn carry<T: Tunnel>(
     slot: &mut Option<AppConnection>,
     route: &RouteName,
-    link: &PeerLink<D>,
+    (peer, pool): (&str, &Pool<T>),
     (wait, hand_back): (Duration, bool),
     accepting: &Accepting,
 ) {
@@ -1656,7 +1801,6 @@ async fn carry<D: Dialer>(
         source: app,
         destination: destination.unwrap_or(app),
     };
-    let (peer, pool) = (&link.name, &link.pool);
     let refuse = |slot: &mut Option<AppConnection>, reason, why: std::fmt::Arguments<'_>| {
         if let Some(conn) = slot.take() {
             conn.refuse((route, Some(peer)), reason, why, accepting);
@@ -1751,7 +1895,7 @@ async fn carry<D: Dialer>(
     Access {
         route,
         app: Some(&app),
-        peer: Some(peer),
+        peer: Some(&peer),
         upstream: None,
         up,
         down,

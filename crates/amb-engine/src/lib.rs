@@ -13,6 +13,7 @@ pub mod endpoints;
 mod lifecycle;
 pub mod relay;
 mod reload;
+mod reverse;
 mod server;
 mod tally;
 mod throttle;
@@ -23,6 +24,7 @@ pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners
 pub use direct::{DirectClient, DirectSettings};
 pub use endpoints::{TlsConnector, UpstreamStream};
 pub use reload::Reload;
+pub use reverse::AcceptSettings;
 pub use server::{
     probe_upstreams, Registration, Routes, Server, ServerSettings, ServerTransports, UpstreamProbe,
 };
@@ -84,6 +86,19 @@ impl MetricsEndpoint {
 }
 
 /// Binds a TCP listener with the options a tunnel endpoint wants.
+/// Binds a UDP socket at `addr` (a port TCP took already, for a shared port number); returns it
+/// and the address it got.
+fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), EngineError> {
+    let err = |source| EngineError::Bind {
+        addr,
+        proto: "udp",
+        source,
+    };
+    let udp = std::net::UdpSocket::bind(addr).map_err(err)?;
+    let bound = udp.local_addr().map_err(err)?;
+    Ok((udp, bound))
+}
+
 fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, EngineError> {
     let err = |source| EngineError::Bind {
         addr,

@@ -11,18 +11,33 @@ use std::time::Duration;
 
 use amb_metrics::{CertificateExpiry, Metrics, Side};
 use amb_pki::{FilesContents, FilesStamp, PkiError, TlsFiles};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info};
 
-/// Asks a running client or server to reload its certificates.
-#[derive(Clone, Debug, Default)]
-pub struct Reload(Arc<Notify>);
+/// Asks a running client or server to reload its certificates: every set of configurations
+/// it keeps (a server dialing app sides has two).
+#[derive(Clone, Debug)]
+pub struct Reload {
+    requests: Arc<watch::Sender<u64>>,
+    /// Never moved on: a reloader's copy sees every request made since the handle was made.
+    seen: watch::Receiver<u64>,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        let (requests, seen) = watch::channel(0);
+        Reload {
+            requests: Arc::new(requests),
+            seen,
+        }
+    }
+}
 
 impl Reload {
-    /// Reloads now (or as soon as the reloader runs, if it has not started yet).
+    /// Reloads now (or as soon as the reloaders run, if they have not started yet).
     pub fn now(&self) {
-        self.0.notify_one();
+        self.requests.send_modify(|n| *n += 1);
     }
 }
 
@@ -147,9 +162,10 @@ impl<C> Certs<C> {
             checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
             checks
         });
+        let mut requests = reload.seen.clone();
         loop {
             let why = tokio::select! {
-                () = reload.0.notified() => "reload requested",
+                Ok(()) = requests.changed() => "reload requested",
                 () = next_check(&mut checks) => {
                     if self.files.stamp() == self.loaded {
                         continue;

@@ -9,21 +9,24 @@ use amb_metrics::{ConnectionEnd, Direction, Metrics, Readiness, Side};
 use amb_pki::TlsFiles;
 use amb_proto::{
     FailedHandshake, IncomingStream, Limits, OnFailedHandshake, PeerIdentity, Refusal, RouteChange,
-    RouteName, RouteTable, ServerConnection, StreamError, ALPN_H2, ALPN_QUIC,
+    RouteName, RouteTable, ServerConnection, Serving, StreamError, ALPN_H2, ALPN_H2_REVERSE,
+    ALPN_QUIC, ALPN_QUIC_REVERSE,
 };
-use amb_quic::{QuicServer, ResetKey};
-use amb_spec::{EtcdKey, UpstreamSetSpec, UpstreamSpec};
-use amb_tls::{RawTls, TlsServer};
+use amb_quic::{QuicServer, QuicServingDialer, ResetKey};
+use amb_spec::{EtcdKey, PeerSpec, UpstreamSetSpec, UpstreamSpec};
+use amb_tls::{RawTls, TlsServer, TlsServingDialer};
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::access::Access;
-use crate::endpoints::{EtcdTls, Origin, Resolver, UpstreamStream};
+use crate::client::PeerLink;
+use crate::endpoints::{peer_source, EtcdTls, Origin, Resolver, UpstreamStream};
 use crate::lifecycle::{serve_connection, Admission, ConnCtx};
 use crate::relay::{relay, relay_io, RelayError, Relayed};
 use crate::reload::{Certs, Reload};
+use crate::reverse::keep_dialed;
 use crate::tally::{DrainWatch, StreamEnd};
 use crate::throttle::{LogThrottle, LogThrottles};
 use crate::upstream::Upstream;
@@ -44,9 +47,12 @@ pub enum ServerTransports {
 /// Everything the server needs.
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
-    /// Where to listen (TCP and/or UDP).
-    pub listen: SocketAddr,
-    /// Transports to serve.
+    /// Where to listen (TCP and/or UDP); `None`: nowhere (the server only dials `peers`).
+    pub listen: Option<SocketAddr>,
+    /// App sides to dial (reverse tunnels): each is kept connected, and serves the streams
+    /// its app side opens as a listener's connections are served.
+    pub peers: Vec<PeerSpec>,
+    /// Transports to serve (and to dial `peers` with).
     pub transports: ServerTransports,
     /// Certificate, key and client CA.
     pub tls: TlsFiles,
@@ -121,6 +127,17 @@ pub struct Server {
     reload_check: Option<Duration>,
     register: Option<Registration>,
     endpoint: MetricsEndpoint,
+    /// The app sides it dials, if any.
+    dial_out: Option<DialOut>,
+    /// Whether it listens.
+    listens: bool,
+}
+
+/// What a server dialing app sides needs: the peers, the transports, the configurations.
+struct DialOut {
+    peers: Vec<PeerSpec>,
+    transports: ServerTransports,
+    certs: Certs<amb_pki::rustls::ClientConfig>,
 }
 
 impl Server {
@@ -130,19 +147,30 @@ impl Server {
         let want_tls = settings.transports != ServerTransports::Quic;
         let want_quic = settings.transports != ServerTransports::Tls;
         // Certificates first: a missing file is the likelier mistake and the clearer message.
+        let listens = settings.listen.is_some();
         let alpns: Vec<&'static [u8]> = [(want_tls, ALPN_H2), (want_quic, ALPN_QUIC)]
             .into_iter()
-            .filter_map(|(wanted, alpn)| wanted.then_some(alpn))
+            .filter_map(|(wanted, alpn)| (wanted && listens).then_some(alpn))
             .collect();
         let certs = Certs::load(settings.tls.clone(), amb_pki::server_config, &alpns)?
             .counted_in(&settings.metrics, Side::Server);
+        let dials = !settings.peers.is_empty();
+        let reverse: Vec<&'static [u8]> =
+            [(want_quic, ALPN_QUIC_REVERSE), (want_tls, ALPN_H2_REVERSE)]
+                .into_iter()
+                .filter_map(|(wanted, alpn)| (wanted && dials).then_some(alpn))
+                .collect();
+        let dial_certs = Certs::load(settings.tls.clone(), amb_pki::reverse_dial_config, &reverse)?;
 
-        let mut local_addr = settings.listen;
+        let listen = settings
+            .listen
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut local_addr = listen;
         let tls = match certs.subscribe(ALPN_H2) {
             Some(config) => {
-                let listener = bind_tcp(settings.listen)?;
+                let listener = bind_tcp(listen)?;
                 local_addr = listener.local_addr().map_err(|source| EngineError::Bind {
-                    addr: settings.listen,
+                    addr: listen,
                     proto: "tcp",
                     source,
                 })?;
@@ -160,17 +188,8 @@ impl Server {
         let quic = match certs.subscribe(ALPN_QUIC) {
             Some(config) => {
                 // With both transports, UDP takes the port TCP got (which matters for port 0).
-                let udp =
-                    std::net::UdpSocket::bind(local_addr).map_err(|source| EngineError::Bind {
-                        addr: local_addr,
-                        proto: "udp",
-                        source,
-                    })?;
-                local_addr = udp.local_addr().map_err(|source| EngineError::Bind {
-                    addr: local_addr,
-                    proto: "udp",
-                    source,
-                })?;
+                let (udp, bound) = crate::bind_udp(local_addr)?;
+                local_addr = bound;
                 let failed = on_failed_handshake(&settings.metrics);
                 // From the key file as it is now: a restart with the same key recognises the
                 // connections of the process before.
@@ -239,6 +258,12 @@ impl Server {
             reload_check: settings.reload_check,
             register: settings.register,
             endpoint,
+            dial_out: (!settings.peers.is_empty()).then(|| DialOut {
+                peers: settings.peers,
+                transports: settings.transports,
+                certs: dial_certs,
+            }),
+            listens,
         })
     }
 
@@ -252,9 +277,9 @@ impl Server {
         self.reload.clone()
     }
 
-    /// The bound address (TCP and UDP share it).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The bound address (TCP and UDP share it); `None` if the server does not listen.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listens.then_some(self.local_addr)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets live streams finish for up to
@@ -272,24 +297,38 @@ impl Server {
             reload_check,
             register,
             endpoint,
+            dial_out,
+            listens,
         } = self;
         // Served to the end of the drain: `/readyz` says the server is shutting down.
         let _endpoint = endpoint.serve(&ctx.metrics);
         for (route, upstream) in ctx.routes.load().iter() {
             info!(%route, %upstream, "route");
         }
-        info!(
-            addr = %local_addr,
-            quic = quic.is_some(),
-            tls = tls_server.is_some(),
-            "amb server listening"
-        );
+        if listens {
+            info!(
+                addr = %local_addr,
+                quic = quic.is_some(),
+                tls = tls_server.is_some(),
+                "amb server listening"
+            );
+        }
         let quic_serving = async {
             if let Some(server) = &quic {
                 let ctx = ctx.clone();
-                amb_quic::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
-                    serve(ctx.clone(), conn, verified_under)
-                })
+                amb_quic::serve(
+                    server,
+                    ctx.stopping.clone(),
+                    move |accepted, verified_under| {
+                        let ctx = ctx.clone();
+                        async move {
+                            if let Some(conn) = accepted.into_connection().await {
+                                let trust = (ctx.trust.clone(), verified_under);
+                                serve(ctx, conn, trust, Direction::Accepted).await;
+                            }
+                        }
+                    },
+                )
                 .await;
             }
         };
@@ -297,9 +336,29 @@ impl Server {
             if let Some(server) = &mut tls_server {
                 let ctx = ctx.clone();
                 amb_tls::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
-                    serve(ctx.clone(), conn, verified_under)
+                    let trust = (ctx.trust.clone(), verified_under);
+                    serve(ctx.clone(), conn, trust, Direction::Accepted)
                 })
                 .await;
+            }
+        };
+        let dialers = TaskTracker::new();
+        let dial_certs = match dial_out {
+            Some(out) => {
+                let started = dial_out_to(&ctx, &out, &dialers);
+                if let Err(e) = started {
+                    error!("not dialing the app sides: {e}");
+                }
+                Some(
+                    out.certs
+                        .keep_current(reload.clone(), reload_check, ctx.stopping.clone()),
+                )
+            }
+            None => None,
+        };
+        let dial_certs = async {
+            if let Some(keep) = dial_certs {
+                keep.await;
             }
         };
         let certs = certs.keep_current(reload, reload_check, ctx.stopping.clone());
@@ -315,13 +374,22 @@ impl Server {
                 crate::endpoints::register(key, advertise, tls, ctx.stopping.clone()).await;
             }
         };
-        tokio::join!(quic_serving, tls_serving, certs, stopping, registered);
+        tokio::join!(
+            quic_serving,
+            tls_serving,
+            certs,
+            dial_certs,
+            stopping,
+            registered
+        );
 
         ctx.live.close();
         let live = ctx.live.len();
         info!(live_streams = live, drain = ?drain_timeout, "shutting down: no new connections");
+        dialers.close();
         let drained = async {
             ctx.live.wait().await;
+            dialers.wait().await;
             if let Some(tls) = &tls_server {
                 tls.drained().await;
             }
@@ -444,25 +512,109 @@ impl Routes {
     }
 }
 
-/// One authenticated tunnel connection, verified under trust generation `verified_under`,
-/// through the lifecycle: it drains when the server stops or the trusted CAs move on.
+/// Starts keeping tunnel connections to each app side in `out`, over each transport it dials
+/// (QUIC one connection, TLS two, one beside QUIC), their tasks in `dialers`.
+fn dial_out_to(
+    ctx: &Arc<Context>,
+    out: &DialOut,
+    dialers: &TaskTracker,
+) -> Result<(), EngineError> {
+    let (limits, metrics) = (ctx.limits, &ctx.metrics);
+    let (quic_count, tls_count) = match out.transports {
+        ServerTransports::Quic => (1, 0),
+        ServerTransports::Tls => (0, 2),
+        ServerTransports::Both => (1, 1),
+    };
+    for peer in &out.peers {
+        let addr = peer.addr().ok_or_else(|| {
+            EngineError::Config(format!(
+                "peer {peer}: a server dials one app side, not a discovered set"
+            ))
+        })?;
+        let source = peer_source(peer, addr, &ctx.resolver);
+        let name = addr.host();
+        let label = peer.to_string();
+        if let Some(config) = out.certs.subscribe(ALPN_QUIC_REVERSE) {
+            let dialer = QuicServingDialer::new(config, name.clone(), limits)?;
+            let link = PeerLink::new(
+                peer,
+                &label,
+                source.clone(),
+                "quic",
+                dialer,
+                (limits, metrics),
+            );
+            for slot in 0..quic_count {
+                let ctx = ctx.clone();
+                let serving = keep_dialed(
+                    slot,
+                    link.clone(),
+                    out.certs.trust(),
+                    ctx.stopping.clone(),
+                    {
+                        let (ctx, trust) = (ctx.clone(), out.certs.trust());
+                        move |dialed: amb_quic::QuicDialed, verified_under| {
+                            let (ctx, trust) = (ctx.clone(), (trust.clone(), verified_under));
+                            dialed.serve(move |conn| serve(ctx, conn, trust, Direction::Dialed))
+                        }
+                    },
+                );
+                dialers.spawn(serving);
+            }
+        }
+        if let Some(config) = out.certs.subscribe(ALPN_H2_REVERSE) {
+            let dialer = TlsServingDialer::new(config, &name, limits)?;
+            let link = PeerLink::new(
+                peer,
+                &label,
+                source.clone(),
+                "tls",
+                dialer,
+                (limits, metrics),
+            );
+            for slot in 0..tls_count {
+                let serving = keep_dialed(
+                    slot,
+                    link.clone(),
+                    out.certs.trust(),
+                    ctx.stopping.clone(),
+                    {
+                        let (ctx, trust) = (ctx.clone(), out.certs.trust());
+                        move |dialed: amb_tls::TlsDialed, verified_under| {
+                            let (ctx, trust) = (ctx.clone(), (trust.clone(), verified_under));
+                            dialed.serve(move |conn| serve(ctx, conn, trust, Direction::Dialed))
+                        }
+                    },
+                );
+                dialers.spawn(serving);
+            }
+        }
+        info!(%peer, transport = ?out.transports, "dialing the app side");
+    }
+    Ok(())
+}
+
+/// One authenticated tunnel connection through the lifecycle, `direction` as it was made;
+/// `trust`: the trust generation it was verified under and the one it must stay in, else it
+/// drains; it also drains when the server stops.
 fn serve<C: ServerConnection>(
     ctx: Arc<Context>,
     conn: C,
-    verified_under: u64,
+    (trust, verified_under): (watch::Receiver<u64>, u64),
+    direction: Direction,
 ) -> impl Future<Output = ()> + Send {
     let drain = DrainWatch {
         stop: ctx.stopping.clone(),
-        trust: ctx.trust.clone(),
+        trust,
         verified_under,
         reconfigured: ctx.reconfigured.subscribe(),
     };
     let limits = ctx.limits;
-    let up = ctx.metrics.tunnel_up(Direction::Accepted, "", C::TRANSPORT);
+    let up = ctx.metrics.tunnel_up(direction, "", C::TRANSPORT);
     // A peer the server-wide allow-list does not admit is served 403 for every stream; the
     // metrics count it as a refused handshake at once.
     if !ctx.routes.load().admits_peer(&conn.peer().identity) {
-        (ctx.metrics).handshake_failed(Direction::Accepted, C::TRANSPORT, "not_allowed");
+        (ctx.metrics).handshake_failed(direction, C::TRANSPORT, "not_allowed");
     }
     let served = serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
         handle(ctx.clone(), conn, incoming)
@@ -475,7 +627,7 @@ fn serve<C: ServerConnection>(
 
 /// Counts each failed handshake, and logs it at most once a second per transport and kind
 /// (with how many were not logged).
-fn on_failed_handshake(metrics: &Arc<Metrics>) -> OnFailedHandshake {
+pub(crate) fn on_failed_handshake(metrics: &Arc<Metrics>) -> OnFailedHandshake {
     let (metrics, throttles) = (metrics.clone(), LogThrottles::default());
     Arc::new(move |failed: FailedHandshake| {
         let (transport, reason) = (failed.transport, failed.kind.as_str());

@@ -8,6 +8,7 @@ mod error;
 mod files;
 mod identity;
 mod issue;
+mod reverse;
 mod upstream;
 mod verify;
 
@@ -21,6 +22,7 @@ pub use identity::peer_identity;
 pub use issue::{
     init_dev_pki, issue_leaf_in_dir, CertAuthority, InitOptions, IssuedLeaf, LeafRole, LeafSpec,
 };
+pub use reverse::{reverse_accept_config, reverse_dial_config};
 pub use upstream::ServiceTlsFiles;
 pub use verify::{TooManyIntermediates, MAX_INTERMEDIATES};
 

@@ -31,7 +31,7 @@ impl std::fmt::Debug for TooManyIntermediates {
     }
 }
 
-fn bound_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
+pub(crate) fn bound_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
     if intermediates.len() > MAX_INTERMEDIATES {
         let cause = TooManyIntermediates(intermediates.len());
         return Err(Error::InvalidCertificate(CertificateError::Other(
@@ -43,12 +43,12 @@ fn bound_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), Error
 
 /// Which extended key usage a leaf must list.
 #[derive(Clone, Copy, Debug)]
-enum Eku {
+pub(crate) enum Eku {
     ServerAuth,
     ClientAuth,
 }
 
-fn require_eku(cert: &CertificateDer<'_>, eku: Eku) -> Result<(), Error> {
+pub(crate) fn require_eku(cert: &CertificateDer<'_>, eku: Eku) -> Result<(), Error> {
     let bad = || Error::InvalidCertificate(CertificateError::InvalidPurpose);
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;

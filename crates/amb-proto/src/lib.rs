@@ -26,7 +26,9 @@ pub use limits::{Limits, RefusalBudget};
 pub use route::{RouteName, RouteNameError};
 pub use routes::{RouteChange, RouteTable};
 pub use status::{Refusal, ResetCode, REFUSAL_HEADER};
-pub use stream::{Dialer, IncomingStream, Retirement, StreamError, StreamRecv, StreamSend, Tunnel};
+pub use stream::{
+    Dialer, IncomingStream, Retirement, Serving, StreamError, StreamRecv, StreamSend, Tunnel,
+};
 
 /// ALPN protocol id of amb over QUIC; the trailing number is the wire version.
 pub const ALPN_QUIC: &[u8] = b"amb/1";
@@ -36,6 +38,12 @@ pub const ALPN_QUIC: &[u8] = b"amb/1";
 pub const ALPN_QUIC_2: &[u8] = b"amb/2";
 /// ALPN protocol id of amb over TLS: HTTP/2, whose CONNECT streams carry app connections.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol id of a reverse tunnel over QUIC: the service side dialed, the app side opens
+/// the streams, with version 2 headers. A forward peer meeting it fails at the handshake.
+pub const ALPN_QUIC_REVERSE: &[u8] = b"amb-reverse/2";
+/// ALPN protocol id of a reverse tunnel over TLS: the service side dialed and is the HTTP/2
+/// server; the app side, the HTTP/2 client, sends the CONNECTs.
+pub const ALPN_H2_REVERSE: &[u8] = b"amb-reverse/h2";
 /// Wire version written at the start of every QUIC stream-open header that carries no app
 /// addresses (and in the server's welcome).
 pub const WIRE_VERSION: u8 = 1;

@@ -120,11 +120,26 @@ pub trait Tunnel: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// Makes tunnel connections to one server, at the address the caller picked: transports
-/// never resolve names.
+/// A tunnel connection this side dialed and serves: the peer (the app side of a reverse
+/// tunnel) opens the streams.
+pub trait Serving: Send + 'static {
+    /// The connection, as the lifecycle drives it.
+    type Connection: crate::ServerConnection;
+    /// Runs `serve` over the connection to its end, then lets the close reach the peer.
+    fn serve<F>(
+        self,
+        serve: impl FnOnce(Self::Connection) -> F + Send,
+    ) -> impl Future<Output = ()> + Send
+    where
+        F: Future<Output = ()> + Send;
+}
+
+/// Makes tunnel connections to one peer, at the address the caller picked: transports never
+/// resolve names. What it makes is a [`Tunnel`] (this side opens the streams) or a
+/// [`Serving`] (the service side of a reverse tunnel).
 pub trait Dialer: Send + Sync + 'static {
     /// The connection type.
-    type Tunnel: Tunnel;
+    type Tunnel: Send + 'static;
     /// The error a failed dial reports; the caller names the peer and address.
     type Error: std::error::Error + Send + Sync + 'static;
     /// Dials `addr`, handshakes and verifies the server.

@@ -27,7 +27,7 @@ pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// Resolves once `conn` has received nothing for its liveness deadline (see
 /// [`LIVENESS_DEADLINE`]), with how long it has been silent.
-async fn unanswered(conn: &quinn::Connection) -> Duration {
+pub(crate) async fn unanswered(conn: &quinn::Connection) -> Duration {
     const LOOK_EVERY: Duration = Duration::from_millis(200);
     let mut heard = conn.stats().udp_rx.datagrams;
     let mut heard_at = tokio::time::Instant::now();
@@ -48,6 +48,7 @@ pub struct QuicDialer {
     tls: watch::Receiver<Arc<rustls::ClientConfig>>,
     server_name: String,
     limits: Limits,
+    role: crate::Role,
 }
 
 impl QuicDialer {
@@ -58,13 +59,39 @@ impl QuicDialer {
         server_name: String,
         limits: Limits,
     ) -> Result<Self, QuicError> {
+        Self::with_role(tls, server_name, limits, crate::Role::OPENER)
+    }
+
+    fn with_role(
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+        server_name: String,
+        limits: Limits,
+        role: crate::Role,
+    ) -> Result<Self, QuicError> {
         let dialer = QuicDialer {
             tls,
             server_name,
             limits,
+            role,
         };
         dialer.config()?;
         Ok(dialer)
+    }
+
+    /// Waits (within the handshake timeout) for the peer's welcome: in TLS 1.3 the dialer
+    /// finishes first, and only the welcome proves the peer accepted its certificate.
+    async fn welcomed(&self, conn: &quinn::Connection) -> Result<(), QuicError> {
+        let rejected = |why: String| QuicError::Rejected { why };
+        let welcome = async {
+            let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            uni.read_to_end(16).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.limits.handshake_timeout, welcome).await {
+            Ok(Ok(bytes)) if bytes == crate::WELCOME => Ok(()),
+            Ok(Ok(other)) => Err(rejected(format!("unexpected welcome {other:?}"))),
+            Ok(Err(why)) => Err(rejected(why)),
+            Err(_) => Err(rejected("no welcome from the peer in time".into())),
+        }
     }
 
     /// quinn's client configuration: the newest TLS configuration with amb's transport settings.
@@ -72,7 +99,7 @@ impl QuicDialer {
         let tls = self.tls.borrow().clone();
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
         let mut config = ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport_config(&self.limits, false));
+        config.transport_config(transport_config(&self.limits, self.role));
         Ok(config)
     }
 
@@ -123,17 +150,7 @@ impl Dialer for QuicDialer {
     async fn dial(&self, addr: SocketAddr) -> Result<QuicTunnel, QuicError> {
         let config = self.config()?;
         let (conn, endpoint) = self.handshake(config, addr).await?;
-        let rejected = |why: String| QuicError::Rejected { why };
-        let welcome = async {
-            let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
-            uni.read_to_end(16).await.map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(self.limits.handshake_timeout, welcome).await {
-            Ok(Ok(bytes)) if bytes == crate::WELCOME => {}
-            Ok(Ok(other)) => return Err(rejected(format!("unexpected welcome {other:?}"))),
-            Ok(Err(why)) => return Err(rejected(why)),
-            Err(_) => return Err(rejected("no welcome from the server in time".into())),
-        }
+        self.welcomed(&conn).await?;
         // A server of version 2 tells the app's connection in each stream's header.
         let tells_app = conn
             .handshake_data()
@@ -142,9 +159,65 @@ impl Dialer for QuicDialer {
             .is_some_and(|alpn| alpn == amb_proto::ALPN_QUIC_2);
         Ok(QuicTunnel {
             conn,
-            endpoint,
+            endpoint: Some(endpoint),
             tells_app,
         })
+    }
+}
+
+/// Dials reverse tunnel connections from the service side to an app side, which then opens
+/// the streams: ALPN [`amb_proto::ALPN_QUIC_REVERSE`], the configuration presenting the
+/// service side's certificate and checking the app side's as a client's.
+pub struct QuicServingDialer(QuicDialer);
+
+impl QuicServingDialer {
+    /// A dialer sending `server_name` (the app side's host) as SNI; each dial takes the
+    /// configuration `tls` holds at the time.
+    pub fn new(
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+        server_name: String,
+        limits: Limits,
+    ) -> Result<Self, QuicError> {
+        QuicDialer::with_role(tls, server_name, limits, crate::Role::SERVICE_DIALER).map(Self)
+    }
+}
+
+impl Dialer for QuicServingDialer {
+    type Tunnel = QuicDialed;
+    type Error = QuicError;
+
+    fn handshake_failure(error: &QuicError) -> Option<amb_proto::HandshakeFailure> {
+        error.handshake_failure()
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<QuicDialed, QuicError> {
+        let config = self.0.config()?;
+        let (conn, endpoint) = self.0.handshake(config, addr).await?;
+        self.0.welcomed(&conn).await?;
+        let identity = crate::server::peer_identity(&conn);
+        let peer = Arc::new(amb_proto::Peer { identity, addr });
+        Ok(QuicDialed {
+            conn: crate::QuicConnection::dialed(conn, peer),
+            endpoint,
+        })
+    }
+}
+
+/// A reverse tunnel connection the service side dialed, ready to serve the app side's streams.
+pub struct QuicDialed {
+    conn: crate::QuicConnection,
+    endpoint: Endpoint,
+}
+
+impl amb_proto::Serving for QuicDialed {
+    type Connection = crate::QuicConnection;
+
+    async fn serve<F>(self, serve: impl FnOnce(crate::QuicConnection) -> F + Send)
+    where
+        F: std::future::Future<Output = ()> + Send,
+    {
+        serve(self.conn).await;
+        crate::flush_close(&self.endpoint).await;
     }
 }
 
@@ -152,10 +225,11 @@ impl Dialer for QuicDialer {
 ///
 /// It owns its endpoint: a fresh UDP socket per connection, so a redial also rebinds.
 pub struct QuicTunnel {
-    conn: quinn::Connection,
-    endpoint: Endpoint,
+    pub(crate) conn: quinn::Connection,
+    /// The endpoint it owns (a dialed connection's); `None` for one a listener accepted.
+    pub(crate) endpoint: Option<Endpoint>,
     /// The server speaks version 2 (ALPN `amb/2`): stream headers carry the app's connection.
-    tells_app: bool,
+    pub(crate) tells_app: bool,
 }
 
 impl QuicTunnel {
@@ -210,15 +284,20 @@ impl Tunnel for QuicTunnel {
             lost = self.conn.closed() => Retirement::Lost(lost.to_string()),
             () = drain_notice => Retirement::Draining,
             silent = unanswered(&self.conn) => {
-                self.conn.close(VarInt::from_u32(0), b"no answer from the server");
-                Retirement::Lost(format!("no answer from the server for {silent:.1?}"))
+                self.conn.close(VarInt::from_u32(0), b"no answer from the peer");
+                Retirement::Lost(format!("no answer from the peer for {silent:.1?}"))
             }
         }
     }
 
     async fn close(&self) {
-        self.conn
-            .close(VarInt::from_u32(0), b"client shutting down");
-        crate::flush_close(&self.endpoint).await;
+        self.conn.close(VarInt::from_u32(0), b"shutting down");
+        match &self.endpoint {
+            Some(endpoint) => crate::flush_close(endpoint).await,
+            // Accepted: the listener's endpoint flushes at its own close; wait for this one.
+            None => {
+                let _ = tokio::time::timeout(Duration::from_millis(500), self.conn.closed()).await;
+            }
+        }
     }
 }

@@ -8,8 +8,8 @@ mod client;
 mod server;
 mod stream;
 
-pub use client::{QuicDialer, QuicTunnel, LIVENESS_DEADLINE};
-pub use server::{serve, QuicConnection, QuicIncoming, QuicOpening, QuicServer};
+pub use client::{QuicDialed, QuicDialer, QuicServingDialer, QuicTunnel, LIVENESS_DEADLINE};
+pub use server::{serve, QuicAccepted, QuicConnection, QuicIncoming, QuicOpening, QuicServer};
 pub use stream::{QuicRecv, QuicSend};
 
 use std::net::SocketAddr;
@@ -150,25 +150,55 @@ fn endpoint_config(reset: Option<&ResetKey>) -> quinn::EndpointConfig {
     config
 }
 
-/// Transport parameters for one side: stream cap, idle timeout, keep-alives, flow-control
-/// windows sized for a fast link, path MTU discovery up to [`MAX_DATAGRAM`].
-/// The server accepts bidirectional streams (one per app connection); the client accepts one
-/// unidirectional stream at a time: the welcome, later the drain notice.
-fn transport_config(limits: &Limits, is_server: bool) -> Arc<TransportConfig> {
+/// Which streams one side of a tunnel connection takes from its peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Role {
+    /// The peer opens the streams (bidirectional, one per app connection): the service side.
+    pub(crate) accepts_streams: bool,
+    /// The peer tells this side things on unidirectional streams, one at a time (the welcome,
+    /// the drain notice); this side also keeps alive often enough to tell the peer is gone.
+    pub(crate) hears_notices: bool,
+}
+
+impl Role {
+    /// A forward tunnel's server: takes the streams, tells.
+    pub(crate) const SERVER: Role = Role {
+        accepts_streams: true,
+        hears_notices: false,
+    };
+    /// A forward tunnel's client, and a reverse tunnel's app side: opens the streams, hears
+    /// the welcome (forward) and the drain notice.
+    pub(crate) const OPENER: Role = Role {
+        accepts_streams: false,
+        hears_notices: true,
+    };
+    /// A reverse tunnel's service side: dials, hears the welcome, then takes the streams.
+    pub(crate) const SERVICE_DIALER: Role = Role {
+        accepts_streams: true,
+        hears_notices: true,
+    };
+}
+
+/// Transport parameters for one side: stream caps as its [`Role`] says, idle timeout,
+/// keep-alives, flow-control windows sized for a fast link, path MTU discovery up to
+/// [`MAX_DATAGRAM`].
+fn transport_config(limits: &Limits, role: Role) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    let (bidi, uni) = if is_server {
-        (limits.max_streams_per_connection, 0)
+    let bidi = if role.accepts_streams {
+        limits.max_streams_per_connection
     } else {
-        (0, 1)
+        0
+    };
+    let uni = u32::from(role.hears_notices);
+    let keep_alive = if role.hears_notices {
+        limits.keep_alive_interval().min(client::KEEP_ALIVE)
+    } else {
+        limits.keep_alive_interval()
     };
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi))
         .max_concurrent_uni_streams(VarInt::from_u32(uni))
         .max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok())
-        .keep_alive_interval(Some(if is_server {
-            limits.keep_alive_interval()
-        } else {
-            limits.keep_alive_interval().min(client::KEEP_ALIVE)
-        }))
+        .keep_alive_interval(Some(keep_alive))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(32 << 20);

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::stream::{write_error, QuicRecv, QuicSend};
+use crate::QuicTunnel;
 use crate::{transport_config, tune_udp, QuicError};
 
 /// A QUIC listener for tunnel connections.
@@ -35,6 +36,8 @@ pub struct QuicServer {
     connections: TaskTracker,
     /// Told of each failed handshake.
     failed: OnFailedHandshake,
+    /// Which streams its connections take from their peers.
+    role: crate::Role,
 }
 
 impl QuicServer {
@@ -50,13 +53,55 @@ impl QuicServer {
         failed: OnFailedHandshake,
         reset: &crate::ResetKey,
     ) -> Result<Self, QuicError> {
+        Self::with_role(
+            socket,
+            tls,
+            trust,
+            limits,
+            failed,
+            reset,
+            crate::Role::SERVER,
+        )
+    }
+
+    /// A listener for reverse tunnel connections (the app side): as [`Self::new`], but `tls`
+    /// offers [`amb_proto::ALPN_QUIC_REVERSE`], and this side opens the streams on the
+    /// connections it accepts ([`QuicAccepted::into_tunnel`]).
+    pub fn reverse(
+        socket: std::net::UdpSocket,
+        tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+        trust: watch::Receiver<u64>,
+        limits: Limits,
+        failed: OnFailedHandshake,
+        reset: &crate::ResetKey,
+    ) -> Result<Self, QuicError> {
+        Self::with_role(
+            socket,
+            tls,
+            trust,
+            limits,
+            failed,
+            reset,
+            crate::Role::OPENER,
+        )
+    }
+
+    fn with_role(
+        socket: std::net::UdpSocket,
+        tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+        trust: watch::Receiver<u64>,
+        limits: Limits,
+        failed: OnFailedHandshake,
+        reset: &crate::ResetKey,
+        role: crate::Role,
+    ) -> Result<Self, QuicError> {
         let addr = socket.local_addr().map_err(|source| QuicError::Socket {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
         // The generation before the configuration, as in `serve`.
         let generation = *trust.borrow();
-        let config = server_config(tls.borrow().clone(), &limits)?;
+        let config = server_config(tls.borrow().clone(), &limits, role)?;
         tune_udp(&socket);
         let endpoint = Endpoint::new(
             crate::endpoint_config(Some(reset)),
@@ -73,6 +118,7 @@ impl QuicServer {
             limits,
             connections: TaskTracker::new(),
             failed,
+            role,
         })
     }
 
@@ -95,19 +141,20 @@ impl QuicServer {
 fn server_config(
     tls: Arc<rustls::ServerConfig>,
     limits: &Limits,
+    role: crate::Role,
 ) -> Result<quinn::ServerConfig, QuicError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config(limits, true));
+    config.transport_config(transport_config(limits, role));
     Ok(config)
 }
 
 /// Accepts connections until `stop` turns true. Each handshake runs in a task of its own, so a
 /// slow one never blocks the accept loop; each verified connection is handed to `handler`
-/// there, with the trust generation it was verified under.
+/// there, with the trust generation it was verified under, to be welcomed or turned away.
 pub async fn serve<H, F>(server: &QuicServer, mut stop: watch::Receiver<bool>, handler: H)
 where
-    H: Fn(QuicConnection, u64) -> F + Clone + Send + Sync + 'static,
+    H: Fn(QuicAccepted, u64) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let (mut tls, mut trust) = (server.tls.clone(), server.trust.clone());
@@ -137,7 +184,7 @@ where
             }
             Ok(()) = tls.changed() => {
                 let generation = *trust.borrow_and_update();
-                match server_config(tls.borrow_and_update().clone(), &server.limits) {
+                match server_config(tls.borrow_and_update().clone(), &server.limits, server.role) {
                     Ok(new) => {
                         server.endpoint.set_server_config(Some(new.clone()));
                         config = Arc::new(new);
@@ -183,20 +230,76 @@ where
                     return failed(failure(HandshakeFailure::Timeout, why));
                 }
             };
-            let identity = conn
-                .peer_identity()
-                .and_then(|id| {
-                    id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                        .ok()
-                })
-                .and_then(|chain| chain.first().map(amb_pki::peer_identity))
-                .unwrap_or_default();
-            let peer = Arc::new(Peer { identity, addr });
-            if let Err(e) = notify(&conn, &crate::WELCOME).await {
-                return warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
-            }
-            handler(QuicConnection { conn, peer }, verified_under).await;
+            let peer = Arc::new(Peer {
+                identity: peer_identity(&conn),
+                addr,
+            });
+            handler(QuicAccepted { conn, peer }, verified_under).await;
         });
+    }
+}
+
+/// The identity in the certificate the peer of `conn` presented (and that verified).
+pub(crate) fn peer_identity(conn: &quinn::Connection) -> amb_proto::PeerIdentity {
+    conn.peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().map(amb_pki::peer_identity))
+        .unwrap_or_default()
+}
+
+/// A verified connection a listener accepted, not welcomed yet.
+pub struct QuicAccepted {
+    conn: quinn::Connection,
+    peer: Arc<Peer>,
+}
+
+impl QuicAccepted {
+    /// Who the peer is.
+    pub fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    /// Welcomes the peer, which opens the streams: a forward tunnel's server side. `None` if
+    /// the connection was lost first (logged).
+    pub async fn into_connection(self) -> Option<QuicConnection> {
+        self.welcome().await?;
+        Some(QuicConnection {
+            conn: self.conn,
+            peer: self.peer,
+            watch_liveness: false,
+        })
+    }
+
+    /// Welcomes the peer, a service side that dialed in; this side opens the streams: a
+    /// reverse tunnel's app side. `None` if the connection was lost first (logged).
+    pub async fn into_tunnel(self) -> Option<(QuicTunnel, Arc<Peer>)> {
+        self.welcome().await?;
+        let tunnel = QuicTunnel {
+            conn: self.conn,
+            endpoint: None,
+            tells_app: true,
+        };
+        Some((tunnel, self.peer))
+    }
+
+    /// Closes the connection unwelcomed, telling the peer `why`.
+    pub fn turn_away(self, why: &str) {
+        self.conn
+            .close(VarInt::from_u32(ResetCode::REFUSED.0), why.as_bytes());
+    }
+
+    async fn welcome(&self) -> Option<()> {
+        match notify(&self.conn, &crate::WELCOME).await {
+            Ok(_) => Some(()),
+            Err(e) => {
+                let peer = &self.peer;
+                warn!(%peer, transport = "quic", "tunnel connection lost before welcome: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -204,6 +307,19 @@ where
 pub struct QuicConnection {
     conn: quinn::Connection,
     peer: Arc<Peer>,
+    /// Dialed by this side: it tells a peer gone silent (see [`crate::LIVENESS_DEADLINE`]).
+    watch_liveness: bool,
+}
+
+impl QuicConnection {
+    /// A connection the service side dialed and the app side welcomed.
+    pub(crate) fn dialed(conn: quinn::Connection, peer: Arc<Peer>) -> Self {
+        QuicConnection {
+            conn,
+            peer,
+            watch_liveness: true,
+        }
+    }
 }
 
 impl ServerConnection for QuicConnection {
@@ -215,7 +331,24 @@ impl ServerConnection for QuicConnection {
     }
 
     async fn next(&mut self) -> Result<QuicOpening, ConnectionEnd> {
-        match self.conn.accept_bi().await {
+        let silent = async {
+            match self.watch_liveness {
+                true => crate::client::unanswered(&self.conn).await,
+                false => std::future::pending().await,
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = self.conn.accept_bi() => accepted,
+            silent = silent => {
+                self.conn.close(VarInt::from_u32(0), b"no answer from the peer");
+                return Err(ConnectionEnd {
+                    why: format!("no answer from the peer for {silent:.1?}"),
+                    peer_broke_protocol: false,
+                    closed_here: false,
+                });
+            }
+        };
+        match accepted {
             Ok((send, recv)) => Ok(QuicOpening {
                 send,
                 recv,

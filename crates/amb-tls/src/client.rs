@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::coalesce::coalesce;
+use crate::server::{h2_server, AnyTls, TlsConnection};
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
@@ -47,94 +48,119 @@ impl TlsDialer {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TlsTunnel, TlsError> {
-        let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
-        tune_tcp(&tcp);
-        let connector = TlsConnector::from(self.tls.borrow().clone());
-        let tls = connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(TlsError::Handshake)?;
+        let tls = tls_connect(&self.tls, &self.server_name, addr).await?;
         let peer_certificate = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
             .map(|leaf| leaf.clone().into_owned());
-        let (io, flusher) = coalesce(tls);
-        let (send_request, mut connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(SEND_BUFFER)
-            .max_concurrent_streams(0)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(TlsError::H2)?;
-        // In TLS 1.3 the client finishes its handshake before the server has checked the client
-        // certificate. A PING answered proves the server accepted us; a rejection arrives as a
-        // TLS alert instead, and is reported as this dial's failure.
-        let mut ping = connection.ping_pong().ok_or_else(|| TlsError::Rejected {
-            why: "HTTP/2 ping unavailable".into(),
-        })?;
-        let lingerer = flusher.lingerer();
-        let mut connection = flusher.run(connection);
-        tokio::select! {
-            pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
-            closed = &mut connection => closed.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
-        }
-        .map_err(|e| TlsError::Rejected { why: e.to_string() })?;
+        start_h2(
+            tokio_rustls::TlsStream::Client(tls),
+            addr,
+            self.limits,
+            peer_certificate,
+        )
+        .await
+    }
+}
 
-        // The server's limit, from the SETTINGS that came before the PING's answer.
-        let slots = send_request
-            .current_max_send_streams()
-            .min(Semaphore::MAX_PERMITS);
-        let (retired_tx, retired_rx) = watch::channel(None);
-        let (release_probe, tunnel_dropped) = oneshot::channel();
-        let goaway_probe = send_request.clone();
-        let limits = self.limits;
-        let task = tokio::spawn(async move {
-            let keepalive = async {
-                loop {
-                    tokio::time::sleep(limits.keep_alive_interval()).await;
-                    match tokio::time::timeout(limits.idle_timeout, ping.ping(h2::Ping::opaque()))
-                        .await
-                    {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return format!("keep-alive failed: {e}"),
-                        Err(_) => {
-                            return format!("no keep-alive answer within {:?}", limits.idle_timeout)
-                        }
+/// TCP connect and TLS handshake with `addr`, with the configuration `tls` holds now.
+async fn tls_connect(
+    tls: &watch::Receiver<Arc<rustls::ClientConfig>>,
+    server_name: &ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+    let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
+    tune_tcp(&tcp);
+    let connector = TlsConnector::from(tls.borrow().clone());
+    connector
+        .connect(server_name.clone(), tcp)
+        .await
+        .map_err(TlsError::Handshake)
+}
+
+/// Starts HTTP/2 as its client over a verified TLS connection to `addr` (dialed, or accepted
+/// by a reverse tunnel's app side): this side opens the streams. Done once a PING is
+/// answered, which proves the peer took the connection.
+pub(crate) async fn start_h2(
+    tls: AnyTls,
+    addr: SocketAddr,
+    limits: Limits,
+    peer_certificate: Option<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<TlsTunnel, TlsError> {
+    let (io, flusher) = coalesce(tls);
+    let (send_request, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(0)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(TlsError::H2)?;
+    // In TLS 1.3 the client finishes its handshake before the server has checked the client
+    // certificate. A PING answered proves the server accepted us; a rejection arrives as a
+    // TLS alert instead, and is reported as this dial's failure.
+    let mut ping = connection.ping_pong().ok_or_else(|| TlsError::Rejected {
+        why: "HTTP/2 ping unavailable".into(),
+    })?;
+    let lingerer = flusher.lingerer();
+    let mut connection = flusher.run(connection);
+    tokio::select! {
+        pong = ping.ping(h2::Ping::opaque()) => pong.map(drop),
+        closed = &mut connection => closed.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
+    }
+    .map_err(|e| TlsError::Rejected { why: e.to_string() })?;
+
+    // The server's limit, from the SETTINGS that came before the PING's answer.
+    let slots = send_request
+        .current_max_send_streams()
+        .min(Semaphore::MAX_PERMITS);
+    let (retired_tx, retired_rx) = watch::channel(None);
+    let (release_probe, tunnel_dropped) = oneshot::channel();
+    let goaway_probe = send_request.clone();
+    let task = tokio::spawn(async move {
+        let keepalive = async {
+            loop {
+                tokio::time::sleep(limits.keep_alive_interval()).await;
+                match tokio::time::timeout(limits.idle_timeout, ping.ping(h2::Ping::opaque())).await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("keep-alive failed: {e}"),
+                    Err(_) => {
+                        return format!("no keep-alive answer within {:?}", limits.idle_timeout)
                     }
                 }
-            };
-            let connection =
-                drive_watching_for_goaway(connection, goaway_probe, tunnel_dropped, &retired_tx);
-            let reason = tokio::select! {
-                r = connection => match r {
-                    Ok(()) => {
-                        lingerer.linger(LINGER).await;
-                        "closed by server".to_owned()
-                    }
-                    Err(e) => e.to_string(),
-                },
-                why = keepalive => why,
-            };
-            debug!(peer = %addr, transport = "tls", "tunnel connection ended: {reason}");
-            retired_tx.send_modify(|retired| {
-                retired.get_or_insert(Retirement::Lost(reason));
-            });
+            }
+        };
+        let connection =
+            drive_watching_for_goaway(connection, goaway_probe, tunnel_dropped, &retired_tx);
+        let reason = tokio::select! {
+            r = connection => match r {
+                Ok(()) => {
+                    lingerer.linger(LINGER).await;
+                    "closed by server".to_owned()
+                }
+                Err(e) => e.to_string(),
+            },
+            why = keepalive => why,
+        };
+        debug!(peer = %addr, transport = "tls", "tunnel connection ended: {reason}");
+        retired_tx.send_modify(|retired| {
+            retired.get_or_insert(Retirement::Lost(reason));
         });
-        Ok(TlsTunnel {
-            slots: Arc::new(Semaphore::new(slots)),
-            handles: Mutex::new(Some(Handles {
-                send_request,
-                release_probe,
-                task,
-            })),
-            retired: retired_rx,
-            peer_certificate,
-        })
-    }
+    });
+    Ok(TlsTunnel {
+        slots: Arc::new(Semaphore::new(slots)),
+        handles: Mutex::new(Some(Handles {
+            send_request,
+            release_probe,
+            task,
+        })),
+        retired: retired_rx,
+        peer_certificate,
+    })
 }
 
 impl Dialer for TlsDialer {
@@ -283,5 +309,84 @@ impl Tunnel for TlsTunnel {
         // after the drain, or a server gone silent, would hold it open.
         drop((send_request, release_probe));
         let _ = tokio::time::timeout(LINGER + Duration::from_millis(500), task).await;
+    }
+}
+
+/// Dials reverse tunnel connections from the service side to an app side, which then sends
+/// the CONNECTs: ALPN [`amb_proto::ALPN_H2_REVERSE`], the configuration presenting the service
+/// side's certificate and checking the app side's as a client's; this side is HTTP/2's server.
+pub struct TlsServingDialer {
+    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+    server_name: ServerName<'static>,
+    limits: Limits,
+}
+
+impl TlsServingDialer {
+    /// A dialer sending `server_name` (the app side's host) as SNI; each dial takes the
+    /// configuration `tls` holds at the time.
+    pub fn new(
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+        server_name: &str,
+        limits: Limits,
+    ) -> Result<Self, TlsError> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        Ok(TlsServingDialer {
+            tls,
+            server_name,
+            limits,
+        })
+    }
+}
+
+impl Dialer for TlsServingDialer {
+    type Tunnel = TlsDialed;
+    type Error = TlsError;
+
+    /// TCP, TLS and HTTP/2 handshakes: done once the app side's preface came, which it sends
+    /// only once it took this side's certificate; the caller bounds the time.
+    async fn dial(&self, addr: SocketAddr) -> Result<TlsDialed, TlsError> {
+        let tls = tls_connect(&self.tls, &self.server_name, addr).await?;
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(amb_pki::peer_identity)
+            .unwrap_or_default();
+        // The app side checks this side's certificate and identity before it starts HTTP/2.
+        let (conn, flusher) = h2_server(tokio_rustls::TlsStream::Client(tls), self.limits)
+            .await
+            .map_err(|e| TlsError::Rejected {
+                why: format!("{e} (is this side's identity on the app side's --allow list?)"),
+            })?;
+        let peer = Arc::new(amb_proto::Peer { identity, addr });
+        Ok(TlsDialed {
+            conn: TlsConnection::dialed(conn, peer),
+            flusher,
+        })
+    }
+
+    fn handshake_failure(error: &TlsError) -> Option<amb_proto::HandshakeFailure> {
+        error.handshake_failure()
+    }
+}
+
+/// A reverse tunnel connection the service side dialed, ready to serve the app side's streams.
+pub struct TlsDialed {
+    conn: TlsConnection,
+    flusher: crate::coalesce::Flusher<AnyTls>,
+}
+
+impl amb_proto::Serving for TlsDialed {
+    type Connection = TlsConnection;
+
+    async fn serve<F>(self, serve: impl FnOnce(TlsConnection) -> F + Send)
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let lingerer = self.flusher.lingerer();
+        self.flusher.run(pin!(serve(self.conn))).await;
+        lingerer.linger(LINGER).await;
     }
 }

@@ -8,10 +8,11 @@ mod raw;
 mod server;
 mod stream;
 
-pub use client::{TlsDialer, TlsTunnel};
+pub use client::{TlsDialed, TlsDialer, TlsServingDialer, TlsTunnel};
 pub use raw::{RawRecv, RawSend, RawTls};
 pub use server::{
-    serve, ServerRecv, ServerSend, TlsConnection, TlsIncoming, TlsOpening, TlsServer,
+    serve, serve_reverse, ServerRecv, ServerSend, TlsAccepted, TlsConnection, TlsIncoming,
+    TlsOpening, TlsServer,
 };
 pub use stream::{H2Recv, H2Send};
 

@@ -25,7 +25,9 @@ use tracing::warn;
 use crate::coalesce::{coalesce, Coalesce, Flusher};
 use crate::raw::{RawRecv, RawSend, RawTls};
 use crate::stream::{h2_error, H2Recv, H2Send};
-use crate::{tune_tcp, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
+use crate::{
+    tune_tcp, TlsError, TlsTunnel, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW,
+};
 
 /// A TLS listener for tunnel connections.
 pub struct TlsServer {
@@ -84,9 +86,106 @@ impl TlsServer {
 /// Accepts connections until `stop` turns true, then closes the listener. Each handshake runs
 /// in a task of its own under the handshake timeout; each verified connection is handed to
 /// `handler` there, with the trust generation it was verified under.
-pub async fn serve<H, F>(server: &mut TlsServer, mut stop: watch::Receiver<bool>, handler: H)
+pub async fn serve<H, F>(server: &mut TlsServer, stop: watch::Receiver<bool>, handler: H)
 where
     H: Fn(TlsConnection, u64) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let raw = server.raw.clone();
+    accept_loop(
+        server,
+        stop,
+        move |acceptor, tcp, addr, limits, failed, verified_under| {
+            let (handler, raw) = (handler.clone(), raw.clone());
+            async move {
+                let handshake = handshake(acceptor, tcp, limits, raw.as_ref());
+                let Some(handshaken) =
+                    within_handshake_timeout(handshake, addr, limits, &failed).await
+                else {
+                    return;
+                };
+                let kill = Arc::new(Notify::new());
+                match handshaken {
+                    Handshaken::Tunnel(conn, flusher, identity) => {
+                        let peer = Arc::new(Peer { identity, addr });
+                        let lingerer = flusher.lingerer();
+                        let conn = TlsConnection {
+                            kind: Kind::H2(conn),
+                            peer,
+                            kill,
+                        };
+                        flusher.run(pin!(handler(conn, verified_under))).await;
+                        lingerer.linger(LINGER).await;
+                    }
+                    Handshaken::Raw(tls, identity, route) => {
+                        let peer = Arc::new(Peer { identity, addr });
+                        let (live, ended) = mpsc::channel(1);
+                        let conn = TlsConnection {
+                            kind: Kind::Raw(Box::new(RawConnection {
+                                socket: crate::raw::socket_of(&tls),
+                                stream: Some((tls, route)),
+                                live: Some(live),
+                                ended,
+                                killed: watch::Sender::new(false),
+                            })),
+                            peer,
+                            kill,
+                        };
+                        handler(conn, verified_under).await;
+                    }
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Accepts reverse tunnel connections (the app side) until `stop` turns true, as [`serve`]
+/// does: each verified service side is handed to `handler`, to be taken as a tunnel
+/// ([`TlsAccepted::into_tunnel`]) or turned away. The server's configuration must offer
+/// [`amb_proto::ALPN_H2_REVERSE`].
+pub async fn serve_reverse<H, F>(server: &mut TlsServer, stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(TlsAccepted, u64) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    accept_loop(
+        server,
+        stop,
+        move |acceptor, tcp, addr, limits, failed, verified_under| {
+            let handler = handler.clone();
+            async move {
+                let handshake = async {
+                    let tls = acceptor.accept(tcp).await.map_err(|e| {
+                        (crate::tls_failure(&e), format!("TLS handshake failed: {e}"))
+                    })?;
+                    let identity = identity_of(tls.get_ref().1);
+                    Ok(TlsAccepted {
+                        tls,
+                        peer: Arc::new(Peer { identity, addr }),
+                        limits,
+                    })
+                };
+                if let Some(accepted) =
+                    within_handshake_timeout(handshake, addr, limits, &failed).await
+                {
+                    handler(accepted, verified_under).await;
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// The accept loop both kinds of listener share: takes TCP connections until `stop`, and runs
+/// `per_connection` for each in a task of its own with the configuration and trust generation
+/// of the moment.
+async fn accept_loop<P, F>(
+    server: &mut TlsServer,
+    mut stop: watch::Receiver<bool>,
+    per_connection: P,
+) where
+    P: Fn(TlsAcceptor, TcpStream, std::net::SocketAddr, Limits, OnFailedHandshake, u64) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let Some(listener) = server.listener.take() else {
@@ -106,76 +205,95 @@ where
                 continue;
             }
         };
+        tune_tcp(&tcp);
         // The generation before the configuration: one that moves in between drains the
         // connection for nothing, never lets it keep an old trust.
         let verified_under = *server.trust.borrow();
         let acceptor = TlsAcceptor::from(server.tls.borrow().clone());
-        let (limits, handler, failed) = (server.limits, handler.clone(), server.failed.clone());
-        let raw = server.raw.clone();
-        server.connections.spawn(async move {
-            tune_tcp(&tcp);
-            let timeout = limits.handshake_timeout;
-            let handshake =
-                tokio::time::timeout(timeout, handshake(acceptor, tcp, limits, raw.as_ref()));
-            let handshaken = match handshake.await {
-                Ok(Ok(done)) => done,
-                Ok(Err((kind, why))) => {
-                    return failed(FailedHandshake {
-                        peer: addr,
-                        transport: "tls",
-                        kind,
-                        why,
-                    })
-                }
-                Err(_) => {
-                    return failed(FailedHandshake {
-                        peer: addr,
-                        transport: "tls",
-                        kind: HandshakeFailure::Timeout,
-                        why: format!("handshake timed out after {timeout:?}"),
-                    })
-                }
-            };
-            let kill = Arc::new(Notify::new());
-            match handshaken {
-                Handshaken::Tunnel(conn, flusher, identity) => {
-                    let peer = Arc::new(Peer { identity, addr });
-                    let lingerer = flusher.lingerer();
-                    let conn = TlsConnection {
-                        kind: Kind::H2(conn),
-                        peer,
-                        kill,
-                    };
-                    flusher.run(pin!(handler(conn, verified_under))).await;
-                    lingerer.linger(LINGER).await;
-                }
-                Handshaken::Raw(tls, identity, route) => {
-                    let peer = Arc::new(Peer { identity, addr });
-                    let (live, ended) = mpsc::channel(1);
-                    let conn = TlsConnection {
-                        kind: Kind::Raw(Box::new(RawConnection {
-                            socket: crate::raw::socket_of(&tls),
-                            stream: Some((tls, route)),
-                            live: Some(live),
-                            ended,
-                            killed: watch::Sender::new(false),
-                        })),
-                        peer,
-                        kill,
-                    };
-                    handler(conn, verified_under).await;
-                }
-            }
-        });
+        let failed = server.failed.clone();
+        let task = per_connection(acceptor, tcp, addr, server.limits, failed, verified_under);
+        server.connections.spawn(task);
     }
 }
 
-type Connection = h2::server::Connection<Coalesce<TlsStream<TcpStream>>, Bytes>;
+/// Runs `handshake` within the handshake timeout; a failure is handed to `failed`.
+async fn within_handshake_timeout<T>(
+    handshake: impl Future<Output = Result<T, (HandshakeFailure, String)>>,
+    peer: std::net::SocketAddr,
+    limits: Limits,
+    failed: &OnFailedHandshake,
+) -> Option<T> {
+    let timeout = limits.handshake_timeout;
+    let (kind, why) = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(done)) => return Some(done),
+        Ok(Err(failure)) => failure,
+        Err(_) => (
+            HandshakeFailure::Timeout,
+            format!("handshake timed out after {timeout:?}"),
+        ),
+    };
+    failed(FailedHandshake {
+        peer,
+        transport: "tls",
+        kind,
+        why,
+    });
+    None
+}
+
+/// The identity in the certificate the peer presented (and that verified).
+fn identity_of<S>(session: &rustls::ConnectionCommon<S>) -> PeerIdentity {
+    session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(amb_pki::peer_identity)
+        .unwrap_or_default()
+}
+
+/// A service side's verified TLS connection to the app side, its HTTP/2 not started yet.
+pub struct TlsAccepted {
+    tls: TlsStream<TcpStream>,
+    peer: Arc<Peer>,
+    limits: Limits,
+}
+
+impl TlsAccepted {
+    /// Who the peer is.
+    pub fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    /// Starts HTTP/2 as its client: the app side opens the streams. The service side, the
+    /// HTTP/2 server, waits for this preface before it takes the connection for accepted.
+    pub async fn into_tunnel(self) -> Result<(TlsTunnel, Arc<Peer>), TlsError> {
+        let certificate = self
+            .tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first().cloned());
+        let io = tokio_rustls::TlsStream::Server(self.tls);
+        let tunnel = crate::client::start_h2(io, self.peer.addr, self.limits, certificate).await?;
+        Ok((tunnel, self.peer))
+    }
+
+    /// Closes the connection without starting HTTP/2 (TLS close_notify, then FIN): the service
+    /// side's dial fails.
+    pub async fn turn_away(mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(LINGER, self.tls.shutdown()).await;
+    }
+}
+
+/// Client or server TLS: a reverse tunnel's service side serves HTTP/2 over the TLS it dialed.
+pub(crate) type AnyTls = tokio_rustls::TlsStream<TcpStream>;
+
+pub(crate) type Connection = h2::server::Connection<Coalesce<AnyTls>, Bytes>;
 
 /// A connection past its handshakes.
 enum Handshaken {
     /// A tunnel connection (HTTP/2), its writes coalesced, and the client's identity.
-    Tunnel(Connection, Flusher<TlsStream<TcpStream>>, PeerIdentity),
+    Tunnel(Connection, Flusher<AnyTls>, PeerIdentity),
     /// A standard TLS client's connection (no ALPN), its identity, and its route.
     Raw(TlsStream<TcpStream>, PeerIdentity, RouteName),
 }
@@ -193,15 +311,26 @@ async fn handshake(
         .await
         .map_err(|e| (crate::tls_failure(&e), format!("TLS handshake failed: {e}")))?;
     let session = &tls.get_ref().1;
-    let identity = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(amb_pki::peer_identity)
-        .unwrap_or_default();
+    let identity = identity_of(session);
     if let (None, Some(raw)) = (session.alpn_protocol(), raw) {
         let route = raw.route_for(session.server_name());
         return Ok(Handshaken::Raw(tls, identity, route));
     }
+    let (conn, flusher) = h2_server(tokio_rustls::TlsStream::Server(tls), limits)
+        .await
+        .map_err(|e| {
+            let why = format!("HTTP/2 handshake failed: {e}");
+            (HandshakeFailure::Other, why)
+        })?;
+    Ok(Handshaken::Tunnel(conn, flusher, identity))
+}
+
+/// HTTP/2's server handshake over `tls`, its writes coalesced: done once the peer's preface
+/// came.
+pub(crate) async fn h2_server(
+    tls: AnyTls,
+    limits: Limits,
+) -> Result<(Connection, Flusher<AnyTls>), h2::Error> {
     let (io, flusher) = coalesce(tls);
     let conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -210,12 +339,8 @@ async fn handshake(
         .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .handshake::<_, Bytes>(io)
-        .await
-        .map_err(|e| {
-            let why = format!("HTTP/2 handshake failed: {e}");
-            (HandshakeFailure::Other, why)
-        })?;
-    Ok(Handshaken::Tunnel(conn, flusher, identity))
+        .await?;
+    Ok((conn, flusher))
 }
 
 /// One verified TLS connection, driven by the engine's lifecycle: a tunnel connection
@@ -225,6 +350,17 @@ pub struct TlsConnection {
     peer: Arc<Peer>,
     /// Wakes [`ServerConnection::next`] to close the connection (h2's is driven there).
     kill: Arc<Notify>,
+}
+
+impl TlsConnection {
+    /// A tunnel connection the service side dialed, its HTTP/2 served here.
+    pub(crate) fn dialed(conn: Connection, peer: Arc<Peer>) -> Self {
+        TlsConnection {
+            kind: Kind::H2(conn),
+            peer,
+            kill: Arc::new(Notify::new()),
+        }
+    }
 }
 
 // The tunnel connection, the common kind, stays inline; the rare raw one is boxed.
