@@ -734,8 +734,12 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 .config
                 .clone()
                 .map(|path| -> (PathBuf, RouteBuilder) {
-                    let build =
-                        move || Ok(server_settings(*server.clone(), &Given(part.as_ref()))?.routes);
+                    let build = move || {
+                        Ok(server_part(server_settings(
+                            *server.clone(),
+                            &Given(part.as_ref()),
+                        )?))
+                    };
                     (path, Box::new(build))
                 });
             runtime(args.threads)?.block_on(run_server(settings, config))
@@ -804,7 +808,10 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             let server_build = {
                 let path = path.clone();
                 move || -> anyhow::Result<_> {
-                    Ok(server_settings(part_args("server", &path)?, &Given(None))?.routes)
+                    Ok(server_part(server_settings(
+                        part_args("server", &path)?,
+                        &Given(None),
+                    )?))
                 }
             };
             let client_build = move || -> anyhow::Result<_> {
@@ -1342,8 +1349,13 @@ fn upstream_tls(
     })
 }
 
-/// Builds a server's routes again from its config file.
-type RouteBuilder = Box<dyn Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync>;
+/// Builds a server's routes and the app sides it dials again from its config file.
+type RouteBuilder = Box<dyn Fn() -> anyhow::Result<reconfigure::ServerPart> + Send + Sync>;
+
+/// What a reload of a server's file swaps in.
+fn server_part(settings: ServerSettings) -> reconfigure::ServerPart {
+    (settings.routes, settings.peers)
+}
 /// Builds a client's listeners, default peers and accept allow-list again from its config file.
 type ListenerBuilder = Box<dyn Fn() -> anyhow::Result<reconfigure::ListenersPart> + Send + Sync>;
 

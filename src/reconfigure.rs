@@ -32,12 +32,15 @@ pub struct Reconfigure {
     pub apply: Apply,
 }
 
-/// A server's routes follow the file: `build` reads them (with the flags given at start).
-/// Reading and swapping in a large file runs off the runtime's workers, so the streams they
-/// carry do not wait for it.
+/// What a server's file reload swaps in: its routes and the app sides it dials.
+pub type ServerPart = (RouteTable<UpstreamSetSpec>, Vec<PeerSpec>);
+
+/// A server's routes (and the app sides it dials) follow the file: `build` reads them (with
+/// the flags given at start). Reading and swapping in a large file runs off the runtime's
+/// workers, so the streams they carry do not wait for it.
 pub fn server_routes(
     path: PathBuf,
-    build: impl Fn() -> anyhow::Result<RouteTable<UpstreamSetSpec>> + Send + Sync + 'static,
+    build: impl Fn() -> anyhow::Result<ServerPart> + Send + Sync + 'static,
     routes: Routes,
 ) -> Reconfigure {
     let build = Arc::new(build);
@@ -47,7 +50,12 @@ pub fn server_routes(
         apply: Box::new(move || {
             let (build, routes) = (build.clone(), routes.clone());
             Box::pin(async move {
-                tokio::task::spawn_blocking(move || Ok(routes.replace(build()?))).await?
+                let apply = move || {
+                    let (table, peers) = build()?;
+                    let peers = routes.replace_peers(&peers)?;
+                    Ok(routes.replace(table) + peers)
+                };
+                tokio::task::spawn_blocking(apply).await?
             })
         }),
     }

@@ -22,6 +22,7 @@ per_transport!(
     an_egress_only_service_side_is_reached_only_in_reverse,
     a_service_side_follows_its_reloaded_routes,
     an_app_side_reloaded_allow_list_lets_a_service_side_go,
+    a_service_side_follows_its_reloaded_peers,
 );
 
 /// The identity of the test PKI's server certificate: what the app side allows in.
@@ -626,4 +627,42 @@ async fn an_app_side_reloaded_allow_list_lets_a_service_side_go(t: Transport) {
         served,
         "a revoked service side got a stream"
     );
+}
+
+async fn a_service_side_follows_its_reloaded_peers(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let (first, second) = (
+        app_side(&pki, t, SERVICE_SIDE, &[]),
+        app_side(&pki, t, SERVICE_SIDE, &[]),
+    );
+    let peer = |app: &Amb| format!("localhost:{}", accept_addr(app).port());
+    let dir = TempDir::new("reverse-peers");
+    let config = dir.0.join("service.toml");
+    let write = |peer: String| {
+        let text = format!(
+            "[server]\npeers = [\"{peer}\"]\ntransport = \"{}\"\n{}upstream = \"{}\"\n",
+            t.flag(),
+            cert_keys(&pki, "server"),
+            upstream.addr
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write(peer(&first));
+    let service = Amb::spawn(&[
+        "server".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    wait_connected(&first, t, 1);
+    assert!(echo_works(first.listen_addr()).await);
+
+    // The file now names the second app side: it is dialed, the first is let go (drained).
+    write(peer(&second));
+    service.signal("HUP");
+    wait_connected(&second, t, 1);
+    assert!(echo_works(second.listen_addr()).await);
+    first.log.wait_for(&["draining"]);
+    // Not served any more: its app connections are reset.
+    assert_reset_after_write(first.listen_addr(), b"hello").await;
 }

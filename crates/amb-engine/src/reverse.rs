@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use amb_tls::{TlsServer, TlsTunnel};
 use arc_swap::ArcSwap;
 use rand::Rng;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::{carry, Accepting, AppConnection, PeerLink, Pool, Pooled};
 use crate::reload::{Certs, Reload};
@@ -101,6 +101,8 @@ pub(crate) struct AppSide {
     turned_away: LogThrottles<&'static str>,
     /// How long a revoked connection's app connections may run on.
     drain_timeout: Duration,
+    /// The client is shutting down: connections are closed, none taken in.
+    closing: AtomicBool,
 }
 
 /// An [`AppSide`]'s bound sockets and configurations, ready to accept.
@@ -197,6 +199,7 @@ impl AppSide {
             metrics: metrics.clone(),
             turned_away: LogThrottles::default(),
             drain_timeout: limits.drain_timeout,
+            closing: AtomicBool::new(false),
         });
         Ok((side, AppSideListeners { quic, tls, certs }))
     }
@@ -250,8 +253,10 @@ impl AppSide {
         }
     }
 
-    /// Closes every tunnel connection (at shutdown, after the drain).
+    /// Closes every tunnel connection (at shutdown, after the drain); later ones are closed
+    /// as they come.
     pub(crate) async fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         tokio::join!(self.quic.close(), self.tls.close());
     }
 
@@ -301,6 +306,11 @@ impl AppSide {
             _up: (self.metrics).tunnel_up(Direction::Accepted, "", transport),
         });
         pool.live.send_modify(|v| v.push((0, pooled.clone())));
+        // After the push: either `close` sees it in the pool, or this sees `closing`.
+        if self.closing.load(Ordering::SeqCst) {
+            pool.remove(&pooled);
+            return pooled.tunnel.close().await;
+        }
         info!(%peer, transport, direction = "accepted", "service-side ambassador connected");
         let trust_moved = async move {
             let _ = trust
@@ -335,6 +345,9 @@ impl AppSide {
                 let app_connections = pool.let_go(&pooled);
                 info!(%peer, transport, app_connections, "{retired}: its app connections finish on it, new ones go to the others");
                 pooled.tunnel.retired().await;
+            }
+            Retirement::Lost(_) if self.closing.load(Ordering::SeqCst) => {
+                debug!(%peer, transport, "service-side ambassador's tunnel connection closed: {retired}");
             }
             Retirement::Lost(_) => {
                 pool.remove(&pooled);

@@ -1,5 +1,6 @@
 //! The server ambassador: accept tunnel streams, decide, dial the upstream, relay.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,9 +9,9 @@ use std::time::Duration;
 use amb_metrics::{ConnectionEnd, Direction, Metrics, Readiness, Side};
 use amb_pki::TlsFiles;
 use amb_proto::{
-    FailedHandshake, IncomingStream, Limits, OnFailedHandshake, PeerIdentity, Refusal, RouteChange,
-    RouteName, RouteTable, ServerConnection, Serving, StreamError, ALPN_H2, ALPN_H2_REVERSE,
-    ALPN_QUIC, ALPN_QUIC_REVERSE,
+    Dialer, FailedHandshake, IncomingStream, Limits, OnFailedHandshake, PeerIdentity, Refusal,
+    RouteChange, RouteName, RouteTable, ServerConnection, Serving, StreamError, ALPN_H2,
+    ALPN_H2_REVERSE, ALPN_QUIC, ALPN_QUIC_REVERSE,
 };
 use amb_quic::{QuicServer, QuicServingDialer, ResetKey};
 use amb_spec::{EtcdKey, PeerSpec, UpstreamSetSpec, UpstreamSpec};
@@ -112,6 +113,8 @@ struct Context {
     live: TaskTracker,
     metrics: Arc<Metrics>,
     access_log: bool,
+    /// The app sides it dials (reverse tunnels), changed by [`Routes::replace_peers`].
+    dial_out: Mutex<DialOut>,
 }
 
 /// A bound server, ready to run.
@@ -127,17 +130,21 @@ pub struct Server {
     reload_check: Option<Duration>,
     register: Option<Registration>,
     endpoint: MetricsEndpoint,
-    /// The app sides it dials, if any.
-    dial_out: Option<DialOut>,
+    /// The configurations it dials app sides with, and the app sides to dial first.
+    dial_out: (Certs<amb_pki::rustls::ClientConfig>, Vec<PeerSpec>),
     /// Whether it listens.
     listens: bool,
 }
 
-/// What a server dialing app sides needs: the peers, the transports, the configurations.
+/// The app sides a server dials (reverse tunnels): how, and each one's stop. A stopped app
+/// side is no longer dialed and its tunnel connections drain.
 struct DialOut {
-    peers: Vec<PeerSpec>,
     transports: ServerTransports,
-    certs: Certs<amb_pki::rustls::ClientConfig>,
+    /// QUIC's and TLS's configurations, kept current, and their trust generation.
+    configs: [Option<watch::Receiver<Arc<amb_pki::rustls::ClientConfig>>>; 2],
+    trust: watch::Receiver<u64>,
+    running: HashMap<PeerSpec, watch::Sender<bool>>,
+    dialers: TaskTracker,
 }
 
 impl Server {
@@ -223,6 +230,16 @@ impl Server {
             live: TaskTracker::new(),
             metrics,
             access_log: settings.access_log,
+            dial_out: Mutex::new(DialOut {
+                transports: settings.transports,
+                configs: [
+                    dial_certs.subscribe(ALPN_QUIC_REVERSE),
+                    dial_certs.subscribe(ALPN_H2_REVERSE),
+                ],
+                trust: dial_certs.trust(),
+                running: HashMap::new(),
+                dialers: TaskTracker::new(),
+            }),
         });
         // Standard TLS clients go to the route their SNI names, if the routes have it now.
         let tls = tls.map(|server| {
@@ -258,11 +275,7 @@ impl Server {
             reload_check: settings.reload_check,
             register: settings.register,
             endpoint,
-            dial_out: (!settings.peers.is_empty()).then(|| DialOut {
-                peers: settings.peers,
-                transports: settings.transports,
-                certs: dial_certs,
-            }),
+            dial_out: (dial_certs, settings.peers),
             listens,
         })
     }
@@ -323,8 +336,9 @@ impl Server {
                         let ctx = ctx.clone();
                         async move {
                             if let Some(conn) = accepted.into_connection().await {
-                                let trust = (ctx.trust.clone(), verified_under);
-                                serve(ctx, conn, trust, Direction::Accepted).await;
+                                let stop = ctx.stopping.clone();
+                                let drains = (stop, ctx.trust.clone(), verified_under);
+                                serve(ctx, conn, drains, Direction::Accepted).await;
                             }
                         }
                     },
@@ -336,35 +350,25 @@ impl Server {
             if let Some(server) = &mut tls_server {
                 let ctx = ctx.clone();
                 amb_tls::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
-                    let trust = (ctx.trust.clone(), verified_under);
-                    serve(ctx.clone(), conn, trust, Direction::Accepted)
+                    let drains = (ctx.stopping.clone(), ctx.trust.clone(), verified_under);
+                    serve(ctx.clone(), conn, drains, Direction::Accepted)
                 })
                 .await;
             }
         };
-        let dialers = TaskTracker::new();
-        let dial_certs = match dial_out {
-            Some(out) => {
-                let started = dial_out_to(&ctx, &out, &dialers);
-                if let Err(e) = started {
-                    error!("not dialing the app sides: {e}");
-                }
-                Some(
-                    out.certs
-                        .keep_current(reload.clone(), reload_check, ctx.stopping.clone()),
-                )
-            }
-            None => None,
-        };
-        let dial_certs = async {
-            if let Some(keep) = dial_certs {
-                keep.await;
-            }
-        };
+        let (dial_certs, peers) = dial_out;
+        if let Err(e) = Routes(ctx.clone()).replace_peers(&peers) {
+            error!("not dialing the app sides: {e}");
+        }
+        let dial_certs =
+            dial_certs.keep_current(reload.clone(), reload_check, ctx.stopping.clone());
         let certs = certs.keep_current(reload, reload_check, ctx.stopping.clone());
         let stopping = async {
             shutdown.await;
             let _ = stop.send(true);
+            for peer in ctx.dial_out().running.values() {
+                peer.send_replace(true);
+            }
         };
         // Deregistered as the drain starts, so that clients send new connections elsewhere.
         let registered = async {
@@ -386,6 +390,7 @@ impl Server {
         ctx.live.close();
         let live = ctx.live.len();
         info!(live_streams = live, drain = ?drain_timeout, "shutting down: no new connections");
+        let dialers = ctx.dial_out().dialers.clone();
         dialers.close();
         let drained = async {
             ctx.live.wait().await;
@@ -512,99 +517,147 @@ impl Routes {
     }
 }
 
-/// Starts keeping tunnel connections to each app side in `out`, over each transport it dials
-/// (QUIC one connection, TLS two, one beside QUIC), their tasks in `dialers`.
-fn dial_out_to(
-    ctx: &Arc<Context>,
-    out: &DialOut,
-    dialers: &TaskTracker,
-) -> Result<(), EngineError> {
-    let (limits, metrics) = (ctx.limits, &ctx.metrics);
-    let (quic_count, tls_count) = match out.transports {
-        ServerTransports::Quic => (1, 0),
-        ServerTransports::Tls => (0, 2),
-        ServerTransports::Both => (1, 1),
-    };
-    for peer in &out.peers {
+impl Routes {
+    /// Dials `peers` (app sides) from now on: new ones are dialed, and those no longer listed
+    /// stop being dialed while their tunnel connections drain. All or nothing: a peer that
+    /// cannot be dialed (a discovered set, a bad name) changes nothing. Returns how many came
+    /// or went.
+    pub fn replace_peers(&self, peers: &[PeerSpec]) -> Result<usize, EngineError> {
+        let ctx = &self.0;
+        let mut out = ctx.dial_out();
+        let mut started = Vec::new();
+        for peer in peers.iter().filter(|p| !out.running.contains_key(*p)) {
+            started.push((peer.clone(), out.links(ctx, peer)?));
+        }
+        let gone: Vec<PeerSpec> = (out.running.keys())
+            .filter(|p| !peers.contains(p))
+            .cloned()
+            .collect();
+        for peer in &gone {
+            if let Some(stop) = out.running.remove(peer) {
+                stop.send_replace(true);
+                info!(%peer, "app side no longer dialed: its tunnel connections drain");
+            }
+        }
+        let changes = gone.len() + started.len();
+        for (peer, links) in started {
+            let stop = out.start(ctx, links);
+            info!(%peer, transport = ?out.transports, "dialing the app side");
+            out.running.insert(peer, stop);
+        }
+        Ok(changes)
+    }
+}
+
+/// A peer's links, one per transport dialed.
+type PeerLinks = (
+    Option<Arc<PeerLink<QuicServingDialer>>>,
+    Option<Arc<PeerLink<TlsServingDialer>>>,
+);
+
+impl DialOut {
+    /// The links to `peer` over each transport dialed; errors before anything starts.
+    fn links(&self, ctx: &Arc<Context>, peer: &PeerSpec) -> Result<PeerLinks, EngineError> {
         let addr = peer.addr().ok_or_else(|| {
             EngineError::Config(format!(
                 "peer {peer}: a server dials one app side, not a discovered set"
             ))
         })?;
+        let (limits, metrics) = (ctx.limits, &ctx.metrics);
         let source = peer_source(peer, addr, &ctx.resolver);
-        let name = addr.host();
-        let label = peer.to_string();
-        if let Some(config) = out.certs.subscribe(ALPN_QUIC_REVERSE) {
-            let dialer = QuicServingDialer::new(config, name.clone(), limits)?;
-            let link = PeerLink::new(
-                peer,
-                &label,
-                source.clone(),
-                "quic",
-                dialer,
-                (limits, metrics),
-            );
-            for slot in 0..quic_count {
-                let ctx = ctx.clone();
-                let serving = keep_dialed(
-                    slot,
-                    link.clone(),
-                    out.certs.trust(),
-                    ctx.stopping.clone(),
-                    {
-                        let (ctx, trust) = (ctx.clone(), out.certs.trust());
-                        move |dialed: amb_quic::QuicDialed, verified_under| {
-                            let (ctx, trust) = (ctx.clone(), (trust.clone(), verified_under));
-                            dialed.serve(move |conn| serve(ctx, conn, trust, Direction::Dialed))
-                        }
-                    },
-                );
-                dialers.spawn(serving);
+        let (name, label) = (addr.host(), peer.to_string());
+        let [quic, tls] = &self.configs;
+        let quic = match quic {
+            Some(config) => {
+                let dialer = QuicServingDialer::new(config.clone(), name.clone(), limits)?;
+                let via = (limits, metrics);
+                Some(PeerLink::new(
+                    peer,
+                    &label,
+                    source.clone(),
+                    "quic",
+                    dialer,
+                    via,
+                ))
             }
-        }
-        if let Some(config) = out.certs.subscribe(ALPN_H2_REVERSE) {
-            let dialer = TlsServingDialer::new(config, &name, limits)?;
-            let link = PeerLink::new(
-                peer,
-                &label,
-                source.clone(),
-                "tls",
-                dialer,
-                (limits, metrics),
-            );
-            for slot in 0..tls_count {
-                let serving = keep_dialed(
-                    slot,
-                    link.clone(),
-                    out.certs.trust(),
-                    ctx.stopping.clone(),
-                    {
-                        let (ctx, trust) = (ctx.clone(), out.certs.trust());
-                        move |dialed: amb_tls::TlsDialed, verified_under| {
-                            let (ctx, trust) = (ctx.clone(), (trust.clone(), verified_under));
-                            dialed.serve(move |conn| serve(ctx, conn, trust, Direction::Dialed))
-                        }
-                    },
-                );
-                dialers.spawn(serving);
+            None => None,
+        };
+        let tls = match tls {
+            Some(config) => {
+                let dialer = TlsServingDialer::new(config.clone(), &name, limits)?;
+                let via = (limits, metrics);
+                Some(PeerLink::new(peer, &label, source, "tls", dialer, via))
             }
-        }
-        info!(%peer, transport = ?out.transports, "dialing the app side");
+            None => None,
+        };
+        Ok((quic, tls))
     }
-    Ok(())
+
+    /// Keeps tunnel connections over `links` (QUIC one, TLS two, one beside QUIC) until the
+    /// returned stop turns true; their connections then drain.
+    fn start(&self, ctx: &Arc<Context>, (quic, tls): PeerLinks) -> watch::Sender<bool> {
+        let (stop, stopped) = watch::channel(false);
+        let (quic_count, tls_count) = match self.transports {
+            ServerTransports::Quic => (1, 0),
+            ServerTransports::Tls => (0, 2),
+            ServerTransports::Both => (1, 1),
+        };
+        if let Some(link) = quic {
+            self.keep(ctx, link, quic_count, &stopped);
+        }
+        if let Some(link) = tls {
+            self.keep(ctx, link, tls_count, &stopped);
+        }
+        stop
+    }
+
+    /// Keeps `count` tunnel connections over `link`, each served through the lifecycle.
+    fn keep<D>(
+        &self,
+        ctx: &Arc<Context>,
+        link: Arc<PeerLink<D>>,
+        count: usize,
+        stopped: &watch::Receiver<bool>,
+    ) where
+        D: Dialer<Tunnel: Serving + Sync>,
+    {
+        for slot in 0..count {
+            let (ctx, stop, trust) = (ctx.clone(), stopped.clone(), self.trust.clone());
+            let serve_dialed = move |dialed: D::Tunnel, verified_under| {
+                let drains = (stop.clone(), trust.clone(), verified_under);
+                let ctx = ctx.clone();
+                dialed.serve(move |conn| serve(ctx, conn, drains, Direction::Dialed))
+            };
+            let link = link.clone();
+            let kept = keep_dialed(
+                slot,
+                link,
+                self.trust.clone(),
+                stopped.clone(),
+                serve_dialed,
+            );
+            self.dialers.spawn(kept);
+        }
+    }
 }
 
-/// One authenticated tunnel connection through the lifecycle, `direction` as it was made;
-/// `trust`: the trust generation it was verified under and the one it must stay in, else it
-/// drains; it also drains when the server stops.
+impl Context {
+    fn dial_out(&self) -> std::sync::MutexGuard<'_, DialOut> {
+        (self.dial_out.lock()).unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One authenticated tunnel connection through the lifecycle, `direction` as it was made. It
+/// drains when `stop` turns true (the server stops; a dialed app side is no longer listed), and
+/// when `trust` moves on from the generation it was verified under.
 fn serve<C: ServerConnection>(
     ctx: Arc<Context>,
     conn: C,
-    (trust, verified_under): (watch::Receiver<u64>, u64),
+    (stop, trust, verified_under): (watch::Receiver<bool>, watch::Receiver<u64>, u64),
     direction: Direction,
 ) -> impl Future<Output = ()> + Send {
     let drain = DrainWatch {
-        stop: ctx.stopping.clone(),
+        stop,
         trust,
         verified_under,
         reconfigured: ctx.reconfigured.subscribe(),
