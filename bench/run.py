@@ -4,7 +4,9 @@
     python3 bench/run.py [--quick] [--json out.json] [--chart out.png] [--pairs a,b,...] [--keep]
 
 Pairs: direct (no tunnel), socat (plaintext two-hop relay, a floor), stunnel (mTLS),
-haproxy (mTLS, TLS 1.3 both ends), spiped, amb-tls, amb-quic. All TLS pairs use the same
+haproxy (mTLS, TLS 1.3 both ends), spiped, amb-tls, amb-quic, and the reverse layouts
+amb-rev-tls and amb-rev-quic (the service side dials the app side); rathole-noise and
+rathole-tls only when named in --pairs (`cargo install rathole`). All TLS pairs use the same
 ECDSA P-256 certificates from `amb certs init` and verify the peer. Every pair carries the same
 upstreams (one redis-server, one iperf3 server) and is driven by the same load generators.
 
@@ -55,8 +57,13 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LINKEMU = BENCH / "linkemu.py"
 HOST = "127.0.0.1"
-PAIRS = ["direct", "socat", "stunnel", "haproxy", "spiped", "amb-tls", "amb-quic"]
+PAIRS = ["direct", "socat", "stunnel", "haproxy", "spiped", "amb-tls", "amb-quic", "amb-rev-tls", "amb-rev-quic"]
+# Run only when asked for (--pairs): rathole is not a Debian package (`cargo install rathole`).
+EXTRA_PAIRS = ["rathole-noise", "rathole-tls"]
 AMB_PAIRS = ("amb-tls", "amb-quic")
+# Reverse tunnels: the service side dials the app side (amb server --peer, amb client --accept;
+# rathole's client beside the service, its server beside the app).
+REVERSE_PAIRS = ("amb-rev-tls", "amb-rev-quic", "rathole-noise", "rathole-tls")
 LINK_DELAY_MS = 10.0  # each way; the emulated round trip is 20 ms
 LINK_LOSS = 0.01
 
@@ -76,10 +83,13 @@ TOOLS = {
     "redis-server": "redis-server", "redis-benchmark": "redis-tools", "iperf3": "iperf3",
     "socat": "socat", "stunnel": "stunnel4", "haproxy": "haproxy", "spiped": "spiped",
     "iptables": "iptables",  # drops TCP segments for metric 8; without it that loss is not emulated
+    "rathole": None,  # not packaged: cargo install rathole
+    "openssl": "openssl",  # rathole-tls's PKCS#12 identity
 }
 NEEDS = {
     "direct": [], "socat": ["socat"], "stunnel": ["stunnel"], "haproxy": ["haproxy"],
-    "spiped": ["spiped"], "amb-tls": [], "amb-quic": [],
+    "spiped": ["spiped"], "amb-tls": [], "amb-quic": [], "amb-rev-tls": [], "amb-rev-quic": [],
+    "rathole-noise": ["rathole"], "rathole-tls": ["rathole", "openssl"],
 }
 
 
@@ -488,6 +498,8 @@ class Bench:
         if pair == "direct":
             inst.local_port = self._relay(inst, upstream, udp=False) if link else upstream
             return
+        if pair in REVERSE_PAIRS:
+            return self._start_reverse(inst, pair, tag, upstream, link)
 
         amb = pair in AMB_PAIRS
         srv_port = free_port(udp_too=amb)
@@ -554,6 +566,87 @@ class Bench:
         wait_listen(local, client)
         inst.local_port = local
         inst.sides = [client, server]
+
+
+    def _start_reverse(self, inst: Instance, pair: str, tag: str, upstream: int, link: bool):
+        """A reverse pair: the app side listens for the app and takes the service side's tunnel
+        connections; the service side, beside the upstream, dials it (through the emulated link
+        with `link`)."""
+        c = self.certs
+        amb = pair.startswith("amb-")
+        accept, local = free_port(udp_too=amb or pair == "rathole-noise"), free_port()
+        transport = pair.split("-")[-1]
+        if amb:
+            argv = [self.amb, "client", "--listen", f"{HOST}:{local}", "--accept", f"{HOST}:{accept}",
+                    "--allow", "dns:localhost", *_transport(transport, self.args.amb_client_arg),
+                    "--certs-dir", c, *self.args.amb_client_arg]
+        else:
+            conf = self.path(f"{tag}-app.toml")
+            conf.write_text(_rathole_conf(self, True, transport, accept, local))
+            argv = [self.tools["rathole"], "--server", conf]
+        app = spawn(argv, self.path(f"{tag}-app.log"), env={**os.environ, "RUST_LOG": "warn"} if not amb else None)
+        inst.procs.append(app)
+        if amb:
+            wait_log(app, "accepting service-side ambassadors")
+        else:
+            wait_listen(accept, app)
+        target = self._relay(inst, accept, udp=amb) if link else accept
+        if amb:
+            argv = [self.amb, "server", "--upstream", f"{HOST}:{upstream}", "--peer", f"localhost:{target}",
+                    *_transport(transport, self.args.amb_server_arg), "--certs-dir", c,
+                    *self.args.amb_server_arg]
+        else:
+            conf = self.path(f"{tag}-service.toml")
+            conf.write_text(_rathole_conf(self, False, transport, target, upstream))
+            argv = [self.tools["rathole"], "--client", conf]
+        service = spawn(argv, self.path(f"{tag}-service.log"), env={**os.environ, "RUST_LOG": "warn"} if not amb else None)
+        inst.procs.append(service)
+        if amb:
+            conns = _amb_connections(self.args.amb_server_arg, "amb-quic" if transport == "quic" else "amb-tls")
+            wait_log(app, "service-side ambassador connected", count=conns)
+        wait_listen(local, app)
+        inst.local_port = local
+        inst.sides = [app, service]
+
+
+def _rathole_conf(b: Bench, app_side: bool, transport: str, control: int, service: int) -> str:
+    """rathole's configuration: its server is the app side (control port `control`, the app's
+    port `service`), its client the service side (dials `control`, forwards to `service`)."""
+    keys = _rathole_keys(b)
+    if app_side:
+        conf = (f'[server]\nbind_addr = "{HOST}:{control}"\ndefault_token = "bench"\n'
+                f'[server.services.redis]\nbind_addr = "{HOST}:{service}"\nnodelay = true\n')
+        if transport == "noise":
+            conf += f'[server.transport]\ntype = "noise"\n[server.transport.noise]\nlocal_private_key = "{keys["private"]}"\n'
+        else:
+            conf += (f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{keys["pkcs12"]}"\n'
+                     f'pkcs12_password = "bench"\n')
+        return conf
+    conf = (f'[client]\nremote_addr = "localhost:{control}"\ndefault_token = "bench"\n'
+            f'[client.services.redis]\nlocal_addr = "{HOST}:{service}"\nnodelay = true\n')
+    if transport == "noise":
+        conf += f'[client.transport]\ntype = "noise"\n[client.transport.noise]\nremote_public_key = "{keys["public"]}"\n'
+    else:
+        conf += (f'[client.transport]\ntype = "tls"\n[client.transport.tls]\n'
+                 f'trusted_root = "{b.certs / "ca.pem"}"\nhostname = "localhost"\n')
+    return conf
+
+
+def _rathole_keys(b: Bench) -> dict:
+    """A Noise key pair (`rathole --genkey`) and the server certificate as PKCS#12, made once."""
+    if getattr(b, "rathole_keys", None):
+        return b.rathole_keys
+    out = subprocess.run([b.tools["rathole"], "--genkey"], capture_output=True, text=True, timeout=30).stdout
+    lines = [l.strip() for l in out.splitlines() if l.strip()]
+    keys = {"private": lines[lines.index("Private Key:") + 1], "public": lines[lines.index("Public Key:") + 1]}
+    if "openssl" in b.tools:
+        pkcs12 = b.certs / "server.p12"
+        subprocess.run([b.tools["openssl"], "pkcs12", "-export", "-out", pkcs12, "-inkey", b.certs / "server.key",
+                        "-in", b.certs / "server.pem", "-passout", "pass:bench"], check=True, capture_output=True,
+                       timeout=30)
+        keys["pkcs12"] = str(pkcs12)
+    b.rathole_keys = keys
+    return keys
 
 
 def _transport(transport: str, extra: list[str]) -> list[str]:
@@ -1254,6 +1347,15 @@ def targets(rows: dict, rounds: dict | None = None) -> list[dict]:
     for amb in AMB_PAIRS:
         absolute(f"{amb} idle memory per connection (both sides)", amb, "kib_per_conn", 16, "KiB")
         absolute(f"{amb} first reply across 20 ms RTT link", amb, "first_reply_rtts", 1.2, "RTT")
+    # Reverse tunnels: within 3% of the forward layout; ahead of rathole (when it ran).
+    for rev, fwd in (("amb-rev-tls", "amb-tls"), ("amb-rev-quic", "amb-quic")):
+        for key, what in (("get_c50_rps", "GET -c 50"), ("get_p32_rps", "GET -P 32"),
+                          ("new_conns_s", "new conns/s"), ("iperf_fwd_gbit", "iperf3")):
+            ratio(f"{rev} {what} vs {fwd}", rev, key, fwd, 0.97)
+        for rathole in EXTRA_PAIRS:
+            if rathole in rows:
+                ratio(f"{rev} new conns/s vs {rathole}", rev, "new_conns_s", rathole, 3)
+                ratio(f"{rathole} idle memory per connection vs {rev}", rathole, "kib_per_conn", rev, 10)
     return out
 
 
@@ -1354,8 +1456,9 @@ def find_tools(install: bool) -> tuple[dict, list[str]]:
         return found
     found = look()
     missing = [t for t in TOOLS if t not in found]
-    if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
-        pkgs = sorted({TOOLS[t] for t in missing})
+    packaged = [t for t in missing if TOOLS[t]]
+    if packaged and install and os.geteuid() == 0 and shutil.which("apt-get"):
+        pkgs = sorted({TOOLS[t] for t in packaged})
         log(f"installing {' '.join(pkgs)} with apt-get")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, capture_output=True)
@@ -1383,7 +1486,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small smoke run (~2 min); non-zero exit if a pair fails to answer")
     ap.add_argument("--json", metavar="FILE", help="write all results as JSON")
     ap.add_argument("--chart", metavar="FILE", help="draw the table as bar charts (PNG or SVG; needs matplotlib)")
-    ap.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    ap.add_argument("--pairs", default=",".join(PAIRS),
+                    help=f"comma-separated subset of {','.join(PAIRS + EXTRA_PAIRS)} (the last {len(EXTRA_PAIRS)} only when named)")
     ap.add_argument("--amb", default=str(REPO / "target" / "release" / "amb"), help="amb binary")
     ap.add_argument("--amb-server-arg", action="append", default=[], help="extra amb server argument (repeatable)")
     ap.add_argument("--amb-client-arg", action="append", default=[], help="extra amb client argument (repeatable)")
@@ -1392,7 +1496,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
-    unknown = [p for p in pairs if p not in PAIRS]
+    unknown = [p for p in pairs if p not in PAIRS + EXTRA_PAIRS]
     if unknown:
         ap.error(f"unknown pairs: {unknown}")
 
@@ -1402,7 +1506,8 @@ def main() -> int:
         return 2
     tools, missing = find_tools(install=not args.no_install)
     if missing:
-        print("bench: missing: " + ", ".join(f"{t} (apt-get install {TOOLS[t]})" for t in missing), file=sys.stderr)
+        how = lambda t: f"apt-get install {TOOLS[t]}" if TOOLS[t] else f"cargo install {t}"  # noqa: E731
+        print("bench: missing: " + ", ".join(f"{t} ({how(t)})" for t in missing), file=sys.stderr)
     if "redis-server" in missing or "redis-benchmark" in missing or "iperf3" in missing:
         print("bench: redis-server, redis-benchmark and iperf3 are required", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ per_transport!(
     a_service_side_follows_its_reloaded_routes,
     an_app_side_reloaded_allow_list_lets_a_service_side_go,
     a_service_side_follows_its_reloaded_peers,
+    a_frozen_service_side_is_let_go_and_comes_back,
 );
 
 /// The identity of the test PKI's server certificate: what the app side allows in.
@@ -665,4 +666,46 @@ async fn a_service_side_follows_its_reloaded_peers(t: Transport) {
     first.log.wait_for(&["draining"]);
     // Not served any more: its app connections are reset.
     assert_reset_after_write(first.listen_addr(), b"hello").await;
+}
+
+/// A service side that stops answering (SIGSTOP: its host froze) is let go by the app side as
+/// a forward client lets go of a silent server: over QUIC at the 2 s liveness deadline, over
+/// TLS at the keep-alive's idle timeout (2 s here); app connections are then refused at once.
+/// Thawed, it finds its connections gone and dials again.
+async fn a_frozen_service_side_is_let_go_and_comes_back(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let app = app_side(&pki, t, SERVICE_SIDE, &["--idle-timeout", "2s"]);
+    let peer = format!("localhost:{}", accept_addr(&app).port());
+    let service = service_side(
+        &pki,
+        t,
+        &upstream.addr.to_string(),
+        &peer,
+        &["--idle-timeout", "2s"],
+    );
+    wait_connected(&app, t, 1);
+    let listen = app.listen_addr();
+    assert!(echo_works(listen).await);
+
+    service.pause();
+    let frozen = Instant::now();
+    app.log
+        .wait_for_nth(&["service-side ambassador lost"], t.pool_size());
+    let let_go = frozen.elapsed();
+    eprintln!("{t:?}: a frozen service side let go after {let_go:?}");
+    assert!(
+        let_go < Duration::from_secs(6),
+        "let go only after {let_go:?}"
+    );
+    let refused = Instant::now();
+    assert_reset_after_write(listen, b"hello").await;
+    assert!(refused.elapsed() < Duration::from_secs(1));
+
+    service.resume();
+    wait_connected(&app, t, 2);
+    assert!(
+        echo_works(listen).await,
+        "no echo once the service side thawed"
+    );
 }
