@@ -420,7 +420,7 @@ struct ServerArgs {
     /// Reverse tunnel: dial the app side's `amb client --accept` at HOST:PORT and serve the
     /// streams it opens (for a service nothing may connect to: behind NAT, egress only).
     /// Repeatable, or several separated by commas; each is kept connected.
-    #[arg(long, value_name = "HOST:PORT", env = "AMB_PEER")]
+    #[arg(long, value_name = "HOST:PORT", env = "AMB_SERVER_PEER")]
     peer: Vec<PeerList>,
     /// Upstream(s) of the route named `default`: HOST:PORT, or unix:PATH for a service on this
     /// host (no TCP handshake per connection); several separated by commas, each optionally
@@ -561,7 +561,7 @@ struct ClientArgs {
     #[arg(
         long = "allow",
         value_name = "SAN",
-        env = "AMB_ALLOW",
+        env = "AMB_ACCEPT_ALLOW",
         value_delimiter = ',',
         requires = "accept"
     )]

@@ -24,6 +24,8 @@ per_transport!(
     an_app_side_reloaded_allow_list_lets_a_service_side_go,
     a_service_side_follows_its_reloaded_peers,
     a_frozen_service_side_is_let_go_and_comes_back,
+    an_app_side_restarted_is_redialed_within_2s,
+    a_service_side_closes_an_app_side_its_allow_list_does_not_admit,
 );
 
 /// The identity of the test PKI's server certificate: what the app side allows in.
@@ -75,8 +77,11 @@ fn service_side(pki: &Pki, t: Transport, upstream: &str, peer: &str, extra: &[&s
 
 /// Waits until the app side has `n` service sides' tunnel connections (all of each pool).
 fn wait_connected(app: &Amb, t: Transport, n: usize) {
-    app.log
-        .wait_for_nth(&["service-side ambassador connected"], t.pool_size() * n);
+    let connected = [
+        "service-side ambassador connected",
+        "direction=\"accepted\"",
+    ];
+    app.log.wait_for_nth(&connected, t.pool_size() * n);
 }
 
 /// A reverse pair before a real redis, connected.
@@ -130,9 +135,12 @@ async fn ping(listen: SocketAddr) -> Option<bool> {
     }
 }
 
-/// Asserts that a dialing server listens nowhere: no TCP socket listens, and no UDP socket is
-/// bound to the default tunnel port (a QUIC dialer's own socket is bound to a port of its own).
+/// Asserts that a dialing server listens nowhere: no TCP socket listens (but its metrics
+/// endpoint, if it has one), and no UDP socket is bound to the default tunnel port (a QUIC
+/// dialer's own socket is bound to a port of its own).
 fn assert_no_listener(server: &Amb) {
+    let metrics = (server.log.count(&["metrics endpoint listening"]) > 0)
+        .then(|| format!("{} ", metrics_addr(server)));
     let out = std::process::Command::new("ss")
         .args(["-Hlntup"])
         .output()
@@ -143,6 +151,7 @@ fn assert_no_listener(server: &Amb) {
         .lines()
         .filter(|line| line.contains(&owner))
         .filter(|line| line.starts_with("tcp") || line.contains(":7443 "))
+        .filter(|line| metrics.as_ref().is_none_or(|m| !line.contains(m.as_str())))
         .collect();
     assert!(
         listening.is_empty(),
@@ -151,13 +160,52 @@ fn assert_no_listener(server: &Amb) {
 }
 
 async fn redis_works_through_a_reverse_pair_and_the_server_binds_nothing(t: Transport) {
-    let pair = Pair::start(t);
-    let listen = pair.app.listen_addr();
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let app = app_side(&pki, t, SERVICE_SIDE, &metrics);
+    let port = accept_addr(&app).port();
+    let peer = format!("localhost:{port}");
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    let service = service_side(&pki, t, &upstream, &peer, &metrics);
+    wait_connected(&app, t, 1);
+    let listen = app.listen_addr();
     for _ in 0..20 {
         assert!(incr(listen).await, "INCR through the reverse pair");
     }
-    assert_eq!(hits(&pair.redis), 20);
-    assert_no_listener(&pair.service);
+    assert_eq!(hits(&redis), 20);
+    assert_no_listener(&service);
+
+    // The metrics say which way each tunnel connection was made, on both sides.
+    let (app_metrics, service_metrics) = (metrics_addr(&app), metrics_addr(&service));
+    let accepted = format!(
+        r#"amb_tunnel_connections{{direction="accepted",peer="",transport="{}"}}"#,
+        t.flag()
+    );
+    assert_eq!(
+        sample(&scrape(app_metrics).await, &accepted),
+        Some(t.pool_size() as f64)
+    );
+    let dialed = format!(
+        r#"amb_tunnel_connections{{direction="dialed",peer="{peer}",transport="{}"}}"#,
+        t.flag()
+    );
+    assert_eq!(
+        sample(&scrape(service_metrics).await, &dialed),
+        Some(t.pool_size() as f64)
+    );
+    let served = r#"amb_connections_total{side="server",route="default",end="ok"}"#;
+    wait_sample(service_metrics, served, 20.0).await;
+    assert_eq!(curl(app_metrics, "/readyz").await.0, 200);
+
+    // With the service side gone, refusals are counted under their own reason.
+    drop(service);
+    app.log
+        .wait_for_nth(&["service-side ambassador lost"], t.pool_size());
+    assert_reset_after_write(listen, b"hello").await;
+    let refused = r#"amb_refusals_total{side="client",route="default",reason="no_ambassador"}"#;
+    wait_sample(app_metrics, refused, 1.0).await;
+    assert_ne!(curl(app_metrics, "/readyz").await.0, 200);
 }
 
 async fn a_killed_service_side_is_refused_at_once_and_back_within_2s(t: Transport) {
@@ -283,8 +331,16 @@ async fn two_service_sides_share_a_route_and_losing_one_costs_nothing(t: Transpo
         failures <= allowed,
         "{failures} fresh connections failed while a service side went away"
     );
-    let total = done.load(Ordering::Relaxed);
-    assert_eq!(hits(&redis[0]) + hits(&redis[1]), 40 + total);
+    // Every answered INCR was counted at a redis; a failed one may have been, before its reply
+    // was lost.
+    let (total, counted) = (
+        done.load(Ordering::Relaxed),
+        hits(&redis[0]) + hits(&redis[1]),
+    );
+    assert!(
+        (40 + total..=40 + total + failures).contains(&counted),
+        "{counted} INCRs counted for {total} answered and {failures} failed"
+    );
 }
 
 async fn a_dialer_off_the_allow_list_is_turned_away_and_gets_no_stream(t: Transport) {
@@ -583,7 +639,8 @@ async fn a_service_side_follows_its_reloaded_routes(t: Transport) {
     }
     assert!(echo_works(listen).await);
     assert_eq!(
-        app.log.count(&["service-side ambassador connected"]),
+        app.log
+            .count(&["service-side ambassador connected", "direction="]),
         t.pool_size(),
         "the reload redialed"
     );
@@ -706,6 +763,69 @@ async fn a_frozen_service_side_is_let_go_and_comes_back(t: Transport) {
     wait_connected(&app, t, 2);
     assert!(
         echo_works(listen).await,
-        "no echo once the service side thawed"
+        "no echo once the service side thawed; app side:\n{}\nservice side:\n{}",
+        app.log.text(),
+        service.log.text()
     );
+}
+
+/// The app side restarted on its address: the service side finds its tunnel connections gone
+/// at once (over QUIC the restarted app side answers with a stateless reset made with the key
+/// derived from its own; over TLS the next keep-alive PING, every second, draws the kernel's
+/// reset) and redials.
+async fn an_app_side_restarted_is_redialed_within_2s(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let app = app_side(&pki, t, SERVICE_SIDE, &[]);
+    let accept = accept_addr(&app);
+    let peer = format!("localhost:{}", accept.port());
+    let _service = service_side(&pki, t, &upstream.addr.to_string(), &peer, &[]);
+    wait_connected(&app, t, 1);
+    app.signal("KILL");
+    blocking(move || drop(app)).await;
+
+    let restarted = Instant::now();
+    let mut args: Vec<String> = ["client", "--listen", "0", "--accept", &accept.to_string()]
+        .map(String::from)
+        .into();
+    args.extend([
+        "--allow".into(),
+        SERVICE_SIDE.into(),
+        "--transport".into(),
+        t.flag().into(),
+    ]);
+    args.extend(pki.cert_flags("client"));
+    let app = Amb::spawn(&args);
+    let listen = app.listen_addr();
+    wait_connected(&app, t, 1);
+    let redialed = restarted.elapsed();
+    eprintln!("{t:?}: redialed {redialed:?} after the app side's restart");
+    assert!(
+        redialed < Duration::from_secs(2),
+        "redialed only after {redialed:?}"
+    );
+    assert!(echo_works(listen).await);
+}
+
+/// A service side whose server-wide allow-list does not admit the app side closes its tunnel
+/// connections (and redials, backing off) instead of serving 403s the app side would keep
+/// choosing it for.
+async fn a_service_side_closes_an_app_side_its_allow_list_does_not_admit(t: Transport) {
+    let pki = Pki::new();
+    let upstream = Upstream::echo().await;
+    let app = app_side(&pki, t, SERVICE_SIDE, &[]);
+    let peer = format!("localhost:{}", accept_addr(&app).port());
+    let service = service_side(
+        &pki,
+        t,
+        &upstream.addr.to_string(),
+        &peer,
+        &["--allow", "uri:spiffe://amb/someone-else"],
+    );
+    service
+        .log
+        .wait_for_nth(&["tunnel connection ended after"], 2);
+    let listen = app.listen_addr();
+    assert_reset_after_write(listen, b"hello").await;
+    assert_eq!(upstream.accepted(), 0);
 }

@@ -218,6 +218,14 @@ fn with_peers(
             "no --listen given: nothing to carry".into(),
         ));
     }
+    if accepts && !peers.is_empty() {
+        return Err(EngineError::Config(
+            "--peer and --accept together: the listeners without a peer of their own would all \
+             go to the peers, none over the service sides accepted; give one of them (a listener \
+             in the config file may name its own peer)"
+                .into(),
+        ));
+    }
     listens
         .into_iter()
         .map(|mut spec| {
@@ -381,6 +389,7 @@ impl Client {
             let _ = stop_tx.send(true);
         };
         tokio::join!(certs, serving, accepting);
+        info!("amb client stopped");
     }
 }
 
@@ -492,6 +501,9 @@ pub(crate) struct Pooled<T> {
     pub(crate) draining: AtomicBool,
     /// Counts it as up while it lives.
     pub(crate) _up: TunnelUp,
+    /// Who is at the other end, for the logs of the app connections it carries, where the
+    /// pool's name does not say (a service side that dialed in); `None`: the pool's name.
+    pub(crate) peer: Option<String>,
 }
 
 /// The live tunnel connections, each tagged with its pool slot.
@@ -560,6 +572,12 @@ impl<T: Tunnel> Pool<T> {
             .map(|(_, t)| t.clone())
     }
 
+    /// App connections on its least loaded connection in service; `None` if none is up.
+    pub(crate) fn least_load(&self) -> Option<usize> {
+        let live = self.live.borrow();
+        live.iter().map(|(_, p)| p.carried.running()).min()
+    }
+
     /// App connections on its connections in service; `None` if none is up.
     pub(crate) fn live_load(&self) -> Option<usize> {
         let live = self.live.borrow();
@@ -626,6 +644,11 @@ impl<D: Dialer> PeerLink<D> {
     /// The peer, for logs.
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The peer as configured, for metrics.
+    pub(crate) fn label(&self) -> &str {
+        &self.label
     }
 
     /// Dials a tunnel connection: the peer's addresses come from its source, in this dial's
@@ -891,6 +914,7 @@ async fn supervise<D: Dialer<Tunnel: Tunnel>>(
             _up: link
                 .metrics
                 .tunnel_up(Direction::Dialed, &link.label, transport),
+            peer: None,
         })
     };
     // One future per connection, kept across reloads: QUIC's reads the drain notice, which
@@ -1760,6 +1784,9 @@ async fn run(
     }
     running.ready.serving.store(false, Ordering::Relaxed);
     running.stop();
+    if let Some(side) = &running.app_side {
+        side.stop_accepting();
+    }
     let live = &accepting.live;
     live.close();
     info!(live_connections = live.len(), drain = ?settings.limits.drain_timeout, "shutting down: no new connections");
@@ -1777,7 +1804,6 @@ async fn run(
     if let Some(side) = &running.app_side {
         side.close().await;
     }
-    info!("amb client stopped");
 }
 
 /// Carries one app connection: take a warm tunnel, open a stream, relay.
@@ -1845,6 +1871,7 @@ pub(crate) async fn carry<T: Tunnel>(
         }
     };
     drop(failed);
+    let peer = pooled.peer.as_deref().unwrap_or(peer);
     let Some(AppConnection {
         tcp,
         arrived,

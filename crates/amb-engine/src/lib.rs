@@ -85,7 +85,6 @@ impl MetricsEndpoint {
     }
 }
 
-/// Binds a TCP listener with the options a tunnel endpoint wants.
 /// Binds a UDP socket at `addr` (a port TCP took already, for a shared port number); returns it
 /// and the address it got.
 fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), EngineError> {
@@ -99,6 +98,7 @@ fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), Engin
     Ok((udp, bound))
 }
 
+/// Binds a TCP listener with the options a tunnel endpoint wants.
 fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, EngineError> {
     let err = |source| EngineError::Bind {
         addr,

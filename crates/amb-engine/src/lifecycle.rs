@@ -328,7 +328,10 @@ fn begin_drain<C: ServerConnection>(
     match cause {
         DrainCause::Stopping => {}
         DrainCause::TrustChanged => {
-            info!(%peer, transport, "the trusted CAs changed: draining the connection, so the client connects and is verified again");
+            info!(%peer, transport, "the trusted CAs changed: draining the connection, so that it is made and verified again");
+        }
+        DrainCause::PeerRemoved => {
+            info!(%peer, transport, "the app side is no longer among the peers: draining the connection");
         }
         DrainCause::AccessRevoked => {
             info!(%peer, transport, "the new configuration no longer admits the peer: draining the connection");
@@ -358,6 +361,7 @@ async fn cut_off_after(ctx: Arc<ConnCtx>, cause: DrainCause, after: Duration) {
     tokio::time::sleep(after).await;
     let what = match cause {
         DrainCause::TrustChanged => "the trusted CAs changed",
+        DrainCause::PeerRemoved => "the app side was dropped from the peers",
         _ => "a new configuration revoked the peer's access",
     };
     ctx.close(
@@ -521,6 +525,7 @@ mod tests {
                 trust: trust_rx,
                 verified_under: 0,
                 reconfigured: reconfigured_rx,
+                removed: None,
             };
             let handler = |_ctx: Arc<ConnCtx>, incoming: FakeIncoming| async move {
                 let mut cut = CutWatch(incoming.events.clone(), Some(incoming.route.clone()));

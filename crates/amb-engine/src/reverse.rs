@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,15 +33,20 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between dials of a peer that does not answer.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// A tunnel connection that lasted this long was a success: the back-off starts over.
+const STEADY: Duration = Duration::from_secs(5);
+
 /// Keeps one tunnel connection from the service side to an app side: dial, hand it to `serve`
-/// (the lifecycle, until it ends: lost, drained, or at shutdown), dial again; failed dials back
+/// (the lifecycle, until it ends: lost, drained, or at shutdown), dial again, until either of
+/// `stops` turns true (the server stops; the peer is dropped). Failed dials, and connections
+/// that end within [`STEADY`] (an app side turning this one away after its handshake), back
 /// off, capped, with jitter, so service sides restarted together do not dial in step.
 /// `serve` gets the trust generation read before the dial's configuration.
 pub(crate) async fn keep_dialed<D, S, F>(
     slot: usize,
     link: Arc<PeerLink<D>>,
     trust: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, mut removed): (watch::Receiver<bool>, watch::Receiver<bool>),
     serve: S,
 ) where
     D: Dialer<Tunnel: Serving>,
@@ -51,32 +56,44 @@ pub(crate) async fn keep_dialed<D, S, F>(
     let (peer, transport) = (link.name(), link.transport);
     let mut backoff = FIRST_BACKOFF;
     loop {
+        let stopped = async {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = removed.wait_for(|r| *r) => {}
+            }
+        };
         let verified_under = *trust.borrow();
         let dialed = tokio::select! {
             d = link.dial() => d,
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopped => return,
         };
+        let wait = jittered(backoff);
         match dialed {
             Ok(tunnel) => {
-                backoff = FIRST_BACKOFF;
                 info!(%peer, transport, slot, direction = "dialed", "tunnel connection up");
+                let up = tokio::time::Instant::now();
                 // Ends when the connection does; at shutdown, once it drained.
                 serve(tunnel, verified_under).await;
-                if *stop.borrow() {
+                if *stop.borrow() || *removed.borrow() {
                     return;
                 }
-                info!(%peer, transport, slot, "tunnel connection ended; redialing");
+                if up.elapsed() >= STEADY {
+                    backoff = FIRST_BACKOFF;
+                    info!(%peer, transport, slot, "tunnel connection ended; redialing");
+                    continue;
+                }
+                warn!(%peer, transport, slot, "tunnel connection ended after {:?}; redialing in {wait:?}", up.elapsed());
             }
             Err(e) => {
-                let wait = jittered(backoff);
                 warn!(%peer, transport, slot, "tunnel connect failed: {e}; retrying in {wait:?}");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+            _ = removed.wait_for(|r| *r) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -101,8 +118,12 @@ pub(crate) struct AppSide {
     turned_away: LogThrottles<&'static str>,
     /// How long a revoked connection's app connections may run on.
     drain_timeout: Duration,
-    /// The client is shutting down: connections are closed, none taken in.
-    closing: AtomicBool,
+    /// How long a service side's HTTP/2 (or QUIC welcome) may take to start once verified.
+    handshake_timeout: Duration,
+    /// Turns true when the client stops taking service sides in (its shutdown began).
+    stop_accepting: watch::Sender<bool>,
+    /// Turns true when the client closes the tunnel connections: none is held from then on.
+    closing: watch::Sender<bool>,
 }
 
 /// An [`AppSide`]'s bound sockets and configurations, ready to accept.
@@ -125,15 +146,30 @@ impl AcceptSettings {
     /// Refuses an empty allow-list: any certificate of the CA could otherwise receive the
     /// apps' data.
     pub fn validate(&self) -> Result<(), EngineError> {
-        if self.allow.is_empty() {
-            return Err(EngineError::Config(format!(
-                "--accept {} needs --allow: the service-side identities (e.g. dns:redis-host or \
-                 uri:spiffe://amb/redis-host) whose ambassadors may connect; without a list, any \
-                 certificate of the CA could receive the apps' data",
-                self.addr
-            )));
+        require_allow(&self.allow, &format!("--accept {}", self.addr))
+    }
+}
+
+/// Refuses an empty allow-list for `what` (an `--accept`, or its reloaded file).
+fn require_allow(allow: &AllowList, what: &str) -> Result<(), EngineError> {
+    if allow.is_empty() {
+        return Err(EngineError::Config(format!(
+            "{what} needs --allow: the service-side identities (e.g. dns:redis-host or \
+             uri:spiffe://amb/redis-host) whose ambassadors may connect; without a list, any \
+             certificate of the CA could receive the apps' data"
+        )));
+    }
+    Ok(())
+}
+
+/// Warns of allow-list entries every certificate `amb certs` issues carries (`localhost` and
+/// the loopback addresses): any server certificate of the CA would be taken in.
+fn warn_of_shared_names(allow: &AllowList) {
+    for shared in ["dns:localhost", "ip:127.0.0.1", "ip:::1"] {
+        let Ok(san) = shared.parse() else { continue };
+        if allow.permits(&amb_proto::PeerIdentity { sans: vec![san] }) {
+            warn!(entry = shared, "--allow lists a name every certificate of `amb certs` carries: any server certificate of the CA may connect as a service side; list its own name");
         }
-        Ok(())
     }
 }
 
@@ -148,6 +184,7 @@ impl AppSide {
         metrics: &Arc<Metrics>,
     ) -> Result<(Arc<AppSide>, AppSideListeners), EngineError> {
         settings.validate()?;
+        warn_of_shared_names(&settings.allow);
         let alpns: Vec<&'static [u8]> = [(quic, ALPN_QUIC_REVERSE), (tls, ALPN_H2_REVERSE)]
             .into_iter()
             .filter_map(|(wanted, alpn)| wanted.then_some(alpn))
@@ -199,7 +236,9 @@ impl AppSide {
             metrics: metrics.clone(),
             turned_away: LogThrottles::default(),
             drain_timeout: limits.drain_timeout,
-            closing: AtomicBool::new(false),
+            handshake_timeout: limits.handshake_timeout,
+            stop_accepting: watch::Sender::new(false),
+            closing: watch::Sender::new(false),
         });
         Ok((side, AppSideListeners { quic, tls, certs }))
     }
@@ -217,8 +256,9 @@ impl AppSide {
         }
     }
 
-    /// Carries one app connection over a service-side ambassador's tunnel connection, the
-    /// least loaded (QUIC's while one is up); refuses it at once if none is connected.
+    /// Carries one app connection over the least loaded tunnel connection of the service
+    /// sides connected (QUIC's on a tie), then the other transport's if that one is lost under
+    /// the open; refuses it at once if none is connected.
     pub(crate) async fn carry(
         &self,
         conn: &mut Option<AppConnection>,
@@ -226,26 +266,27 @@ impl AppSide {
         accepting: &Accepting,
     ) {
         let name = self.name.as_str();
-        // A connection lost under the open hands the app connection back; the next is tried.
-        if self.quic.live_load().is_some() {
-            carry(
-                conn,
-                route,
-                (name, &self.quic),
-                (Duration::ZERO, true),
-                accepting,
-            )
-            .await;
-        }
-        if conn.is_some() && self.tls.live_load().is_some() {
-            carry(
-                conn,
-                route,
-                (name, &self.tls),
-                (Duration::ZERO, true),
-                accepting,
-            )
-            .await;
+        let (quic, tls) = (self.quic.least_load(), self.tls.least_load());
+        let quic_first = match (quic, tls) {
+            (Some(q), Some(t)) => q <= t,
+            (q, _) => q.is_some(),
+        };
+        let (first, second) = match quic_first {
+            true => (Either::Quic, Either::Tls),
+            false => (Either::Tls, Either::Quic),
+        };
+        for transport in [first, second] {
+            // A connection lost under the open hands the app connection back.
+            let wait = (Duration::ZERO, true);
+            match transport {
+                Either::Quic if conn.is_some() && quic.is_some() => {
+                    carry(conn, route, (name, &self.quic), wait, accepting).await
+                }
+                Either::Tls if conn.is_some() && tls.is_some() => {
+                    carry(conn, route, (name, &self.tls), wait, accepting).await
+                }
+                _ => {}
+            }
         }
         if let Some(conn) = conn.take() {
             let why = format_args!("no service-side ambassador connected on {name}");
@@ -253,23 +294,31 @@ impl AppSide {
         }
     }
 
-    /// Closes every tunnel connection (at shutdown, after the drain); later ones are closed
-    /// as they come.
+    /// Takes no more service sides in (the client's shutdown began).
+    pub(crate) fn stop_accepting(&self) {
+        self.stop_accepting.send_replace(true);
+    }
+
+    /// Closes every tunnel connection (at shutdown, after the drain), those draining or let
+    /// go too; later ones are closed as they come.
     pub(crate) async fn close(&self) {
-        self.closing.store(true, Ordering::SeqCst);
+        self.stop_accepting();
+        self.closing.send_replace(true);
         tokio::join!(self.quic.close(), self.tls.close());
+    }
+
+    /// Resolves once [`close`](Self::close) was called.
+    async fn closed(&self) {
+        let _ = self.closing.subscribe().wait_for(|closing| *closing).await;
     }
 
     /// Swaps in a new allow-list (a reloaded config file): service sides it no longer admits
     /// take no new app connections, and their tunnel connections close once the app
     /// connections on them end (or at the drain timeout), as a revoked client's do on a server.
     pub(crate) fn reallow(&self, allow: AllowList) -> Result<(), EngineError> {
-        AcceptSettings {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            allow: allow.clone(),
-        }
-        .validate()?;
+        require_allow(&allow, &format!("the reloaded --accept {}", self.name))?;
         if **self.allow.load() != allow {
+            warn_of_shared_names(&allow);
             self.allow.store(Arc::new(allow));
             info!(accept = %self.name, "allow-list of service-side ambassadors changed");
             self.reallowed.send_modify(|generation| *generation += 1);
@@ -289,25 +338,29 @@ impl AppSide {
         false
     }
 
-    /// Holds one service side's tunnel connection in `pool` until it is lost, drained, or
-    /// verified under CAs no longer trusted (it then takes no new app connections, and is
-    /// closed once those on it end).
+    /// Holds one service side's tunnel connection in `pool` until it is lost, drained,
+    /// revoked by a new allow-list or verified under CAs no longer trusted (it then takes no
+    /// new app connections, and is closed once those on it end), or the client closes.
+    /// `reallowed`: subscribed before the service side was admitted, so that no change of the
+    /// allow-list since goes unseen.
     async fn hold<T: Tunnel>(
         &self,
         pool: &Pool<T>,
         (tunnel, peer): (T, Arc<Peer>),
         transport: &'static str,
         (mut trust, verified_under): (watch::Receiver<u64>, u64),
+        mut reallowed: watch::Receiver<u64>,
     ) {
         let pooled = Arc::new(Pooled {
             tunnel,
             carried: StreamTally::default(),
             draining: AtomicBool::new(false),
             _up: (self.metrics).tunnel_up(Direction::Accepted, "", transport),
+            peer: Some(peer.to_string()),
         });
         pool.live.send_modify(|v| v.push((0, pooled.clone())));
         // After the push: either `close` sees it in the pool, or this sees `closing`.
-        if self.closing.load(Ordering::SeqCst) {
+        if *self.closing.borrow() {
             pool.remove(&pooled);
             return pooled.tunnel.close().await;
         }
@@ -317,36 +370,41 @@ impl AppSide {
                 .wait_for(|generation| *generation != verified_under)
                 .await;
         };
-        let mut reallowed = self.reallowed.subscribe();
         let revoked = async {
-            while reallowed.changed().await.is_ok() {
+            loop {
                 if !self.allow.load().permits(&peer.identity) {
                     return;
                 }
+                if reallowed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
             }
-            std::future::pending().await
         };
         let why = tokio::select! {
             retired = pooled.tunnel.retired() => Ok(retired),
             () = trust_moved => Err("trusted CAs changed"),
             () = revoked => Err("no longer on the allow-list"),
+            () = self.closed() => Err("closing"),
         };
         let retired = match why {
             Ok(retired) => retired,
+            Err("closing") => return pooled.tunnel.close().await,
             Err(why) => {
                 let app_connections = pool.let_go(&pooled);
                 info!(%peer, transport, app_connections, "{why}: the service side's tunnel connection takes no new app connections and closes once they end");
-                let _ = tokio::time::timeout(self.drain_timeout, pooled.carried.settled()).await;
-                return pooled.tunnel.close().await;
+                return self
+                    .close_once_settled(&pooled, Some(self.drain_timeout))
+                    .await;
             }
         };
         match retired {
             Retirement::Draining => {
                 let app_connections = pool.let_go(&pooled);
                 info!(%peer, transport, app_connections, "{retired}: its app connections finish on it, new ones go to the others");
-                pooled.tunnel.retired().await;
+                // The service side closes it once they end; this side at its own exit.
+                self.close_once_settled(&pooled, None).await;
             }
-            Retirement::Lost(_) if self.closing.load(Ordering::SeqCst) => {
+            Retirement::Lost(_) if *self.closing.borrow() => {
                 debug!(%peer, transport, "service-side ambassador's tunnel connection closed: {retired}");
             }
             Retirement::Lost(_) => {
@@ -358,9 +416,35 @@ impl AppSide {
     }
 }
 
+impl AppSide {
+    /// Closes `pooled` once the app connections on it end (or after `limit`), or at once when
+    /// the client closes.
+    async fn close_once_settled<T: Tunnel>(&self, pooled: &Pooled<T>, limit: Option<Duration>) {
+        let settled = async {
+            match limit {
+                Some(limit) => drop(tokio::time::timeout(limit, pooled.carried.settled()).await),
+                None => pooled.carried.settled().await,
+            }
+        };
+        tokio::select! {
+            () = settled => {}
+            () = self.closed() => {}
+        }
+        pooled.tunnel.close().await;
+    }
+}
+
+/// One of the two transports.
+#[derive(Clone, Copy)]
+enum Either {
+    Quic,
+    Tls,
+}
+
 impl AppSideListeners {
-    /// Accepts service-side ambassadors into `side` until `stop`, keeping the configurations
-    /// current; then waits for their tunnel connections to be closed (by [`AppSide::close`]).
+    /// Accepts service-side ambassadors into `side` until it stops accepting, keeping the
+    /// configurations current until `stop`; then waits (within the drain timeout) for their
+    /// tunnel connections to be closed (by [`AppSide::close`]).
     pub(crate) async fn run(
         mut self,
         side: Arc<AppSide>,
@@ -368,36 +452,47 @@ impl AppSideListeners {
         stop: watch::Receiver<bool>,
     ) {
         let trust = self.certs.trust();
+        let accepting = side.stop_accepting.subscribe();
+        let limit = side.handshake_timeout;
         info!(accept = %side.name, quic = self.quic.is_some(), tls = self.tls.is_some(), "amb client accepting service-side ambassadors");
         let quic = async {
             let Some(server) = &self.quic else { return };
             let (side, trust) = (side.clone(), trust.clone());
-            amb_quic::serve(server, stop.clone(), move |accepted, verified_under| {
-                let (side, trust) = (side.clone(), (trust.clone(), verified_under));
-                async move {
-                    if !side.admits(accepted.peer(), "quic") {
-                        return accepted.turn_away("not on the app side's allow-list");
+            amb_quic::serve(
+                server,
+                accepting.clone(),
+                move |accepted, verified_under| {
+                    let (side, trust) = (side.clone(), (trust.clone(), verified_under));
+                    async move {
+                        let reallowed = side.reallowed.subscribe();
+                        if !side.admits(accepted.peer(), "quic") {
+                            return accepted.turn_away("not on the app side's allow-list");
+                        }
+                        let welcomed = tokio::time::timeout(limit, accepted.into_tunnel()).await;
+                        if let Ok(Some(tunnel)) = welcomed {
+                            side.hold(&side.quic, tunnel, "quic", trust, reallowed)
+                                .await;
+                        }
                     }
-                    if let Some(tunnel) = accepted.into_tunnel().await {
-                        side.hold(&side.quic, tunnel, "quic", trust).await;
-                    }
-                }
-            })
+                },
+            )
             .await;
         };
         let tls = async {
             let Some(server) = &mut self.tls else { return };
             let (side, trust) = (side.clone(), trust.clone());
-            amb_tls::serve_reverse(server, stop.clone(), move |accepted, verified_under| {
+            amb_tls::serve_reverse(server, accepting.clone(), move |accepted, verified_under| {
                 let (side, trust) = (side.clone(), (trust.clone(), verified_under));
                 async move {
+                    let reallowed = side.reallowed.subscribe();
                     if !side.admits(accepted.peer(), "tls") {
                         return accepted.turn_away().await;
                     }
                     let peer = accepted.peer().clone();
-                    match accepted.into_tunnel().await {
-                        Ok(tunnel) => side.hold(&side.tls, tunnel, "tls", trust).await,
-                        Err(e) => warn!(%peer, transport = "tls", "service-side ambassador's HTTP/2 did not start: {e}"),
+                    match tokio::time::timeout(limit, accepted.into_tunnel()).await {
+                        Ok(Ok(tunnel)) => side.hold(&side.tls, tunnel, "tls", trust, reallowed).await,
+                        Ok(Err(e)) => warn!(%peer, transport = "tls", "service-side ambassador's HTTP/2 did not start: {e}"),
+                        Err(_) => warn!(%peer, transport = "tls", "service-side ambassador's HTTP/2 did not start within {limit:?}"),
                     }
                 }
             })
@@ -405,11 +500,16 @@ impl AppSideListeners {
         };
         let certs = self.certs.keep_current(reload, reload_check, stop.clone());
         tokio::join!(quic, tls, certs);
-        if let Some(server) = &self.tls {
-            server.drained().await;
-        }
+        let drained = async {
+            if let Some(server) = &self.tls {
+                server.drained().await;
+            }
+            if let Some(server) = &self.quic {
+                server.drained().await;
+            }
+        };
+        let _ = tokio::time::timeout(side.drain_timeout, drained).await;
         if let Some(server) = &self.quic {
-            server.drained().await;
             server.close().await;
         }
     }

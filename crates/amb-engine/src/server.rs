@@ -336,9 +336,8 @@ impl Server {
                         let ctx = ctx.clone();
                         async move {
                             if let Some(conn) = accepted.into_connection().await {
-                                let stop = ctx.stopping.clone();
-                                let drains = (stop, ctx.trust.clone(), verified_under);
-                                serve(ctx, conn, drains, Direction::Accepted).await;
+                                let drains = (None, ctx.trust.clone(), verified_under);
+                                serve(ctx, conn, drains, (Direction::Accepted, "")).await;
                             }
                         }
                     },
@@ -350,8 +349,8 @@ impl Server {
             if let Some(server) = &mut tls_server {
                 let ctx = ctx.clone();
                 amb_tls::serve(server, ctx.stopping.clone(), move |conn, verified_under| {
-                    let drains = (ctx.stopping.clone(), ctx.trust.clone(), verified_under);
-                    serve(ctx.clone(), conn, drains, Direction::Accepted)
+                    let drains = (None, ctx.trust.clone(), verified_under);
+                    serve(ctx.clone(), conn, drains, (Direction::Accepted, ""))
                 })
                 .await;
             }
@@ -366,9 +365,6 @@ impl Server {
         let stopping = async {
             shutdown.await;
             let _ = stop.send(true);
-            for peer in ctx.dial_out().running.values() {
-                peer.send_replace(true);
-            }
         };
         // Deregistered as the drain starts, so that clients send new connections elsewhere.
         let registered = async {
@@ -525,6 +521,9 @@ impl Routes {
     pub fn replace_peers(&self, peers: &[PeerSpec]) -> Result<usize, EngineError> {
         let ctx = &self.0;
         let mut out = ctx.dial_out();
+        if *ctx.stopping.borrow() {
+            return Ok(0);
+        }
         let mut started = Vec::new();
         for peer in peers.iter().filter(|p| !out.running.contains_key(*p)) {
             started.push((peer.clone(), out.links(ctx, peer)?));
@@ -594,7 +593,8 @@ impl DialOut {
     }
 
     /// Keeps tunnel connections over `links` (QUIC one, TLS two, one beside QUIC) until the
-    /// returned stop turns true; their connections then drain.
+    /// server stops or the returned sender turns true (the peer was dropped); their
+    /// connections then drain.
     fn start(&self, ctx: &Arc<Context>, (quic, tls): PeerLinks) -> watch::Sender<bool> {
         let (stop, stopped) = watch::channel(false);
         let (quic_count, tls_count) = match self.transports {
@@ -611,31 +611,29 @@ impl DialOut {
         stop
     }
 
-    /// Keeps `count` tunnel connections over `link`, each served through the lifecycle.
+    /// Keeps `count` tunnel connections over `link`, each served through the lifecycle,
+    /// until the server stops or `removed` turns true.
     fn keep<D>(
         &self,
         ctx: &Arc<Context>,
         link: Arc<PeerLink<D>>,
         count: usize,
-        stopped: &watch::Receiver<bool>,
+        removed: &watch::Receiver<bool>,
     ) where
         D: Dialer<Tunnel: Serving + Sync>,
     {
         for slot in 0..count {
-            let (ctx, stop, trust) = (ctx.clone(), stopped.clone(), self.trust.clone());
+            let (ctx, trust, gone) = (ctx.clone(), self.trust.clone(), removed.clone());
+            let stops = (ctx.stopping.clone(), removed.clone());
+            let label: Arc<str> = link.label().into();
             let serve_dialed = move |dialed: D::Tunnel, verified_under| {
-                let drains = (stop.clone(), trust.clone(), verified_under);
-                let ctx = ctx.clone();
-                dialed.serve(move |conn| serve(ctx, conn, drains, Direction::Dialed))
+                let drains = (Some(gone.clone()), trust.clone(), verified_under);
+                let (ctx, label) = (ctx.clone(), label.clone());
+                dialed.serve(move |conn| async move {
+                    serve(ctx, conn, drains, (Direction::Dialed, &label)).await
+                })
             };
-            let link = link.clone();
-            let kept = keep_dialed(
-                slot,
-                link,
-                self.trust.clone(),
-                stopped.clone(),
-                serve_dialed,
-            );
+            let kept = keep_dialed(slot, link.clone(), self.trust.clone(), stops, serve_dialed);
             self.dialers.spawn(kept);
         }
     }
@@ -647,36 +645,52 @@ impl Context {
     }
 }
 
-/// One authenticated tunnel connection through the lifecycle, `direction` as it was made. It
-/// drains when `stop` turns true (the server stops; a dialed app side is no longer listed), and
-/// when `trust` moves on from the generation it was verified under.
+/// One authenticated tunnel connection through the lifecycle, `direction` as it was made
+/// (`label`: the app side dialed, as configured, for metrics; empty for accepted ones). It
+/// drains when the server stops, and as its [`Drains`] say.
 fn serve<C: ServerConnection>(
     ctx: Arc<Context>,
     conn: C,
-    (stop, trust, verified_under): (watch::Receiver<bool>, watch::Receiver<u64>, u64),
-    direction: Direction,
+    (removed, trust, verified_under): Drains,
+    (direction, label): (Direction, &str),
 ) -> impl Future<Output = ()> + Send {
     let drain = DrainWatch {
-        stop,
+        stop: ctx.stopping.clone(),
         trust,
         verified_under,
         reconfigured: ctx.reconfigured.subscribe(),
+        removed,
     };
     let limits = ctx.limits;
-    let up = ctx.metrics.tunnel_up(direction, "", C::TRANSPORT);
+    let up = ctx.metrics.tunnel_up(direction, label, C::TRANSPORT);
     // A peer the server-wide allow-list does not admit is served 403 for every stream; the
-    // metrics count it as a refused handshake at once.
-    if !ctx.routes.load().admits_peer(&conn.peer().identity) {
+    // metrics count it as a refused handshake at once. An app side this side dialed is let go
+    // instead: it would send ever more app connections to a side whose load stays nil.
+    let admitted = ctx.routes.load().admits_peer(&conn.peer().identity);
+    if !admitted {
         (ctx.metrics).handshake_failed(direction, C::TRANSPORT, "not_allowed");
     }
-    let served = serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
-        handle(ctx.clone(), conn, incoming)
+    let dialed_unadmitted = !admitted && matches!(direction, Direction::Dialed);
+    if dialed_unadmitted {
+        let (peer, transport) = (conn.peer(), C::TRANSPORT);
+        warn!(%peer, transport, "app side not on the server-wide allow-list: closing the tunnel connection");
+    }
+    let served = (!dialed_unadmitted).then(|| {
+        serve_connection(conn, drain, ctx.clone(), limits, move |conn, incoming| {
+            handle(ctx.clone(), conn, incoming)
+        })
     });
     async move {
-        served.await;
+        if let Some(served) = served {
+            served.await;
+        }
         drop(up);
     }
 }
+
+/// What drains a connection besides the server stopping: a dialed app side dropped from the
+/// peers (`removed`), and the trust generation moving on from the one it was verified under.
+type Drains = (Option<watch::Receiver<bool>>, watch::Receiver<u64>, u64);
 
 /// Counts each failed handshake, and logs it at most once a second per transport and kind
 /// (with how many were not logged).

@@ -117,17 +117,26 @@ pub struct DrainWatch {
     pub verified_under: u64,
     /// Moves when a new configuration is in place: live streams are checked against it.
     pub reconfigured: watch::Receiver<u64>,
+    /// A dialed connection's: turns true when its peer is dropped from the configuration.
+    pub removed: Option<watch::Receiver<bool>>,
 }
 
 impl DrainWatch {
     /// Resolves when the connection should drain, with why.
     pub async fn asked(&mut self) -> DrainCause {
         let verified_under = self.verified_under;
+        let removed = async {
+            match &mut self.removed {
+                Some(removed) => drop(removed.wait_for(|removed| *removed).await),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.stop.wait_for(|stopping| *stopping) => DrainCause::Stopping,
             Ok(_) = self.trust.wait_for(|generation| *generation != verified_under) => {
                 DrainCause::TrustChanged
             }
+            () = removed => DrainCause::PeerRemoved,
         }
     }
 }

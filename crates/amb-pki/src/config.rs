@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::CertificateDer;
@@ -130,51 +132,87 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// clientAuth EKU, and offers exactly `alpn`.
 pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ServerConfig>, PkiError> {
     let provider = provider();
-    let tls = |source| PkiError::Tls {
-        files: files.to_string(),
-        source,
-    };
-    let webpki = WebPkiClientVerifier::builder_with_provider(files.roots()?, provider.clone())
-        .build()
-        .map_err(|e| PkiError::Trust {
-            path: files.ca.clone(),
-            why: e.to_string(),
-        })?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
-        .with_client_cert_verifier(Arc::new(StrictClientVerifier(webpki)))
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .map_err(tls)?;
-    config.alpn_protocols = amb_proto::alpn_offers(alpn);
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    config.max_early_data_size = 0;
-    Ok(Arc::new(config))
+    let verifier = StrictClientVerifier(webpki_client_verifier(files, &provider)?);
+    server_config_with(
+        files,
+        amb_proto::alpn_offers(alpn),
+        Arc::new(verifier),
+        provider,
+    )
 }
 
 /// A client configuration that presents `files.cert`, demands a server certificate chaining to
 /// `files.ca` with the serverAuth EKU, and offers exactly `alpn`.
 pub fn client_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientConfig>, PkiError> {
     let provider = provider();
-    let tls = |source| PkiError::Tls {
-        files: files.to_string(),
-        source,
-    };
     let webpki = WebPkiServerVerifier::builder_with_provider(files.roots()?, provider.clone())
         .build()
         .map_err(|e| PkiError::Trust {
             path: files.ca.clone(),
             why: e.to_string(),
         })?;
+    let verifier = Arc::new(StrictServerVerifier(webpki));
+    client_config_with(files, amb_proto::alpn_offers(alpn), verifier, provider)
+}
+
+/// webpki's check of a client certificate against `files.ca` (chain, validity, clientAuth).
+pub(crate) fn webpki_client_verifier(
+    files: &TlsFiles,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+    WebPkiClientVerifier::builder_with_provider(files.roots()?, provider.clone())
+        .build()
+        .map_err(|e| PkiError::Trust {
+            path: files.ca.clone(),
+            why: e.to_string(),
+        })
+}
+
+/// A server configuration of amb's: TLS 1.3 only, the peer checked by `verifier` (mandatory),
+/// `files.cert` presented, `alpns` offered, no session resumption or early data.
+pub(crate) fn server_config_with(
+    files: &TlsFiles,
+    alpns: Vec<Vec<u8>>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let tls = |source| PkiError::Tls {
+        files: files.to_string(),
+        source,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(tls)?;
+    config.alpn_protocols = alpns;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+/// A client configuration of amb's: TLS 1.3 only, the peer checked by `verifier`,
+/// `files.cert` presented, `alpns` offered, no session resumption or early data.
+pub(crate) fn client_config_with(
+    files: &TlsFiles,
+    alpns: Vec<Vec<u8>>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let tls = |source| PkiError::Tls {
+        files: files.to_string(),
+        source,
+    };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(StrictServerVerifier(webpki)))
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(tls)?;
-    config.alpn_protocols = amb_proto::alpn_offers(alpn);
+    config.alpn_protocols = alpns;
     config.resumption = Resumption::disabled();
     config.enable_early_data = false;
     Ok(Arc::new(config))

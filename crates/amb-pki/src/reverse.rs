@@ -7,47 +7,30 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::Resumption;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::ParsedCertificate;
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
     SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::provider;
-use crate::verify::{bound_intermediates, require_eku, Eku, StrictClientVerifier};
-use crate::{load_certs, load_key, PkiError, TlsFiles};
+use crate::config::{client_config_with, provider, server_config_with, webpki_client_verifier};
+use crate::verify::{
+    bound_intermediates, delegate_signature_checks, require_eku, Eku, StrictClientVerifier,
+};
+use crate::{PkiError, TlsFiles};
 
 /// The service side's configuration: dials the app side presenting `files.cert` (a server
 /// certificate), demands a certificate chaining to `files.ca` with the clientAuth EKU, and
 /// offers exactly `alpn`.
 pub fn reverse_dial_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientConfig>, PkiError> {
     let provider = provider();
-    let tls = |source| PkiError::Tls {
-        files: files.to_string(),
-        source,
-    };
-    let webpki = WebPkiClientVerifier::builder_with_provider(files.roots()?, provider.clone())
-        .build()
-        .map_err(|e| PkiError::Trust {
-            path: files.ca.clone(),
-            why: e.to_string(),
-        })?;
-    let verifier = AppSideVerifier(StrictClientVerifier(webpki));
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .map_err(tls)?;
-    config.alpn_protocols = vec![alpn.to_vec()];
-    config.resumption = Resumption::disabled();
-    config.enable_early_data = false;
-    Ok(Arc::new(config))
+    let verifier = AppSideVerifier(StrictClientVerifier(webpki_client_verifier(
+        files, &provider,
+    )?));
+    client_config_with(files, vec![alpn.to_vec()], Arc::new(verifier), provider)
 }
 
 /// The app side's configuration: accepts service-side ambassadors presenting `files.cert` (a
@@ -55,25 +38,11 @@ pub fn reverse_dial_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ClientCo
 /// and offers exactly `alpn`.
 pub fn reverse_accept_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<ServerConfig>, PkiError> {
     let provider = provider();
-    let tls = |source| PkiError::Tls {
-        files: files.to_string(),
-        source,
-    };
     let verifier = ServiceSideVerifier {
         roots: files.roots()?,
         algorithms: provider.signature_verification_algorithms,
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-        .map_err(tls)?;
-    config.alpn_protocols = vec![alpn.to_vec()];
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    config.max_early_data_size = 0;
-    Ok(Arc::new(config))
+    server_config_with(files, vec![alpn.to_vec()], Arc::new(verifier), provider)
 }
 
 /// The service side's check of the app side it dialed: as a server checks its clients (chain,
@@ -94,25 +63,7 @@ impl ServerCertVerifier for AppSideVerifier {
             .verify_client_cert(end_entity, intermediates, now)
             .map(|_| ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0 .0.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0 .0.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0 .0.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }
 
 /// The app side's check of a service-side ambassador that dialed it: as a client checks its

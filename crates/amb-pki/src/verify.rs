@@ -91,6 +91,7 @@ macro_rules! delegate_signature_checks {
         }
     };
 }
+pub(crate) use delegate_signature_checks;
 
 /// Client-certificate verifier: webpki chain and validity checks, plus a mandatory clientAuth EKU.
 #[derive(Debug)]

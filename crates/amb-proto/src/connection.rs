@@ -17,6 +17,9 @@ pub enum DrainCause {
     TrustChanged,
     /// A new configuration no longer admits the client.
     AccessRevoked,
+    /// The service side of a reverse tunnel no longer dials this app side (its configuration
+    /// dropped it).
+    PeerRemoved,
 }
 
 impl DrainCause {
@@ -26,6 +29,7 @@ impl DrainCause {
             DrainCause::Stopping => "server shutting down",
             DrainCause::TrustChanged => "trusted CAs changed",
             DrainCause::AccessRevoked => "access revoked",
+            DrainCause::PeerRemoved => "app side no longer dialed",
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::coalesce::coalesce;
-use crate::server::{h2_server, AnyTls, TlsConnection};
+use crate::server::{h2_server, identity_of, AnyTls, TlsConnection};
 use crate::stream::{h2_error, H2Recv, H2Send};
 use crate::{tune_tcp, TlsError, CONNECTION_WINDOW, LINGER, MAX_FRAME, SEND_BUFFER, STREAM_WINDOW};
 
@@ -100,7 +100,8 @@ pub(crate) async fn start_h2(
         .await
         .map_err(TlsError::H2)?;
     // In TLS 1.3 the client finishes its handshake before the server has checked the client
-    // certificate. A PING answered proves the server accepted us; a rejection arrives as a
+    // certificate. A PING answered proves the peer took the connection (a dialing client's
+    // certificate accepted; an accepting app side's HTTP/2 peer up); a rejection arrives as a
     // TLS alert instead, and is reported as this dial's failure.
     let mut ping = connection.ping_pong().ok_or_else(|| TlsError::Rejected {
         why: "HTTP/2 ping unavailable".into(),
@@ -140,7 +141,7 @@ pub(crate) async fn start_h2(
             r = connection => match r {
                 Ok(()) => {
                     lingerer.linger(LINGER).await;
-                    "closed by server".to_owned()
+                    "closed by the peer".to_owned()
                 }
                 Err(e) => e.to_string(),
             },
@@ -347,13 +348,7 @@ impl Dialer for TlsServingDialer {
     /// only once it took this side's certificate; the caller bounds the time.
     async fn dial(&self, addr: SocketAddr) -> Result<TlsDialed, TlsError> {
         let tls = tls_connect(&self.tls, &self.server_name, addr).await?;
-        let identity = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(amb_pki::peer_identity)
-            .unwrap_or_default();
+        let identity = identity_of(tls.get_ref().1);
         // The app side checks this side's certificate and identity before it starts HTTP/2.
         let (conn, flusher) = h2_server(tokio_rustls::TlsStream::Client(tls), self.limits)
             .await
@@ -362,7 +357,7 @@ impl Dialer for TlsServingDialer {
             })?;
         let peer = Arc::new(amb_proto::Peer { identity, addr });
         Ok(TlsDialed {
-            conn: TlsConnection::dialed(conn, peer),
+            conn: TlsConnection::dialed(conn, peer, self.limits),
             flusher,
         })
     }

@@ -25,6 +25,9 @@ const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 1 << 30;
 /// Largest HTTP/2 frame we accept.
 const MAX_FRAME: u32 = 1 << 20;
+/// How often a tunnel connection the service side dialed PINGs the app side (as HTTP/2's
+/// server it would otherwise send nothing on a quiet connection).
+const DIALED_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bytes h2 may queue per stream before `send` waits.
 const SEND_BUFFER: usize = 1 << 20;
 /// How long a connection that h2 closed cleanly waits for the peer to close its side (and a

@@ -113,6 +113,7 @@ where
                             kind: Kind::H2(conn),
                             peer,
                             kill,
+                            silent: None,
                         };
                         flusher.run(pin!(handler(conn, verified_under))).await;
                         lingerer.linger(LINGER).await;
@@ -130,6 +131,7 @@ where
                             })),
                             peer,
                             kill,
+                            silent: None,
                         };
                         handler(conn, verified_under).await;
                     }
@@ -242,7 +244,7 @@ async fn within_handshake_timeout<T>(
 }
 
 /// The identity in the certificate the peer presented (and that verified).
-fn identity_of<S>(session: &rustls::ConnectionCommon<S>) -> PeerIdentity {
+pub(crate) fn identity_of<S>(session: &rustls::ConnectionCommon<S>) -> PeerIdentity {
     session
         .peer_certificates()
         .and_then(|chain| chain.first())
@@ -350,17 +352,64 @@ pub struct TlsConnection {
     peer: Arc<Peer>,
     /// Wakes [`ServerConnection::next`] to close the connection (h2's is driven there).
     kill: Arc<Notify>,
+    /// A dialed connection's watchdog: says why once the peer stopped answering keep-alives.
+    silent: Option<watch::Receiver<Option<String>>>,
 }
 
 impl TlsConnection {
-    /// A tunnel connection the service side dialed, its HTTP/2 served here.
-    pub(crate) fn dialed(conn: Connection, peer: Arc<Peer>) -> Self {
+    /// A tunnel connection the service side dialed, its HTTP/2 served here. As HTTP/2's server
+    /// it would send nothing on a quiet connection, so it keeps alive (a PING every
+    /// [`crate::DIALED_KEEP_ALIVE`]): an app side restarted on its host answers the next one
+    /// with a reset, and one gone silent is given up at the idle timeout.
+    pub(crate) fn dialed(mut conn: Connection, peer: Arc<Peer>, limits: Limits) -> Self {
+        let silent = conn.ping_pong().map(|ping| {
+            let (tell, silent) = watch::channel(None);
+            tokio::spawn(keep_alive(ping, limits, tell));
+            silent
+        });
         TlsConnection {
             kind: Kind::H2(conn),
             peer,
             kill: Arc::new(Notify::new()),
+            silent,
         }
     }
+}
+
+/// PINGs the peer every [`crate::DIALED_KEEP_ALIVE`] until the connection is gone; tells
+/// `silent` why if one is not answered within the idle timeout.
+async fn keep_alive(mut ping: h2::PingPong, limits: Limits, silent: watch::Sender<Option<String>>) {
+    let every = limits.keep_alive_interval().min(crate::DIALED_KEEP_ALIVE);
+    loop {
+        let answered = async {
+            tokio::time::sleep(every).await;
+            tokio::time::timeout(limits.idle_timeout, ping.ping(h2::Ping::opaque())).await
+        };
+        tokio::select! {
+            answer = answered => match answer {
+                Ok(Ok(_)) => {}
+                // The connection ended: its loop tells why.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let why = format!("no keep-alive answer within {:?}", limits.idle_timeout);
+                    silent.send_replace(Some(why));
+                    return;
+                }
+            },
+            () = silent.closed() => return,
+        }
+    }
+}
+
+/// Resolves with why once a dialed connection's watchdog found the peer silent; never for an
+/// accepted one.
+async fn went_silent(silent: &mut Option<watch::Receiver<Option<String>>>) -> String {
+    if let Some(silent) = silent {
+        if let Ok(why) = silent.wait_for(Option::is_some).await {
+            return why.clone().unwrap_or_default();
+        }
+    }
+    std::future::pending().await
 }
 
 // The tunnel connection, the common kind, stays inline; the rare raw one is boxed.
@@ -444,6 +493,14 @@ impl ServerConnection for TlsConnection {
                 next = conn.accept() => break next,
                 () = self.kill.notified() => {
                     conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                }
+                why = went_silent(&mut self.silent) => {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    return Err(ConnectionEnd {
+                        why,
+                        peer_broke_protocol: false,
+                        closed_here: false,
+                    });
                 }
             }
         };
