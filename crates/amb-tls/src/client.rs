@@ -316,11 +316,7 @@ impl Tunnel for TlsTunnel {
 /// Dials reverse tunnel connections from the service side to an app side, which then sends
 /// the CONNECTs: ALPN [`amb_proto::ALPN_H2_REVERSE`], the configuration presenting the service
 /// side's certificate and checking the app side's as a client's; this side is HTTP/2's server.
-pub struct TlsServingDialer {
-    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
-    server_name: ServerName<'static>,
-    limits: Limits,
-}
+pub struct TlsServingDialer(TlsDialer);
 
 impl TlsServingDialer {
     /// A dialer sending `server_name` (the app side's host) as SNI; each dial takes the
@@ -330,13 +326,7 @@ impl TlsServingDialer {
         server_name: &str,
         limits: Limits,
     ) -> Result<Self, TlsError> {
-        let server_name = ServerName::try_from(server_name.to_owned())
-            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
-        Ok(TlsServingDialer {
-            tls,
-            server_name,
-            limits,
-        })
+        TlsDialer::new(tls, server_name, limits).map(Self)
     }
 }
 
@@ -347,17 +337,22 @@ impl Dialer for TlsServingDialer {
     /// TCP, TLS and HTTP/2 handshakes: done once the app side's preface came, which it sends
     /// only once it took this side's certificate; the caller bounds the time.
     async fn dial(&self, addr: SocketAddr) -> Result<TlsDialed, TlsError> {
-        let tls = tls_connect(&self.tls, &self.server_name, addr).await?;
+        let TlsDialer {
+            tls,
+            server_name,
+            limits,
+        } = &self.0;
+        let tls = tls_connect(tls, server_name, addr).await?;
         let identity = identity_of(tls.get_ref().1);
         // The app side checks this side's certificate and identity before it starts HTTP/2.
-        let (conn, flusher) = h2_server(tokio_rustls::TlsStream::Client(tls), self.limits)
+        let (conn, flusher) = h2_server(tokio_rustls::TlsStream::Client(tls), *limits)
             .await
             .map_err(|e| TlsError::Rejected {
                 why: format!("{e} (is this side's identity on the app side's --allow list?)"),
             })?;
         let peer = Arc::new(amb_proto::Peer { identity, addr });
         Ok(TlsDialed {
-            conn: TlsConnection::dialed(conn, peer, self.limits),
+            conn: TlsConnection::dialed(conn, peer, *limits),
             flusher,
         })
     }
