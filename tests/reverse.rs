@@ -511,6 +511,28 @@ fn accept_without_an_allow_list_exits_before_binding() {
     );
 }
 
+/// `--peer` and `--accept` together would leave the accepted tunnels carrying nothing: the
+/// client refuses to start, saying so.
+#[test]
+fn peer_and_accept_together_are_refused() {
+    let pki = Pki::new();
+    let mut args: Vec<String> = ["client", "--listen", "0", "--peer", "localhost:7443"]
+        .map(String::from)
+        .into();
+    args.extend(["--accept", "127.0.0.1:0", "--allow", "dns:redis-host"].map(String::from));
+    args.extend(pki.cert_flags("client"));
+    let mut app = Amb::spawn(&args);
+    assert!(
+        !app.wait_exit(READY).success(),
+        "started with --peer and --accept"
+    );
+    assert!(
+        app.log.text().contains("--accept"),
+        "the error does not name --accept: {}",
+        app.log.text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_tunnels_carry_a_config_files_listeners() {
     let pki = Pki::new();
