@@ -160,6 +160,8 @@ enum CheckPart {
 enum PartSettings {
     Server(ServerSettings),
     Client(ClientSettings),
+    /// Client-only mode (`tls-upstream`): its files are read and checked as it resolves.
+    Direct(DirectSettings),
 }
 
 /// Certificate flags shared by client and server.
@@ -177,7 +179,7 @@ struct CertArgs {
     /// CA certificate(s) the peer must chain to (PEM).
     #[arg(long, env = "AMB_CA")]
     ca: Option<PathBuf>,
-    /// How often the certificate files (and a server's --config file) are checked for changes,
+    /// How often the certificate files (and a --config file) are checked for changes,
     /// which are then loaded (as on SIGHUP); 0s checks only on SIGHUP.
     #[arg(long, value_parser = parse_duration, default_value = "10s", env = "AMB_RELOAD_CHECK")]
     reload_check: Duration,
@@ -608,17 +610,8 @@ struct ClientArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration; write e.g. 500ms, 10s, 2m");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| bad())?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(bad()),
-    })
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 10s, 2m, 1m30s"))
 }
 
 /// Parses the command line, keeping where each value came from (flag, variable or default),
@@ -939,13 +932,17 @@ fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                 server_settings(*server, &given("server")).map(PartSettings::Server),
             )],
         ),
-        Some(CheckPart::Client(client)) => (
-            "amb client".to_owned(),
-            vec![(
-                "client",
-                client_settings(*client, &given("client")).map(PartSettings::Client),
-            )],
-        ),
+        Some(CheckPart::Client(client)) => {
+            let direct = client.tls_upstream.is_some()
+                || client_part(client.config.as_deref())
+                    .is_ok_and(|file| file.tls_upstream.is_some());
+            let settings = if direct {
+                direct_settings(*client, &given("client")).map(PartSettings::Direct)
+            } else {
+                client_settings(*client, &given("client")).map(PartSettings::Client)
+            };
+            ("amb client".to_owned(), vec![("client", settings)])
+        }
         None => {
             let Some(config) = args.config else {
                 bail!("give --config FILE, or `amb check server|client` with that command's flags");
@@ -957,9 +954,15 @@ fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                 let settings = server_settings(part_args("server", &path)?, &Given(None));
                 parts.push(("server", settings.map(PartSettings::Server)));
             }
-            if file.client.is_some() {
-                let settings = client_settings(part_args("client", &path)?, &Given(None));
-                parts.push(("client", settings.map(PartSettings::Client)));
+            if let Some(client) = &file.client {
+                let settings = if client.tls_upstream.is_some() {
+                    direct_settings(part_args("client", &path)?, &Given(None))
+                        .map(PartSettings::Direct)
+                } else {
+                    client_settings(part_args("client", &path)?, &Given(None))
+                        .map(PartSettings::Client)
+                };
+                parts.push(("client", settings));
             }
             if parts.is_empty() {
                 bail!("{path}: neither a [server] nor a [client] part: nothing to check");
@@ -971,18 +974,29 @@ fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let mut settings = Vec::new();
     for (part, resolved) in parts {
         match resolved {
-            Ok(PartSettings::Server(s)) => {
-                findings.extend(amb_pki::check_files(&s.tls, LeafRole::Server, &[]));
-                settings.push(PartSettings::Server(s));
-            }
-            Ok(PartSettings::Client(c)) => {
-                findings.extend(amb_pki::check_files(&c.tls, LeafRole::Client, &[]));
-                settings.push(PartSettings::Client(c));
-            }
+            Ok(resolved) => settings.push(resolved),
             Err(e) => findings.push(Finding {
                 severity: Severity::Error,
                 message: format!("[{part}]: {e:#}"),
             }),
+        }
+    }
+    let client = settings.iter().find_map(|part| match part {
+        PartSettings::Client(c) => Some(c),
+        _ => None,
+    });
+    for part in &settings {
+        match part {
+            PartSettings::Server(s) => {
+                let names = names_clients_use(s, client, &this_host_name());
+                findings.extend(amb_pki::check_files(&s.tls, LeafRole::Server, &names));
+            }
+            PartSettings::Client(c) => {
+                findings.extend(amb_pki::check_files(&c.tls, LeafRole::Client, &[]))
+            }
+            // Its CA, and its certificate and key when it has them, were read and checked as
+            // its settings resolved (against the service's CA, not amb's).
+            PartSettings::Direct(_) => {}
         }
     }
     let files_ok = findings.iter().all(|f| f.severity != Severity::Error);
@@ -1004,6 +1018,47 @@ fn check(args: CheckArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     }
     println!("ok: {what} ({} warning(s))", findings.len());
     Ok(())
+}
+
+/// The names clients will dial this server by, where the configuration says them: the host it
+/// advertises in a registry, and the hosts of the same file's client peers that point at it
+/// (loopback, its listen address or `this_host`, on its listen port); a client's pinned
+/// `--server-name` stands for the host it is given for.
+fn names_clients_use(
+    server: &ServerSettings,
+    client: Option<&ClientSettings>,
+    this_host: &str,
+) -> Vec<String> {
+    let advertised = (server.register.as_ref())
+        .and_then(|r| r.advertise.as_deref())
+        .and_then(HostPort::parse);
+    let mut names: Vec<String> = advertised.map(|a| a.host()).into_iter().collect();
+    if let (Some(client), Some(listen)) = (client, server.listen) {
+        let points_here = |peer: &HostPort| {
+            peer.port() == listen.port()
+                && match peer {
+                    HostPort::Addr(a) => a.ip().is_loopback() || a.ip() == listen.ip(),
+                    HostPort::Name { host, .. } => {
+                        host == "localhost" || host.eq_ignore_ascii_case(this_host)
+                    }
+                }
+        };
+        let peers = (client.peers.iter()).chain(client.listens.iter().flat_map(|l| &l.peers));
+        for peer in peers.filter_map(PeerSpec::addr).filter(|p| points_here(p)) {
+            names.push(client.server_name.clone().unwrap_or_else(|| peer.host()));
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// This machine's host name, as clients on it may dial it.
+fn this_host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// `amb check --connect` for one part: a client's peers, each dialed once (what answered is
@@ -1030,6 +1085,15 @@ async fn connect(part: &PartSettings) -> anyhow::Result<Vec<Finding>> {
                         "peer {peer} ({transport}): no handshake passed: {why}"
                     ))),
                 }
+            }
+        }
+        PartSettings::Direct(settings) => {
+            let service = &settings.service;
+            match amb_engine::probe_service(settings).await {
+                Ok(()) => println!("ok: tls-upstream {service}: handshake passed"),
+                Err(why) => findings.push(failed(format!(
+                    "tls-upstream {service}: no handshake passed: {why}"
+                ))),
             }
         }
         PartSettings::Server(settings) => {
@@ -1542,6 +1606,7 @@ mod tests {
     fn durations_parse() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("10").is_err() && parse_duration("s").is_err());
     }
 }

@@ -255,6 +255,62 @@ fn every_setting_can_come_from_amb_variables_and_a_flag_wins() {
     assert_eq!(redis_cli(port, &["ping"]).as_deref(), Some("PONG"));
 }
 
+/// A flag, and an `AMB_*` variable, win over the config file's value for the same key. Each
+/// file names a dead upstream or peer and QUIC: the pair answers only if the flags' upstream
+/// and peer and the variables' transport (TLS) were taken.
+#[test]
+fn flags_and_variables_win_over_the_config_file() {
+    let dir = TempDir::new("cli-over-file");
+    let certs = dir.0.join("certs");
+    let certs = certs.to_str().unwrap();
+    let (ok, err) = run(&["certs", "init", "--dir", certs]);
+    assert!(ok, "{err}");
+    let redis = Redis::start();
+    let dead = free_port();
+    let server_file = dir.0.join("server.toml");
+    std::fs::write(
+        &server_file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntransport = \"quic\"\ncerts-dir = \"{certs}\"\n\
+             upstream = \"127.0.0.1:{dead}\"\n"
+        ),
+    )
+    .unwrap();
+    let upstream = format!("127.0.0.1:{}", redis.port);
+    let server = Amb::spawn_env(
+        &[
+            "server",
+            "--config",
+            server_file.to_str().unwrap(),
+            "--upstream",
+            &upstream,
+        ],
+        &[("AMB_TRANSPORT", "tls")],
+    );
+    let client_file = dir.0.join("client.toml");
+    std::fs::write(
+        &client_file,
+        format!(
+            "[client]\npeer = \"localhost:{dead}\"\ntransport = \"quic\"\ncerts-dir = \"{certs}\"\n\
+             tunnel-wait = \"20s\"\n[[client.listen]]\nlisten = \"0\"\n"
+        ),
+    )
+    .unwrap();
+    let peer = format!("localhost:{}", server.server_addr().port());
+    let client = Amb::spawn_env(
+        &[
+            "client",
+            "--config",
+            client_file.to_str().unwrap(),
+            "--peer",
+            &peer,
+        ],
+        &[("AMB_TRANSPORT", "tls")],
+    );
+    let port = client.listen_addr().port();
+    assert_eq!(redis_cli(port, &["ping"]).as_deref(), Some("PONG"));
+}
+
 #[test]
 fn completions_and_the_man_page_come_from_the_cli_definition() {
     let output = |args: &[&str]| {

@@ -115,28 +115,52 @@ async fn a_client_configured_by_its_file_carries_its_listeners(t: Transport) {
 fn a_bad_file_is_one_line_naming_file_and_line_and_nothing_is_bound() {
     let dir = TempDir::new("config-bad");
     let port = free_port();
+    let server = |rest: &str| format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{rest}");
+    let client = |rest: &str| format!("[client]\npeer = \"localhost:7443\"\n{rest}");
     let cases = [
         (
-            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"a:1\"]\n"),
+            "server",
+            server("upstreams = [\"a:1\"]\n"),
             ":3: ",
             "unknown field `upstreams`",
         ),
         (
-            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"a:1\"\n[[server.route]]\nname = \"default\"\nupstream = \"b:1\"\n"),
+            "server",
+            server("upstream = \"a:1\"\n[[server.route]]\nname = \"default\"\nupstream = \"b:1\"\n"),
             ":5: ",
             "route default is given twice",
         ),
+        ("server", server("max-streams = \"many\"\n"), ":3: ", "max-streams"),
         (
-            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax-streams = \"many\"\n"),
-            ":3: ",
-            "max-streams",
+            "server",
+            server("[[server.route]]\nname = \"r\"\nupstream = \"redis\"\n"),
+            ":5: ",
+            "not HOST:PORT",
+        ),
+        (
+            "client",
+            client(&format!("[[client.listen]]\nlisten = \"{port}\"\n[[client.listen]]\nlisten = \"127.0.0.1:{port}\"\n")),
+            ":6: ",
+            "is given twice",
+        ),
+        (
+            "client",
+            format!("[server]\nupstream = \"a:1\"\n{}", client(&format!("[[client.listen]]\nlisten = \"{port}\"\nroute = \"pg\"\n"))),
+            ":6: ",
+            "asks for route pg",
+        ),
+        (
+            "client",
+            client("[[client.listen]]\nlisten = \"localhost:1\"\n"),
+            ":4: ",
+            "listen",
         ),
     ];
-    for (i, (text, line, needle)) in cases.iter().enumerate() {
+    for (i, (command, text, line, needle)) in cases.iter().enumerate() {
         let path = dir.0.join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
         let out = Command::new(AMB)
-            .args(["server", "--config"])
+            .args([command, "--config"])
             .arg(&path)
             .env("RUST_LOG", "off")
             .output()
@@ -145,7 +169,10 @@ fn a_bad_file_is_one_line_naming_file_and_line_and_nothing_is_bound() {
         assert!(!out.status.success(), "{text}");
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         let at = format!("{}{line}", path.display());
-        assert!(stderr.contains(&at) && stderr.contains(needle), "{stderr}");
+        assert!(
+            stderr.contains(&at) && stderr.contains(needle),
+            "{text}: {stderr}"
+        );
     }
     // Nothing was bound: the port is still free.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port was left free");
@@ -232,7 +259,7 @@ fn amb_check_passes_a_good_pki_and_names_each_broken_one() {
     let (ok, out) = check(&path);
     assert!(!ok, "{out}");
     assert!(
-        out.contains("error: ") && out.contains("as a server certificate"),
+        out.contains("error: ") && out.contains("as the server certificate"),
         "{out}"
     );
 
@@ -254,6 +281,106 @@ fn amb_check_passes_a_good_pki_and_names_each_broken_one() {
         !ok && out.contains("error: ") && out.contains("nothing.pem"),
         "{out}"
     );
+}
+
+/// What a handshake would refuse, `amb check` names before anything starts: a key that is
+/// not its certificate's, a chain to another CA, a certificate expired or not yet valid, the
+/// wrong EKU for a client, and a server certificate that does not cover the name the same
+/// file's client dials it by. A client-only file is checked as what it is.
+#[test]
+fn amb_check_names_what_a_handshake_would_refuse() {
+    use time::{Duration as Days, OffsetDateTime};
+    let pki = Pki::new();
+    let leaf = |name: &str| {
+        format!(
+            "cert = \"{}\"\nkey = \"{}\"\n",
+            pki.path(&format!("{name}.pem")).display(),
+            pki.path(&format!("{name}.key")).display()
+        )
+    };
+    let ca = pki.path("ca.pem").display().to_string();
+    let file = |server: &str, client: &str, client_extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:7443\"\n{server}ca = \"{ca}\"\nupstream = \"127.0.0.1:6379\"\n\n\
+             [client]\npeer = \"localhost:7443\"\n{client}ca = \"{ca}\"\n{client_extra}\
+             [[client.listen]]\nlisten = \"6379\"\n"
+        )
+    };
+    let path = pki.path("check.toml");
+    let expect_error = |text: String, needles: &[&str]| {
+        std::fs::write(&path, text).unwrap();
+        let (ok, out) = check(&path);
+        assert!(!ok, "{out}");
+        for needle in needles {
+            assert!(out.contains(needle), "{needle:?} not in: {out}");
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let dated = |name: &str, from: Days, to: Days| {
+        let mut spec = LeafSpec::client(name, 30);
+        (spec.not_before, spec.not_after) = (now + from, now + to);
+        pki.write_leaf(name, &pki.ca.issue(&spec).unwrap());
+    };
+    dated("expired", Days::days(-30), Days::days(-1));
+    dated("early", Days::days(1), Days::days(30));
+    let other = amb_pki::CertAuthority::generate("another CA").unwrap();
+    pki.write_leaf(
+        "stranger",
+        &other.issue(&LeafSpec::client("stranger", 30)).unwrap(),
+    );
+    // The client's certificate with the server's key.
+    let mismatched = format!(
+        "cert = \"{}\"\nkey = \"{}\"\n",
+        pki.path("client.pem").display(),
+        pki.path("server.key").display()
+    );
+
+    // The pair as issued passes, the server's certificate checked for localhost, the name the
+    // client part dials it by.
+    std::fs::write(&path, file(&leaf("server"), &leaf("client"), "")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(ok && !out.contains("error"), "{out}");
+
+    expect_error(
+        file(&leaf("server"), &mismatched, ""),
+        &["error: ", "client"],
+    );
+    expect_error(
+        file(&leaf("server"), &leaf("expired"), ""),
+        &["error: ", "expired.pem"],
+    );
+    expect_error(
+        file(&leaf("server"), &leaf("early"), ""),
+        &["error: ", "early.pem"],
+    );
+    expect_error(
+        file(&leaf("server"), &leaf("stranger"), ""),
+        &["error: ", "stranger.pem"],
+    );
+    expect_error(
+        file(&leaf("server"), &leaf("server"), ""),
+        &["error: ", "server.pem", "as a client certificate"],
+    );
+    // The client pins a name the server's certificate does not carry.
+    expect_error(
+        file(
+            &leaf("server"),
+            &leaf("client"),
+            "server-name = \"big-server\"\n",
+        ),
+        &["error: ", "server.pem", "for big-server"],
+    );
+
+    // Client-only mode: its CA and file are what it needs, no amb server, no certificate.
+    std::fs::write(
+        &path,
+        format!(
+            "[client]\ntls-upstream = \"127.0.0.1:6380\"\nca = \"{ca}\"\n[[client.listen]]\nlisten = \"6379\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out) = check(&path);
+    assert!(ok && out.contains("ok: "), "{out}");
 }
 
 async fn a_sighup_swaps_in_the_routes_of_the_rewritten_file(t: Transport) {

@@ -365,3 +365,45 @@ fn proxy_protocol_is_v2_or_refused_with_its_line() {
         "{err}"
     );
 }
+
+/// Every key the file takes is in the commented reference, `examples/amb.toml`: each table's
+/// keys as serde lists them on meeting an unknown one, each found as `key = ` or `# key = `.
+#[test]
+fn the_commented_reference_names_every_key() {
+    let reference = include_str!("../../../examples/amb.toml");
+    let route = "[server]\n[[server.route]]\nname = \"r\"\nupstream = \"a:1\"\n";
+    let tables = [
+        "[server]\n".to_owned(),
+        route.to_owned(),
+        format!("{route}[server.route.redis-auth]\n"),
+        format!("{route}[server.route.upstream-tls]\n"),
+        "[client]\n".to_owned(),
+        "[client]\n[[client.listen]]\nlisten = \"1\"\n".to_owned(),
+    ];
+    let documented = |key: &str| {
+        reference.lines().any(|line| {
+            let line = line.trim_start_matches("# ");
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with(" = "))
+        })
+    };
+    for table in tables {
+        let err = parse(&format!("{table}no-such-key = 1\n")).unwrap_err();
+        let (_, expected) = err
+            .split_once("expected one of ")
+            .unwrap_or_else(|| panic!("{table}: {err}"));
+        // `a`, `b`, `c` (at `no-such-key = 1`)
+        let expected = expected.split(" (at ").next().unwrap_or(expected);
+        let keys: Vec<&str> = expected
+            .split(", ")
+            .map(|k| k.trim().trim_matches('`'))
+            .collect();
+        assert!(keys.len() > 1, "{table}: {err}");
+        for key in keys {
+            assert!(
+                documented(key),
+                "{key} ({table}) is not in examples/amb.toml"
+            );
+        }
+    }
+}

@@ -59,6 +59,24 @@ pub struct DirectClient {
     settings: DirectSettings,
 }
 
+/// `amb check --connect` for client-only mode: one real connection to the service, TLS
+/// handshake included, dialed as app connections are. `Err` says why none was made.
+pub async fn probe_service(settings: &DirectSettings) -> Result<(), String> {
+    let route = RouteName::default_route();
+    let resolver = Resolver::new(settings.dns_server, Default::default());
+    let service = UpstreamSet::on_side(
+        Side::Client,
+        &route,
+        &settings.service,
+        &resolver,
+        &settings.metrics,
+    );
+    match service.dial(settings.connect_timeout, None).await {
+        Ok(_) => Ok(()),
+        Err(failure) => Err(format!("{}: {}", failure.refusal, failure.detail)),
+    }
+}
+
 /// A listener's way to the service.
 struct Direct {
     route: RouteName,

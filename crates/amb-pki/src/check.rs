@@ -114,7 +114,12 @@ pub fn check_files(files: &TlsFiles, role: LeafRole, names: &[String]) -> Vec<Fi
                         if let Err(e) =
                             v.verify_server_cert(leaf, intermediates, &server_name, &[], now)
                         {
-                            findings.push(fails(e));
+                            findings.push(error(format!(
+                                "{} does not verify against {} as the server certificate \
+                                 for {name}: {e}",
+                                files.cert.display(),
+                                files.ca.display(),
+                            )));
                         }
                     }
                 }

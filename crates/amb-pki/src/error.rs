@@ -37,7 +37,10 @@ pub enum PkiError {
         mode: u32,
     },
     /// A private key file can be read by group or others.
-    #[error("{path}: private key is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "{path}: private key is readable by group or others (mode {mode:o}); run `chmod 600 {path}` \
+         (a key read through its group must be owned by root, mode 640 or 440)"
+    )]
     KeyPermissions {
         /// The key file.
         path: PathBuf,

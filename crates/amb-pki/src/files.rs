@@ -45,6 +45,23 @@ fn open_to_others(path: &Path) -> Result<Option<u32>, PkiError> {
     Ok((mode & 0o077 != 0).then_some(mode))
 }
 
+/// Whether a private key with these permission bits and owner may be used by a process
+/// running as `euid`: only its owner may read it, or, as PostgreSQL allows, it is owned by
+/// root and only read through its group by a process that is not root (a Kubernetes Secret
+/// mounted with `defaultMode: 0440` and the pod's `fsGroup`).
+fn key_mode_allowed(mode: u32, owner: u32, euid: u32) -> bool {
+    mode & 0o077 == 0 || (owner == 0 && euid != 0 && mode & 0o037 == 0)
+}
+
+/// The permission bits of a key that this process must not use; `None` if it may.
+fn key_open_to_others(path: &Path) -> Result<Option<u32>, PkiError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| PkiError::io(path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let euid = rustix::process::geteuid().as_raw();
+    Ok((!key_mode_allowed(mode, meta.uid(), euid)).then_some(mode))
+}
+
 /// Reads a secret (a password) from its file, refusing a file that group or others can
 /// access, as private keys are; one trailing newline is not part of it.
 pub fn read_secret(path: &Path) -> Result<String, PkiError> {
@@ -63,9 +80,10 @@ pub fn read_secret(path: &Path) -> Result<String, PkiError> {
     Ok(secret.strip_suffix('\r').unwrap_or(secret).to_owned())
 }
 
-/// Reads a private key, refusing a file that group or others can access.
+/// Reads a private key, refusing a file that group or others can access (but see
+/// [`key_mode_allowed`]).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    if let Some(mode) = open_to_others(path)? {
+    if let Some(mode) = key_open_to_others(path)? {
         return Err(PkiError::KeyPermissions {
             path: path.to_owned(),
             mode,
@@ -128,5 +146,19 @@ mod tests {
             Err(PkiError::Exists { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_root_owned_key_may_be_read_through_its_group_by_a_process_not_root() {
+        assert!(key_mode_allowed(0o600, 1000, 1000));
+        assert!(key_mode_allowed(0o400, 0, 0));
+        // Kubernetes: a Secret owned by root, group fsGroup, mode 0440, read by uid 10001.
+        assert!(key_mode_allowed(0o440, 0, 10001));
+        assert!(key_mode_allowed(0o640, 0, 10001));
+        // Root itself never needs the group's permission; others never get one.
+        assert!(!key_mode_allowed(0o640, 0, 0));
+        assert!(!key_mode_allowed(0o644, 0, 10001));
+        assert!(!key_mode_allowed(0o660, 0, 10001));
+        assert!(!key_mode_allowed(0o640, 1000, 1000));
     }
 }
