@@ -99,7 +99,7 @@ async fn apps_reach_a_password_protected_redis_without_a_password(t: Transport) 
         .wait_for(&["stream refused", "upstream auth refused", "WRONGPASS"]);
     client
         .log
-        .wait_for(&["refused by server: upstream refused the connection"]);
+        .wait_for(&["refused by server: upstream auth refused"]);
     assert_eq!(
         redis_cli(
             redis.port,

@@ -367,8 +367,8 @@ impl UpstreamSet {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if let Err(why) = authenticate(&mut stream, auth, left).await {
                             return Err(DialFailure {
-                                reason: Some("upstream_auth"),
-                                refusal: Refusal::UpstreamRefused,
+                                reason: None,
+                                refusal: Refusal::UpstreamAuth,
                                 detail: format!(
                                     "{}: upstream auth refused: {why}",
                                     member.upstream

@@ -1,7 +1,7 @@
 //! What a server answers a stream open with, and the codes that reset a stream later.
 //!
 //! The same meanings travel as one status byte over QUIC, and over HTTP/2 as an HTTP status
-//! with that byte in an [`REFUSAL_HEADER`] (two refusals share 503).
+//! with that byte in an [`REFUSAL_HEADER`] (two refusals share 502, two 503).
 
 use std::fmt;
 
@@ -22,6 +22,8 @@ pub enum Refusal {
     Unavailable,
     /// Every upstream of the route is down (marked so by failed dials or health checks).
     NoHealthyUpstream,
+    /// The upstream refused the credentials the route sends for the app (Redis `AUTH`).
+    UpstreamAuth,
 }
 
 impl Refusal {
@@ -34,7 +36,7 @@ impl Refusal {
     }
 
     /// Every refusal, for exhaustive tests and tables.
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 8] = [
         Refusal::BadRequest,
         Refusal::Forbidden,
         Refusal::UnknownRoute,
@@ -42,6 +44,7 @@ impl Refusal {
         Refusal::UpstreamTimeout,
         Refusal::Unavailable,
         Refusal::NoHealthyUpstream,
+        Refusal::UpstreamAuth,
     ];
 
     /// Its name in metrics and access logs.
@@ -54,6 +57,7 @@ impl Refusal {
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::Unavailable => "unavailable",
             Refusal::NoHealthyUpstream => "no_healthy_upstream",
+            Refusal::UpstreamAuth => "upstream_auth",
         }
     }
 
@@ -63,7 +67,7 @@ impl Refusal {
             Refusal::BadRequest => 400,
             Refusal::Forbidden => 403,
             Refusal::UnknownRoute => 404,
-            Refusal::UpstreamRefused => 502,
+            Refusal::UpstreamRefused | Refusal::UpstreamAuth => 502,
             Refusal::Unavailable | Refusal::NoHealthyUpstream => 503,
             Refusal::UpstreamTimeout => 504,
         }
@@ -104,6 +108,7 @@ impl Refusal {
             Refusal::UpstreamTimeout => 5,
             Refusal::Unavailable => 6,
             Refusal::NoHealthyUpstream => 7,
+            Refusal::UpstreamAuth => 8,
         }
     }
 
@@ -118,6 +123,7 @@ impl Refusal {
             5 => Err(Refusal::UpstreamTimeout),
             6 => Err(Refusal::Unavailable),
             7 => Err(Refusal::NoHealthyUpstream),
+            8 => Err(Refusal::UpstreamAuth),
             _ => Err(Refusal::BadRequest),
         }
     }
@@ -133,6 +139,7 @@ impl fmt::Display for Refusal {
             Refusal::UpstreamTimeout => "upstream connect timed out",
             Refusal::Unavailable => "server at capacity or shutting down",
             Refusal::NoHealthyUpstream => "no healthy upstream",
+            Refusal::UpstreamAuth => "upstream auth refused",
         })
     }
 }
@@ -185,12 +192,12 @@ mod tests {
                 Refusal::from_http(r.http_status(), Some(header.as_bytes())),
                 Some(r)
             );
-            assert_eq!(
-                Refusal::from_http_status(r.http_status()),
-                Some(r)
-                    .filter(|r| *r != Refusal::NoHealthyUpstream)
-                    .or(Some(Refusal::Unavailable))
-            );
+            let by_status = match r {
+                Refusal::NoHealthyUpstream => Refusal::Unavailable,
+                Refusal::UpstreamAuth => Refusal::UpstreamRefused,
+                r => r,
+            };
+            assert_eq!(Refusal::from_http_status(r.http_status()), Some(by_status));
         }
         // A header that contradicts the status, or is garbage, is ignored.
         assert_eq!(
@@ -212,7 +219,7 @@ mod tests {
             assert_eq!(Refusal::from_status_byte(r.status_byte()), Err(r));
         }
         assert_eq!(Refusal::from_status_byte(STATUS_OPEN), Ok(()));
-        for b in 8..=255u8 {
+        for b in 9..=255u8 {
             assert_eq!(Refusal::from_status_byte(b), Err(Refusal::BadRequest));
         }
     }
