@@ -1,7 +1,7 @@
 //! Keeping a running process on its files: each SIGHUP reloads the certificates and, with a
 //! config file, a server's routes and allow-lists or a client's listeners; a check every
-//! `--reload-check` reloads them when the config file changed (the engine watches the
-//! certificate files itself). A file that does not load or validate changes nothing: one error
+//! `--reload-check` reloads them when the config file, or a file its routes read (a password
+//! file, upstream TLS files), changed (the engine watches the certificate files itself). A file that does not load or validate changes nothing: one error
 //! line, and the running configuration stays.
 
 use std::future::Future;
@@ -95,6 +95,34 @@ fn stamp(path: &std::path::Path) -> Stamp {
     Some((meta.mtime(), meta.mtime_nsec(), meta.len(), meta.ino()))
 }
 
+/// The stamps of a config file and of the files its routes read (password files, upstream
+/// TLS files), so a rotated secret is followed as an edit of the file is.
+#[derive(PartialEq)]
+struct Stamps {
+    files: Vec<PathBuf>,
+    stamps: Vec<Stamp>,
+}
+
+impl Stamps {
+    /// Stamps `config` and the files it names now (none, if it does not load).
+    fn take(config: &std::path::Path) -> Self {
+        let mut files = vec![config.to_owned()];
+        files.extend(
+            amb_config::ConfigFile::load(config).map_or_else(|_| Vec::new(), |f| f.route_files()),
+        );
+        let stamps = files.iter().map(|f| stamp(f)).collect();
+        Stamps { files, stamps }
+    }
+
+    /// Whether any of the same files changed since these stamps.
+    fn changed(&self) -> bool {
+        self.files
+            .iter()
+            .zip(&self.stamps)
+            .any(|(f, s)| stamp(f) != *s)
+    }
+}
+
 impl Reconfigure {
     /// Applies the file, or says why not.
     async fn apply(&self, why: &str) {
@@ -131,7 +159,7 @@ pub fn keep_current(reload: Reload, config: Option<Reconfigure>, check_every: Op
             checks
         });
     // Stamped before each read, so a change made while it is read is seen at the next check.
-    let mut loaded = config.as_ref().map(|c| stamp(&c.path));
+    let mut loaded = config.as_ref().map(|c| Stamps::take(&c.path));
     tokio::spawn(async move {
         loop {
             let why = tokio::select! {
@@ -140,8 +168,7 @@ pub fn keep_current(reload: Reload, config: Option<Reconfigure>, check_every: Op
                     "SIGHUP"
                 }
                 Some(()) = next_check(&mut checks) => {
-                    let now = config.as_ref().map(|c| stamp(&c.path));
-                    if now == loaded {
+                    if !loaded.as_ref().is_some_and(Stamps::changed) {
                         continue;
                     }
                     "config file changed"
@@ -149,7 +176,7 @@ pub fn keep_current(reload: Reload, config: Option<Reconfigure>, check_every: Op
                 else => return,
             };
             if let Some(config) = &config {
-                loaded = Some(stamp(&config.path));
+                loaded = Some(Stamps::take(&config.path));
                 config.apply(why).await;
             }
         }

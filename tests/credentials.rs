@@ -8,10 +8,15 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use support::*;
 
-per_transport!(apps_reach_a_password_protected_redis_without_a_password,);
+per_transport!(
+    apps_reach_a_password_protected_redis_without_a_password,
+    a_rotated_password_file_applies_to_new_connections_without_a_signal,
+);
 
 const PASSWORD: &str = "requirepass-Secret-7f3a";
 const APP_PASSWORD: &str = "acl-Secret-91c2";
@@ -131,4 +136,94 @@ async fn apps_reach_a_password_protected_redis_without_a_password(t: Transport) 
         stderr.contains("readable by group or others") && stderr.contains("open-password"),
         "{stderr}"
     );
+}
+
+/// A password rotated in its file alone (the config file untouched, no SIGHUP) applies to new
+/// connections once the server's check finds the file changed. The ACL user has the old and
+/// the new password while the file is rotated, as a rotation runs: a loop of fresh connections
+/// through it sees no failure, not even while the route is rebuilt (its `redis-master` check
+/// starts from what the old route knew). Then the old password is taken away at Redis, and a
+/// fresh connection still answers: the server uses the new one.
+async fn a_rotated_password_file_applies_to_new_connections_without_a_signal(t: Transport) {
+    const OLD: &str = "old-Secret-5b1e";
+    const NEW: &str = "new-Secret-c83a";
+    let (old_pass, new_pass) = (format!(">{OLD}"), format!(">{NEW}"));
+    let redis = Redis::start_with(&[
+        "--user", "app", "on", &old_pass, &new_pass, "~*", "&*", "+@all",
+    ]);
+    let pki = Pki::new();
+    let file = secret_file(&pki, "redis-password", OLD, 0o600);
+    let config = pki.path("amb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\
+             reload-check = \"100ms\"\n\n[[server.route]]\nname = \"redis\"\n\
+             upstream = \"127.0.0.1:{}\"\nhealth-check = \"redis-master\"\nhealth-interval = \"1s\"\n\
+             redis-auth = {{ user = \"app\", password-file = \"{file}\" }}\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+            pki.path("ca.pem").display(),
+            redis.port,
+        ),
+    )
+    .unwrap();
+    let server = Amb::spawn_env(&["server", "--config", config.to_str().unwrap()], &[]);
+    let client = Amb::client(
+        &pki,
+        "client",
+        server.server_addr(),
+        t,
+        &["--listen", "0=redis"],
+    );
+    client.wait_tunnel_up();
+    let listen = client.listen_addr_for("redis");
+    server.log.wait_for(&["upstream health: unchecked → up"]);
+    assert_eq!(resp_call(listen, &["PING"]).await.unwrap(), "+PONG\r\n");
+
+    let (stop, tries, failures) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let fresh_connections = tokio::spawn({
+        let (stop, tries, failures) = (stop.clone(), tries.clone(), failures.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let answer = resp_call(listen, &["PING"]).await;
+                tries.fetch_add(1, Ordering::Relaxed);
+                if answer.as_deref().ok() != Some("+PONG\r\n") {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+
+    // The rotation: a new file moved over the old one, as secret stores write them.
+    let staged = secret_file(&pki, "redis-password.new", NEW, 0o600);
+    std::fs::rename(&staged, &file).unwrap();
+    server.log.wait_for(&["config file reloaded", "changes=1"]);
+    let after_reload = tries.load(Ordering::Relaxed);
+    while tries.load(Ordering::Relaxed) < after_reload + 20 {
+        tokio::task::yield_now().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    fresh_connections.await.unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "fresh connections failed during the rotation ({} tried)",
+        tries.load(Ordering::Relaxed)
+    );
+
+    // The old password taken away at Redis: the server sends the new one.
+    let removed = redis_cli(redis.port, &["ACL", "SETUSER", "app", &format!("<{OLD}")]);
+    assert_eq!(removed.as_deref(), Some("OK"));
+    assert_eq!(resp_call(listen, &["PING"]).await.unwrap(), "+PONG\r\n");
+    for secret in [OLD, NEW] {
+        assert!(
+            !server.log.text().contains(secret),
+            "the server logged a secret"
+        );
+    }
 }

@@ -285,6 +285,25 @@ pub enum ConfigError {
 }
 
 impl ConfigFile {
+    /// The files a reload of this file reads again for its routes, beside the file itself:
+    /// each route's password file and upstream TLS files. A change to one of them is a
+    /// change of the configuration (a rotated secret applies to new connections).
+    pub fn route_files(&self) -> Vec<PathBuf> {
+        let routes = self.server.iter().flat_map(|s| &s.routes);
+        let mut files = Vec::new();
+        for route in routes {
+            let auth = route.redis_auth.as_ref().map(|a| a.get_ref());
+            files.extend(auth.and_then(|a| a.password_file.clone()));
+            if let Some(tls) = route.upstream_tls.as_ref().map(|t| t.get_ref()) {
+                files.push(tls.ca.clone());
+                files.extend(tls.cert.iter().chain(&tls.key).cloned());
+            }
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// Reads, parses and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

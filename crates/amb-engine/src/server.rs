@@ -488,7 +488,13 @@ impl Routes {
             // Unchanged upstreams keep their runtime object: lookups, health, open counts.
             match running.upstream(route) {
                 Some(up) if up.spec() == spec => up.clone(),
-                _ => UpstreamSet::new(route, spec, &ctx.resolver, &ctx.metrics),
+                running_set => {
+                    let set = UpstreamSet::new(route, spec, &ctx.resolver, &ctx.metrics);
+                    if let Some(previous) = running_set {
+                        set.carry_health_from(previous);
+                    }
+                    set
+                }
             }
         });
         for (route, change) in &changes {

@@ -261,6 +261,32 @@ impl UpstreamSet {
         set
     }
 
+    /// Takes over what `previous` (the set this one replaces in a reload) knew of members
+    /// both list: passive health, and what the last active check found when both check the
+    /// same way. So a changed route (a rotated password, a member added) does not start with
+    /// every member unchecked: a `redis-master` route is not left without a master, nor a
+    /// member known down tried again, until the first check answers.
+    pub fn carry_health_from(&self, previous: &UpstreamSet) {
+        let same_check =
+            self.0.spec.health.map(|c| c.kind) == previous.0.spec.health.map(|c| c.kind);
+        let before = previous.0.members.load();
+        for member in self.0.members.load().iter() {
+            let spec = member.upstream.spec();
+            let Some(old) = before.iter().find(|old| old.upstream.spec() == spec) else {
+                continue;
+            };
+            *member.health() = *old.health();
+            if same_check {
+                // Unless this set's own first check has answered already.
+                let checked = old.checked.load(Ordering::Relaxed);
+                let (unknown, relaxed) = (CHECK_UNKNOWN, Ordering::Relaxed);
+                let _ = member
+                    .checked
+                    .compare_exchange(unknown, checked, relaxed, relaxed);
+            }
+        }
+    }
+
     /// What it was built from.
     pub fn spec(&self) -> &UpstreamSetSpec {
         &self.0.spec
