@@ -141,7 +141,7 @@ struct CheckArgs {
     config: Option<PathBuf>,
     /// Also dial each configured peer once (a real handshake, reporting what the peer
     /// presented) and each route's upstream.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "AMB_CHECK_CONNECT")]
     connect: bool,
     #[command(subcommand)]
     part: Option<CheckPart>,
@@ -723,18 +723,10 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Server(server) => {
             let part = matches.subcommand_matches("server").cloned();
             let settings = server_settings(*server.clone(), &Given(part.as_ref()))?;
-            let config = server
-                .config
-                .clone()
-                .map(|path| -> (PathBuf, RouteBuilder) {
-                    let build = move || {
-                        Ok(server_part(server_settings(
-                            *server.clone(),
-                            &Given(part.as_ref()),
-                        )?))
-                    };
-                    (path, Box::new(build))
-                });
+            let config = server.config.clone().map(|path| {
+                let build = move || server_settings(*server.clone(), &Given(part.as_ref()));
+                (path, server_reload(&settings, build))
+            });
             runtime(args.threads)?.block_on(run_server(settings, config))
         }
         Command::Client(client)
@@ -750,16 +742,10 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Client(client) => {
             let part = matches.subcommand_matches("client").cloned();
             let settings = client_settings(*client.clone(), &Given(part.as_ref()))?;
-            let config = client
-                .config
-                .clone()
-                .map(|path| -> (PathBuf, ListenerBuilder) {
-                    let build = move || {
-                        let settings = client_settings(*client.clone(), &Given(part.as_ref()))?;
-                        Ok(listeners_part(settings))
-                    };
-                    (path, Box::new(build))
-                });
+            let config = client.config.clone().map(|path| {
+                let build = move || client_settings(*client.clone(), &Given(part.as_ref()));
+                (path, client_reload(&settings, build))
+            });
             runtime(args.threads)?.block_on(run_client(settings, config))
         }
         Command::Check(check_args) => check(check_args, matches),
@@ -798,33 +784,27 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
             if server.is_none() && client.is_none() && direct.is_none() {
                 bail!("{path}: neither a [server] nor a [client] part: nothing to run");
             }
-            let server_build = {
+            let server_build = server.as_ref().map(|running| {
                 let path = path.clone();
-                move || -> anyhow::Result<_> {
-                    Ok(server_part(server_settings(
-                        part_args("server", &path)?,
-                        &Given(None),
-                    )?))
-                }
-            };
-            let client_build = move || -> anyhow::Result<_> {
-                let settings = client_settings(part_args("client", &path)?, &Given(None))?;
-                Ok(listeners_part(settings))
-            };
+                let build = move || server_settings(part_args("server", &path)?, &Given(None));
+                server_reload(running, build)
+            });
+            let client_build = client.as_ref().map(|running| {
+                let build = move || client_settings(part_args("client", &path)?, &Given(None));
+                client_reload(running, build)
+            });
             runtime(args.threads)?.block_on(async {
                 let server = async {
-                    match server {
-                        Some(settings) => {
-                            let build: RouteBuilder = Box::new(server_build);
+                    match server.zip(server_build) {
+                        Some((settings, build)) => {
                             run_server(settings, Some((config.clone(), build))).await
                         }
                         None => Ok(()),
                     }
                 };
                 let client = async {
-                    match client {
-                        Some(settings) => {
-                            let build: ListenerBuilder = Box::new(client_build);
+                    match client.zip(client_build) {
+                        Some((settings, build)) => {
                             run_client(settings, Some((config.clone(), build))).await
                         }
                         None => Ok(()),
@@ -1117,9 +1097,14 @@ async fn connect(part: &PartSettings) -> anyhow::Result<Vec<Finding>> {
 }
 
 /// The arguments of `amb SUBCOMMAND --config FILE` with nothing else given, for `amb run`: the
-/// file's values win (no flag was given), the flags' defaults fill in the rest.
+/// file's values win, the flags' defaults fill in the rest. `AMB_*` variables are not read:
+/// they name one part's settings (`AMB_LISTEN` is a server's ADDR:PORT and a client's PORT),
+/// and the file describes both.
 fn part_args<T: FromArgMatches>(subcommand: &str, config: &str) -> anyhow::Result<T> {
-    let matches = Args::command().try_get_matches_from(["amb", subcommand, "--config", config])?;
+    let command = Args::command().mut_subcommand(subcommand, |part| {
+        part.mut_args(|arg| arg.env(None::<&str>))
+    });
+    let matches = command.try_get_matches_from(["amb", subcommand, "--config", config])?;
     let part = matches
         .subcommand_matches(subcommand)
         .with_context(|| format!("amb {subcommand}: no arguments"))?;
@@ -1427,6 +1412,110 @@ type ListenerBuilder = Box<dyn Fn() -> anyhow::Result<reconfigure::ListenersPart
 fn listeners_part(settings: ClientSettings) -> reconfigure::ListenersPart {
     let allow = settings.accept.map(|accept| accept.allow);
     (settings.listens, settings.peers, allow)
+}
+
+/// A reloaded setting's key and its value, as compared between loads.
+type Setting = (&'static str, String);
+
+/// The keys shared by both parts that a reload does not apply: they take effect at a restart.
+fn restart_only_common(
+    tls: &TlsFiles,
+    limits: &Limits,
+    (max_connections, reload_check): (usize, Option<Duration>),
+    (dns_server, metrics_listen, access_log): (Option<SocketAddr>, Option<SocketAddr>, bool),
+) -> Vec<Setting> {
+    vec![
+        ("cert", format!("{:?}", tls.cert)),
+        ("key", format!("{:?}", tls.key)),
+        ("ca", format!("{:?}", tls.ca)),
+        ("max-streams", limits.max_streams_per_connection.to_string()),
+        (
+            "handshake-timeout",
+            format!("{:?}", limits.handshake_timeout),
+        ),
+        ("idle-timeout", format!("{:?}", limits.idle_timeout)),
+        ("drain-timeout", format!("{:?}", limits.drain_timeout)),
+        ("max-connections", max_connections.to_string()),
+        ("reload-check", format!("{reload_check:?}")),
+        ("dns-server", format!("{dns_server:?}")),
+        ("metrics", format!("{metrics_listen:?}")),
+        ("access-log", access_log.to_string()),
+    ]
+}
+
+/// A server's settings that a reload does not apply.
+fn restart_only_server(s: &ServerSettings) -> Vec<Setting> {
+    let mut settings = vec![
+        ("listen", format!("{:?}", s.listen)),
+        ("transport", format!("{:?}", s.transports)),
+        ("connect-timeout", format!("{:?}", s.connect_timeout)),
+        ("register", format!("{:?}", s.register)),
+        ("tls-route", s.tls_route.to_string()),
+    ];
+    let (limits, counts) = (&s.limits, (s.max_connections, s.reload_check));
+    let observe = (s.dns_server, s.metrics_listen, s.access_log);
+    settings.extend(restart_only_common(&s.tls, limits, counts, observe));
+    settings
+}
+
+/// A client's settings that a reload does not apply.
+fn restart_only_client(c: &ClientSettings) -> Vec<Setting> {
+    let mut settings = vec![
+        ("peer-balance", format!("{:?}", c.peer_balance)),
+        ("server-name", format!("{:?}", c.server_name)),
+        ("transport", format!("{:?}", c.transport)),
+        ("connections", c.connections.to_string()),
+        ("tunnel-wait", format!("{:?}", c.tunnel_wait)),
+        ("accept", format!("{:?}", c.accept.as_ref().map(|a| a.addr))),
+    ];
+    let (limits, counts) = (&c.limits, (c.max_connections, c.reload_check));
+    let observe = (c.dns_server, c.metrics_listen, c.access_log);
+    settings.extend(restart_only_common(&c.tls, limits, counts, observe));
+    settings
+}
+
+/// Warns, once per reload, of the keys the reloaded file changed that only a restart applies
+/// (the running process keeps its values for them).
+fn warn_restart_only(part: &str, running: &[Setting], reloaded: &[Setting]) {
+    let changed: Vec<&str> = (running.iter().zip(reloaded))
+        .filter(|(old, new)| old != new)
+        .map(|(old, _)| old.0)
+        .collect();
+    if !changed.is_empty() {
+        let keys = changed.join(", ");
+        tracing::warn!(
+            part,
+            keys,
+            "changed in the config file; a reload does not apply them, a restart does"
+        );
+    }
+}
+
+/// A server's routes and peers built again from its file, warning of what only a restart
+/// applies.
+fn server_reload(
+    running: &ServerSettings,
+    build: impl Fn() -> anyhow::Result<ServerSettings> + Send + Sync + 'static,
+) -> RouteBuilder {
+    let running = restart_only_server(running);
+    Box::new(move || {
+        let settings = build()?;
+        warn_restart_only("server", &running, &restart_only_server(&settings));
+        Ok(server_part(settings))
+    })
+}
+
+/// A client's listeners built again from its file, warning of what only a restart applies.
+fn client_reload(
+    running: &ClientSettings,
+    build: impl Fn() -> anyhow::Result<ClientSettings> + Send + Sync + 'static,
+) -> ListenerBuilder {
+    let running = restart_only_client(running);
+    Box::new(move || {
+        let settings = build()?;
+        warn_restart_only("client", &running, &restart_only_client(&settings));
+        Ok(listeners_part(settings))
+    })
 }
 
 /// Runs a server; with `config` (its file, and how to build routes from it) the routes follow

@@ -197,7 +197,12 @@ async fn amb_run_serves_both_parts_of_one_file_in_one_process() {
     );
     std::fs::write(pki.path("both.toml"), config).unwrap();
     let path = pki.path("both.toml").display().to_string();
-    let both = Amb::spawn(&["run".into(), "--config".into(), path]);
+    // The file describes both parts: AMB_* variables, each naming one part's setting (a
+    // server's ADDR:PORT, a client's PORT), are not read by `amb run`.
+    let both = Amb::spawn_env(
+        &["run", "--config", &path],
+        &[("AMB_LISTEN", "1"), ("AMB_TRANSPORT", "quic")],
+    );
     both.log.wait_for(&["amb server listening"]);
     assert!(echo_works(both.listen_addr_for("echo")).await);
     assert_eq!(upstream.accepted(), 1);
@@ -398,6 +403,8 @@ async fn a_sighup_swaps_in_the_routes_of_the_rewritten_file(t: Transport) {
         "server".into(),
         "--config".into(),
         path.display().to_string(),
+        "--drain-timeout".into(),
+        "2s".into(),
     ]);
     let listens = ["--listen", "0=one", "--listen", "0=two"];
     let client = Amb::client(&pki, "client", server.server_addr(), t, &listens);
@@ -410,6 +417,7 @@ async fn a_sighup_swaps_in_the_routes_of_the_rewritten_file(t: Transport) {
 
     // Route two added, route one removed: new streams follow the file at once.
     std::fs::write(&path, server_part(&pki) + &route("two", &second)).unwrap();
+    let removed_at = Instant::now();
     server.signal("HUP");
     server
         .log
@@ -423,7 +431,27 @@ async fn a_sighup_swaps_in_the_routes_of_the_rewritten_file(t: Transport) {
     server.signal("HUP");
     server.log.wait_for(&["config file not reloaded"]);
     assert!(echo_works(two).await, "still served after a broken file");
-    assert_eq!((first.accepted(), second.accepted()), (1, 2));
+
+    // A setting only a restart applies: the reload says so, naming it, and changes nothing.
+    let limited = server_part(&pki) + "max-streams = 100\n" + &route("two", &second);
+    std::fs::write(&path, limited).unwrap();
+    server.signal("HUP");
+    server
+        .log
+        .wait_for(&["WARN", "keys=\"max-streams\"", "restart"]);
+    assert!(
+        echo_works(two).await,
+        "still served after a restart-only change"
+    );
+    assert_eq!((first.accepted(), second.accepted()), (1, 3));
+
+    // The removed route's stream had --drain-timeout (2 s) to finish, and is then reset.
+    assert_reset(&mut live).await;
+    let lived = removed_at.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1900) && lived < Duration::from_secs(8),
+        "cut {lived:?} after the route was removed"
+    );
 }
 
 /// Writes `bytes` on `tcp` and expects them echoed.
