@@ -18,6 +18,7 @@ per_transport!(
     failover_keeps_to_the_first_upstream_up_and_returns_to_it,
     every_upstream_down_is_refused_at_once_as_no_healthy_upstream,
     redis_master_checks_follow_a_promotion,
+    round_robin_takes_turns_by_weight,
 );
 
 /// A loop of fresh app connections in the background, counting those that failed.
@@ -202,4 +203,23 @@ async fn redis_master_checks_follow_a_promotion(t: Transport) {
         assert!(incr(listen).await, "a write reached the demoted primary");
     }
     assert_eq!(hits(&replica), before + 10, "every write on the new master");
+}
+
+/// `round-robin` takes the upstreams in turn, each as many times as its weight says: over
+/// weights 1 and 3, forty connections one after another land exactly 10 and 30.
+async fn round_robin_takes_turns_by_weight(t: Transport) {
+    let (a, b) = (Redis::start(), Redis::start());
+    let pki = Pki::new();
+    let list = format!(
+        "127.0.0.1:{} weight=1,127.0.0.1:{} weight=3",
+        a.port, b.port
+    );
+    let server = Amb::server(&pki, 0, &["--upstream", &list, "--balance", "round-robin"]);
+    let client = Amb::client(&pki, "client", server.server_addr(), t, &[]);
+    client.wait_tunnel_up();
+    let listen = client.listen_addr();
+    for _ in 0..40 {
+        assert!(incr(listen).await);
+    }
+    assert_eq!((hits(&a), hits(&b)), (10, 30));
 }

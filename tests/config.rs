@@ -21,6 +21,7 @@ per_transport!(
     reload_under_load_leaves_unchanged_routes_alone_and_cuts_what_was_revoked,
     a_client_follows_its_file_as_listeners_come_go_and_change,
     amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered,
+    a_client_dropped_from_the_server_wide_list_is_drained_then_cut,
 );
 
 /// `[server]` with explicit certificate paths, listening on a free loopback port.
@@ -840,4 +841,62 @@ async fn amb_check_connect_dials_each_peer_and_upstream_and_says_what_answered(t
     yield_until("the upstream's accept", || up.accepted() >= 1).await;
     let dials = until_still(Duration::from_millis(50), || up.accepted()).await;
     assert_eq!(dials, 1, "the upstream was dialed once");
+}
+
+/// A client the reloaded server-wide `allow` no longer names keeps its live stream for
+/// --drain-timeout, then loses it and its tunnel: new app connections are refused. The client
+/// still named is untouched.
+async fn a_client_dropped_from_the_server_wide_list_is_drained_then_cut(t: Transport) {
+    let pki = Pki::new();
+    for name in ["web", "worker"] {
+        pki.write_leaf(name, &pki.ca.issue(&LeafSpec::client(name, 30)).unwrap());
+    }
+    let up = Upstream::echo().await;
+    let config = |allowed: &str| {
+        server_part(&pki)
+            + &format!(
+                "drain-timeout = \"2s\"\nallow = [{allowed}]\n\n\
+                 [[server.route]]\nname = \"echo\"\nupstream = \"{}\"\n",
+                up.addr
+            )
+    };
+    let path = pki.path("amb.toml");
+    let both = "\"uri:spiffe://amb/web\", \"uri:spiffe://amb/worker\"";
+    replace_file(&path, &config(both));
+    let server = Amb::spawn(&[
+        "server".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ]);
+    let addr = server.server_addr();
+    let listen = ["--listen", "0=echo", "--tunnel-wait", "1s"];
+    let (web, worker) = (
+        Amb::client(&pki, "web", addr, t, &listen),
+        Amb::client(&pki, "worker", addr, t, &listen),
+    );
+    web.wait_tunnel_up();
+    worker.wait_tunnel_up();
+    let connect = |amb: &Amb| tokio::net::TcpStream::connect(amb.listen_addr_for("echo"));
+    let (mut live_web, mut live_worker) = (
+        connect(&web).await.unwrap(),
+        connect(&worker).await.unwrap(),
+    );
+    echo_on(&mut live_web, b"before").await;
+    echo_on(&mut live_worker, b"before").await;
+
+    replace_file(&path, &config("\"uri:spiffe://amb/web\""));
+    let revoked_at = Instant::now();
+    server.signal("HUP");
+    server.log.wait_for(&["config file reloaded", "changes=1"]);
+    echo_on(&mut live_worker, b"grace").await;
+
+    assert_reset(&mut live_worker).await;
+    let lived = revoked_at.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1900) && lived < Duration::from_secs(8),
+        "cut {lived:?} after the revocation"
+    );
+    assert_reset_after_write(worker.listen_addr_for("echo"), b"hi").await;
+    echo_on(&mut live_web, b"still here").await;
+    assert!(echo_works(web.listen_addr_for("echo")).await);
 }
