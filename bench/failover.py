@@ -6,8 +6,7 @@ succeeds elsewhere, and how many fresh connections failed meanwhile.
 Upstream: one route over two redis-servers (least-conn); a loop of fresh connections (each
 `INCR hits` on a new TCP connection through the pair) runs while one redis is killed
 (SIGKILL). Peer: two amb servers, each before its own redis, and a client with both as peers;
-one server is killed (SIGKILL; over QUIC, SIGTERM: a QUIC crash is seen only at the idle
-timeout). For each round: connections made, failed, the longest a connection took from the
+one server is killed (SIGKILL; `--peer-signal term` shuts it down instead). For each round: connections made, failed, the longest a connection took from the
 kill on, and the time from the kill to the first success after it. Writes
 bench/results/failover/*.json.
 """
@@ -103,6 +102,8 @@ def main() -> int:
     ap.add_argument("--amb", default="target/release/amb")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--transport", choices=["tls", "quic"], default="tls")
+    ap.add_argument("--peer-signal", choices=["kill", "term"], default="kill",
+                    help="how the peer is taken away: a crash (SIGKILL) or a shutdown (SIGTERM)")
     args = ap.parse_args()
     amb = str(Path(args.amb).resolve())
     tools, _ = run.find_tools(install=True)
@@ -126,16 +127,17 @@ def main() -> int:
             (sa, porta), (sb, portb) = (amb_server(amb, certs, work, f"{run.HOST}:{pa}", args.transport),
                                         amb_server(amb, certs, work, f"{run.HOST}:{pb}", args.transport))
             client, listen = amb_client(amb, certs, work, [porta, portb], args.transport)
-            sig = signal.SIGKILL if args.transport == "tls" else signal.SIGTERM
+            sig = signal.SIGKILL if args.peer_signal == "kill" else signal.SIGTERM
             rows["peer"].append(measure(listen, sa, sig))
             for p in (client, sb, ra, rb):
                 run.stop(p)
             run.log(f"round {r + 1}: upstream {rows['upstream'][-1]}, peer {rows['peer'][-1]}")
     finally:
         run.stop_all()
-    (out / f"{args.transport}.json").write_text(json.dumps({
-        "transport": args.transport, **rows, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    print(f"\nfail-over, amb-{args.transport}, {args.rounds} rounds (medians; ranges)")
+    name = args.transport if args.peer_signal == "kill" else f"{args.transport}-term"
+    (out / f"{name}.json").write_text(json.dumps({
+        "transport": args.transport, "peer_signal": args.peer_signal, **rows, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    print(f"\nfail-over, amb-{args.transport}, peer {args.peer_signal}, {args.rounds} rounds (medians; ranges)")
     print("| killed | fresh connections | failed | kill → first success | longest connection after the kill |")
     print("|---|---:|---:|---:|---:|")
     for kind, rs in rows.items():

@@ -64,7 +64,7 @@ def ping_p99(b: run.Bench, port: int) -> float:
     return rows["PING_MBULK"]["p99_ms"] * 1000
 
 
-def reload_under_load(amb: str, many: Path, routes: int, rounds: int) -> dict:
+def reload_under_load(amb: str, many: Path, routes: int, rounds: int, pair: str) -> dict:
     tools, _ = run.find_tools(install=True)
     cfg = dict(run.FULL)
     args = argparse.Namespace(amb=amb, amb_client_arg=[],
@@ -74,7 +74,7 @@ def reload_under_load(amb: str, many: Path, routes: int, rounds: int) -> dict:
     result = {"quiet_p99_us": [], "reloading_p99_us": [], "reloads": []}
     try:
         b.setup()
-        inst = b.start("amb-tls", b.redis_port)
+        inst = b.start(pair, b.redis_port)
         server = inst.sides[1]
         log = Path(server.logfile)
         for r in range(rounds):
@@ -113,6 +113,8 @@ def main() -> int:
     ap.add_argument("--routes", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--skip-ab", action="store_true", help="only the reload under load")
+    ap.add_argument("--reload-transports", default="tls",
+                    help="the pairs the reload under load runs through: tls, quic or tls,quic")
     args = ap.parse_args()
     amb = str(Path(args.amb).resolve())
     out = HERE / "results" / "routes"
@@ -128,16 +130,18 @@ def main() -> int:
             for load in ("get", "newconn"):
                 print(ab(amb, one, many, transport, load, args.rounds, out / f"{transport}-{load}.json"))
                 print()
-    res = reload_under_load(amb, many, args.routes, args.rounds)
-    (out / "reload.json").write_text(json.dumps({"routes": args.routes, **res,
-                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    q, l = res["quiet_p99_us"], res["reloading_p99_us"]
-    print(f"\nPING -c 1 p99 through amb-tls, {args.routes} routes, {args.rounds} rounds")
-    print("| phase | median p99 µs | range | reloads per run (median) |")
-    print("|---|---:|---|---:|")
-    print(f"| quiet | {statistics.median(q):.0f} | {min(q):.0f}–{max(q):.0f} | – |")
-    print(f"| SIGHUP + rewrite every 200 ms | {statistics.median(l):.0f} | {min(l):.0f}–{max(l):.0f} "
-          f"| {statistics.median(res['reloads']):.0f} |")
+    for transport in args.reload_transports.split(","):
+        res = reload_under_load(amb, many, args.routes, args.rounds, f"amb-{transport}")
+        name = "reload.json" if transport == "tls" else f"reload-{transport}.json"
+        (out / name).write_text(json.dumps({"routes": args.routes, "transport": transport, **res,
+                                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        q, l = res["quiet_p99_us"], res["reloading_p99_us"]
+        print(f"\nPING -c 1 p99 through amb-{transport}, {args.routes} routes, {args.rounds} rounds")
+        print("| phase | median p99 µs | range | reloads per run (median) |")
+        print("|---|---:|---|---:|")
+        print(f"| quiet | {statistics.median(q):.0f} | {min(q):.0f}–{max(q):.0f} | – |")
+        print(f"| SIGHUP + rewrite every 200 ms | {statistics.median(l):.0f} | {min(l):.0f}–{max(l):.0f} "
+              f"| {statistics.median(res['reloads']):.0f} |")
     return 0
 
 

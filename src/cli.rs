@@ -735,9 +735,16 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                     .tls_upstream
                     .is_some() =>
         {
-            let part = matches.subcommand_matches("client");
-            let settings = direct_settings(*client, &Given(part))?;
-            runtime(args.threads)?.block_on(run_direct(settings))
+            let part = matches.subcommand_matches("client").cloned();
+            let settings = direct_settings(*client.clone(), &Given(part.as_ref()))?;
+            let config = client.config.clone().map(|path| {
+                let build = move || {
+                    direct_settings(*client.clone(), &Given(part.as_ref())).map(direct_part)
+                };
+                let build: DirectBuilder = Box::new(build);
+                (path, build)
+            });
+            runtime(args.threads)?.block_on(run_direct(settings, config))
         }
         Command::Client(client) => {
             let part = matches.subcommand_matches("client").cloned();
@@ -790,6 +797,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 server_reload(running, build)
             });
             let client_build = client.as_ref().map(|running| {
+                let path = path.clone();
                 let build = move || client_settings(part_args("client", &path)?, &Given(None));
                 client_reload(running, build)
             });
@@ -812,7 +820,14 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
                 };
                 let direct = async {
                     match direct {
-                        Some(settings) => run_direct(settings).await,
+                        Some(settings) => {
+                            let path = path.clone();
+                            let build: DirectBuilder = Box::new(move || {
+                                let args = part_args("client", &path)?;
+                                direct_settings(args, &Given(None)).map(direct_part)
+                            });
+                            run_direct(settings, Some((config.clone(), build))).await
+                        }
                         None => Ok(()),
                     }
                 };
@@ -1361,6 +1376,8 @@ fn direct_settings(args: ClientArgs, given: &Given<'_>) -> anyhow::Result<Direct
         metrics: process_metrics(),
         metrics_listen,
         access_log,
+        reload_check: Some(given.pick("reload_check", args.certs.reload_check, certs.reload_check))
+            .filter(|d| !d.is_zero()),
     })
 }
 
@@ -1667,10 +1684,27 @@ async fn run_client(
     Ok(())
 }
 
-/// Runs a client in client-only mode until SIGINT or SIGTERM.
-async fn run_direct(settings: DirectSettings) -> anyhow::Result<()> {
-    DirectClient::bind(settings)?.run(shutdown_signal()).await;
+/// Runs a client in client-only mode until SIGINT or SIGTERM; with `config`, its listeners
+/// and service follow the file.
+async fn run_direct(
+    settings: DirectSettings,
+    config: Option<(PathBuf, DirectBuilder)>,
+) -> anyhow::Result<()> {
+    let check_every = settings.reload_check;
+    let client = DirectClient::bind(settings)?;
+    let config =
+        config.map(|(path, build)| reconfigure::direct_listeners(path, build, client.listeners()));
+    keep_current(amb_engine::Reload::default(), config, check_every);
+    client.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// Builds a client-only process's listeners and service again from its config file.
+type DirectBuilder = Box<dyn Fn() -> anyhow::Result<reconfigure::DirectPart> + Send + Sync>;
+
+/// What a reload of a client-only file swaps in.
+fn direct_part(settings: DirectSettings) -> reconfigure::DirectPart {
+    (settings.listens, settings.service)
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

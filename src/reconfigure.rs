@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_engine::{Listeners, Reload, Routes};
+use amb_engine::{DirectListeners, Listeners, Reload, Routes};
 use amb_proto::{AllowList, RouteTable};
 use amb_spec::{ListenerSpec, PeerSpec, UpstreamSetSpec};
 use tokio::signal::unix::{signal, SignalKind};
@@ -81,6 +81,30 @@ pub fn client_listeners(
             Box::pin(async move {
                 let (listens, peers, allow) = built?;
                 Ok(listeners.replace(listens, peers, allow).await?)
+            })
+        }),
+    }
+}
+
+/// What a client-only file reload swaps in: its listeners and the TLS service.
+pub type DirectPart = (Vec<ListenerSpec>, UpstreamSetSpec);
+
+/// A client-only process's listeners and service follow the file: `build` reads them (the
+/// service's TLS files too).
+pub fn direct_listeners(
+    path: PathBuf,
+    build: impl Fn() -> anyhow::Result<DirectPart> + Send + Sync + 'static,
+    listeners: DirectListeners,
+) -> Reconfigure {
+    let build = Arc::new(build);
+    Reconfigure {
+        path,
+        part: "client",
+        apply: Box::new(move || {
+            let (built, listeners) = (build(), listeners.clone());
+            Box::pin(async move {
+                let (listens, service) = built?;
+                Ok(listeners.replace(listens, service).await?)
             })
         }),
     }

@@ -282,3 +282,64 @@ async fn standard_tls_clients_reach_amb_server_directly() {
         "a refused handshake reached a route"
     );
 }
+
+/// A client-only process follows its config file as the other modes do: a listener added and
+/// the service moved to another TLS redis (its files read again) take effect without a
+/// restart; a removed listener stops accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_only_process_follows_its_file() {
+    let pki = Pki::new();
+    let (first, second) = (Redis::start_tls(&pki), Redis::start_tls(&pki));
+    let path = |name: &str| pki.path(name).display().to_string();
+    let (one, two) = (free_port(), free_port());
+    let config = |service: &Redis, ports: &[u16]| {
+        let mut text = format!(
+            "[client]\ntls-upstream = \"localhost:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             reload-check = \"100ms\"\n",
+            service.port,
+            path("ca.pem"),
+            path("client.pem"),
+            path("client.key")
+        );
+        for port in ports {
+            text += &format!("\n[[client.listen]]\nlisten = \"{port}\"\n");
+        }
+        text
+    };
+    let file = pki.path("direct.toml");
+    std::fs::write(&file, config(&first, &[one])).unwrap();
+    let client = Amb::spawn(&[
+        "client".into(),
+        "--config".into(),
+        file.display().to_string(),
+    ]);
+    client.log.wait_for(&["amb client listening"]);
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let set = |port: u16, value: &'static str| async move {
+        resp_call(at(port), &["SET", "greeting", value])
+            .await
+            .unwrap()
+    };
+    assert_eq!(set(one, "first").await, "+OK\r\n");
+    assert_eq!(first.cli(&["get", "greeting"]).as_deref(), Some("first"));
+
+    // A listener added, the service moved: both listeners carry to the second redis.
+    std::fs::write(&file, config(&second, &[one, two])).unwrap();
+    client.log.wait_for(&["config file reloaded", "changes=2"]);
+    assert_eq!(set(one, "second").await, "+OK\r\n");
+    assert_eq!(set(two, "second, again").await, "+OK\r\n");
+    assert_eq!(
+        second.cli(&["get", "greeting"]).as_deref(),
+        Some("second, again")
+    );
+    assert_eq!(first.cli(&["get", "greeting"]).as_deref(), Some("first"));
+
+    // The first listener removed: it no longer accepts; the other carries on.
+    std::fs::write(&file, config(&second, &[two])).unwrap();
+    client.log.wait_for(&["config file reloaded", "changes=1"]);
+    yield_until("the removed listener to close", || {
+        std::net::TcpStream::connect(at(one)).is_err()
+    })
+    .await;
+    assert_eq!(set(two, "still").await, "+OK\r\n");
+}

@@ -286,7 +286,7 @@ pub enum ConfigError {
 
 impl ConfigFile {
     /// The files a reload of this file reads again for its routes, beside the file itself:
-    /// each route's password file and upstream TLS files. A change to one of them is a
+    /// each route's password file and upstream TLS files, and client-only mode's TLS files. A change to one of them is a
     /// change of the configuration (a rotated secret applies to new connections).
     pub fn route_files(&self) -> Vec<PathBuf> {
         let routes = self.server.iter().flat_map(|s| &s.routes);
@@ -298,6 +298,17 @@ impl ConfigFile {
                 files.push(tls.ca.clone());
                 files.extend(tls.cert.iter().chain(&tls.key).cloned());
             }
+        }
+        // Client-only mode's TLS files, read again at each reload.
+        if let Some(client) = self.client.as_ref().filter(|c| c.tls_upstream.is_some()) {
+            files.extend(
+                client
+                    .ca
+                    .iter()
+                    .chain(&client.cert)
+                    .chain(&client.key)
+                    .cloned(),
+            );
         }
         files.sort();
         files.dedup();

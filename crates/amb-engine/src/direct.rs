@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use amb_metrics::{ConnectionEnd, Metrics, OpenConnection, Readiness, Side};
 use amb_proto::RouteName;
-use amb_spec::{Balance, ListenerSpec, UpstreamSetSpec};
+use amb_spec::{diff_listeners, Balance, ListenerChange, ListenerSpec, UpstreamSetSpec};
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::access::Access;
@@ -50,6 +50,9 @@ pub struct DirectSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// One `info` line per app connection when it ends.
     pub access_log: bool,
+    /// How often its config file is checked for a change (for the caller that follows it);
+    /// `None`: only on SIGHUP.
+    pub reload_check: Option<Duration>,
 }
 
 /// A bound client in client-only mode, ready to run.
@@ -57,6 +60,45 @@ pub struct DirectClient {
     listeners: Vec<(TcpListener, ListenerSpec)>,
     endpoint: MetricsEndpoint,
     settings: DirectSettings,
+    redirect: (
+        mpsc::UnboundedSender<Redirect>,
+        mpsc::UnboundedReceiver<Redirect>,
+    ),
+}
+
+/// Swaps a running client-only process's listeners and service (its config file reloaded).
+#[derive(Clone)]
+pub struct DirectListeners(mpsc::UnboundedSender<Redirect>);
+
+/// A replacement of the listeners and the service, and where its outcome goes.
+struct Redirect {
+    listens: Vec<ListenerSpec>,
+    service: UpstreamSetSpec,
+    done: oneshot::Sender<Result<usize, EngineError>>,
+}
+
+impl DirectListeners {
+    /// Swaps in `listens` and `service`: new listeners are bound, removed ones stop accepting
+    /// (their app connections go on), one whose route changed keeps its socket; a changed
+    /// service (addresses, balance, TLS files as read now) takes every listener's new
+    /// connections, keeping what was known of the addresses it still lists. All or nothing:
+    /// if a new listener cannot be bound, nothing changes. Returns how many listeners changed,
+    /// and one more if the service did.
+    pub async fn replace(
+        &self,
+        listens: Vec<ListenerSpec>,
+        service: UpstreamSetSpec,
+    ) -> Result<usize, EngineError> {
+        let (done, outcome) = oneshot::channel();
+        let stopped = || EngineError::Config("the client has stopped".into());
+        let redirect = Redirect {
+            listens,
+            service,
+            done,
+        };
+        self.0.send(redirect).map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
 }
 
 /// `amb check --connect` for client-only mode: one real connection to the service, TLS
@@ -119,7 +161,13 @@ impl DirectClient {
             listeners,
             endpoint: MetricsEndpoint::bind(settings.metrics_listen)?,
             settings,
+            redirect: mpsc::unbounded_channel(),
         })
+    }
+
+    /// A handle that swaps its listeners and service while it runs.
+    pub fn listeners(&self) -> DirectListeners {
+        DirectListeners(self.redirect.0.clone())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets live connections finish
@@ -129,6 +177,7 @@ impl DirectClient {
             listeners,
             endpoint,
             settings,
+            redirect: (_, mut redirects),
         } = self;
         let _endpoint = endpoint.serve(&settings.metrics);
         let serving = Arc::new(Serving::default());
@@ -139,37 +188,34 @@ impl DirectClient {
             Balance::default(),
             settings.access_log,
         ));
-        let resolver = Resolver::new(settings.dns_server, Default::default());
-        let (stop, stopped) = watch::channel(false);
+        let drain_timeout = settings.drain_timeout;
+        let mut running = Running {
+            resolver: Resolver::new(settings.dns_server, Default::default()),
+            settings,
+            accepting: accepting.clone(),
+            listeners: Vec::new(),
+        };
         for (socket, spec) in listeners {
-            let route = spec.route.clone();
-            let service = UpstreamSet::on_side(
-                Side::Client,
-                &route,
-                &settings.service,
-                &resolver,
-                &settings.metrics,
-            );
-            if let Ok(addr) = socket.local_addr() {
-                let service = &settings.service;
-                info!(listen = %addr, %route, %service, transport = "tls-direct", "amb client listening");
-            }
-            let direct = Direct {
-                route,
-                service,
-                connect_timeout: settings.connect_timeout,
-            };
-            let target = Arc::new(ArcSwap::from_pointee(direct));
-            tokio::spawn(accept(socket, target, stopped.clone(), accepting.clone()));
+            running.start(socket, spec);
         }
         serving.0.store(true, Ordering::Relaxed);
-        shutdown.await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(Redirect { listens, service, done }) = redirects.recv() => {
+                    let _ = done.send(running.redirect(listens, service));
+                }
+            }
+        }
         serving.0.store(false, Ordering::Relaxed);
-        let _ = stop.send(true);
+        for listener in &running.listeners {
+            let _ = listener.stop.send(true);
+        }
         let live = &accepting.live;
         live.close();
-        info!(live_connections = live.len(), drain = ?settings.drain_timeout, "shutting down: no new connections");
-        if tokio::time::timeout(settings.drain_timeout, live.wait())
+        info!(live_connections = live.len(), drain = ?drain_timeout, "shutting down: no new connections");
+        if tokio::time::timeout(drain_timeout, live.wait())
             .await
             .is_err()
         {
@@ -179,6 +225,116 @@ impl DirectClient {
             );
         }
         info!("amb client stopped");
+    }
+}
+
+/// A client-only process's listeners as they run.
+struct Running {
+    settings: DirectSettings,
+    resolver: Resolver,
+    accepting: Arc<Accepting>,
+    listeners: Vec<RunningListener>,
+}
+
+/// One listener: what it is, where its connections go, and how it is stopped.
+struct RunningListener {
+    spec: ListenerSpec,
+    target: Arc<ArcSwap<Direct>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Running {
+    /// The way to the service for `route`'s connections; `previous`: the way it replaces,
+    /// whose knowledge of the service's addresses it keeps.
+    fn direct(&self, route: &RouteName, previous: Option<&Direct>) -> Direct {
+        let settings = &self.settings;
+        let service = UpstreamSet::on_side(
+            Side::Client,
+            route,
+            &settings.service,
+            &self.resolver,
+            &settings.metrics,
+        );
+        if let Some(previous) = previous {
+            service.carry_health_from(&previous.service);
+        }
+        Direct {
+            route: route.clone(),
+            service,
+            connect_timeout: settings.connect_timeout,
+        }
+    }
+
+    fn start(&mut self, socket: TcpListener, spec: ListenerSpec) {
+        let route = &spec.route;
+        if let Ok(addr) = socket.local_addr() {
+            let service = &self.settings.service;
+            info!(listen = %addr, %route, %service, transport = "tls-direct", "amb client listening");
+        }
+        let target = Arc::new(ArcSwap::from_pointee(self.direct(route, None)));
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(accept(
+            socket,
+            target.clone(),
+            stopped,
+            self.accepting.clone(),
+        ));
+        self.listeners.push(RunningListener { spec, target, stop });
+    }
+
+    /// Applies a replacement (see [`DirectListeners::replace`]).
+    fn redirect(
+        &mut self,
+        listens: Vec<ListenerSpec>,
+        service: UpstreamSetSpec,
+    ) -> Result<usize, EngineError> {
+        if service.tls.is_none() {
+            return Err(EngineError::Config(
+                "client-only mode needs TLS settings for the service".into(),
+            ));
+        }
+        let running: Vec<ListenerSpec> = self.listeners.iter().map(|l| l.spec.clone()).collect();
+        let changes = diff_listeners(&running, &listens);
+        let mut sockets = Vec::new();
+        for change in &changes {
+            if let ListenerChange::Added(spec) = change {
+                sockets.push(bind_tcp(spec.addr)?);
+            }
+        }
+        let service_changed = service != self.settings.service;
+        if service_changed {
+            self.settings.service = service;
+            info!(service = %self.settings.service, "service changed; new app connections go to it");
+            for listener in &self.listeners {
+                let direct = self.direct(&listener.spec.route, Some(&listener.target.load()));
+                listener.target.store(Arc::new(direct));
+            }
+        }
+        let mut sockets = sockets.into_iter();
+        for change in changes.iter().cloned() {
+            match change {
+                ListenerChange::Added(spec) => {
+                    self.start(sockets.next().expect("bound above"), spec);
+                }
+                ListenerChange::Removed(spec) => {
+                    if let Some(i) = self.listeners.iter().position(|l| l.spec == spec) {
+                        let _ = self.listeners.swap_remove(i).stop.send(true);
+                        info!(listen = %spec.addr, route = %spec.route, "listener removed; its app connections go on");
+                    }
+                }
+                ListenerChange::Changed { old, new } => {
+                    if let Some(i) = self.listeners.iter().position(|l| l.spec == old) {
+                        let previous = self.listeners[i].target.load_full();
+                        let direct = self.direct(&new.route, Some(&previous));
+                        let listener = &mut self.listeners[i];
+                        listener.target.store(Arc::new(direct));
+                        info!(listen = %new.addr, route = %new.route, "listener changed; new app connections follow it");
+                        listener.spec = new;
+                    }
+                }
+            }
+        }
+        Ok(changes.len() + usize::from(service_changed))
     }
 }
 

@@ -21,7 +21,7 @@ mod upstream;
 mod upstream_set;
 
 pub use client::{probe_peers, Client, ClientSettings, ClientTransport, Listeners, PeerProbe};
-pub use direct::{probe_service, DirectClient, DirectSettings};
+pub use direct::{probe_service, DirectClient, DirectListeners, DirectSettings};
 pub use endpoints::{TlsConnector, UpstreamStream};
 pub use reload::Reload;
 pub use reverse::AcceptSettings;
