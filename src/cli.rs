@@ -1678,7 +1678,7 @@ async fn run_client(
     let check_every = settings.reload_check;
     let client = Client::bind(settings)?;
     let config =
-        config.map(|(path, build)| reconfigure::client_listeners(path, build, client.listeners()));
+        config.map(|(path, build)| reconfigure::client_part(path, build, client.listeners()));
     keep_current(client.reload(), config, check_every);
     client.run(shutdown_signal()).await;
     Ok(())
@@ -1693,7 +1693,7 @@ async fn run_direct(
     let check_every = settings.reload_check;
     let client = DirectClient::bind(settings)?;
     let config =
-        config.map(|(path, build)| reconfigure::direct_listeners(path, build, client.listeners()));
+        config.map(|(path, build)| reconfigure::client_part(path, build, client.listeners()));
     keep_current(amb_engine::Reload::default(), config, check_every);
     client.run(shutdown_signal()).await;
     Ok(())

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amb_engine::{DirectListeners, Listeners, Reload, Routes};
+use amb_engine::{DirectListeners, EngineError, Listeners, Reload, Routes};
 use amb_proto::{AllowList, RouteTable};
 use amb_spec::{ListenerSpec, PeerSpec, UpstreamSetSpec};
 use tokio::signal::unix::{signal, SignalKind};
@@ -65,47 +65,42 @@ pub fn server_routes(
 /// service-side ambassadors) their allow-list.
 pub type ListenersPart = (Vec<ListenerSpec>, Vec<PeerSpec>, Option<AllowList>);
 
-/// A client's listeners follow the file: `build` reads them, the default peers and the
-/// allow-list of service-side ambassadors.
-pub fn client_listeners(
-    path: PathBuf,
-    build: impl Fn() -> anyhow::Result<ListenersPart> + Send + Sync + 'static,
-    listeners: Listeners,
-) -> Reconfigure {
-    let build = Arc::new(build);
-    Reconfigure {
-        path,
-        part: "client",
-        apply: Box::new(move || {
-            let (built, listeners) = (build(), listeners.clone());
-            Box::pin(async move {
-                let (listens, peers, allow) = built?;
-                Ok(listeners.replace(listens, peers, allow).await?)
-            })
-        }),
-    }
-}
-
 /// What a client-only file reload swaps in: its listeners and the TLS service.
 pub type DirectPart = (Vec<ListenerSpec>, UpstreamSetSpec);
 
-/// A client-only process's listeners and service follow the file: `build` reads them (the
-/// service's TLS files too).
-pub fn direct_listeners(
+/// A running client part that takes what its file says now.
+pub trait TakesFile<P>: Clone + Send + Sync + 'static {
+    /// Swaps in `part`; returns how many listeners (or services) changed.
+    fn take(&self, part: P) -> impl Future<Output = Result<usize, EngineError>> + Send;
+}
+
+impl TakesFile<ListenersPart> for Listeners {
+    fn take(&self, part: ListenersPart) -> impl Future<Output = Result<usize, EngineError>> + Send {
+        let (listens, peers, allow) = part;
+        self.replace(listens, peers, allow)
+    }
+}
+
+impl TakesFile<DirectPart> for DirectListeners {
+    fn take(&self, part: DirectPart) -> impl Future<Output = Result<usize, EngineError>> + Send {
+        let (listens, service) = part;
+        self.replace(listens, service)
+    }
+}
+
+/// A client's listeners (and peers, or client-only mode's service) follow the file: `build`
+/// reads them, `running` takes them.
+pub fn client_part<P: Send + 'static>(
     path: PathBuf,
-    build: impl Fn() -> anyhow::Result<DirectPart> + Send + Sync + 'static,
-    listeners: DirectListeners,
+    build: impl Fn() -> anyhow::Result<P> + Send + Sync + 'static,
+    running: impl TakesFile<P>,
 ) -> Reconfigure {
-    let build = Arc::new(build);
     Reconfigure {
         path,
         part: "client",
         apply: Box::new(move || {
-            let (built, listeners) = (build(), listeners.clone());
-            Box::pin(async move {
-                let (listens, service) = built?;
-                Ok(listeners.replace(listens, service).await?)
-            })
+            let (built, running) = (build(), running.clone());
+            Box::pin(async move { Ok(running.take(built?).await?) })
         }),
     }
 }
