@@ -36,7 +36,7 @@ use crate::endpoints::{
     discover, peer_source, Balancer, DialError, Discovered, Endpoint, EtcdTls, Located, Resolver,
     Role, LOOKUP_LIMIT,
 };
-use crate::relay::{relay, reset_tcp, RelayError, Relayed};
+use crate::relay::{relay_keeping, reset_tcp, FirstFlight, RelayError, Relayed, Unanswered};
 use crate::reload::{Certs, Reload};
 use crate::reverse::{AcceptSettings, AppSide, AppSideListeners};
 use crate::tally::{StreamEnd, StreamTally};
@@ -1007,7 +1007,11 @@ struct Answered<R> {
 }
 
 impl<R: StreamRecv> Answered<R> {
-    fn answered(&mut self) {
+    /// After a read: anything but a lost connection is the server's answer.
+    fn answered<T>(&mut self, received: &Result<T, StreamError>) {
+        if matches!(received, Err(StreamError::ConnectionLost(_))) {
+            return;
+        }
         if let Some(timer) = self.timer.take() {
             timer.observe();
         }
@@ -1017,7 +1021,7 @@ impl<R: StreamRecv> Answered<R> {
 impl<R: StreamRecv> StreamRecv for Answered<R> {
     async fn recv(&mut self) -> Result<Option<bytes::Bytes>, StreamError> {
         let received = self.recv.recv().await;
-        self.answered();
+        self.answered(&received);
         received
     }
 
@@ -1027,7 +1031,7 @@ impl<R: StreamRecv> StreamRecv for Answered<R> {
         max: usize,
     ) -> Result<bool, StreamError> {
         let received = self.recv.recv_batch(batch, max).await;
-        self.answered();
+        self.answered(&received);
         received
     }
 
@@ -1058,6 +1062,8 @@ pub(crate) struct AppConnection {
     pub(crate) app: SocketAddr,
     pub(crate) arrived: Instant,
     pub(crate) counted: OpenConnection,
+    /// What it sent on a stream whose tunnel connection was lost unanswered, to send again.
+    pub(crate) first: Option<Box<FirstFlight>>,
 }
 
 impl AppConnection {
@@ -1702,6 +1708,7 @@ pub(crate) async fn accept<C: Carrier>(
                     app,
                     arrived,
                     counted: target.counted(),
+                    first: None,
                 };
                 let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
                     let why = format_args!("at --max-connections {max}");
@@ -1810,7 +1817,10 @@ async fn run(
 ///
 /// With `hand_back` (other peers could take it), a connection whose tunnel was lost before
 /// any of its bytes were read is handed back at once when no other tunnel to this peer is up,
-/// rather than waiting for a redial here.
+/// rather than waiting for a redial here. So is one whose stream was sent on a tunnel
+/// connection that was then lost unanswered with nothing heard on it since (the server died):
+/// what the app sent goes again on the next stream (a transport that cannot tell a dead server
+/// from a lost answer never sends a stream again).
 pub(crate) async fn carry<T: Tunnel>(
     slot: &mut Option<AppConnection>,
     route: &RouteName,
@@ -1834,101 +1844,135 @@ pub(crate) async fn carry<T: Tunnel>(
     };
     let deadline = tokio::time::Instant::now() + wait;
     let mut failed = Vec::new();
-    let (pooled, send, recv) = loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let give_back = hand_back && !failed.is_empty();
-        let wait_here = if give_back { Duration::ZERO } else { left };
-        let Some(pooled) = pool.get(wait_here, &failed).await else {
-            if give_back {
-                debug!(%app, %route, %peer, "tunnel connection lost; handing the app connection to another peer");
-                return;
+    loop {
+        let (pooled, send, recv, heard) = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let give_back = hand_back && !failed.is_empty();
+            let wait_here = if give_back { Duration::ZERO } else { left };
+            let Some(pooled) = pool.get(wait_here, &failed).await else {
+                if give_back {
+                    debug!(%app, %route, %peer, "tunnel connection lost; handing the app connection to another peer");
+                    return;
+                }
+                return refuse(
+                    slot,
+                    "no_tunnel",
+                    format_args!("no tunnel connection within {wait:?}"),
+                );
+            };
+            // Taken before the stream goes out: unchanged at a loss, nothing came back.
+            let heard = pooled.tunnel.heard();
+            let opened = tokio::time::timeout(left, async {
+                let (mut send, recv) = pooled.tunnel.open(route, origin).await?;
+                // What an earlier, unanswered stream of this app connection sent, again.
+                if let Some(first) = slot.as_ref().and_then(|conn| conn.first.as_deref()) {
+                    first.resend(&mut send).await?;
+                }
+                Ok((send, recv))
+            });
+            match opened.await {
+                Ok(Ok((send, recv))) => break (pooled, send, recv, heard),
+                // The tunnel died under us and no app byte was read yet (or only bytes kept to
+                // send again): take another, or the one the supervisor dials next, within the
+                // same wait.
+                Ok(Err(StreamError::ConnectionLost(e))) => {
+                    debug!(%app, %route, %peer, "stream open failed: tunnel connection lost: {e}; trying another");
+                    failed.push(pooled);
+                }
+                Ok(Err(e)) => {
+                    let reason = match e {
+                        StreamError::Refused(refusal) => refusal.name(),
+                        _ => "stream_failed",
+                    };
+                    return refuse(slot, reason, format_args!("stream open failed: {e}"));
+                }
+                Err(_) => {
+                    let why = format_args!("stream open failed: no stream credit within {wait:?} (server at its --max-streams)");
+                    return refuse(slot, "no_stream_credit", why);
+                }
             }
-            return refuse(
-                slot,
-                "no_tunnel",
-                format_args!("no tunnel connection within {wait:?}"),
-            );
         };
-        match tokio::time::timeout(left, pooled.tunnel.open(route, origin)).await {
-            Ok(Ok((send, recv))) => break (pooled, send, recv),
-            // The tunnel died under us and no app byte was read yet: take another, or the one
-            // the supervisor dials next, within the same wait.
-            Ok(Err(StreamError::ConnectionLost(e))) => {
-                debug!(%app, %route, %peer, "stream open failed: tunnel connection lost: {e}; trying another");
+        let peer = pooled.peer.as_deref().unwrap_or(peer);
+        let Some(AppConnection {
+            tcp,
+            app,
+            arrived,
+            mut counted,
+            first,
+        }) = slot.take()
+        else {
+            return;
+        };
+        // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
+        #[cfg(not(target_os = "linux"))]
+        let _ = tcp.set_nodelay(true);
+        let running = pooled.carried.start();
+        // The server answers the open on the stream's first read (with the first reply, or
+        // before); timed from the app connection's arrival.
+        let recv = Answered {
+            recv,
+            timer: Some(counted.open_timer(arrived.into_std())),
+        };
+        // Kept until the server answers, where the transport can tell a dead server.
+        let first = first.or_else(|| heard.map(|_| Box::default()));
+        let unheard = |_: &RelayError| heard.is_some() && pooled.tunnel.heard() == heard;
+        let Relayed { bytes, result } = match relay_keeping(tcp, send, recv, first, unheard).await {
+            Ok(relayed) => relayed,
+            Err(Unanswered { socket, flight, .. }) => {
+                running.ended(StreamEnd::Closed);
+                let kept = flight.len();
+                debug!(%app, %route, %peer, kept, "tunnel connection lost before the server answered; carrying the app connection again");
+                *slot = Some(AppConnection {
+                    tcp: socket,
+                    app,
+                    arrived,
+                    counted,
+                    first: Some(flight),
+                });
                 failed.push(pooled);
+                continue;
             }
-            Ok(Err(e)) => {
-                let reason = match e {
-                    StreamError::Refused(refusal) => refusal.name(),
-                    _ => "stream_failed",
-                };
-                return refuse(slot, reason, format_args!("stream open failed: {e}"));
+        };
+        let (end, stream_end) = match &result {
+            Ok(()) => (ConnectionEnd::Ok, StreamEnd::Closed),
+            Err(RelayError::Tunnel(StreamError::Refused(refusal))) => {
+                let reason = refusal.name();
+                if let Some(suppressed) = accepting.refusals.allow((route.to_string(), reason)) {
+                    warn!(%app, %route, %peer, %reason, suppressed, "stream refused: {refusal}; resetting the app connection");
+                }
+                counted.refused(reason);
+                (ConnectionEnd::Refused, StreamEnd::Closed)
             }
-            Err(_) => {
-                let why = format_args!("stream open failed: no stream credit within {wait:?} (server at its --max-streams)");
-                return refuse(slot, "no_stream_credit", why);
+            Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
+                if pooled.draining.load(Ordering::Relaxed) {
+                    warn!(%app, %route, %peer, "connection reset: {e} (the server's drain ended)");
+                } else {
+                    // Counted in the one line that logs the tunnel connection's loss.
+                    debug!(%app, %route, %peer, "connection reset: {e}");
+                }
+                (ConnectionEnd::Reset, StreamEnd::ConnectionLost)
             }
+            Err(e) => {
+                warn!(%app, %route, %peer, "connection reset: {e}");
+                (ConnectionEnd::Reset, StreamEnd::Closed)
+            }
+        };
+        running.ended(stream_end);
+        // The app is the socket: what it sent into the tunnel went up.
+        let (up, down) = (bytes.to_tunnel, bytes.from_tunnel);
+        counted.ended(end, up, down);
+        Access {
+            route,
+            app: Some(&app),
+            peer: Some(&peer),
+            upstream: None,
+            up,
+            down,
+            since: arrived,
+            end,
+            reason: result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
         }
-    };
-    drop(failed);
-    let peer = pooled.peer.as_deref().unwrap_or(peer);
-    let Some(AppConnection {
-        tcp,
-        arrived,
-        mut counted,
-        ..
-    }) = slot.take()
-    else {
+        .log(accepting.access_log);
         return;
-    };
-    // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
-    #[cfg(not(target_os = "linux"))]
-    let _ = tcp.set_nodelay(true);
-    let running = pooled.carried.start();
-    // The server answers the open on the stream's first read (with the first reply, or before).
-    let recv = Answered {
-        recv,
-        timer: Some(counted.open_timer(arrived.into_std())),
-    };
-    let Relayed { bytes, result } = relay(tcp, send, recv).await;
-    let (end, stream_end) = match &result {
-        Ok(()) => (ConnectionEnd::Ok, StreamEnd::Closed),
-        Err(RelayError::Tunnel(StreamError::Refused(refusal))) => {
-            let reason = refusal.name();
-            if let Some(suppressed) = accepting.refusals.allow((route.to_string(), reason)) {
-                warn!(%app, %route, %peer, %reason, suppressed, "stream refused: {refusal}; resetting the app connection");
-            }
-            counted.refused(reason);
-            (ConnectionEnd::Refused, StreamEnd::Closed)
-        }
-        Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))) => {
-            if pooled.draining.load(Ordering::Relaxed) {
-                warn!(%app, %route, %peer, "connection reset: {e} (the server's drain ended)");
-            } else {
-                // Counted in the one line that logs the tunnel connection's loss.
-                debug!(%app, %route, %peer, "connection reset: {e}");
-            }
-            (ConnectionEnd::Reset, StreamEnd::ConnectionLost)
-        }
-        Err(e) => {
-            warn!(%app, %route, %peer, "connection reset: {e}");
-            (ConnectionEnd::Reset, StreamEnd::Closed)
-        }
-    };
-    running.ended(stream_end);
-    // The app is the socket: what it sent into the tunnel went up.
-    let (up, down) = (bytes.to_tunnel, bytes.from_tunnel);
-    counted.ended(end, up, down);
-    Access {
-        route,
-        app: Some(&app),
-        peer: Some(&peer),
-        upstream: None,
-        up,
-        down,
-        since: arrived,
-        end,
-        reason: result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
     }
-    .log(accepting.access_log);
 }

@@ -361,6 +361,7 @@ impl Carrier for Direct {
             app,
             arrived,
             mut counted,
+            ..
         } = conn;
         counted.open_timer(arrived.into_std()).observe();
         let mut app_side = Counted::new(tcp);

@@ -208,8 +208,86 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
     send: S,
     recv: R,
 ) -> Relayed {
+    match relay_keeping(socket, send, recv, None, |_| false).await {
+        Ok(relayed) | Err(Unanswered { relayed, .. }) => relayed,
+    }
+}
+
+/// The most app bytes a client keeps while a stream is unanswered; a first flight larger
+/// than this is not kept, and its app connection is not carried again.
+pub const MAX_FIRST_FLIGHT: usize = 64 << 10;
+
+/// A client stream's first flight: the app's bytes (and its end, if it came) sent before the
+/// server answered, kept so that the app connection can be carried again on another tunnel
+/// connection if this one is lost before answering.
+#[derive(Debug, Default)]
+pub struct FirstFlight {
+    chunks: Vec<Bytes>,
+    size: usize,
+    /// The app's end (its FIN) was sent too.
+    ended: bool,
+    /// More than [`MAX_FIRST_FLIGHT`] went out unanswered: nothing is kept.
+    overflowed: bool,
+}
+
+impl FirstFlight {
+    fn keep(&mut self, chunk: &Bytes) {
+        self.size += chunk.len();
+        if self.size > MAX_FIRST_FLIGHT {
+            self.overflowed = true;
+            self.chunks = Vec::new();
+        } else if !self.overflowed {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    /// Sends what was kept on a new stream, the app's end too if it came.
+    pub async fn resend<S: StreamSend>(&self, send: &mut S) -> Result<(), StreamError> {
+        for chunk in &self.chunks {
+            send.send(chunk.clone()).await?;
+        }
+        if self.ended {
+            send.finish().await?;
+        }
+        Ok(())
+    }
+
+    /// The bytes kept.
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    /// Whether nothing was kept.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0 && !self.ended
+    }
+}
+
+/// A relay whose tunnel connection was lost before the server answered the stream, handed
+/// back with the app's socket untouched (not reset) and what it sent, to be carried again.
+pub struct Unanswered<T> {
+    /// The app's socket.
+    pub socket: T,
+    /// The app's bytes sent so far, to send again.
+    pub flight: Box<FirstFlight>,
+    /// What the relay carried, and the loss.
+    pub relayed: Relayed,
+}
+
+/// [`relay`] for a client's stream that may be carried again: with `first` (what an earlier,
+/// unanswered stream of this app connection sent, already sent again on this one), the app's
+/// bytes are kept until the server answers; if the tunnel connection is then lost with the
+/// stream unanswered, nothing came back from it, the first flight fits [`MAX_FIRST_FLIGHT`]
+/// and `may_retry` agrees, the socket is handed back untouched instead of reset.
+pub async fn relay_keeping<T: Socket, S: StreamSend, R: StreamRecv>(
+    socket: T,
+    send: S,
+    recv: R,
+    first: Option<Box<FirstFlight>>,
+    may_retry: impl FnOnce(&RelayError) -> bool,
+) -> Result<Relayed, Unanswered<T>> {
     let socket = ResetOnDrop {
-        socket,
+        socket: Some(socket),
         clean: false,
     };
     let mut tunnel = TunnelHalves {
@@ -217,34 +295,67 @@ pub async fn relay<T: Socket, S: StreamSend, R: StreamRecv>(
         recv,
         running: true,
     };
-    let socket_ended = AtomicBool::new(false);
+    let app_ended = first.as_ref().is_some_and(|f| f.ended);
+    let socket_ended = AtomicBool::new(app_ended);
+    let flight = Flight {
+        keeping: AtomicBool::new(first.is_some()),
+        kept: std::sync::Mutex::new(first),
+    };
     let mut bytes = RelayStats::default();
-    let outcome = tokio::try_join!(
-        socket_to_tunnel(
-            &socket.socket,
-            &mut tunnel.send,
-            &socket_ended,
-            &mut bytes.to_tunnel
-        ),
-        tunnel_to_socket(
-            &socket.socket,
-            &mut tunnel.recv,
-            &socket_ended,
-            &mut bytes.from_tunnel
+    let outcome = {
+        let Some(io) = socket.socket.as_ref() else {
+            unreachable!("the socket is taken only below")
+        };
+        tokio::try_join!(
+            socket_to_tunnel(
+                io,
+                &mut tunnel.send,
+                (&socket_ended, &flight),
+                &mut bytes.to_tunnel
+            ),
+            tunnel_to_socket(
+                io,
+                &mut tunnel.recv,
+                (&socket_ended, &flight),
+                &mut bytes.from_tunnel
+            )
         )
-    );
+    };
     tunnel.running = false;
-    // Both directions done: the close sends the socket's FIN (if the stream's end did not
-    // already), without waiting for the tunnel peer's acknowledgement. On a failure, an RST.
-    socket.close(outcome.is_ok());
+    let unanswered = match (&outcome, flight.kept.into_inner()) {
+        (Err(e @ RelayError::Tunnel(StreamError::ConnectionLost(_))), Ok(Some(flight)))
+            if !flight.overflowed && bytes.from_tunnel == 0 && may_retry(e) =>
+        {
+            Some(flight)
+        }
+        _ => None,
+    };
+    let kept = match unanswered {
+        Some(_) => socket.keep(),
+        None => {
+            // Both directions done: the close sends the socket's FIN (if the stream's end did
+            // not already), without waiting for the tunnel peer's acknowledgement. On a
+            // failure, an RST.
+            socket.close(outcome.is_ok());
+            None
+        }
+    };
     let result = settle(outcome, &mut tunnel.send, &mut tunnel.recv).await;
-    Relayed { bytes, result }
+    let relayed = Relayed { bytes, result };
+    match (kept, unanswered) {
+        (Some(socket), Some(flight)) => Err(Unanswered {
+            socket,
+            flight,
+            relayed,
+        }),
+        _ => Ok(relayed),
+    }
 }
 
 /// A socket that is reset, not closed, if dropped before [`close`](Self::close) says it ended
-/// cleanly.
+/// cleanly (or [`keep`](Self::keep) takes it back).
 struct ResetOnDrop<T: Socket> {
-    socket: T,
+    socket: Option<T>,
     clean: bool,
 }
 
@@ -252,12 +363,17 @@ impl<T: Socket> ResetOnDrop<T> {
     fn close(mut self, clean: bool) {
         self.clean = clean;
     }
+
+    /// The socket, untouched, to be carried again.
+    fn keep(mut self) -> Option<T> {
+        self.socket.take()
+    }
 }
 
 impl<T: Socket> Drop for ResetOnDrop<T> {
     fn drop(&mut self) {
-        if !self.clean {
-            self.socket.abort_on_close();
+        if let Some(socket) = self.socket.as_ref().filter(|_| !self.clean) {
+            socket.abort_on_close();
         }
     }
 }
@@ -386,23 +502,67 @@ fn abort_tcp_on_close(tcp: &TcpStream) {
 
 /// Copies the socket into the stream; sets `socket_ended` once the socket's FIN has finished
 /// the stream.
+/// A first flight while it is kept: until the server answers, and only for a stream that may
+/// be carried again.
+struct Flight {
+    /// Read on every chunk, so that an answered stream takes no lock.
+    keeping: AtomicBool,
+    kept: std::sync::Mutex<Option<Box<FirstFlight>>>,
+}
+
+impl Flight {
+    /// Keeps `chunk` (or, with `None`, the app's end) while the stream is unanswered.
+    fn keep(&self, chunk: Option<&Bytes>) {
+        if !self.keeping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut kept) = self.kept.lock() {
+            if let Some(flight) = kept.as_mut() {
+                match chunk {
+                    Some(chunk) => flight.keep(chunk),
+                    None => flight.ended = true,
+                }
+            }
+        }
+    }
+
+    /// The server answered: nothing more is kept, and what was is let go.
+    fn answered(&self) {
+        if self.keeping.load(Ordering::Relaxed) && self.keeping.swap(false, Ordering::Relaxed) {
+            if let Ok(mut kept) = self.kept.lock() {
+                *kept = None;
+            }
+        }
+    }
+}
+
+/// What both directions of a relay share: whether the socket's read side ended, and the first
+/// flight.
+type Shared<'a> = (&'a AtomicBool, &'a Flight);
+
 async fn socket_to_tunnel<S: StreamSend>(
     socket: &impl Socket,
     send: &mut S,
-    socket_ended: &AtomicBool,
+    (socket_ended, flight): Shared<'_>,
     total: &mut u64,
 ) -> Result<(), RelayError> {
+    if socket_ended.load(Ordering::Relaxed) {
+        // The app's end was passed on already (on an earlier stream, sent again on this one).
+        return Ok(());
+    }
     let mut reads = ReadBuffer::default();
     loop {
         socket.readable().await.map_err(RelayError::Socket)?;
         match reads.read(socket) {
             Ok((0, _)) => {
+                flight.keep(None);
                 send.finish().await?;
                 socket_ended.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             Ok((n, chunk)) => {
                 *total += n as u64;
+                flight.keep(Some(&chunk));
                 send.send(chunk).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -508,14 +668,20 @@ fn take_chunk(buf: &mut BytesMut, size: usize) -> Bytes {
 async fn tunnel_to_socket<R: StreamRecv>(
     socket: &impl Socket,
     recv: &mut R,
-    socket_ended: &AtomicBool,
+    (socket_ended, flight): Shared<'_>,
     total: &mut u64,
 ) -> Result<(), RelayError> {
     // Reused for every batch; emptied after each write so no received buffer stays pinned
     // while the connection idles (what stays is its capacity: at most 32 handles, 1 KiB).
     let mut batch = Vec::new();
     loop {
-        if !recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await? {
+        let received = recv.recv_batch(&mut batch, MAX_WRITE_BATCH).await;
+        // Anything but a lost connection is the server's answer (a refusal too): what the app
+        // sent is no longer kept.
+        if !matches!(received, Err(StreamError::ConnectionLost(_))) {
+            flight.answered();
+        }
+        if !received? {
             break;
         }
         *total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
@@ -701,6 +867,100 @@ mod tests {
         assert_eq!(
             (relayed.bytes.to_tunnel, relayed.bytes.from_tunnel),
             (up.len() as u64, down.len() as u64)
+        );
+    }
+
+    /// A TCP connection: (the relay's end, the app's end).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap());
+        let (app, accepted) = tokio::join!(app, listener.accept());
+        (accepted.unwrap().0, app.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_stream_lost_unanswered_hands_back_the_socket_and_its_first_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::mpsc::unbounded_channel;
+        let (ours, mut app) = tcp_pair().await;
+        let (to_relay, from_tunnel) = unbounded_channel::<Option<Bytes>>();
+        let (to_tunnel, mut tunnel_gets) = unbounded_channel();
+        app.write_all(b"INCR hits").await.unwrap();
+        app.shutdown().await.unwrap();
+        let relayed = tokio::spawn(relay_keeping(
+            ours,
+            ChanSend(to_tunnel, ResetSeen::default()),
+            ChanRecv(from_tunnel, ResetSeen::default()),
+            Some(Box::default()),
+            |_| true,
+        ));
+        // The tunnel got the app's bytes and end, then is lost before any answer.
+        let mut sent = Vec::new();
+        while let Some(Some(chunk)) = tunnel_gets.recv().await {
+            sent.extend_from_slice(&chunk);
+        }
+        assert_eq!(sent, b"INCR hits");
+        drop(to_relay);
+        let Err(Unanswered { socket, flight, .. }) = relayed.await.unwrap() else {
+            panic!("a stream lost unanswered was not handed back");
+        };
+        // Sent again on a new stream: the same bytes and the end.
+        let (again, mut again_gets) = unbounded_channel();
+        let mut send = ChanSend(again, ResetSeen::default());
+        flight.resend(&mut send).await.unwrap();
+        assert_eq!(
+            again_gets.recv().await,
+            Some(Some(Bytes::from_static(b"INCR hits")))
+        );
+        assert_eq!(again_gets.recv().await, Some(None));
+        // The socket was not reset: the answer of a second relay reaches the app.
+        let (to_relay, from_tunnel) = unbounded_channel();
+        let (to_tunnel, _gets) = unbounded_channel();
+        to_relay.send(Some(Bytes::from_static(b":1\r\n"))).unwrap();
+        to_relay.send(None).unwrap();
+        let second = relay_keeping(
+            socket,
+            ChanSend(to_tunnel, ResetSeen::default()),
+            ChanRecv(from_tunnel, ResetSeen::default()),
+            Some(flight),
+            |_| true,
+        );
+        assert!(second.await.is_ok_and(|r| r.result.is_ok()));
+        let mut answer = Vec::new();
+        app.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b":1\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_answered_stream_is_never_handed_back() {
+        use tokio::io::AsyncWriteExt;
+        use tokio::sync::mpsc::unbounded_channel;
+        let (ours, mut app) = tcp_pair().await;
+        let (to_relay, from_tunnel) = unbounded_channel();
+        let (to_tunnel, mut tunnel_gets) = unbounded_channel();
+        app.write_all(b"INCR hits").await.unwrap();
+        let relayed = tokio::spawn(relay_keeping(
+            ours,
+            ChanSend(to_tunnel, ResetSeen::default()),
+            ChanRecv(from_tunnel, ResetSeen::default()),
+            Some(Box::default()),
+            |_| true,
+        ));
+        assert!(tunnel_gets.recv().await.is_some());
+        // Answered (an empty chunk stands for the server's status), then lost.
+        to_relay.send(Some(Bytes::new())).unwrap();
+        tokio::task::yield_now().await;
+        drop(to_relay);
+        let relayed = relayed.await.unwrap();
+        assert!(
+            matches!(
+                relayed,
+                Ok(Relayed {
+                    result: Err(RelayError::Tunnel(StreamError::ConnectionLost(_))),
+                    ..
+                })
+            ),
+            "an answered stream was handed back"
         );
     }
 

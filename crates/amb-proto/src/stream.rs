@@ -118,6 +118,14 @@ pub trait Tunnel: Send + Sync + 'static {
     /// Closes the connection, telling the server, so it need not wait for an idle timeout;
     /// first sends (within a bound) what finished streams left queued.
     fn close(&self) -> impl Future<Output = ()> + Send;
+    /// How many packets the connection has received so far, where that tells a server that
+    /// died from an answer that was lost: a stream opened after this count was taken, whose
+    /// connection was then lost with the count unchanged, reached no live server and may be
+    /// sent again elsewhere. `None` (the default): the transport cannot tell, and a stream is
+    /// never sent again.
+    fn heard(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A tunnel connection this side dialed and serves: the peer (the app side of a reverse

@@ -290,6 +290,10 @@ impl Tunnel for QuicTunnel {
         }
     }
 
+    fn heard(&self) -> Option<u64> {
+        Some(self.conn.stats().udp_rx.datagrams)
+    }
+
     async fn close(&self) {
         self.conn.close(VarInt::from_u32(0), b"shutting down");
         match &self.endpoint {
