@@ -14,8 +14,8 @@ use amb_metrics::{
 };
 use amb_pki::{CertificateDer, TlsFiles};
 use amb_proto::{
-    AllowList, AppAddrs, Dialer, Limits, Retirement, RouteName, StreamError, StreamRecv, Tunnel,
-    ALPN_H2, ALPN_QUIC,
+    AllowList, AppAddrs, Dialer, Limits, ResetCode, Retirement, RouteName, StreamError, StreamRecv,
+    StreamSend, Tunnel, ALPN_H2, ALPN_QUIC,
 };
 use amb_quic::QuicDialer;
 use amb_spec::{
@@ -1862,15 +1862,21 @@ pub(crate) async fn carry<T: Tunnel>(
             };
             // Taken before the stream goes out: unchanged at a loss, nothing came back.
             let heard = pooled.tunnel.heard();
-            let opened = tokio::time::timeout(left, async {
-                let (mut send, recv) = pooled.tunnel.open(route, origin).await?;
-                // What an earlier, unanswered stream of this app connection sent, again.
-                if let Some(first) = slot.as_ref().and_then(|conn| conn.first.as_deref()) {
-                    first.resend(&mut send).await?;
-                }
-                Ok((send, recv))
-            });
-            match opened.await {
+            let opened = tokio::time::timeout(left, pooled.tunnel.open(route, origin)).await;
+            // What an earlier, unanswered stream of this app connection sent, again: whole or
+            // not at all (a stream dropped half-sent would end in a FIN, passing a cut request
+            // on as a whole one).
+            let opened = match (opened, slot.as_ref().and_then(|c| c.first.as_deref())) {
+                (Ok(Ok((mut send, recv))), Some(first)) => match first.resend(&mut send).await {
+                    Ok(()) => Ok(Ok((send, recv))),
+                    Err(e) => {
+                        send.reset(ResetCode::CANCEL);
+                        Ok(Err(e))
+                    }
+                },
+                (opened, _) => opened,
+            };
+            match opened {
                 Ok(Ok((send, recv))) => break (pooled, send, recv, heard),
                 // The tunnel died under us and no app byte was read yet (or only bytes kept to
                 // send again): take another, or the one the supervisor dials next, within the
@@ -1892,6 +1898,8 @@ pub(crate) async fn carry<T: Tunnel>(
                 }
             }
         };
+        // Tunnel connections found dead are not held while this one carries the app.
+        failed = Vec::new();
         let peer = pooled.peer.as_deref().unwrap_or(peer);
         let Some(AppConnection {
             tcp,
@@ -1903,6 +1911,12 @@ pub(crate) async fn carry<T: Tunnel>(
         else {
             return;
         };
+        // Sent again on this stream: counted as the app's bytes that went up.
+        let resent = first.as_ref().map_or(0, |f| f.len() as u64);
+        if first.is_some() {
+            // Carried again: a normal close is a FIN once more (see the hand-back below).
+            let _ = socket2::SockRef::from(&tcp).set_linger(None);
+        }
         // On Linux the socket inherited TCP_NODELAY from its listener (`bind_tcp`).
         #[cfg(not(target_os = "linux"))]
         let _ = tcp.set_nodelay(true);
@@ -1922,6 +1936,9 @@ pub(crate) async fn carry<T: Tunnel>(
                 running.ended(StreamEnd::Closed);
                 let kept = flight.len();
                 debug!(%app, %route, %peer, kept, "tunnel connection lost before the server answered; carrying the app connection again");
+                // Its bytes were read from the kernel: if it is dropped while it waits (the
+                // client shutting down), the app must see a reset, not a clean end.
+                let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
                 *slot = Some(AppConnection {
                     tcp: socket,
                     app,
@@ -1959,7 +1976,7 @@ pub(crate) async fn carry<T: Tunnel>(
         };
         running.ended(stream_end);
         // The app is the socket: what it sent into the tunnel went up.
-        let (up, down) = (bytes.to_tunnel, bytes.from_tunnel);
+        let (up, down) = (bytes.to_tunnel + resent, bytes.from_tunnel);
         counted.ended(end, up, down);
         Access {
             route,

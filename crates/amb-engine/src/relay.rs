@@ -522,6 +522,10 @@ impl Flight {
                     Some(chunk) => flight.keep(chunk),
                     None => flight.ended = true,
                 }
+                // Too much to send again: nothing more is kept (and the stream is not).
+                if flight.overflowed {
+                    self.keeping.store(false, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -118,11 +118,13 @@ pub trait Tunnel: Send + Sync + 'static {
     /// Closes the connection, telling the server, so it need not wait for an idle timeout;
     /// first sends (within a bound) what finished streams left queued.
     fn close(&self) -> impl Future<Output = ()> + Send;
-    /// How many packets the connection has received so far, where that tells a server that
-    /// died from an answer that was lost: a stream opened after this count was taken, whose
-    /// connection was then lost with the count unchanged, reached no live server and may be
-    /// sent again elsewhere. `None` (the default): the transport cannot tell, and a stream is
-    /// never sent again.
+    /// How many packets the connection has received so far. A stream opened after this count
+    /// was taken, whose connection was then lost unanswered with the count unchanged, most
+    /// likely reached no live server (one killed, or gone before the stream arrived) and is
+    /// sent again elsewhere; a server that received it and then lost every packet back (a
+    /// partition beginning in that round trip, or a kill between its upstream write and its
+    /// first packet) makes it arrive twice. `None` (the default): the transport cannot tell,
+    /// and a stream is never sent again.
     fn heard(&self) -> Option<u64> {
         None
     }
